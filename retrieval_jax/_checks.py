@@ -1,0 +1,78 @@
+"""Input validation shared by every public entry point.
+
+Checks run on the host, at the public boundary, before anything is traced: a
+jitted function never sees an array that would turn into a silent NaN.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def as_matrix(x, name: str, *, dtype=np.float32, allow_zero_rows: bool = False) -> np.ndarray:
+    """Return ``x`` as a finite 2-D array of ``dtype``; raise a clear error otherwise."""
+    try:
+        arr = np.asarray(x)
+    except Exception as exc:  # pragma: no cover - exotic array-likes
+        raise TypeError(f"{name} must be an array, got {type(x).__name__}") from exc
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D array [n, d], got shape {arr.shape}")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"{name} is empty (shape {arr.shape})")
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise TypeError(f"{name} must hold real numbers, got dtype {arr.dtype}")
+    arr = arr.astype(dtype, copy=False)
+    finite = np.isfinite(arr)
+    if not finite.all():
+        bad = np.flatnonzero(~finite.all(axis=1))
+        raise ValueError(
+            f"{name} has NaN or inf in {bad.size} row(s) (first: row {bad[0]}); "
+            "clean or drop those descriptors before building an index")
+    if not allow_zero_rows:
+        norms = np.linalg.norm(arr, axis=1)
+        zero = np.flatnonzero(norms == 0)
+        if zero.size:
+            raise ValueError(
+                f"{name} has {zero.size} zero-norm row(s) (first: row {zero[0]}); a zero "
+                "descriptor has no direction, drop it or use a different pooling")
+    return arr
+
+
+def check_same_dim(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str) -> None:
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(
+            f"dimension mismatch: {name_a} has d = {a.shape[1]} but {name_b} has d = {b.shape[1]}; "
+            "both must come from the same descriptor pipeline")
+
+
+def check_k(k, n: int, *, name: str = "k", what: str = "database items") -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(k).__name__}")
+    k = int(k)
+    if k <= 0:
+        raise ValueError(f"{name} must be positive, got {k}")
+    if k > n:
+        raise ValueError(f"{name} = {k} exceeds the {n} {what}; choose {name} <= {n}")
+    return k
+
+
+def check_alpha(alpha) -> float:
+    alpha = float(alpha)
+    if not (0.0 < alpha < 1.0):
+        raise ValueError(
+            f"alpha must lie strictly between 0 and 1 (got {alpha}): (I - alpha W) is singular "
+            "at alpha = 1 and the ranking degenerates to the query itself at alpha = 0")
+    return alpha
+
+
+def check_gamma(gamma) -> float:
+    gamma = float(gamma)
+    if not (gamma > 0.0) or not np.isfinite(gamma):
+        raise ValueError(f"gamma must be a positive finite power, got {gamma}")
+    return gamma
+
+
+def check_positive(value, name: str) -> float:
+    value = float(value)
+    if not (value > 0.0) or not np.isfinite(value):
+        raise ValueError(f"{name} must be positive and finite, got {value}")
+    return value

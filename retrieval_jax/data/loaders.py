@@ -1,0 +1,408 @@
+"""Loaders for benchmark ground truth and descriptor files.
+
+Formats:
+  * ground truth ``gnd_*.pkl`` as published with the Revisited Oxford/Paris
+    benchmark (Radenovic et al., CVPR 2018) and for the original Oxford5k /
+    Paris6k (Philbin et al., CVPR 2007 / 2008): a dict with 'gnd' (one dict per
+    query), 'imlist' (database image names), 'qimlist' (query image names) and,
+    for the classic files, 'qidx'. Indices are 0-based.
+  * their MATLAB twins ``gnd_*.mat``: 'gnd' is a struct array with the same
+    fields, but indices are **1-based**; they are converted to 0-based here (the
+    bounding boxes 'bbx' are identical in both files and are left as they are).
+  * descriptors: ``.npy`` ([n, d]), ``.npz`` (several named [n, d] arrays) and the
+    revisitop ``.mat`` files with ``X`` (database) and ``Q`` (queries) stored
+    d x n, i.e. one descriptor per column; they are transposed to [n, d].
+"""
+from __future__ import annotations
+
+import dataclasses
+import pickle
+from pathlib import Path
+
+import numpy as np
+
+from .io import atomic_write
+
+__all__ = ["GroundTruth", "load_descriptors", "load_gnd", "save_descriptors"]
+
+# Per-query fields holding database indices (0-based in .pkl, 1-based in .mat).
+_INDEX_FIELDS = ("easy", "hard", "junk", "ok", "good")
+_PROTOCOLS = {"revisited": ("easy", "hard", "junk"), "classic": ("ok", "junk")}
+
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
+
+
+# ---------------------------------------------------------------------------
+# Ground truth
+# ---------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class GroundTruth:
+    """Ground truth of a landmark retrieval benchmark, with 0-based indices.
+
+    Attributes:
+      gnd: one dict per query. Revisited files have 'easy', 'hard', 'junk';
+        classic files have 'ok', 'junk'; index lists are sorted as published,
+        int64 1-D arrays into ``imlist``. 'bbx' is the query crop
+        [x1, y1, x2, y2] as float64[4] (pixel coordinates, identical in .pkl and
+        .mat).
+      imlist: database image names (n_db).
+      qimlist: query image names (n_queries).
+      qidx: int64[n_queries] position of each query image in ``imlist`` (classic
+        Oxford5k / Paris6k, whose queries are database images), else None.
+    """
+
+    gnd: tuple
+    imlist: tuple
+    qimlist: tuple
+    qidx: np.ndarray | None = None
+
+    @property
+    def n_db(self) -> int:
+        return len(self.imlist)
+
+    @property
+    def n_queries(self) -> int:
+        return len(self.qimlist)
+
+    @property
+    def protocol(self) -> str:
+        """'revisited' (easy/hard/junk) or 'classic' (ok/junk)."""
+        return "revisited" if "easy" in self.gnd[0] else "classic"
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Unpickler that refuses to import anything but numpy array reconstruction.
+
+    The published ground-truth pickles hold only dicts, lists, strings and numbers;
+    refusing other globals means a malicious .pkl cannot run code on load.
+    """
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(
+            f"refusing to load global {module}.{name}: a ground-truth pickle should hold only "
+            "dicts, lists, strings, numbers and numpy arrays")
+
+
+def _check_file(path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such file: {path}")
+    if not path.is_file():
+        raise ValueError(f"{path} is not a regular file")
+    return path
+
+
+def _head(path: Path, n: int = 128) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(n)
+
+
+def _loadmat(path: Path) -> dict:
+    import scipy.io
+
+    head = _head(path)
+    try:
+        data = scipy.io.loadmat(path)
+    except NotImplementedError as exc:  # MATLAB v7.3 = HDF5
+        raise ValueError(f"{path} is a MATLAB v7.3 (HDF5) file, which scipy cannot read; "
+                         "re-save it with save(..., '-v7') or read it with h5py") from exc
+    except Exception as exc:
+        kind = _sniff(head)
+        raise ValueError(f"{path} is not a readable MATLAB .mat file"
+                         f"{' (it looks like ' + kind + ')' if kind else ''}: {exc}") from exc
+    return {k: v for k, v in data.items() if not k.startswith("__")}
+
+
+def _sniff(head: bytes) -> str:
+    if head.startswith(_NPY_MAGIC):
+        return "a .npy array"
+    if head.startswith(_ZIP_MAGICS):
+        return "a zip / .npz archive"
+    if head[:1] == b"\x80":
+        return "a pickle"
+    if head.startswith(b"MATLAB"):
+        return "a MATLAB .mat file"
+    if head.startswith(b"\x89HDF"):
+        return "an HDF5 file"
+    return ""
+
+
+def _mat_str(x) -> str:
+    """A MATLAB char array / cell element as a Python str."""
+    a = np.asarray(x)
+    while a.dtype == object and a.size == 1:
+        a = np.asarray(a.reshape(-1)[0])
+    if a.size == 0:
+        return ""
+    return str(a.reshape(-1)[0]) if a.dtype.kind == "U" and a.size == 1 else "".join(
+        str(c) for c in a.reshape(-1))
+
+
+def _mat_cellstr(x, name: str, path: Path) -> list[str]:
+    a = np.asarray(x)
+    if a.dtype.kind == "U":  # char matrix, one name per row
+        return [str(s).rstrip() for s in a.reshape(a.shape[0], -1)[:, 0]] if a.ndim else [str(a)]
+    if a.dtype != object:
+        raise ValueError(f"{path}: '{name}' should be a cell array of strings, got {a.dtype}")
+    return [_mat_str(c) for c in a.reshape(-1)]
+
+
+def _gnd_from_mat(data: dict, path: Path) -> dict:
+    """Convert a loadmat dict into the pickle layout, indices still 1-based."""
+    g = np.asarray(data["gnd"])
+    if g.dtype.names is None:
+        raise ValueError(f"{path}: 'gnd' should be a MATLAB struct array, got dtype {g.dtype}")
+    entries = []
+    for rec in g.reshape(-1):
+        entries.append({name: rec[name] for name in g.dtype.names})
+    out = {"gnd": entries,
+           "imlist": _mat_cellstr(data["imlist"], "imlist", path),
+           "qimlist": _mat_cellstr(data["qimlist"], "qimlist", path)}
+    if "qidx" in data:
+        out["qidx"] = data["qidx"]
+    return out
+
+
+def _as_indices(x, what: str, path: Path, n_db: int, base: int) -> np.ndarray:
+    arr = np.asarray(x)
+    if arr.size == 0:
+        return np.zeros(0, np.int64)
+    arr = arr.reshape(-1)
+    if arr.dtype.kind == "f":
+        if not np.isfinite(arr).all() or (arr != np.round(arr)).any():
+            raise ValueError(f"{path}: {what} holds non-integer values")
+    elif arr.dtype.kind not in "iu":
+        raise ValueError(f"{path}: {what} should hold integer indices, got dtype {arr.dtype}")
+    arr = arr.astype(np.int64) - base
+    bad = (arr < 0) | (arr >= n_db)
+    if bad.any():
+        value = int(arr[bad][0]) + base
+        extra = (" (indices in a .mat file are read as 1-based; is this file 0-based?)"
+                 if base else "")
+        raise ValueError(f"{path}: {what} has index {value}, outside the range of imlist "
+                         f"({n_db} images, {'1-based' if base else '0-based'}){extra}")
+    return arr
+
+
+def load_gnd(path) -> GroundTruth:
+    """Load a benchmark ground truth ``gnd_*.pkl`` or its ``gnd_*.mat`` twin.
+
+    The .mat files store MATLAB 1-based indices; they are shifted to 0-based, so
+    both twins give identical ``GroundTruth`` objects.
+
+    Args:
+      path: ``.pkl`` / ``.pickle`` or ``.mat`` file.
+
+    Returns:
+      ``GroundTruth`` with int64 0-based index arrays.
+
+    Raises:
+      FileNotFoundError: the file does not exist.
+      ValueError: unknown extension, unreadable content, indices out of range.
+      KeyError: a required key ('gnd', 'imlist', 'qimlist', or a per-query
+        protocol key) is missing.
+    """
+    path = _check_file(path)
+    suffix = path.suffix.lower()
+    if suffix in (".pkl", ".pickle"):
+        head = _head(path)
+        try:
+            with open(path, "rb") as f:
+                data = _SafeUnpickler(f).load()
+        except pickle.UnpicklingError as exc:
+            if "refusing" in str(exc):
+                raise ValueError(f"{path}: {exc}") from exc
+            kind = _sniff(head)
+            raise ValueError(f"{path} is not a valid pickle"
+                             f"{' (it looks like ' + kind + ')' if kind else ''}: {exc}") from exc
+        except Exception as exc:
+            kind = _sniff(head)
+            raise ValueError(f"{path} is not a valid pickle"
+                             f"{' (it looks like ' + kind + ')' if kind else ''}: {exc}") from exc
+        base = 0
+    elif suffix == ".mat":
+        data = _loadmat(path)
+        base = 1
+    else:
+        raise ValueError(f"{path}: unknown ground-truth format {suffix!r}; expected .pkl or .mat")
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} should hold a dict with 'gnd', 'imlist', 'qimlist', "
+                         f"got {type(data).__name__}")
+    for key in ("gnd", "imlist", "qimlist"):
+        if key not in data:
+            raise KeyError(f"{path} has no key {key!r} (keys: {sorted(data)}); "
+                           "is this a benchmark ground-truth file?")
+    if suffix == ".mat":
+        data = _gnd_from_mat(data, path)
+
+    imlist = tuple(str(s) for s in data["imlist"])
+    qimlist = tuple(str(s) for s in data["qimlist"])
+    n_db = len(imlist)
+    raw = list(data["gnd"])
+    if len(raw) != len(qimlist):
+        raise ValueError(f"{path}: 'gnd' has {len(raw)} queries but 'qimlist' has {len(qimlist)}")
+    if not raw:
+        raise ValueError(f"{path}: 'gnd' is empty")
+    protocol = None
+    gnd = []
+    for i, entry in enumerate(raw):
+        if not isinstance(entry, dict):
+            raise ValueError(f"{path}: gnd[{i}] should be a dict, got {type(entry).__name__}")
+        if protocol is None:
+            protocol = next((p for p, keys in _PROTOCOLS.items() if keys[0] in entry), None)
+            if protocol is None:
+                raise KeyError(f"{path}: gnd[{i}] has neither 'easy' (revisited) nor 'ok' "
+                               f"(classic) (keys: {sorted(entry)})")
+        for key in _PROTOCOLS[protocol]:
+            if key not in entry:
+                raise KeyError(f"{path}: gnd[{i}] has no key {key!r} (keys: {sorted(entry)}); "
+                               f"{protocol} ground truth needs {_PROTOCOLS[protocol]}")
+        out = {}
+        for key, value in entry.items():
+            if key in _INDEX_FIELDS:
+                out[key] = _as_indices(value, f"gnd[{i}][{key!r}]", path, n_db, base)
+            elif key == "bbx":
+                out[key] = np.asarray(value, np.float64).reshape(-1)
+            else:
+                out[key] = value
+        gnd.append(out)
+    qidx = None
+    if data.get("qidx") is not None:
+        qidx = _as_indices(data["qidx"], "'qidx'", path, n_db, base)
+        if qidx.size != len(qimlist):
+            raise ValueError(f"{path}: 'qidx' has {qidx.size} entries, expected {len(qimlist)}")
+    return GroundTruth(gnd=tuple(gnd), imlist=imlist, qimlist=qimlist, qidx=qidx)
+
+
+# ---------------------------------------------------------------------------
+# Descriptors
+# ---------------------------------------------------------------------------
+
+def _check_descriptors(arr, what: str, dtype) -> np.ndarray:
+    arr = np.asarray(arr)
+    if arr.ndim != 2:
+        raise ValueError(f"{what} must be a 2-D array [n, d], got shape {arr.shape}")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"{what} is empty (shape {arr.shape})")
+    if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.floating)
+                                 or np.issubdtype(arr.dtype, np.integer)):
+        raise TypeError(f"{what} must hold real numbers, got dtype {arr.dtype}")
+    if dtype is not None:
+        arr = arr.astype(dtype, copy=False)
+    if np.issubdtype(arr.dtype, np.floating):
+        finite = np.isfinite(arr)
+        if not finite.all():
+            bad = np.flatnonzero(~finite.all(axis=1))
+            raise ValueError(f"{what} has NaN or inf in {bad.size} row(s) (first: row {bad[0]}); "
+                             "clean or drop those descriptors")
+    return arr
+
+
+def _pick(keys: list[str], key: str | None, path: Path) -> str:
+    if key is None:
+        if len(keys) == 1:
+            return keys[0]
+        raise KeyError(f"{path} holds {len(keys)} arrays {keys}; choose one with key=")
+    if key not in keys:
+        raise KeyError(f"{path} has no array {key!r} (available: {keys})")
+    return key
+
+
+def load_descriptors(path, key: str | None = None, *, dtype=np.float32) -> np.ndarray:
+    """Load a descriptor matrix as [n, d], one descriptor per row.
+
+    Formats (chosen by extension, content verified):
+      * ``.npy``: an [n, d] array (``key`` must be None).
+      * ``.npz``: named [n, d] arrays; ``key`` selects one (optional if only one).
+      * ``.mat``: the revisitop layout, matrices ``X`` (database) and ``Q``
+        (queries) of shape d x n, transposed here to [n, d]; ``key`` selects one
+        (optional if the file holds a single matrix).
+
+    Args:
+      path: the file.
+      key: array name inside .npz / .mat.
+      dtype: output dtype (float32 by default; None keeps the stored dtype).
+
+    Returns:
+      [n, d] array of ``dtype``, all values finite.
+
+    Raises:
+      FileNotFoundError, KeyError (missing / ambiguous key), ValueError (not 2-D,
+      non-finite values, content not matching the extension), TypeError (not
+      numeric).
+    """
+    path = _check_file(path)
+    suffix = path.suffix.lower()
+    head = _head(path)
+    if suffix == ".npy":
+        if key is not None:
+            raise KeyError(f"{path} is a single .npy array; key={key!r} does not apply")
+        if not head.startswith(_NPY_MAGIC):
+            kind = _sniff(head)
+            raise ValueError(f"{path} is not a .npy file"
+                             f"{' (it looks like ' + kind + ')' if kind else ''}")
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except Exception as exc:
+            raise ValueError(f"{path} is not a readable .npy array: {exc}") from exc
+        what = str(path)
+    elif suffix == ".npz":
+        if not head.startswith(_ZIP_MAGICS):
+            kind = _sniff(head)
+            raise ValueError(f"{path} is not a .npz archive"
+                             f"{' (it looks like ' + kind + ')' if kind else ''}")
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                name = _pick(sorted(npz.files), key, path)
+                arr = npz[name]
+        except KeyError:
+            raise
+        except Exception as exc:
+            raise ValueError(f"{path} is not a readable .npz archive: {exc}") from exc
+        what = f"{path}[{name!r}]"
+    elif suffix == ".mat":
+        data = _loadmat(path)
+        name = _pick(sorted(k for k, v in data.items() if isinstance(v, np.ndarray)), key, path)
+        arr = np.asarray(data[name])
+        if arr.ndim != 2:
+            raise ValueError(f"{path}[{name!r}] must be a 2-D matrix d x n, got shape {arr.shape}")
+        arr = arr.T  # revisitop stores one descriptor per column
+        what = f"{path}[{name!r}] (transposed from d x n)"
+    else:
+        raise ValueError(f"{path}: unknown descriptor format {suffix!r}; "
+                         "expected .npy, .npz or .mat")
+    return np.ascontiguousarray(_check_descriptors(arr, what, dtype))
+
+
+def save_descriptors(path, /, **arrays) -> Path:
+    """Save named [n, d] descriptor arrays to an ``.npz`` file, atomically.
+
+    The archive is written to a temporary file in the same directory, fsync'ed
+    and renamed over ``path`` (see ``atomic_write``), so a crash never leaves a
+    truncated file. Read back with ``load_descriptors(path, key=name)``.
+
+    Args:
+      path: destination, must end in ``.npz``.
+      **arrays: name -> finite numeric 2-D array (e.g. ``X=db, Q=queries``).
+
+    Returns:
+      ``path`` as a ``Path``.
+    """
+    path = Path(path)
+    if path.suffix.lower() != ".npz":
+        raise ValueError(f"save_descriptors writes .npz archives; {path} should end in .npz")
+    if not arrays:
+        raise ValueError("save_descriptors needs at least one named array, e.g. X=descriptors")
+    checked = {name: _check_descriptors(a, f"array {name!r}", None) for name, a in arrays.items()}
+
+    return atomic_write(path, lambda f: np.savez(f, **checked))

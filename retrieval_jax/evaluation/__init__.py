@@ -1,0 +1,26 @@
+"""Retrieval evaluation on the host: Oxford AP, Revisited Oxford/Paris, label mAP, bull's-eye.
+
+Rankings are integer arrays [n_queries, m] of database indices, best first; all
+scores are fractions in [0, 1].
+"""
+from .metrics import (
+    MapResult,
+    RevisitedResult,
+    average_precision,
+    bullseye_score,
+    classic_map,
+    label_map,
+    mean_average_precision,
+    revisited_map,
+)
+
+__all__ = [
+    "MapResult",
+    "RevisitedResult",
+    "average_precision",
+    "bullseye_score",
+    "classic_map",
+    "label_map",
+    "mean_average_precision",
+    "revisited_map",
+]

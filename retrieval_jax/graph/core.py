@@ -1,0 +1,115 @@
+"""The `Graph` pytree: a sparse symmetric matrix stored as padded neighbour lists."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.sparse as sp
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Graph:
+    """A weighted graph on ``n`` nodes as padded neighbour lists.
+
+    Row ``i`` holds the neighbours of node ``i``: ``indices[i, j]`` is a node id and
+    ``weights[i, j]`` the edge weight. Rows with fewer than ``K`` neighbours are
+    padded with the node's own id and weight 0, so a padded slot contributes
+    nothing to a product and every gather stays in range.
+
+    Attributes:
+      indices: int32[n, K] neighbour ids.
+      weights: float32[n, K] edge weights, 0 on padding.
+
+    The leading axis is the node axis, so sharding a graph across devices is a
+    matter of placing rows.
+    """
+
+    indices: jax.Array
+    weights: jax.Array
+
+    @property
+    def num_nodes(self) -> int:
+        return self.indices.shape[0]
+
+    @property
+    def max_degree(self) -> int:
+        return self.indices.shape[1]
+
+    def degree(self) -> jax.Array:
+        """Weighted degree d_i = sum_j A_ij, float32[n]."""
+        return jnp.sum(self.weights, axis=1)
+
+    def matvec(self, x: jax.Array) -> jax.Array:
+        """y = A x for x of shape [n] or [n, B] (B right-hand sides, node axis first).
+
+        y_i = sum_j weights[i, j] x[indices[i, j]], accumulated one neighbour slot at a
+        time (``fori_loop`` over K): each step gathers n contiguous rows of x and adds
+        them with a fused multiply-add, so no [n, K, B] intermediate is ever built.
+        Measured on a 2-core CPU (n = 5000, K = 50, B = 70) this is 35x faster than
+        the one-shot gather ``einsum('nk,nkb->nb', w, x[idx])``, 10x faster than a
+        BCOO product and on par with scipy's CSR SpMM (experiments/bench_diffusion.py).
+        """
+        x = jnp.asarray(x)
+        w = self.weights.astype(x.dtype)
+        idx = self.indices
+        if x.ndim == 1:
+            def body(k, acc):
+                return acc + w[:, k] * x[idx[:, k]]
+        else:
+            def body(k, acc):
+                return acc + w[:, k, None] * x[idx[:, k]]
+        return jax.lax.fori_loop(0, idx.shape[1], body, jnp.zeros(x.shape[:1] + x.shape[1:], x.dtype))
+
+    # ------------------------------------------------------------------ conversions
+    def to_scipy(self) -> sp.csr_matrix:
+        """The graph as a ``scipy.sparse.csr_matrix`` (padding dropped)."""
+        idx = np.asarray(self.indices)
+        w = np.asarray(self.weights)
+        n = idx.shape[0]
+        rows = np.repeat(np.arange(n, dtype=np.int64), idx.shape[1])
+        keep = w.ravel() != 0
+        mat = sp.csr_matrix((w.ravel()[keep], (rows[keep], idx.ravel()[keep].astype(np.int64))),
+                            shape=(n, n))
+        mat.sum_duplicates()
+        return mat
+
+    def to_dense(self) -> np.ndarray:
+        return self.to_scipy().toarray()
+
+    @classmethod
+    def from_scipy(cls, matrix, *, max_degree: int | None = None, dtype=np.float32) -> "Graph":
+        """Build a padded graph from any scipy sparse (or dense) square matrix.
+
+        ``max_degree`` fixes K (e.g. to keep one compiled shape across graphs); it
+        must be at least the largest number of non-zeros in a row.
+        """
+        mat = sp.csr_matrix(matrix)
+        if mat.shape[0] != mat.shape[1]:
+            raise ValueError(f"a graph needs a square matrix, got shape {mat.shape}")
+        mat.sum_duplicates()
+        mat.eliminate_zeros()
+        n = mat.shape[0]
+        if mat.nnz and not np.isfinite(mat.data).all():
+            raise ValueError("the matrix has NaN or inf weights")
+        counts = np.diff(mat.indptr)
+        width = int(counts.max()) if n else 0
+        width = max(width, 1)
+        if max_degree is not None:
+            if max_degree < width:
+                raise ValueError(f"max_degree = {max_degree} is smaller than the largest row ({width} non-zeros)")
+            width = int(max_degree)
+        indices = np.repeat(np.arange(n, dtype=np.int32)[:, None], width, axis=1)
+        weights = np.zeros((n, width), dtype=dtype)
+        # position of every stored entry inside its row
+        pos = np.arange(mat.nnz) - np.repeat(mat.indptr[:-1], counts)
+        rows = np.repeat(np.arange(n), counts)
+        indices[rows, pos] = mat.indices
+        weights[rows, pos] = mat.data
+        return cls(indices=jnp.asarray(indices), weights=jnp.asarray(weights))
+
+    @classmethod
+    def from_dense(cls, matrix, **kwargs) -> "Graph":
+        return cls.from_scipy(sp.csr_matrix(np.asarray(matrix)), **kwargs)

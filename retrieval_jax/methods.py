@@ -1,0 +1,234 @@
+"""Ranking methods with one shape: ``build(database, config) -> state`` and ``search(state, queries) -> scores``.
+
+As optax gives every optimiser an (init, update) pair, every ranking method here is a
+`Method` of pure functions:
+
+* ``build(database, config)`` runs offline, on the host where it must (graph
+  construction decides array shapes), and returns a pytree ``state`` whose config is
+  static metadata;
+* ``search(state, queries)`` is jitted: float[nq, d] descriptors -> scores float32[nq, n],
+  higher is better;
+* ``search_items(state, ids)`` ranks from database items used as queries (y = e_id).
+
+An ablation is then a loop over configs::
+
+    for cfg in [DiffusionConfig(alpha=a) for a in (0.8, 0.9, 0.99)]:
+        state = DIFFUSION.build(X, cfg)
+        scores = DIFFUSION.search(state, Q)
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _checks
+from .diffusion.solve import _diffuse, _truncated
+from .graph.core import Graph
+from .graph.knn import knn_graph, normalize
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+class Method(NamedTuple):
+    """A ranking method: ``build`` offline, ``search`` / ``search_items`` jitted online."""
+
+    name: str
+    build: Callable[[Any, Any], Any]
+    search: Callable[[Any, Any], jax.Array]
+    search_items: Callable[[Any, Any], jax.Array]
+
+
+def _check_queries(state, queries):
+    if isinstance(queries, jax.core.Tracer):
+        return queries
+    q = _checks.as_matrix(queries, "queries")
+    if q.shape[1] != state.database.shape[1]:
+        raise ValueError(f"dimension mismatch: queries have d = {q.shape[1]} but the database "
+                         f"has d = {state.database.shape[1]}; use the same descriptor pipeline")
+    return jnp.asarray(q)
+
+
+def _check_items(state, ids):
+    if isinstance(ids, jax.core.Tracer):
+        return ids
+    ids = np.asarray(ids)
+    n = state.database.shape[0]
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"ids must be a 1-D integer array of database ids, got {ids.dtype} {ids.shape}")
+    if ids.size and (ids.min() < 0 or ids.max() >= n):
+        raise ValueError(f"ids must lie in [0, {n}), got range [{ids.min()}, {ids.max()}]")
+    return jnp.asarray(ids, jnp.int32)
+
+
+def _similarities(state, queries):
+    return jnp.matmul(queries.astype(jnp.float32), state.database.T, precision=_HIGHEST)
+
+
+# ----------------------------------------------------------------------------- kNN search
+@dataclasses.dataclass(frozen=True)
+class KnnConfig:
+    """Plain nearest-neighbour search by inner product (no parameters)."""
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["database"], meta_fields=["config"])
+@dataclasses.dataclass(frozen=True)
+class KnnState:
+    database: jax.Array
+    config: KnnConfig = KnnConfig()
+
+
+def _knn_build(database, config: KnnConfig = KnnConfig()) -> KnnState:
+    db = _checks.as_matrix(database, "database")
+    return KnnState(database=jnp.asarray(db), config=config)
+
+
+@jax.jit
+def _knn_search(state: KnnState, queries):
+    return _similarities(state, queries)
+
+
+@jax.jit
+def _knn_search_items(state: KnnState, ids):
+    return _similarities(state, state.database[ids])
+
+
+KNN_SEARCH = Method(
+    "knn",
+    _knn_build,
+    lambda state, q: _knn_search(state, _check_queries(state, q)),
+    lambda state, ids: _knn_search_items(state, _check_items(state, ids)),
+)
+
+
+# ----------------------------------------------------------------------------- diffusion
+@dataclasses.dataclass(frozen=True)
+class DiffusionConfig:
+    """Diffusion on a mutual kNN graph (Iscen et al., CVPR 2017 defaults).
+
+    Attributes:
+      k: graph neighbours per node.
+      query_k: database neighbours that form an out-of-graph query's y.
+      alpha: diffusion weight in (0, 1).
+      gamma: similarity exponent for graph edges and y.
+      tol, max_iter: CG stopping rule (relative residual, steps).
+      mutual: reciprocal kNN graph.
+      graph_method: "exact" or "nndescent".
+      truncate: None for the full solve, else T: each query solves on its T
+        nearest database items only; the other items follow, in similarity order.
+      batch_size: queries per vmapped batch in truncated mode.
+    """
+
+    k: int = 50
+    query_k: int = 10
+    alpha: float = 0.99
+    gamma: float = 3.0
+    tol: float = 1e-6
+    max_iter: int = 20
+    mutual: bool = True
+    graph_method: str = "exact"
+    truncate: int | None = None
+    batch_size: int = 64
+
+    def __post_init__(self):
+        _checks.check_alpha(self.alpha)
+        _checks.check_gamma(self.gamma)
+        _checks.check_positive(self.tol, "tol")
+        for name in ("k", "query_k", "max_iter", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"DiffusionConfig.{name} must be a positive int, got {v!r}")
+        if self.truncate is not None and (not isinstance(self.truncate, (int, np.integer)) or self.truncate < 1):
+            raise ValueError(f"DiffusionConfig.truncate must be None or a positive int, got {self.truncate!r}")
+        if self.graph_method not in ("exact", "nndescent"):
+            raise ValueError(f"graph_method must be 'exact' or 'nndescent', got {self.graph_method!r}")
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["database", "graph"],
+                   meta_fields=["config"])
+@dataclasses.dataclass(frozen=True)
+class DiffusionState:
+    """Database descriptors float32[n, d], the normalised graph W, and the (static) config."""
+
+    database: jax.Array
+    graph: Graph
+    config: DiffusionConfig = DiffusionConfig()
+
+
+def _diffusion_build(database, config: DiffusionConfig = DiffusionConfig(), *,
+                     show_progress: bool | None = None) -> DiffusionState:
+    db = _checks.as_matrix(database, "database")
+    n = db.shape[0]
+    _checks.check_k(config.k, n - 1, name="k", what="other database items (graph k must be < n)")
+    _checks.check_k(config.query_k, n, name="query_k")
+    if config.truncate is not None:
+        _checks.check_k(config.truncate, n, name="truncate")
+        if config.truncate < config.query_k:
+            raise ValueError(f"truncate = {config.truncate} must be at least query_k = {config.query_k}")
+    graph = knn_graph(db, config.k, gamma=config.gamma, mutual=config.mutual,
+                      method=config.graph_method, show_progress=show_progress)
+    return DiffusionState(database=jnp.asarray(db), graph=normalize(graph), config=config)
+
+
+def _solve_full(state: DiffusionState, y):
+    cfg = state.config
+    return _diffuse(state.graph, y, cfg.alpha, cfg.tol, cfg.max_iter).x.T
+
+
+def _solve_truncated(state: DiffusionState, sims, y_local_fn):
+    """Truncated diffusion on each query's top-T shortlist; full scores [nq, n]."""
+    cfg = state.config
+    short_s, short_i = jax.lax.top_k(sims, cfg.truncate)
+    y_s = y_local_fn(short_s, short_i)
+    x_s = _truncated(state.graph, y_s, short_i, cfg.alpha, cfg.tol, cfg.max_iter, cfg.batch_size).x
+    # items outside the shortlist keep their similarity order, below every shortlisted item
+    base = sims - 3.0
+    rows = jnp.arange(sims.shape[0])[:, None]
+    return base.at[rows, short_i].set(x_s)
+
+
+@jax.jit
+def _diffusion_search(state: DiffusionState, queries):
+    cfg = state.config
+    sims = _similarities(state, queries)
+    if cfg.truncate is None:
+        s, i = jax.lax.top_k(sims, cfg.query_k)
+        rows = jnp.arange(sims.shape[0])[:, None]
+        y = jnp.zeros_like(sims).at[rows, i].add(jnp.maximum(s, 0.0) ** cfg.gamma)
+        return _solve_full(state, y)
+
+    def y_local(short_s, short_i):
+        keep = jnp.arange(cfg.truncate) < cfg.query_k
+        return jnp.where(keep, jnp.maximum(short_s, 0.0) ** cfg.gamma, 0.0)
+
+    return _solve_truncated(state, sims, y_local)
+
+
+@jax.jit
+def _diffusion_search_items(state: DiffusionState, ids):
+    cfg = state.config
+    n = state.database.shape[0]
+    if cfg.truncate is None:
+        return _solve_full(state, jax.nn.one_hot(ids, n, dtype=jnp.float32))
+    sims = _similarities(state, state.database[ids])
+    # the item itself heads its own shortlist
+    sims = sims.at[jnp.arange(ids.shape[0]), ids].set(jnp.inf)
+
+    def y_local(short_s, short_i):
+        return (short_i == ids[:, None]).astype(jnp.float32)
+
+    return _solve_truncated(state, sims, y_local)
+
+
+DIFFUSION = Method(
+    "diffusion",
+    _diffusion_build,
+    lambda state, q: _diffusion_search(state, _check_queries(state, q)),
+    lambda state, ids: _diffusion_search_items(state, _check_items(state, ids)),
+)
+
+METHODS = {"knn": KNN_SEARCH, "diffusion": DIFFUSION}

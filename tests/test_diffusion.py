@@ -1,0 +1,129 @@
+"""Diffusion by CG against dense numpy solves."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from retrieval_jax.diffusion import (conjugate_gradient, diffuse, indicator_vectors, katz_centrality,
+                                     query_vectors, ranking_from_scores, top_n, truncated_diffuse)
+from retrieval_jax.graph import knn, knn_graph, normalize
+
+
+def _clusters(seed, n=200, d=12, c=5):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(c, d))
+    labels = rng.integers(0, c, n)
+    x = centers[labels] + 0.4 * rng.normal(size=(n, d))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(np.float32), labels
+
+
+def _rel(a, b):
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def test_cg_matches_dense_solve_batched():
+    rng = np.random.default_rng(0)
+    m = rng.normal(size=(40, 40))
+    a = (m @ m.T + 40 * np.eye(40)).astype(np.float32)
+    b = rng.normal(size=(40, 6)).astype(np.float32)
+    b[:, 3] = 0.0  # a zero right-hand side converges at once
+    res = jax.jit(lambda b: conjugate_gradient(lambda x: jnp.asarray(a) @ x, b, tol=1e-7, max_iter=200))(b)
+    ref = np.linalg.solve(a.astype(np.float64), b.astype(np.float64))
+    assert _rel(np.asarray(res.x), ref) < 1e-4
+    assert int(res.iterations[3]) == 0 and float(res.residual[3]) == 0.0
+    assert (np.asarray(res.residual) < 1e-6).all()
+    one = conjugate_gradient(lambda x: jnp.asarray(a) @ x, jnp.asarray(b[:, 0]), tol=1e-7, max_iter=200)
+    assert _rel(np.asarray(one.x), ref[:, 0]) < 1e-4
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 10_000), alpha=st.floats(0.5, 0.99), k=st.integers(3, 10))
+def test_diffuse_equals_dense_solve(seed, alpha, k):
+    x, _ = _clusters(seed, n=80)
+    w = normalize(knn_graph(x, k, gamma=3.0))
+    y = np.asarray(indicator_vectors(np.arange(0, 80, 9), 80))
+    scores = np.asarray(diffuse(w, y, alpha=alpha, tol=1e-7, max_iter=500))
+    ref = np.linalg.solve(np.eye(80) - alpha * w.to_dense().astype(np.float64), y.T.astype(np.float64)).T
+    assert _rel(scores, ref) < 1e-4
+
+
+def test_query_vectors_and_out_of_graph_diffusion():
+    x, _ = _clusters(1)
+    q = x[:5] + 0.05
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    s, i = knn(q, x, 10)
+    y = np.asarray(query_vectors(s, i, x.shape[0], gamma=3.0))
+    ref = np.zeros((5, 200), np.float32)
+    for r in range(5):
+        ref[r, np.asarray(i)[r]] = np.maximum(np.asarray(s)[r], 0) ** 3
+    np.testing.assert_allclose(y, ref, rtol=1e-6)
+    w = normalize(knn_graph(x, 10))
+    scores, info = diffuse(w, y, alpha=0.9, tol=1e-7, max_iter=300, return_info=True)
+    dense = np.linalg.solve(np.eye(200) - 0.9 * w.to_dense().astype(np.float64), ref.T.astype(np.float64)).T
+    assert _rel(np.asarray(scores), dense) < 1e-4
+    assert (np.asarray(info.residual) <= 1e-6).all() and (np.asarray(info.iterations) > 0).all()
+
+
+def test_truncated_equals_restricted_solve():
+    x, _ = _clusters(2)
+    w = normalize(knn_graph(x, 8))
+    wd = w.to_dense().astype(np.float64)
+    s, short = knn(x[:4], x, 60)
+    y = np.asarray(indicator_vectors(np.arange(4), 200))
+    out = np.asarray(truncated_diffuse(w, y, short, alpha=0.95, tol=1e-7, max_iter=300, batch_size=2))
+    for r in range(4):
+        sl = np.asarray(short)[r]
+        sub = wd[np.ix_(sl, sl)]
+        ref = np.linalg.solve(np.eye(60) - 0.95 * sub, y[r, sl])
+        assert _rel(out[r], ref) < 1e-4
+
+
+def test_truncated_with_full_shortlist_equals_full():
+    x, _ = _clusters(3, n=60)
+    w = normalize(knn_graph(x, 6))
+    y = np.asarray(indicator_vectors(np.array([0, 7]), 60))
+    short = np.argsort(-(x[[0, 7]] @ x.T), axis=1)
+    t = np.asarray(truncated_diffuse(w, y, short, alpha=0.9, tol=1e-7, max_iter=300))
+    full = np.asarray(diffuse(w, y, alpha=0.9, tol=1e-7, max_iter=300))
+    np.testing.assert_allclose(t, np.take_along_axis(full, short, 1), rtol=1e-4, atol=1e-6)
+
+
+def test_katz_centrality_dense():
+    x, _ = _clusters(4, n=70)
+    w = normalize(knn_graph(x, 5))
+    g = np.asarray(katz_centrality(w, 0.8, tol=1e-7))
+    ref = np.linalg.solve((np.eye(70) - 0.8 * w.to_dense()) / 0.2, np.ones(70))
+    assert _rel(g, ref) < 1e-4
+
+
+def test_rankings():
+    s = np.array([[0.1, 0.5, 0.3], [3.0, 2.0, 1.0]], np.float32)
+    np.testing.assert_array_equal(ranking_from_scores(s), [[1, 2, 0], [0, 1, 2]])
+    np.testing.assert_array_equal(ranking_from_scores(s, exclude=[1, 0]), [[2, 0, 1], [1, 2, 0]])
+    v, i = top_n(jnp.asarray(s), n=2)
+    np.testing.assert_array_equal(np.asarray(i), [[1, 2], [0, 1]])
+    with pytest.raises(ValueError, match="NaN"):
+        ranking_from_scores(np.array([[np.nan, 1.0]]))
+
+
+def test_bad_input():
+    x, _ = _clusters(5, n=40)
+    w = normalize(knn_graph(x, 5))
+    y = np.asarray(indicator_vectors(np.array([0]), 40))
+    for alpha in (0.0, 1.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match="alpha"):
+            diffuse(w, y, alpha=alpha)
+    with pytest.raises(ValueError, match="n_queries, n"):
+        diffuse(w, y[:, :30])
+    bad = y.copy()
+    bad[0, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        diffuse(w, bad)
+    with pytest.raises(ValueError, match="gamma"):
+        query_vectors(np.ones((1, 2)), np.zeros((1, 2), int), 40, gamma=-1)
+    with pytest.raises(ValueError, match=r"\[0, 40\)"):
+        query_vectors(np.ones((1, 2)), np.array([[0, 40]]), 40)
+    with pytest.raises(ValueError, match="repeats"):
+        truncated_diffuse(w, y, np.array([[0, 1, 1]]))

@@ -1,0 +1,131 @@
+"""Graph construction against brute-force numpy / scipy references."""
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from hypothesis import given, settings, strategies as st
+
+from retrieval_jax.graph import Graph, affinity_matrix, isolated_nodes, knn, knn_graph, normalize
+
+
+def _unit(rng, n, d):
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_knn_matches_bruteforce():
+    rng = np.random.default_rng(0)
+    db, q = _unit(rng, 300, 16), _unit(rng, 37, 16)
+    sims, idx = knn(q, db, 7, block_size=8, chunk_size=16)  # several chunks, padded last chunk
+    ref = q @ db.T
+    ref_idx = np.argsort(-ref, axis=1)[:, :7]
+    np.testing.assert_array_equal(np.asarray(idx), ref_idx)
+    np.testing.assert_allclose(np.asarray(sims), np.take_along_axis(ref, ref_idx, 1), atol=1e-5)
+
+
+def test_knn_exclude_self():
+    rng = np.random.default_rng(1)
+    x = _unit(rng, 50, 8)
+    sims, idx = knn(x, x, 5, exclude_self=True, block_size=16)
+    assert not (np.asarray(idx) == np.arange(50)[:, None]).any()
+    ref = x @ x.T
+    np.fill_diagonal(ref, -np.inf)
+    np.testing.assert_array_equal(np.asarray(idx), np.argsort(-ref, axis=1)[:, :5])
+
+
+def test_mutual_filter_hand_built():
+    # 4 points on a line of similarities: 0-1 mutual, 2's best is 1, 1's best is 0, 3's best is 2
+    sims = np.array([[0.9], [0.9], [0.8], [0.7]], np.float32)
+    idx = np.array([[1], [0], [1], [2]])
+    a = affinity_matrix(sims, idx, 4, gamma=1.0, mutual=True).toarray()
+    expected = np.zeros((4, 4))
+    expected[0, 1] = expected[1, 0] = 0.9
+    np.testing.assert_allclose(a, expected, atol=1e-6)
+    u = affinity_matrix(sims, idx, 4, gamma=2.0, mutual=False).toarray()
+    expected_u = np.zeros((4, 4))
+    for (i, j, s) in [(0, 1, .9), (2, 1, .8), (3, 2, .7)]:
+        expected_u[i, j] = expected_u[j, i] = s ** 2
+    np.testing.assert_allclose(u, expected_u, atol=1e-6)
+
+
+def test_knn_graph_against_numpy():
+    rng = np.random.default_rng(2)
+    x = _unit(rng, 120, 6)
+    k, gamma = 6, 3.0
+    g = knn_graph(x, k, gamma=gamma, mutual=True)
+    s = x @ x.T
+    np.fill_diagonal(s, -np.inf)
+    nn = np.argsort(-s, axis=1)[:, :k]
+    isnn = np.zeros((120, 120), bool)
+    isnn[np.arange(120)[:, None], nn] = True
+    mutual = isnn & isnn.T
+    ref = np.where(mutual, np.maximum(np.where(np.isfinite(s), s, 0), 0) ** gamma, 0)
+    np.testing.assert_allclose(g.to_dense(), ref, atol=1e-5)
+
+
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(8, 60), k=st.integers(1, 7), mutual=st.booleans(), seed=st.integers(0, 1000))
+def test_normalized_graph_symmetric_spectrum_in_unit_interval(n, k, mutual, seed):
+    x = _unit(np.random.default_rng(seed), n, 5)
+    k = min(k, n - 1)
+    w = normalize(knn_graph(x, k, gamma=3.0, mutual=mutual)).to_dense()
+    assert np.isfinite(w).all()
+    np.testing.assert_allclose(w, w.T, atol=1e-6)
+    ev = np.linalg.eigvalsh(w.astype(np.float64))
+    assert ev.min() >= -1 - 1e-5 and ev.max() <= 1 + 1e-5
+
+
+def test_isolated_node_no_nan():
+    a = sp.csr_matrix(np.array([[0, 1, 0], [1, 0, 0], [0, 0, 0]], np.float32))
+    g = Graph.from_scipy(a)
+    assert list(isolated_nodes(g)) == [2]
+    w = normalize(g).to_dense()
+    assert np.isfinite(w).all()
+    np.testing.assert_allclose(w, a.toarray())
+
+
+def test_scipy_round_trip_and_padding():
+    rng = np.random.default_rng(3)
+    dense = rng.random((30, 30)) * (rng.random((30, 30)) < 0.2)
+    dense = dense + dense.T
+    g = Graph.from_scipy(sp.csr_matrix(dense), max_degree=40)
+    assert g.indices.shape == (30, 40) and g.indices.dtype == np.int32
+    np.testing.assert_allclose(g.to_dense(), dense, atol=1e-6)
+    x = rng.normal(size=(30, 3)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(g.matvec(x)), dense @ x, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(g.matvec(x[:, 0])), dense @ x[:, 0], atol=1e-4)
+    with pytest.raises(ValueError, match="max_degree"):
+        Graph.from_scipy(sp.csr_matrix(dense), max_degree=1)
+
+
+def test_nndescent_graph_close_to_exact():
+    pytest.importorskip("pynndescent")
+    rng = np.random.default_rng(4)
+    x = _unit(rng, 400, 8)
+    exact = knn_graph(x, 10, mutual=False).to_dense() > 0
+    approx = knn_graph(x, 10, mutual=False, method="nndescent").to_dense() > 0
+    recall = (exact & approx).sum() / exact.sum()
+    assert recall > 0.9
+
+
+@pytest.mark.parametrize("bad, match", [
+    (np.array([[1.0, np.nan], [0.0, 1.0], [1.0, 1.0]]), "NaN or inf"),
+    (np.array([[0.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), "zero-norm"),
+    (np.ones(5), "2-D"),
+])
+def test_bad_descriptors(bad, match):
+    with pytest.raises(ValueError, match=match):
+        knn_graph(bad, 1)
+
+
+def test_bad_k_and_gamma_and_dims():
+    x = _unit(np.random.default_rng(5), 10, 4)
+    with pytest.raises(ValueError, match="k = 10 exceeds"):
+        knn_graph(x, 10)
+    with pytest.raises(ValueError, match="positive"):
+        knn_graph(x, 0)
+    with pytest.raises(ValueError, match="gamma"):
+        knn_graph(x, 3, gamma=0.0)
+    with pytest.raises(ValueError, match="dimension mismatch"):
+        knn(x[:, :3], x, 2)
+    with pytest.raises(ValueError, match="method"):
+        knn_graph(x, 3, method="faiss")
