@@ -160,6 +160,8 @@ def _gnd_entries(gnd) -> tuple[Sequence[Mapping], int | None]:
         raise TypeError("gnd must be the list of per-query dicts (the 'gnd' entry of the "
                         "pickle), or a GroundTruth from retrieval_jax.data.load_gnd; got the "
                         "whole pickle dict - pass d['gnd']")
+    if isinstance(gnd, np.ndarray) and gnd.dtype == object:
+        gnd = list(gnd.reshape(-1))
     if isinstance(gnd, (str, bytes)) or not isinstance(gnd, Sequence):
         raise TypeError(f"gnd must be a sequence of per-query dicts, got {type(gnd).__name__}")
     for i, entry in enumerate(gnd):
@@ -338,7 +340,8 @@ def average_precision(ranking_row, positives, junk=(), *, n_db: int | None = Non
         distinct positives; those absent from ``ranking_row`` count as misses.
       junk: int[q] indices to ignore (deleted from the ranking). An index that is
         both positive and junk counts as positive (as in the revisitop code).
-      n_db: database size for range checks; defaults to the largest index seen + 1.
+      n_db: database size for range checks; defaults to the largest index seen + 1
+        (at least the length of ``ranking_row``).
 
     Returns:
       AP as a float in [0, 1]; NaN if ``positives`` is empty (AP is undefined; the
@@ -348,7 +351,7 @@ def average_precision(ranking_row, positives, junk=(), *, n_db: int | None = Non
     pos = _as_index_array(np.asarray(positives).reshape(-1), "positives", 1)
     jnk = _as_index_array(np.asarray(junk).reshape(-1), "junk", 1)
     if n_db is None:
-        n_db = 1 + max([int(a.max()) for a in (row, pos, jnk) if a.size] + [0])
+        n_db = max([int(a.max()) + 1 for a in (row, pos, jnk) if a.size] + [row.size, 1])
     r, n_db = _check_ranking(row[None, :], n_db, "ranking_row")
     pos = _check_index_list(pos, n_db, "positives")
     jnk = _check_index_list(jnk, n_db, "junk")
