@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _checks
-from .diffusion.solve import _diffuse, _truncated
+from .diffusion.solve import _diffuse, _truncated, diffusion_inverse
 from .graph.core import Graph
 from .graph.knn import knn_graph, normalize
 
@@ -121,6 +121,9 @@ class DiffusionConfig:
       truncate: None for the full solve, else T: each query solves on its T
         nearest database items only; the other items follow, in similarity order.
       batch_size: queries per vmapped batch in truncated mode.
+      solver: "cg" (conjugate gradient online, any n) or "inverse" (the dense
+        (I - alpha W)^-1 computed offline by Cholesky, exact, n up to ~20,000;
+        a query then costs query_k rows of it).
     """
 
     k: int = 50
@@ -133,6 +136,7 @@ class DiffusionConfig:
     graph_method: str = "exact"
     truncate: int | None = None
     batch_size: int = 64
+    solver: str = "cg"
 
     def __post_init__(self):
         _checks.check_alpha(self.alpha)
@@ -146,16 +150,22 @@ class DiffusionConfig:
             raise ValueError(f"DiffusionConfig.truncate must be None or a positive int, got {self.truncate!r}")
         if self.graph_method not in ("exact", "nndescent"):
             raise ValueError(f"graph_method must be 'exact' or 'nndescent', got {self.graph_method!r}")
+        if self.solver not in ("cg", "inverse"):
+            raise ValueError(f"solver must be 'cg' or 'inverse', got {self.solver!r}")
+        if self.solver == "inverse" and self.truncate is not None:
+            raise ValueError("truncation only applies to solver='cg'; the inverse is already exact")
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["database", "graph"],
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["database", "graph", "inverse"],
                    meta_fields=["config"])
 @dataclasses.dataclass(frozen=True)
 class DiffusionState:
-    """Database descriptors float32[n, d], the normalised graph W, and the (static) config."""
+    """Database descriptors float32[n, d], the normalised graph W, (I - alpha W)^-1 when
+    ``config.solver == "inverse"`` (else None), and the (static) config."""
 
     database: jax.Array
     graph: Graph
+    inverse: jax.Array | None = None
     config: DiffusionConfig = DiffusionConfig()
 
 
@@ -171,7 +181,9 @@ def _diffusion_build(database, config: DiffusionConfig = DiffusionConfig(), *,
             raise ValueError(f"truncate = {config.truncate} must be at least query_k = {config.query_k}")
     graph = knn_graph(db, config.k, gamma=config.gamma, mutual=config.mutual,
                       method=config.graph_method, show_progress=show_progress)
-    return DiffusionState(database=jnp.asarray(db), graph=normalize(graph), config=config)
+    w = normalize(graph)
+    inverse = diffusion_inverse(w, config.alpha) if config.solver == "inverse" else None
+    return DiffusionState(database=jnp.asarray(db), graph=w, inverse=inverse, config=config)
 
 
 def _solve_full(state: DiffusionState, y):
@@ -195,6 +207,10 @@ def _solve_truncated(state: DiffusionState, sims, y_local_fn):
 def _diffusion_search(state: DiffusionState, queries):
     cfg = state.config
     sims = _similarities(state, queries)
+    if cfg.solver == "inverse":
+        s, i = jax.lax.top_k(sims, cfg.query_k)
+        weights = jnp.maximum(s, 0.0) ** cfg.gamma
+        return jnp.einsum("qk,qkn->qn", weights, state.inverse[i], precision=_HIGHEST)
     if cfg.truncate is None:
         s, i = jax.lax.top_k(sims, cfg.query_k)
         rows = jnp.arange(sims.shape[0])[:, None]
@@ -212,6 +228,8 @@ def _diffusion_search(state: DiffusionState, queries):
 def _diffusion_search_items(state: DiffusionState, ids):
     cfg = state.config
     n = state.database.shape[0]
+    if cfg.solver == "inverse":
+        return state.inverse[ids]
     if cfg.truncate is None:
         return _solve_full(state, jax.nn.one_hot(ids, n, dtype=jnp.float32))
     sims = _similarities(state, state.database[ids])

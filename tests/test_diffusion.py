@@ -127,3 +127,14 @@ def test_bad_input():
         query_vectors(np.ones((1, 2)), np.array([[0, 40]]), 40)
     with pytest.raises(ValueError, match="repeats"):
         truncated_diffuse(w, y, np.array([[0, 1, 1]]))
+
+
+def test_diffusion_inverse_dense():
+    from retrieval_jax.diffusion import diffusion_inverse
+    x, _ = _clusters(6, n=90)
+    w = normalize(knn_graph(x, 6))
+    inv = np.asarray(diffusion_inverse(w, 0.99))
+    ref = np.linalg.inv(np.eye(90) - 0.99 * w.to_dense().astype(np.float64))
+    assert _rel(inv, ref) < 1e-4
+    with pytest.raises(ValueError, match="GiB"):
+        diffusion_inverse(w, 0.9, max_nodes=50)

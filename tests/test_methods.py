@@ -97,3 +97,17 @@ def test_diffusion_beats_knn_on_coil20():
     assert 0.55 < map_knn < 0.67
     assert map_dif > 0.94
     assert map_dif - map_knn > 0.25
+
+
+def test_inverse_solver_matches_converged_cg():
+    x = _clusters(8, n=120)
+    q = _clusters(9, n=6)
+    cg = DIFFUSION.build(x, DiffusionConfig(k=7, query_k=5, tol=1e-7, max_iter=2000))
+    inv = DIFFUSION.build(x, DiffusionConfig(k=7, query_k=5, solver="inverse"))
+    a, b = np.asarray(DIFFUSION.search(inv, q)), np.asarray(DIFFUSION.search(cg, q))
+    assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-3
+    ids = np.array([0, 5, 9])
+    a, b = np.asarray(DIFFUSION.search_items(inv, ids)), np.asarray(DIFFUSION.search_items(cg, ids))
+    assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-3
+    with pytest.raises(ValueError, match="truncation"):
+        DiffusionConfig(solver="inverse", truncate=100)

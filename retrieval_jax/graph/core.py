@@ -61,7 +61,7 @@ class Graph:
         else:
             def body(k, acc):
                 return acc + w[:, k, None] * x[idx[:, k]]
-        return jax.lax.fori_loop(0, idx.shape[1], body, jnp.zeros(x.shape[:1] + x.shape[1:], x.dtype))
+        return jax.lax.fori_loop(0, idx.shape[1], body, jnp.zeros_like(x), unroll=min(8, idx.shape[1]))
 
     # ------------------------------------------------------------------ conversions
     def to_scipy(self) -> sp.csr_matrix:

@@ -1,0 +1,243 @@
+"""Diffusion speed: batched JAX CG vs the routes a researcher would otherwise use.
+
+    python experiments/bench_diffusion.py [--sizes 5000 100000] [--out experiments/results/bench]
+
+For each size, one mutual kNN graph (k = 50, gamma = 3, W = D^-1/2 A D^-1/2) over
+synthetic clustered descriptors, and out-of-graph queries (y = top-10 neighbours,
+similarity^3). Every route solves (I - alpha W) x = y on the same graph, the same
+y, in the same process:
+
+* scipy `cg` called once per query on the CSR matrix (rtol = tol, the loop a
+  researcher writes);
+* scipy `splu` of (I - alpha W), factorisation included (the exact solve; only
+  where the fill-in allows, n <= --splu-max);
+* `retrieval_jax.diffusion.diffuse`: all queries at once, jitted;
+* `retrieval_jax.diffusion.truncated_diffuse` with T = 1000 (vmapped subproblems).
+
+Reported: seconds per query, ratio to the scipy loop and to the fastest scipy
+route, peak resident memory growth, and the mAP of every route against the
+cluster labels (rankings must agree). Also the sparse-product layouts. Writes
+CSV and a PNG bar chart. Times are wall-clock medians of --repeat runs after a
+warm-up (JAX compilation excluded and reported separately).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import resource
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.sparse as sp
+import scipy.sparse.linalg as sla
+
+from retrieval_jax.diffusion import diffuse, query_vectors, ranking_from_scores, truncated_diffuse
+from retrieval_jax.evaluation import mean_average_precision
+from retrieval_jax.graph import knn, knn_graph, normalize
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def clustered(n, d, n_clusters, seed, noise=0.6):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(n_clusters, d))
+    # points along short random curves around each centre: a manifold per class
+    labels = rng.integers(0, n_clusters, n)
+    t = rng.uniform(-1, 1, size=(n, 1))
+    dirs = rng.normal(size=(n_clusters, d))
+    x = centers[labels] + 1.5 * t * dirs[labels] + noise * rng.normal(size=(n, d))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(np.float32), labels
+
+
+def label_map_queries(scores, q_labels, db_labels):
+    ranking = ranking_from_scores(scores)
+    positives = [np.flatnonzero(db_labels == l) for l in q_labels]
+    return 100 * mean_average_precision(ranking, positives, ks=(10,)).map
+
+
+def timed(fn, repeat):
+    out, times = None, []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t)
+    return out, float(np.median(times))
+
+
+def bench_size(n, nq, d, k, alpha, tol, max_iter, truncate, repeat, splu_max, scipy_queries):
+    x, labels = clustered(n + nq, d, max(10, n // 100), seed=n)
+    db, db_labels = x[:n], labels[:n]
+    q, q_labels = x[n:], labels[n:]
+    t = time.perf_counter()
+    w = normalize(knn_graph(db, k, gamma=3.0, mutual=True))
+    jax.block_until_ready(w)
+    t_graph = time.perf_counter() - t
+    s, i = knn(q, db, 10)
+    y = query_vectors(s, i, n, gamma=3.0)
+    yn = np.asarray(y, np.float64)
+    m = (sp.eye(n, format="csr") - alpha * w.to_scipy()).astype(np.float64).tocsr()
+    rows = []
+
+    def add(route, sec_per_query, scores, extra=""):
+        rows.append({"n": n, "queries": nq, "route": route, "ms_per_query": 1e3 * sec_per_query,
+                     "mAP": label_map_queries(scores, q_labels, db_labels), "note": extra})
+
+    # scipy cg loop (on a subset of queries if asked; per-query time is what counts)
+    nq_sc = min(nq, scipy_queries)
+    rss0 = peak_rss_mb()
+
+    def scipy_loop():
+        out = np.zeros((nq_sc, n))
+        for r in range(nq_sc):
+            out[r], _ = sla.cg(m, yn[r], rtol=tol, maxiter=max_iter)
+        return out
+    sc, t_sc = timed(scipy_loop, 1)
+    full_sc = np.zeros((nq, n))
+    full_sc[:nq_sc] = sc
+    add(f"scipy cg loop (maxiter {max_iter})", t_sc / nq_sc, full_sc[:nq_sc] if nq_sc < nq else sc)
+    if nq_sc < nq:
+        rows[-1]["mAP"] = label_map_queries(sc, q_labels[:nq_sc], db_labels)
+        rows[-1]["note"] = f"{nq_sc} queries timed"
+    mem_scipy = peak_rss_mb() - rss0
+
+    fastest_scipy = t_sc / nq_sc
+    if n <= splu_max:
+        def direct():
+            lu = sla.splu(m.tocsc())
+            return lu.solve(yn.T).T
+        ex, t_ex = timed(direct, 1)
+        add("scipy splu (factorisation included)", t_ex / nq, ex)
+        fastest_scipy = min(fastest_scipy, t_ex / nq)
+
+    # JAX batched CG
+    for mi, label in [(max_iter, f"jax diffuse (max_iter {max_iter})"), (1000, "jax diffuse (to tol)")]:
+        rss0 = peak_rss_mb()
+        t = time.perf_counter()
+        jax.block_until_ready(diffuse(w, y, alpha=alpha, tol=tol, max_iter=mi))
+        t_compile = time.perf_counter() - t
+        (scores, info), t_j = timed(lambda: jax.block_until_ready(
+            diffuse(w, y, alpha=alpha, tol=tol, max_iter=mi, return_info=True)), repeat)
+        add(label, t_j / nq, np.asarray(scores),
+            f"first call {t_compile:.2f}s; CG steps max {int(np.max(info.iterations))}; "
+            f"rss +{peak_rss_mb() - rss0:.0f} MB")
+
+    # truncated
+    if truncate and truncate < n:
+        _, short = knn(q, db, truncate)
+        jax.block_until_ready(truncated_diffuse(w, y, short, alpha=alpha, tol=tol, max_iter=1000))
+        xs, t_t = timed(lambda: jax.block_until_ready(
+            truncated_diffuse(w, y, short, alpha=alpha, tol=tol, max_iter=1000)), repeat)
+        full = np.asarray(q @ db.T) - 3.0
+        np.put_along_axis(full, np.asarray(short), np.asarray(xs), axis=1)
+        add(f"jax truncated_diffuse T={truncate} (to tol)", t_t / nq, full)
+
+    base = rows[0]["ms_per_query"]
+    for r in rows:
+        r["speedup_vs_scipy_cg"] = base / r["ms_per_query"]
+        r["speedup_vs_fastest_scipy"] = 1e3 * fastest_scipy / r["ms_per_query"]
+    print(f"\nn = {n}, {nq} queries, k = {k}, graph built in {t_graph:.1f}s, "
+          f"max degree {w.max_degree}, scipy loop rss +{mem_scipy:.0f} MB, peak rss {peak_rss_mb():.0f} MB")
+    print(f"| {'route':<44} | {'ms/query':>9} | {'vs cg loop':>10} | {'vs best scipy':>13} | {'mAP':>6} | note")
+    for r in rows:
+        print(f"| {r['route']:<44} | {r['ms_per_query']:9.3f} | {r['speedup_vs_scipy_cg']:9.1f}x | "
+              f"{r['speedup_vs_fastest_scipy']:12.1f}x | {r['mAP']:6.2f} | {r['note']}")
+    return rows, w
+
+
+def bench_layouts(w, b=70, repeat=10):
+    """Time one W @ X, X [n, b], for several sparse layouts."""
+    from jax.experimental import sparse as jsparse
+    n = w.num_nodes
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(n, b)).astype(np.float32))
+    coo = w.to_scipy().tocoo()
+    bcoo = jsparse.BCOO((jnp.asarray(coo.data, jnp.float32),
+                         jnp.asarray(np.stack([coo.row, coo.col], 1), jnp.int32)), shape=(n, n))
+    layouts = {
+        "one-shot gather einsum": (lambda w, x: jnp.einsum("nk,nkb->nb", w.weights, x[w.indices]), (w, x)),
+        "BCOO": (lambda m, x: m @ x, (bcoo, x)),
+        "BCSR": (lambda m, x: m @ x, (jsparse.BCSR.from_bcoo(bcoo), x)),
+        "Graph.matvec (fori_loop over slots)": (lambda w, x: w.matvec(x), (w, x)),
+    }
+    out = []
+    for name, (fn, args) in layouts.items():
+        f = jax.jit(fn)
+        jax.block_until_ready(f(*args))
+        _, t = timed(lambda: jax.block_until_ready(f(*args)), repeat)
+        out.append((name, 1e3 * t))
+    csr, xn = w.to_scipy(), np.asarray(x)
+    _, t = timed(lambda: csr @ xn, repeat)
+    out.append(("scipy CSR @ X", 1e3 * t))
+    print(f"\nsparse product W @ X, n = {n}, X [n, {b}]:")
+    for name, ms in out:
+        print(f"  {name:<40} {ms:8.2f} ms")
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[5000, 100000])
+    p.add_argument("--queries", type=int, nargs="+", default=[70, 500])
+    p.add_argument("--d", type=int, default=64)
+    p.add_argument("--k", type=int, default=50)
+    p.add_argument("--alpha", type=float, default=0.99)
+    p.add_argument("--tol", type=float, default=1e-6)
+    p.add_argument("--max-iter", type=int, default=20)
+    p.add_argument("--truncate", type=int, default=1000)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--splu-max", type=int, default=20000)
+    p.add_argument("--scipy-queries", type=int, default=100,
+                   help="time the scipy loop on at most this many queries")
+    p.add_argument("--out", default="experiments/results/bench")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    all_rows = []
+    layout_rows = None
+    for n, nq in zip(args.sizes, args.queries + [args.queries[-1]] * len(args.sizes)):
+        rows, w = bench_size(n, nq, args.d, args.k, args.alpha, args.tol, args.max_iter, args.truncate,
+                             args.repeat, args.splu_max, args.scipy_queries)
+        all_rows += rows
+        if layout_rows is None:
+            layout_rows = bench_layouts(w)
+    from retrieval_jax.data.io import atomic_write
+    import io
+
+    def write_csv(f):
+        s = io.StringIO()
+        wr = csv.DictWriter(s, fieldnames=list(all_rows[0]))
+        wr.writeheader()
+        wr.writerows(all_rows)
+        f.write(s.getvalue().encode())
+    atomic_write(out / "diffusion_speed.csv", write_csv)
+    _plot(out / "diffusion_speed.png", all_rows)
+    print(f"\nwrote {out / 'diffusion_speed.csv'} and {out / 'diffusion_speed.png'}")
+
+
+def _plot(path, rows):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from retrieval_jax.data.io import atomic_write
+    sizes = sorted({r["n"] for r in rows})
+    fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4), squeeze=False)
+    for ax, n in zip(axes[0], sizes):
+        rs = [r for r in rows if r["n"] == n]
+        ax.barh([r["route"] for r in rs], [r["ms_per_query"] for r in rs], color="tab:blue")
+        for j, r in enumerate(rs):
+            ax.text(r["ms_per_query"], j, f" {r['ms_per_query']:.2f} ms, mAP {r['mAP']:.1f}", va="center", fontsize=7)
+        ax.set_xscale("log")
+        ax.set_xlabel("ms per query (log)")
+        ax.set_title(f"n = {n}")
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
