@@ -12,7 +12,13 @@ y, in the same process:
 * scipy `splu` of (I - alpha W), factorisation included (the exact solve; only
   where the fill-in allows, n <= --splu-max);
 * `retrieval_jax.diffusion.diffuse`: all queries at once, jitted;
-* `retrieval_jax.diffusion.truncated_diffuse` with T = 1000 (vmapped subproblems).
+* `retrieval_jax.diffusion.truncated_diffuse` with T = 1000 (vmapped subproblems);
+* `retrieval_jax.diffusion.diffusion_inverse`: the dense (I - alpha W)^-1 by
+  Cholesky, inversion included, then each query is k rows of it (n <= --inverse-max).
+
+A COIL-20 block (--coil20, the graph of ../shared/benchmarks/PEERS.md: 32x32
+pixels, k = 5, every item a query with y its indicator) compares the same routes
+with label mAP.
 
 Reported: seconds per query, ratio to the scipy loop and to the fastest scipy
 route, peak resident memory growth, and the mAP of every route against the
@@ -34,7 +40,8 @@ import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as sla
 
-from retrieval_jax.diffusion import diffuse, query_vectors, ranking_from_scores, truncated_diffuse
+from retrieval_jax.diffusion import (diffuse, diffusion_inverse, indicator_vectors, query_vectors,
+                                     ranking_from_scores, truncated_diffuse)
 from retrieval_jax.evaluation import mean_average_precision
 from retrieval_jax.graph import knn, knn_graph, normalize
 
@@ -70,7 +77,8 @@ def timed(fn, repeat):
     return out, float(np.median(times))
 
 
-def bench_size(n, nq, d, k, alpha, tol, max_iter, truncate, repeat, splu_max, scipy_queries):
+def bench_size(n, nq, d, k, alpha, tol, max_iter, truncate, repeat, splu_max, scipy_queries,
+               inverse_max):
     x, labels = clustered(n + nq, d, max(10, n // 100), seed=n)
     db, db_labels = x[:n], labels[:n]
     q, q_labels = x[n:], labels[n:]
@@ -80,74 +88,106 @@ def bench_size(n, nq, d, k, alpha, tol, max_iter, truncate, repeat, splu_max, sc
     t_graph = time.perf_counter() - t
     s, i = knn(q, db, 10)
     y = query_vectors(s, i, n, gamma=3.0)
+    _, short = knn(q, db, truncate) if truncate and truncate < n else (None, None)
+    evaluate = lambda scores: label_map_queries(scores, q_labels, db_labels)  # noqa: E731
+    header = f"n = {n}, {nq} queries, k = {k}, graph built in {t_graph:.1f}s, max degree {w.max_degree}"
+    rows = run_routes(w, y, evaluate, alpha=alpha, tol=tol, max_iter=max_iter, repeat=repeat,
+                      splu=n <= splu_max, inverse=n <= inverse_max, shortlist=short,
+                      base_scores=np.asarray(q @ db.T), scipy_queries=scipy_queries,
+                      inverse_rows=lambda inv: np.einsum("qk,qkn->qn", np.maximum(np.asarray(s), 0) ** 3,
+                                                         np.asarray(inv)[np.asarray(i)]))
+    report(header, rows, {"n": n, "queries": nq})
+    return rows, w
+
+
+def bench_coil20(alpha, tol, max_iter, repeat):
+    """The PEERS.md COIL-20 block: n = 1440, k = 5, every item queries the rest."""
+    from retrieval_jax.data import load_coil20
+    from retrieval_jax.evaluation import label_map
+    data = load_coil20(size=32)
+    n = len(data)
+    w = normalize(knn_graph(data.X, 5, gamma=3.0, mutual=True))
+    ids = np.arange(n)
+    y = indicator_vectors(ids, n)
+    evaluate = lambda scores: 100 * label_map(ranking_from_scores(scores, exclude=ids), data.labels)  # noqa: E731
+    rows = run_routes(w, y, evaluate, alpha=alpha, tol=tol, max_iter=max_iter, repeat=repeat, splu=True,
+                      inverse=True, shortlist=None, base_scores=None, scipy_queries=n,
+                      inverse_rows=lambda inv: np.asarray(inv)[ids])
+    knn_map = evaluate(np.asarray(data.X @ data.X.T))
+    rows.insert(0, {"route": "plain kNN (dot product)", "ms_per_query": float("nan"), "mAP": knn_map, "note": ""})
+    report(f"COIL-20, n = {n}, k = 5, every item a query", rows, {"n": n, "queries": n})
+    return rows
+
+
+def run_routes(w, y, evaluate, *, alpha, tol, max_iter, repeat, splu, inverse, shortlist, base_scores,
+               scipy_queries, inverse_rows):
+    """Every route on one graph and one batch of y; rows of ms/query and mAP."""
+    n = w.num_nodes
+    nq = y.shape[0]
     yn = np.asarray(y, np.float64)
     m = (sp.eye(n, format="csr") - alpha * w.to_scipy()).astype(np.float64).tocsr()
     rows = []
 
-    def add(route, sec_per_query, scores, extra=""):
-        rows.append({"n": n, "queries": nq, "route": route, "ms_per_query": 1e3 * sec_per_query,
-                     "mAP": label_map_queries(scores, q_labels, db_labels), "note": extra})
+    def add(route, sec_per_query, scores, note=""):
+        rows.append({"route": route, "ms_per_query": 1e3 * sec_per_query, "mAP": evaluate(scores),
+                     "note": note})
 
-    # scipy cg loop (on a subset of queries if asked; per-query time is what counts)
     nq_sc = min(nq, scipy_queries)
-    rss0 = peak_rss_mb()
 
     def scipy_loop():
-        out = np.zeros((nq_sc, n))
+        out = np.zeros((nq, n))
         for r in range(nq_sc):
             out[r], _ = sla.cg(m, yn[r], rtol=tol, maxiter=max_iter)
         return out
     sc, t_sc = timed(scipy_loop, 1)
-    full_sc = np.zeros((nq, n))
-    full_sc[:nq_sc] = sc
-    add(f"scipy cg loop (maxiter {max_iter})", t_sc / nq_sc, full_sc[:nq_sc] if nq_sc < nq else sc)
-    if nq_sc < nq:
-        rows[-1]["mAP"] = label_map_queries(sc, q_labels[:nq_sc], db_labels)
-        rows[-1]["note"] = f"{nq_sc} queries timed"
-    mem_scipy = peak_rss_mb() - rss0
-
-    fastest_scipy = t_sc / nq_sc
-    if n <= splu_max:
-        def direct():
-            lu = sla.splu(m.tocsc())
-            return lu.solve(yn.T).T
-        ex, t_ex = timed(direct, 1)
+    if nq_sc < nq:  # untimed rest, so that mAP is over the same queries
+        for r in range(nq_sc, nq):
+            sc[r], _ = sla.cg(m, yn[r], rtol=tol, maxiter=max_iter)
+    add(f"scipy cg per query (rtol {tol:g}, maxiter {max_iter})", t_sc / nq_sc, sc,
+        f"{nq_sc} queries timed" if nq_sc < nq else "")
+    if splu:
+        ex, t_ex = timed(lambda: sla.splu(m.tocsc()).solve(yn.T).T, 1)
         add("scipy splu (factorisation included)", t_ex / nq, ex)
-        fastest_scipy = min(fastest_scipy, t_ex / nq)
-
-    # JAX batched CG
-    for mi, label in [(max_iter, f"jax diffuse (max_iter {max_iter})"), (1000, "jax diffuse (to tol)")]:
+    for mi, label in [(max_iter, f"jax diffuse, batched CG (max_iter {max_iter})"),
+                      (5000, "jax diffuse, batched CG (to tol)")]:
         rss0 = peak_rss_mb()
         t = time.perf_counter()
         jax.block_until_ready(diffuse(w, y, alpha=alpha, tol=tol, max_iter=mi))
-        t_compile = time.perf_counter() - t
+        t_first = time.perf_counter() - t
         (scores, info), t_j = timed(lambda: jax.block_until_ready(
             diffuse(w, y, alpha=alpha, tol=tol, max_iter=mi, return_info=True)), repeat)
         add(label, t_j / nq, np.asarray(scores),
-            f"first call {t_compile:.2f}s; CG steps max {int(np.max(info.iterations))}; "
-            f"rss +{peak_rss_mb() - rss0:.0f} MB")
-
-    # truncated
-    if truncate and truncate < n:
-        _, short = knn(q, db, truncate)
-        jax.block_until_ready(truncated_diffuse(w, y, short, alpha=alpha, tol=tol, max_iter=1000))
+            f"first call {t_first:.2f}s; CG steps max {int(np.max(info.iterations))}; "
+            f"peak rss +{peak_rss_mb() - rss0:.0f} MB")
+    if inverse:
+        jax.block_until_ready(diffusion_inverse(w, alpha))
+        inv, t_inv = timed(lambda: jax.block_until_ready(diffusion_inverse(w, alpha)), repeat)
+        scores, t_rows = timed(lambda: inverse_rows(inv), repeat)
+        add("jax diffusion_inverse (inversion included)", (t_inv + t_rows) / nq, scores,
+            f"inversion {t_inv:.2f}s, then {1e3 * t_rows / nq:.3f} ms/query")
+    if shortlist is not None:
+        jax.block_until_ready(truncated_diffuse(w, y, shortlist, alpha=alpha, tol=tol, max_iter=5000))
         xs, t_t = timed(lambda: jax.block_until_ready(
-            truncated_diffuse(w, y, short, alpha=alpha, tol=tol, max_iter=1000)), repeat)
-        full = np.asarray(q @ db.T) - 3.0
-        np.put_along_axis(full, np.asarray(short), np.asarray(xs), axis=1)
-        add(f"jax truncated_diffuse T={truncate} (to tol)", t_t / nq, full)
+            truncated_diffuse(w, y, shortlist, alpha=alpha, tol=tol, max_iter=5000)), repeat)
+        full = base_scores - 3.0
+        np.put_along_axis(full, np.asarray(shortlist), np.asarray(xs), axis=1)
+        add(f"jax truncated_diffuse T={shortlist.shape[1]} (to tol)", t_t / nq, full)
+    return rows
 
-    base = rows[0]["ms_per_query"]
+
+def report(header, rows, extra):
+    timed_rows = [r for r in rows if np.isfinite(r["ms_per_query"])]
+    base = next(r["ms_per_query"] for r in timed_rows if r["route"].startswith("scipy cg"))
+    fastest_scipy = min(r["ms_per_query"] for r in timed_rows if r["route"].startswith("scipy"))
     for r in rows:
-        r["speedup_vs_scipy_cg"] = base / r["ms_per_query"]
-        r["speedup_vs_fastest_scipy"] = 1e3 * fastest_scipy / r["ms_per_query"]
-    print(f"\nn = {n}, {nq} queries, k = {k}, graph built in {t_graph:.1f}s, "
-          f"max degree {w.max_degree}, scipy loop rss +{mem_scipy:.0f} MB, peak rss {peak_rss_mb():.0f} MB")
-    print(f"| {'route':<44} | {'ms/query':>9} | {'vs cg loop':>10} | {'vs best scipy':>13} | {'mAP':>6} | note")
+        r.update(extra)
+        r["vs_scipy_cg"] = base / r["ms_per_query"]
+        r["vs_fastest_scipy"] = fastest_scipy / r["ms_per_query"]
+    print(f"\n{header}; peak rss {peak_rss_mb():.0f} MB")
+    print(f"| {'route':<48} | {'ms/query':>9} | {'vs cg loop':>10} | {'vs best scipy':>13} | {'mAP':>6} | note")
     for r in rows:
-        print(f"| {r['route']:<44} | {r['ms_per_query']:9.3f} | {r['speedup_vs_scipy_cg']:9.1f}x | "
-              f"{r['speedup_vs_fastest_scipy']:12.1f}x | {r['mAP']:6.2f} | {r['note']}")
-    return rows, w
+        print(f"| {r['route']:<48} | {r['ms_per_query']:9.3f} | {r['vs_scipy_cg']:9.1f}x | "
+              f"{r['vs_fastest_scipy']:12.1f}x | {r['mAP']:6.2f} | {r['note']}")
 
 
 def bench_layouts(w, b=70, repeat=10):
@@ -193,15 +233,19 @@ def main(argv=None):
     p.add_argument("--splu-max", type=int, default=20000)
     p.add_argument("--scipy-queries", type=int, default=100,
                    help="time the scipy loop on at most this many queries")
+    p.add_argument("--inverse-max", type=int, default=20000)
+    p.add_argument("--coil20", action="store_true", help="also run the COIL-20 block of PEERS.md")
     p.add_argument("--out", default="experiments/results/bench")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     all_rows = []
     layout_rows = None
+    if args.coil20:
+        all_rows += bench_coil20(args.alpha, args.tol, args.max_iter, args.repeat)
     for n, nq in zip(args.sizes, args.queries + [args.queries[-1]] * len(args.sizes)):
         rows, w = bench_size(n, nq, args.d, args.k, args.alpha, args.tol, args.max_iter, args.truncate,
-                             args.repeat, args.splu_max, args.scipy_queries)
+                             args.repeat, args.splu_max, args.scipy_queries, args.inverse_max)
         all_rows += rows
         if layout_rows is None:
             layout_rows = bench_layouts(w)
@@ -227,7 +271,7 @@ def _plot(path, rows):
     sizes = sorted({r["n"] for r in rows})
     fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4), squeeze=False)
     for ax, n in zip(axes[0], sizes):
-        rs = [r for r in rows if r["n"] == n]
+        rs = [r for r in rows if r["n"] == n and np.isfinite(r["ms_per_query"])]
         ax.barh([r["route"] for r in rs], [r["ms_per_query"] for r in rs], color="tab:blue")
         for j, r in enumerate(rs):
             ax.text(r["ms_per_query"], j, f" {r['ms_per_query']:.2f} ms, mAP {r['mAP']:.1f}", va="center", fontsize=7)

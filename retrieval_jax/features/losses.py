@@ -1,0 +1,138 @@
+"""Metric-learning losses and hard-negative mining for descriptor fine-tuning.
+
+All functions are pure and jittable; their checks read static shapes only.
+
+References:
+  Hadsell, Chopra & LeCun, "Dimensionality reduction by learning an invariant
+  mapping", CVPR 2006 (contrastive loss; used for retrieval by Radenovic et al.,
+  TPAMI 2018).
+  Schroff, Kalenichenko & Philbin, "FaceNet", CVPR 2015 (triplet loss).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["contrastive_loss", "triplet_loss", "mine_hard_negatives"]
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _f32(x) -> jax.Array:
+    x = jnp.asarray(x)
+    return x if x.dtype in (jnp.float32, jnp.float64) else x.astype(jnp.float32)
+
+
+def _masked_mean(values, mask):
+    if mask is None:
+        return jnp.mean(values)
+    m = jnp.broadcast_to(jnp.asarray(mask, dtype=values.dtype), values.shape)
+    return jnp.sum(values * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def _check_margin(margin):
+    if isinstance(margin, (int, float)) and not margin >= 0:
+        raise ValueError(f"margin must be non-negative, got {margin}")
+
+
+def contrastive_loss(a, b, target, margin: float = 0.7, mask=None) -> jax.Array:
+    """Contrastive (siamese) loss of Hadsell et al. (2006), mean over pairs.
+
+      l_i = t_i ||a_i - b_i||^2 + (1 - t_i) [m - ||a_i - b_i||]_+^2
+
+    Args:
+      a, b: float[P, D] descriptors of the two sides of P pairs.
+      target: [P], 1 for a matching pair, 0 for a non-matching pair.
+      margin: m >= 0 (0.7 for L2-normalised GeM descriptors in Radenovic et al.).
+      mask: optional [P] weights/validity (padded pairs = 0); mean over valid pairs.
+    Returns:
+      float32 scalar. The distance uses a safe square root, so the gradient is
+      finite for identical descriptors.
+    """
+    a, b = _f32(a), _f32(b)
+    if a.ndim != 2 or a.shape != b.shape:
+        raise ValueError(f"a and b must both be [P, D] with the same shape, got {a.shape} and {b.shape}")
+    target = jnp.asarray(target).astype(a.dtype)
+    if target.shape != a.shape[:1]:
+        raise ValueError(f"target must have shape [P] = {a.shape[:1]}, got {target.shape}")
+    _check_margin(margin)
+    sq = jnp.sum((a - b) ** 2, axis=-1)
+    pos = sq > 0
+    dist = jnp.where(pos, jnp.sqrt(jnp.where(pos, sq, 1.0)), 0.0)
+    hinge = jnp.maximum(margin - dist, 0.0)
+    return _masked_mean(target * sq + (1.0 - target) * hinge ** 2, mask)
+
+
+def triplet_loss(anchor, positive, negative, margin: float = 0.1, mask=None) -> jax.Array:
+    """Triplet loss of Schroff et al. (2015), mean over triplets.
+
+      l_ij = [m + ||a_i - p_i||^2 - ||a_i - n_ij||^2]_+
+
+    Args:
+      anchor, positive: float[P, D].
+      negative: float[P, D] (one negative per anchor) or float[P, K, D] (K per anchor).
+      margin: m >= 0.
+      mask: optional [P] or [P, K] validity (e.g. ``jnp.isfinite(sims)`` from
+        `mine_hard_negatives`); the mean runs over valid triplets.
+    Returns:
+      float32 scalar.
+    """
+    anchor, positive, negative = _f32(anchor), _f32(positive), _f32(negative)
+    if anchor.ndim != 2 or positive.shape != anchor.shape:
+        raise ValueError(f"anchor and positive must both be [P, D] with the same shape, got "
+                         f"{anchor.shape} and {positive.shape}")
+    if negative.ndim == 2:
+        negative = negative[:, None, :]
+    if negative.ndim != 3 or negative.shape[0] != anchor.shape[0] or negative.shape[2] != anchor.shape[1]:
+        raise ValueError(f"negative must be [P, D] or [P, K, D] with P = {anchor.shape[0]}, "
+                         f"D = {anchor.shape[1]}, got {negative.shape}")
+    _check_margin(margin)
+    d_pos = jnp.sum((anchor - positive) ** 2, axis=-1)  # [P]
+    d_neg = jnp.sum((anchor[:, None, :] - negative) ** 2, axis=-1)  # [P, K]
+    values = jnp.maximum(margin + d_pos[:, None] - d_neg, 0.0)
+    if mask is not None:
+        mask = jnp.asarray(mask)
+        if mask.ndim == 1:
+            mask = mask[:, None]
+    return _masked_mean(values, mask)
+
+
+@functools.partial(jax.jit, static_argnames=("num",))
+def _mine(anchors, anchor_labels, pool, pool_labels, *, num: int):
+    sims = jnp.matmul(anchors, pool.T, precision=_HIGHEST)  # [na, n_pool]
+    same = anchor_labels[:, None] == pool_labels[None, :]
+    sims = jnp.where(same, -jnp.inf, sims)
+    vals, idx = jax.lax.top_k(sims, num)
+    return vals, idx.astype(jnp.int32)
+
+
+def mine_hard_negatives(anchors_desc, anchor_labels, pool_desc, pool_labels, num: int):
+    """Hardest negatives of each anchor in a pool, from the current descriptors.
+
+    For anchor i: the ``num`` pool items j with label_j != label_i of largest
+    similarity <a_i, p_j>, in decreasing order (Radenovic et al., TPAMI 2018 mine
+    negatives the same way, by nearest neighbour search with the current network).
+
+    Args:
+      anchors_desc: float[na, D]; anchor_labels: int[na].
+      pool_desc: float[n_pool, D]; pool_labels: int[n_pool].
+      num: static number of negatives, 1 <= num <= n_pool.
+    Returns:
+      (sims float32[na, num], idx int32[na, num]). If an anchor has fewer than
+      ``num`` differently-labelled pool items, the missing slots have sim = -inf
+      (and an arbitrary same-label index): mask them with ``jnp.isfinite(sims)``.
+    """
+    a, p = _f32(anchors_desc), _f32(pool_desc)
+    la, lp = jnp.asarray(anchor_labels), jnp.asarray(pool_labels)
+    if a.ndim != 2 or p.ndim != 2 or a.shape[1] != p.shape[1]:
+        raise ValueError(f"anchors_desc [na, D] and pool_desc [n_pool, D] must be 2-D with the same D, "
+                         f"got {a.shape} and {p.shape}")
+    if la.shape != a.shape[:1] or lp.shape != p.shape[:1]:
+        raise ValueError(f"labels must be 1-D with one entry per descriptor: anchor_labels {la.shape} vs "
+                         f"{a.shape[:1]}, pool_labels {lp.shape} vs {p.shape[:1]}")
+    if isinstance(num, bool) or not isinstance(num, (int, np.integer)) or not 1 <= num <= p.shape[0]:
+        raise ValueError(f"num must be an int in [1, n_pool = {p.shape[0]}], got {num!r}")
+    return _mine(a, la, p, lp, num=int(num))

@@ -1,0 +1,292 @@
+"""Fine-tuning loop pieces: a jitted optax train step, a train-state pytree, and
+atomic ``.npz`` checkpoints of arbitrary pytrees.
+
+The step is backbone-agnostic: ``embed_fn(params, images) -> descriptors`` can be
+a projection head on frozen features, a backbone + pooling (`pooling.gem`, ...),
+or anything differentiable; ``loss(embed, batch) -> scalar`` gets ``embed``, the
+embedding function with the current parameters closed over, so it decides which
+images of the batch to embed (see `triplet_objective`, `contrastive_objective`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from .losses import contrastive_loss, triplet_loss
+
+__all__ = [
+    "TrainState", "make_train_step", "triplet_objective", "contrastive_objective",
+    "save_checkpoint", "load_checkpoint",
+]
+
+
+# ----------------------------------------------------------------------------- train state
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """Parameters, optimizer state and step counter, as one pytree (checkpointable).
+
+    Attributes:
+      params: any pytree of arrays.
+      opt_state: the optax state of ``params``.
+      step: int32 scalar, number of updates applied.
+    """
+
+    params: Any
+    opt_state: Any
+    step: jax.Array
+
+    @classmethod
+    def create(cls, params, optimizer: optax.GradientTransformation) -> "TrainState":
+        return cls(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
+
+    def apply(self, train_step: Callable, batch) -> tuple["TrainState", jax.Array]:
+        """Run ``train_step`` (from `make_train_step`) on this state: (new_state, loss)."""
+        params, opt_state, loss = train_step(self.params, self.opt_state, batch)
+        return TrainState(params=params, opt_state=opt_state, step=self.step + 1), loss
+
+
+def make_train_step(embed_fn: Callable, loss: Callable, optimizer: optax.GradientTransformation,
+                    *, donate: bool = False) -> Callable:
+    """A jitted optimisation step for descriptor learning.
+
+      step(params, opt_state, batch) -> (params', opt_state', loss_value)
+
+    with loss_value = loss(lambda images: embed_fn(params, images), batch) and
+    params' = params + optimizer.update(grad loss_value). The whole step (forward,
+    backward, update) is one XLA computation: nothing leaves the device.
+
+    Args:
+      embed_fn: (params, images) -> float[B, D] descriptors.
+      loss: (embed, batch) -> float scalar, e.g. `triplet_objective()`.
+      optimizer: an ``optax.GradientTransformation``.
+      donate: donate params and opt_state buffers to the step (saves memory on
+        accelerators; the inputs must not be reused afterwards).
+    """
+    if not callable(embed_fn):
+        raise TypeError(f"embed_fn must be callable (params, images) -> descriptors, got {embed_fn!r}")
+    if not callable(loss):
+        raise TypeError(f"loss must be callable (embed, batch) -> scalar, got {loss!r}")
+    if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
+        raise TypeError("optimizer must be an optax.GradientTransformation (with init and update)")
+
+    def step(params, opt_state, batch):
+        def objective(p):
+            value = loss(lambda images: embed_fn(p, images), batch)
+            if jnp.ndim(value) != 0:
+                raise ValueError(f"loss must return a scalar, got shape {jnp.shape(value)}")
+            return value
+
+        value, grads = jax.value_and_grad(objective)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+
+
+def _embed_groups(embed, groups):
+    """Embed several image arrays with one call (one forward pass, shared batch stats)."""
+    sizes = [g.shape[0] for g in groups]
+    desc = embed(jnp.concatenate(groups, axis=0))
+    out, start = [], 0
+    for s in sizes:
+        out.append(desc[start:start + s])
+        start += s
+    return out
+
+
+def triplet_objective(margin: float = 0.1) -> Callable:
+    """Loss for `make_train_step` on triplet batches (`losses.triplet_loss`).
+
+    batch: {"anchor": [P, ...], "positive": [P, ...], "negative": [P, K, ...] or
+    [P, ...], optional "mask": [P] or [P, K] valid triplets}, "..." being the image
+    (or feature) shape that ``embed_fn`` takes.
+    """
+    def objective(embed, batch):
+        anchor, positive, negative = (jnp.asarray(batch[k]) for k in ("anchor", "positive", "negative"))
+        p = anchor.shape[0]
+        if negative.shape[1:] == anchor.shape[1:]:
+            negative = negative[:, None]
+        k = negative.shape[1]
+        a, pos, neg = _embed_groups(embed, [anchor, positive, negative.reshape((p * k,) + anchor.shape[1:])])
+        return triplet_loss(a, pos, neg.reshape(p, k, -1), margin=margin, mask=batch.get("mask"))
+    return objective
+
+
+def contrastive_objective(margin: float = 0.7) -> Callable:
+    """Loss for `make_train_step` on pair batches (`losses.contrastive_loss`).
+
+    batch: {"a": [P, ...], "b": [P, ...], "target": [P] (1 match, 0 non-match),
+    optional "mask": [P]}.
+    """
+    def objective(embed, batch):
+        a, b = _embed_groups(embed, [jnp.asarray(batch["a"]), jnp.asarray(batch["b"])])
+        return contrastive_loss(a, b, batch["target"], margin=margin, mask=batch.get("mask"))
+    return objective
+
+
+# ----------------------------------------------------------------------------- checkpoints
+_META = "__retrieval_jax_meta__"
+
+
+def _path_entry(key) -> list:
+    tu = jax.tree_util
+    if isinstance(key, tu.DictKey):
+        k = key.key
+        if not isinstance(k, (str, int)):
+            raise TypeError(f"checkpoint dict keys must be str or int, got {type(k).__name__}")
+        return ["d", k]
+    if isinstance(key, tu.SequenceKey):
+        return ["s", key.idx]
+    if isinstance(key, tu.GetAttrKey):
+        return ["a", key.name]
+    if isinstance(key, tu.FlattenedIndexKey):
+        return ["s", key.key]
+    raise TypeError(f"unsupported pytree key {key!r}")
+
+
+def _storable(arr: np.ndarray) -> np.ndarray:
+    """Arrays whose dtype .npy cannot describe (bfloat16, fp8) are stored widened."""
+    if np.dtype(arr.dtype.str) == arr.dtype:
+        return arr
+    if jnp.issubdtype(arr.dtype, jnp.floating):
+        return arr.astype(np.float32)
+    return arr.astype(np.int64)
+
+
+def _default_write(fileobj, arrays: dict) -> None:
+    np.savez(fileobj, **arrays)
+
+
+def save_checkpoint(path, pytree, *, write_fn: Callable | None = None) -> None:
+    """Atomically write a pytree of arrays to ``path`` (an ``.npz`` file).
+
+    Leaves are flattened and stored under their key paths
+    (``jax.tree_util.keystr``, e.g. ``"['params']['w']"``); a small JSON entry keeps
+    each path's structure and original dtype. The file is first written to a
+    temporary file in the same directory, flushed and fsync'ed, then moved over
+    ``path`` with ``os.replace``: a crash at any point leaves either the previous
+    checkpoint or the new one, never a truncated file.
+
+    Args:
+      path: destination file (the name is used as is).
+      pytree: any pytree whose leaves are arrays or scalars (e.g. a `TrainState`,
+        params dicts, a `Whitening`).
+      write_fn: (file object, {name: ndarray}) -> None; default ``np.savez``
+        (use ``np.savez_compressed`` to compress).
+    """
+    path = os.fspath(path)
+    write_fn = _default_write if write_fn is None else write_fn
+    leaves_with_paths, _ = jax.tree_util.tree_flatten_with_path(pytree)
+    arrays, meta = {}, []
+    for key_path, leaf in leaves_with_paths:
+        name = jax.tree_util.keystr(key_path) or "<root>"
+        if name == _META or name in arrays:
+            raise ValueError(f"cannot store leaf with key path {name!r}")
+        arr = np.asarray(jax.device_get(leaf))
+        meta.append({"name": name, "path": [_path_entry(k) for k in key_path], "dtype": str(arr.dtype)})
+        arrays[name] = _storable(arr)
+    arrays[_META] = np.array(json.dumps({"version": 1, "leaves": meta}))
+
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f, arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:  # persist the rename itself
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:  # pragma: no cover - platforms without directory fsync
+        pass
+
+
+def _build_nested(entries):
+    """Nested dicts/lists from (path, value) pairs; attributes become dict keys."""
+    if len(entries) == 1 and not entries[0][0]:
+        return entries[0][1]
+    root: dict = {}
+    seq_nodes = set()  # prefixes whose children are sequence indices
+    for path, value in entries:
+        node, prefix = root, ()
+        for i, (kind, key) in enumerate(path):
+            if kind == "s":
+                seq_nodes.add(prefix)
+            if i == len(path) - 1:
+                node[key] = value
+            else:
+                node = node.setdefault(key, {})
+                prefix = prefix + (key,)
+
+    def convert(node, prefix):
+        if not isinstance(node, dict):
+            return node
+        out = {k: convert(v, prefix + (k,)) for k, v in node.items()}
+        if prefix in seq_nodes:
+            return [out[i] for i in sorted(out)]
+        return out
+
+    return convert(root, ())
+
+
+def load_checkpoint(path, target=None):
+    """Load a checkpoint written by `save_checkpoint`.
+
+    Args:
+      path: the ``.npz`` file.
+      target: optional pytree with the structure to restore (e.g. a freshly
+        initialised `TrainState`); its leaves give only the structure and the
+        expected shapes. Without it, the result is nested dicts/lists following
+        the stored key paths (dataclass attributes become dict keys).
+    Returns:
+      The pytree with ``jax.Array`` leaves in their original dtypes.
+    Raises:
+      ValueError: the file is not such a checkpoint, or its key paths/shapes do not
+        match ``target``.
+    """
+    with np.load(os.fspath(path), allow_pickle=False) as data:
+        if _META not in data.files:
+            raise ValueError(f"{path} is not a retrieval_jax checkpoint (no metadata entry)")
+        meta = json.loads(str(data[_META]))
+        leaves = {}
+        for entry in meta["leaves"]:
+            arr = data[entry["name"]]
+            leaves[entry["name"]] = jnp.asarray(arr, dtype=jnp.dtype(entry["dtype"]))
+    if target is None:
+        return _build_nested([(e["path"], leaves[e["name"]]) for e in meta["leaves"]])
+
+    t_leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
+    names = [jax.tree_util.keystr(p) or "<root>" for p, _ in t_leaves]
+    missing = [n for n in names if n not in leaves]
+    extra = sorted(set(leaves) - set(names))
+    if missing or extra:
+        raise ValueError(f"checkpoint {path} does not match the target structure: missing "
+                         f"{missing[:5]}, unexpected {extra[:5]}")
+    out = []
+    for name, (_, ref) in zip(names, t_leaves):
+        ref_shape = tuple(np.shape(ref))
+        if tuple(leaves[name].shape) != ref_shape:
+            raise ValueError(f"checkpoint leaf {name} has shape {tuple(leaves[name].shape)}, "
+                             f"target expects {ref_shape}")
+        out.append(leaves[name])
+    return jax.tree_util.tree_unflatten(treedef, out)
