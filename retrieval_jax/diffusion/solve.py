@@ -248,5 +248,6 @@ def _dense_inverse(graph: Graph, alpha):
     eye = jnp.eye(n, dtype=jnp.float32)
     m = eye - alpha * graph.matvec(eye)
     m = 0.5 * (m + m.T)
-    chol = jnp.linalg.cholesky(m)
-    return jax.scipy.linalg.cho_solve((chol, True), eye)
+    chol = jnp.linalg.cholesky(m)  # m = L L^T, so m^-1 = L^-T L^-1
+    l_inv = jax.scipy.linalg.solve_triangular(chol, eye, lower=True)
+    return jnp.matmul(l_inv.T, l_inv, precision=jax.lax.Precision.HIGHEST)
