@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from retrieval_jax.features import pooling, regional, whitening
+from retrieval_jax.features import regional, whitening
 from retrieval_jax.features.pooling import (combine_scales, crow, crow_weights, gem, l2_normalize,
                                             mac, rmac, rmac_boxes, rmac_regions, spoc)
 

@@ -1,6 +1,10 @@
 """Descriptors from CNN feature maps: pooling, whitening, fine-tuning, regional search.
 """
-from . import losses, pooling, regional, train, whitening
+from . import backbones, extract as extraction, losses, pooling, regional, resnet_vgg, torch_pickle, train, whitening
+from .backbones import Backbone, efficientnet_lite_from_state_dict, load_efficientnet_lite
+from .extract import Extracted, ImageReadError, extract, load_image
+from .resnet_vgg import from_state_dict as resnet_vgg_from_state_dict
+from .torch_pickle import load_torch_state_dict, save_torch_zip
 from .losses import contrastive_loss, mine_hard_negatives, triplet_loss
 from .pooling import (combine_scales, crow, crow_weights, gem, l2_normalize, mac, rmac,
                       rmac_boxes, rmac_regions, spoc)
@@ -10,7 +14,11 @@ from .train import (TrainState, contrastive_objective, load_checkpoint, make_tra
 from .whitening import Whitening, apply_whitening, learn_pca_whitening
 
 __all__ = [
-    "losses", "pooling", "regional", "train", "whitening",
+    "backbones", "extraction", "losses", "pooling", "regional", "resnet_vgg", "torch_pickle", "train",
+    "whitening",
+    "Backbone", "efficientnet_lite_from_state_dict", "load_efficientnet_lite",
+    "Extracted", "ImageReadError", "extract", "load_image",
+    "resnet_vgg_from_state_dict", "load_torch_state_dict", "save_torch_zip",
     "contrastive_loss", "mine_hard_negatives", "triplet_loss",
     "combine_scales", "crow", "crow_weights", "gem", "l2_normalize", "mac", "rmac", "rmac_boxes",
     "rmac_regions", "spoc",

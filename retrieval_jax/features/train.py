@@ -12,8 +12,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from typing import Any, Callable
+
+from ..data.io import atomic_write
 
 import jax
 import jax.numpy as jnp
@@ -196,29 +197,8 @@ def save_checkpoint(path, pytree, *, write_fn: Callable | None = None) -> None:
         arrays[name] = _storable(arr)
     arrays[_META] = np.array(json.dumps({"version": 1, "leaves": meta}))
 
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write_fn(f, arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:  # persist the rename itself
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:  # pragma: no cover - platforms without directory fsync
-        pass
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, lambda f: write_fn(f, arrays))
 
 
 def _build_nested(entries):
