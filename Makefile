@@ -3,24 +3,37 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+RUNTIME := $(VENV)/.installed-runtime
+DEV := $(VENV)/.installed-dev
 
-.PHONY: demo test install clean
+.PHONY: demo test install install-dev bench clean
 
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+$(PY):
+	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements-dev.txt
+
+# runtime only (no TensorFlow): what the demo and the library need
+$(RUNTIME): $(PY) requirements.txt pyproject.toml
+	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps -e .
-	touch $(STAMP)
+	touch $@
 
-install: $(STAMP)
+# tests, notebooks and the optional TFDS extra
+$(DEV): $(RUNTIME) requirements-dev.txt
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
 
-demo: $(STAMP)
+install: $(RUNTIME)
+install-dev: $(DEV)
+
+demo: $(RUNTIME)
 	$(PY) -m retrieval_jax.demo --out results/demo
 
-test: $(STAMP)
+test: $(DEV)
 	RETRIEVAL_JAX_NO_PROGRESS=1 $(PY) -m pytest -q -n 2 --dist loadfile tests
+
+bench: $(RUNTIME)
+	$(PY) experiments/bench_diffusion.py --coil20
 
 clean:
 	rm -rf $(VENV) results .pytest_cache

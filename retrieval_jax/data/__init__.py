@@ -15,3 +15,16 @@ __all__ = [
     "load_mpeg7",
     "save_descriptors",
 ]
+
+# Optional TensorFlow Datasets builders (extra [tfds]): imported on first use only,
+# so `import retrieval_jax.data` never imports TensorFlow.
+_TFDS_NAMES = ("LabelledImageFolder", "RevisitedOxfordParis", "load_tfds_folder",
+               "load_tfds_revisited")
+
+
+def __getattr__(name):
+    if name in _TFDS_NAMES:
+        from . import tfds_builders  # raises ImportError with an install hint without the extra
+
+        return getattr(tfds_builders, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
