@@ -111,3 +111,23 @@ def test_inverse_solver_matches_converged_cg():
     assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-3
     with pytest.raises(ValueError, match="truncation"):
         DiffusionConfig(solver="inverse", truncate=100)
+
+
+def test_fsr_method_full_rank_equals_exact_diffusion():
+    from retrieval_jax.methods import FSR, FsrConfig
+    x = _clusters(10, n=60)
+    q = _clusters(11, n=4)
+    exact = DIFFUSION.build(x, DiffusionConfig(k=6, query_k=5, alpha=0.9, solver="inverse"))
+    for mode in ("rank_r", "approx"):
+        fsr = FSR.build(x, FsrConfig(k=6, query_k=5, alpha=0.9, rank=60, mode=mode))
+        a = np.asarray(FSR.search(fsr, q))
+        b = (1 - 0.9) * np.asarray(DIFFUSION.search(exact, q))  # h_alpha carries the (1 - alpha) scale
+        assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-3
+        ids = np.array([1, 2])
+        a = np.asarray(FSR.search_items(fsr, ids))
+        b = (1 - 0.9) * np.asarray(DIFFUSION.search_items(exact, ids))
+        assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-3
+    with pytest.raises(ValueError, match="rank"):
+        FSR.build(x, FsrConfig(k=6, rank=61))
+    with pytest.raises(ValueError, match="mode"):
+        FsrConfig(mode="exact")

@@ -1,0 +1,166 @@
+"""Ablations of diffusion: alpha, graph k, gamma and truncation T, one PNG plot each.
+
+    python experiments/ablations.py [--quick] [--out results/ablations]
+                                    [--datasets digits coil20 mpeg7] [--params alpha k]
+
+For each parameter, the diffusion method (``DIFFUSION``, CG to tolerance) is run
+with that parameter swept and the others at their base values, on every label
+data set available (digits always; COIL-20 and MPEG-7 from ``../shared/data``).
+Label mAP (query itself ignored) against the parameter, one line per data set,
+in ``<param>.png``; every point in ``ablations.csv``; settings in
+``config.json``. Everything is written atomically.
+
+A new parameter (e.g. the rank r of Fast Spectral Ranking) is one more entry of
+``ABLATIONS``: name -> (values, quick values, method, config from (base, value),
+log-scale x axis).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import reproduce  # noqa: E402
+from retrieval_jax.data import atomic_write  # noqa: E402
+from retrieval_jax.diffusion import ranking_from_scores  # noqa: E402
+from retrieval_jax.methods import DIFFUSION, DiffusionConfig  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class Ablation:
+    values: tuple
+    quick_values: tuple
+    method: object
+    config: object          # (base settings, value) -> config
+    log_x: bool = False
+    label: str = ""
+
+
+def _diff(s: reproduce.Settings, **kw):
+    base = dict(k=s.k, query_k=s.query_k, max_iter=s.max_iter_tol)
+    base.update(kw)
+    return DiffusionConfig(**base)
+
+
+ABLATIONS = {
+    "alpha": Ablation((0.5, 0.7, 0.8, 0.9, 0.95, 0.99), (0.9, 0.99), DIFFUSION,
+                      lambda s, v: _diff(s, alpha=v), label="diffusion alpha"),
+    "k": Ablation((3, 5, 10, 20, 50, 100), (5, 20), DIFFUSION,
+                  lambda s, v: _diff(s, k=v), log_x=True, label="graph neighbours k"),
+    "gamma": Ablation((1.0, 2.0, 3.0, 4.0, 6.0), (1.0, 3.0), DIFFUSION,
+                      lambda s, v: _diff(s, gamma=v), label="similarity exponent gamma"),
+    "truncate": Ablation((50, 100, 200, 500, 1000), (100, 300), DIFFUSION,
+                         lambda s, v: _diff(s, truncate=v), log_x=True,
+                         label="truncation T (shortlist size)"),
+}
+
+
+def sweep(param: str, ab: Ablation, name: str, data, settings, *, quick: bool, log=print):
+    X, labels = data.X, np.asarray(data.labels)
+    n = X.shape[0]
+    qids = np.arange(0, n, settings.query_stride, dtype=np.int32)
+    out = []
+    for v in (ab.quick_values if quick else ab.values):
+        try:
+            cfg = ab.config(settings, v)
+            t0 = time.perf_counter()
+            state = ab.method.build(X, cfg)
+            scores = np.asarray(ab.method.search_items(state, qids))
+        except ValueError as exc:  # e.g. k or T larger than this data set
+            log(f"  {name:8s} {param}={v}: skipped ({exc})")
+            continue
+        res = reproduce.label_scores(ranking_from_scores(scores, exclude=qids), labels, qids)
+        rec = {"param": param, "value": v, "dataset": name, "mAP": 100 * res.map,
+               "mP@10": 100 * res.mp[10], "n_queries": int(qids.size),
+               "seconds": time.perf_counter() - t0}
+        log(f"  {name:8s} {param}={v}: mAP {rec['mAP']:.2f}  mP@10 {rec['mP@10']:.2f}")
+        out.append(rec)
+    return out
+
+
+def plot(path: Path, param: str, ab: Ablation, records) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for ds in dict.fromkeys(r["dataset"] for r in records):
+        rs = [r for r in records if r["dataset"] == ds]
+        ax.plot([r["value"] for r in rs], [r["mAP"] for r in rs], marker="o", label=ds)
+    if ab.log_x:
+        ax.set_xscale("log")
+    values = sorted({r["value"] for r in records})
+    ax.set_xticks(values)
+    ax.set_xticklabels([f"{v:g}" for v in values])
+    ax.minorticks_off()
+    ax.set_xlabel(ab.label or param)
+    ax.set_ylabel("mAP (%)")
+    ax.set_title(f"diffusion: mAP vs {param}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+
+
+def run(out="results/ablations", *, quick: bool = False, datasets=None, params=None,
+        data_dir=None, log=print):
+    settings = reproduce.QUICK if quick else reproduce.FULL
+    names = list(datasets) if datasets else reproduce.available_label_datasets(data_dir)
+    params = list(params) if params else list(ABLATIONS)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    loaded = {name: reproduce.load_label_dataset(name, data_dir) for name in names}
+    records = []
+    for param in params:
+        ab = ABLATIONS[param]
+        log(f"{param}: {ab.quick_values if quick else ab.values}")
+        recs = []
+        for name, data in loaded.items():
+            recs += sweep(param, ab, name, data, settings, quick=quick, log=log)
+        if recs:
+            plot(out / f"{param}.png", param, ab, recs)
+            log(f"wrote {out / f'{param}.png'}")
+        records += recs
+    reproduce.write_csv(out / "ablations.csv", records,
+                        ("param", "value", "dataset", "mAP", "mP@10", "n_queries", "seconds"))
+    config = {"command": sys.argv, "quick": quick, "datasets": names,
+              "settings": dataclasses.asdict(settings),
+              "params": {p: list(ABLATIONS[p].quick_values if quick else ABLATIONS[p].values)
+                         for p in params},
+              "base_config": dataclasses.asdict(_diff(settings)),
+              "versions": reproduce._versions()}
+    atomic_write(out / "config.json",
+                 lambda f: f.write((json.dumps(config, indent=2, default=str) + "\n").encode()))
+    log(f"wrote {out / 'ablations.csv'}, {out / 'config.json'}")
+    return records
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="results/ablations", help="output folder")
+    p.add_argument("--quick", action="store_true",
+                   help="2 values per parameter, every 4th item a query, CG <= 200 steps")
+    p.add_argument("--datasets", nargs="+", choices=reproduce.LABEL_DATASETS, default=None,
+                   help="label data sets (default: digits and every one found)")
+    p.add_argument("--params", nargs="+", choices=list(ABLATIONS), default=None,
+                   help="parameters to sweep (default: all)")
+    p.add_argument("--data-dir", default=None, help="folder holding coil20/ and mpeg7/")
+    args = p.parse_args(argv)
+    if args.data_dir is not None and not Path(args.data_dir).is_dir():
+        p.error(f"--data-dir {args.data_dir} is not a directory")
+    run(args.out, quick=args.quick, datasets=args.datasets, params=args.params,
+        data_dir=args.data_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

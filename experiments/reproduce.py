@@ -1,0 +1,326 @@
+"""Reproduce the results table: kNN search, alpha-QE, DBA + alpha-QE and diffusion, per data set.
+
+    python experiments/reproduce.py [--quick] [--out results/reproduce]
+                                    [--datasets digits coil20 mpeg7]
+                                    [--roxford DESCRIPTORS.mat --gnd gnd_roxford5k.pkl]
+
+Data sets:
+  * sklearn digits (always; bundled with scikit-learn), COIL-20 and MPEG-7 from
+    ``../shared/data`` (or ``$RETRIEVAL_JAX_DATA``) when present: every item (every
+    ``query_stride``-th with --quick) queries the whole collection; label mAP and
+    mP@10 with the query itself ignored, and for MPEG-7 the bull's-eye score
+    (top 40, query included);
+  * Revisited Oxford / Paris when ``--roxford`` names a descriptor file in the
+    published layout (.mat with ``X`` database and ``Q`` query matrices, d x n; or
+    .npz with X and Q) and ``--gnd`` its ground truth: mAP Easy / Medium / Hard
+    and mP@10 Medium (Radenovic et al., CVPR 2018).
+
+The rows are one list of ``(row name, Method, config)`` (``table_rows``), so a new
+method is one more line there. Writes ``results.csv``, ``results.md`` and
+``config.json`` (settings, every row's config, versions) into ``--out``, each
+atomically.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import io
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from retrieval_jax.data import (atomic_write, default_data_dir, load_coil20, load_descriptors,
+                                load_digits, load_gnd, load_mpeg7)
+from retrieval_jax.diffusion import ranking_from_scores
+from retrieval_jax.evaluation import bullseye_score, mean_average_precision, revisited_map
+from retrieval_jax.methods import DIFFUSION, FSR, KNN_SEARCH, DiffusionConfig, FsrConfig, KnnConfig
+from retrieval_jax.query_expansion import ALPHA_QE, DBA_ALPHA_QE, AlphaQEConfig, DbaQEConfig
+
+LABEL_DATASETS = ("digits", "coil20", "mpeg7")
+COLUMNS = ("dataset", "method", "mAP", "mP@10", "bullseye", "mAP_easy", "mAP_medium", "mAP_hard",
+           "mP@10_medium", "n_items", "n_queries", "build_s", "search_s")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Parameters shared by the rows of one data set."""
+
+    k: int = 10                # graph neighbours (small label data sets: 10; landmarks: 50)
+    query_k: int = 10          # database neighbours of an out-of-graph query (diffusion)
+    qe_n: int = 5              # alpha-QE neighbours
+    dba_n: int = 5             # DBA neighbours
+    qe_alpha: float = 3.0      # alpha-QE / DBA weight exponent
+    max_iter_tol: int = 1000   # CG steps allowed for "to tolerance"
+    truncate: int = 500        # truncated diffusion shortlist T (capped at n)
+    rank: int = 400            # FSR rank r (capped at n)
+    query_stride: int = 1      # every query_stride-th item is a query (label data sets)
+
+
+FULL = Settings()
+QUICK = Settings(max_iter_tol=200, truncate=200, query_stride=4, rank=100)
+LANDMARKS = Settings(k=50, qe_n=2, dba_n=10, truncate=1000)
+LANDMARKS_QUICK = dataclasses.replace(LANDMARKS, max_iter_tol=200, truncate=300, rank=100)
+
+
+def table_rows(s: Settings, n: int):
+    """The rows of the table: (row name, Method, config). Add a method with one line."""
+    T = min(s.truncate, n)
+    r = min(s.rank, n - 1)
+    return [
+        ("kNN search", KNN_SEARCH, KnnConfig()),
+        (f"alpha-QE (n={s.qe_n})", ALPHA_QE, AlphaQEConfig(n=s.qe_n, alpha=s.qe_alpha)),
+        (f"DBA + alpha-QE (n={s.dba_n}/{s.qe_n})", DBA_ALPHA_QE,
+         DbaQEConfig(dba_n=s.dba_n, qe_n=s.qe_n, alpha=s.qe_alpha)),
+        ("diffusion, CG 20 steps", DIFFUSION,
+         DiffusionConfig(k=s.k, query_k=s.query_k, max_iter=20)),
+        ("diffusion, CG to tol 1e-6", DIFFUSION,
+         DiffusionConfig(k=s.k, query_k=s.query_k, max_iter=s.max_iter_tol)),
+        (f"truncated diffusion T={T}", DIFFUSION,
+         DiffusionConfig(k=s.k, query_k=s.query_k, max_iter=s.max_iter_tol, truncate=T)),
+        ("diffusion, exact (dense inverse)", DIFFUSION,
+         DiffusionConfig(k=s.k, query_k=s.query_k, solver="inverse")),
+        (f"FSR rank-r (r={r})", FSR, FsrConfig(k=s.k, query_k=s.query_k, rank=r, mode="rank_r")),
+        (f"FSR approx (r={r})", FSR, FsrConfig(k=s.k, query_k=s.query_k, rank=r, mode="approx")),
+    ]
+
+
+# ----------------------------------------------------------------------------- data
+def available_label_datasets(data_dir=None) -> list[str]:
+    """digits, plus coil20 / mpeg7 when their folders exist."""
+    names = ["digits"]
+    try:
+        root = Path(data_dir) if data_dir is not None else default_data_dir()
+    except FileNotFoundError:
+        return names
+    names += [n for n in ("coil20", "mpeg7") if (root / n).is_dir()]
+    return names
+
+
+def load_label_dataset(name: str, data_dir=None, *, images: bool = False):
+    if name == "digits":
+        return load_digits(images=images)
+    root = None if data_dir is None else Path(data_dir) / name
+    if name == "coil20":
+        return load_coil20(root, images=images)
+    if name == "mpeg7":
+        return load_mpeg7(root, images=images)
+    raise ValueError(f"unknown data set {name!r}; choose from {LABEL_DATASETS}")
+
+
+# ----------------------------------------------------------------------------- evaluation
+def _timed_scores(method, cfg, X, search_arg, *, items: bool):
+    t0 = time.perf_counter()
+    state = method.build(X, cfg)
+    _block(state)
+    t1 = time.perf_counter()
+    fn = method.search_items if items else method.search
+    scores = np.asarray(fn(state, search_arg))
+    return scores, t1 - t0, time.perf_counter() - t1
+
+
+def _block(tree):
+    import jax
+    jax.tree_util.tree_map(lambda x: x.block_until_ready() if hasattr(x, "block_until_ready")
+                           else x, tree)
+
+
+def label_scores(ranking_self_excluded, labels, query_ids, ks=(10,)):
+    """Label mAP / mP@k of rankings of query items ``query_ids`` (themselves ignored)."""
+    positives = [np.flatnonzero((labels == labels[q]) & (np.arange(labels.size) != q))
+                 for q in query_ids]
+    return mean_average_precision(ranking_self_excluded, positives, [[int(q)] for q in query_ids],
+                                  ks=ks)
+
+
+def bullseye(ranking_with_self, labels, query_ids, top: int = 40) -> float:
+    """Bull's-eye score (query included); the library function when every item is a query."""
+    n = labels.size
+    if query_ids.size == n and np.array_equal(query_ids, np.arange(n)):
+        return bullseye_score(ranking_with_self, labels, top=top)
+    counts = np.bincount(labels)
+    hits = (labels[ranking_with_self[:, :top]] == labels[query_ids][:, None]).sum()
+    return float(hits / counts[labels[query_ids]].sum())
+
+
+def evaluate_label_dataset(name, data, settings: Settings, rows=None, *, log=print):
+    X, labels = data.X, np.asarray(data.labels)
+    n = X.shape[0]
+    qids = np.arange(0, n, settings.query_stride, dtype=np.int32)
+    out = []
+    for row, method, cfg in (rows if rows is not None else table_rows(settings, n)):
+        scores, tb, ts = _timed_scores(method, cfg, X, qids, items=True)
+        res = label_scores(ranking_from_scores(scores, exclude=qids), labels, qids)
+        rec = {"dataset": name, "method": row, "mAP": 100 * res.map, "mP@10": 100 * res.mp[10],
+               "n_items": n, "n_queries": int(qids.size), "build_s": tb, "search_s": ts,
+               "config": _config_dict(method, cfg)}
+        if name == "mpeg7":
+            rec["bullseye"] = 100 * bullseye(ranking_from_scores(scores), labels, qids)
+        out.append(rec)
+        log(f"  {name:8s} {row:36s} mAP {rec['mAP']:6.2f}  mP@10 {rec['mP@10']:6.2f}"
+            + (f"  bull's-eye {rec['bullseye']:6.2f}" if "bullseye" in rec else "")
+            + f"  ({tb:.1f} s + {ts:.1f} s)")
+    return out
+
+
+def load_landmarks(descriptors, gnd_path):
+    """(X [n, d], Q [nq, d], GroundTruth) from the published descriptor layout."""
+    X = load_descriptors(descriptors, key="X")
+    Q = load_descriptors(descriptors, key="Q")
+    gt = load_gnd(gnd_path)
+    if X.shape[0] != gt.n_db:
+        raise ValueError(f"{descriptors}: X has {X.shape[0]} database descriptors but "
+                         f"{gnd_path} lists {gt.n_db} images")
+    if Q.shape[0] != gt.n_queries:
+        raise ValueError(f"{descriptors}: Q has {Q.shape[0]} queries but {gnd_path} has "
+                         f"{gt.n_queries}")
+    return X, Q, gt
+
+
+def evaluate_landmarks(name, X, Q, gt, settings: Settings, rows=None, *, log=print):
+    out = []
+    for row, method, cfg in (rows if rows is not None else table_rows(settings, X.shape[0])):
+        scores, tb, ts = _timed_scores(method, cfg, X, Q, items=False)
+        res = revisited_map(ranking_from_scores(scores), gt, ks=(1, 5, 10))
+        rec = {"dataset": name, "method": row, "mAP": 100 * res.medium.map,
+               "mP@10": 100 * res.medium.mp[10],
+               "mAP_easy": 100 * res.easy.map, "mAP_medium": 100 * res.medium.map,
+               "mAP_hard": 100 * res.hard.map, "mP@10_medium": 100 * res.medium.mp[10],
+               "n_items": X.shape[0], "n_queries": Q.shape[0], "build_s": tb, "search_s": ts,
+               "config": _config_dict(method, cfg)}
+        out.append(rec)
+        log(f"  {name:8s} {row:36s} mAP E {rec['mAP_easy']:6.2f} M {rec['mAP_medium']:6.2f} "
+            f"H {rec['mAP_hard']:6.2f}  ({tb:.1f} s + {ts:.1f} s)")
+    return out
+
+
+def _config_dict(method, cfg) -> dict:
+    return {"method": method.name, "config_type": type(cfg).__name__,
+            **dataclasses.asdict(cfg)}
+
+
+# ----------------------------------------------------------------------------- output
+def _fmt(v) -> str:
+    if v is None or v == "":
+        return ""
+    if isinstance(v, float):
+        return f"{v:.2f}" if not np.isnan(v) else ""
+    return str(v)
+
+
+def write_csv(path: Path, records, columns=COLUMNS) -> None:
+    text = io.StringIO()
+    w = csv.DictWriter(text, fieldnames=list(columns), extrasaction="ignore")
+    w.writeheader()
+    for r in records:
+        w.writerow({c: (f"{r[c]:.4f}" if isinstance(r.get(c), float) else r.get(c, ""))
+                    for c in columns})
+    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
+
+
+def markdown(records) -> str:
+    lines = ["# Results", ""]
+    for ds in dict.fromkeys(r["dataset"] for r in records):
+        rs = [r for r in records if r["dataset"] == ds]
+        r0 = rs[0]
+        if "mAP_medium" in r0:
+            cols = ["mAP_easy", "mAP_medium", "mAP_hard", "mP@10_medium"]
+            head = ["mAP E", "mAP M", "mAP H", "mP@10 M"]
+            what = f"{r0['n_queries']} queries, {r0['n_items']} database images (revisited protocol)"
+        else:
+            cols = ["mAP", "mP@10"] + (["bullseye"] if "bullseye" in r0 else [])
+            head = ["mAP", "mP@10"] + (["bull's-eye"] if "bullseye" in r0 else [])
+            what = (f"{r0['n_queries']} of {r0['n_items']} items as queries, "
+                    "the query itself ignored")
+        lines += [f"## {ds}", "", f"{what}; scores in %, times in seconds.", "",
+                  "| method | " + " | ".join(head) + " | build s | search s |",
+                  "|---|" + "---:|" * (len(head) + 2)]
+        for r in rs:
+            lines.append(f"| {r['method']} | " + " | ".join(_fmt(r.get(c)) for c in cols)
+                         + f" | {r['build_s']:.2f} | {r['search_s']:.2f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_outputs(out: Path, records, config: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / "results.csv", records)
+    md = markdown(records)
+    atomic_write(out / "results.md", lambda f: f.write(md.encode()))
+    atomic_write(out / "config.json",
+                 lambda f: f.write((json.dumps(config, indent=2, default=str) + "\n").encode()))
+
+
+def _versions() -> dict:
+    import jax
+    return {"python": platform.python_version(), "jax": jax.__version__,
+            "numpy": np.__version__, "backend": jax.default_backend()}
+
+
+# ----------------------------------------------------------------------------- main
+def run(out="results/reproduce", *, quick: bool = False, datasets=None, data_dir=None,
+        roxford=None, gnd=None, log=print):
+    """Evaluate every row on every data set; returns the records (one dict per row)."""
+    settings = QUICK if quick else FULL
+    names = list(datasets) if datasets else available_label_datasets(data_dir)
+    records, configs = [], {}
+    for name in names:
+        data = load_label_dataset(name, data_dir)
+        log(f"{name}: {len(data)} items, {data.n_classes} classes")
+        records += evaluate_label_dataset(name, data, settings, log=log)
+        configs[name] = {"settings": dataclasses.asdict(settings),
+                         "rows": [[row, m.name, _config_dict(m, c)]
+                                  for row, m, c in table_rows(settings, len(data))]}
+    if roxford is not None:
+        lm = LANDMARKS_QUICK if quick else LANDMARKS
+        X, Q, gt = load_landmarks(roxford, gnd)
+        name = Path(gnd).stem.replace("gnd_", "") or "landmarks"
+        log(f"{name}: {X.shape[0]} database images, {Q.shape[0]} queries ({gt.protocol})")
+        records += evaluate_landmarks(name, X, Q, gt, lm, log=log)
+        configs[name] = {"settings": dataclasses.asdict(lm), "descriptors": str(roxford),
+                         "gnd": str(gnd), "rows": [[row, m.name, _config_dict(m, c)]
+                                                   for row, m, c in table_rows(lm, X.shape[0])]}
+    config = {"command": sys.argv, "quick": quick, "datasets": configs, "versions": _versions()}
+    out = Path(out)
+    write_outputs(out, records, config)
+    log(f"\n{markdown(records)}\nwrote {out / 'results.csv'}, {out / 'results.md'}, "
+        f"{out / 'config.json'}")
+    return records
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="results/reproduce", help="output folder")
+    p.add_argument("--quick", action="store_true",
+                   help="small settings: every 4th item a query, CG <= 200 steps, T = 200")
+    p.add_argument("--datasets", nargs="+", choices=LABEL_DATASETS, default=None,
+                   help="label data sets (default: digits and every one found in the data dir)")
+    p.add_argument("--data-dir", default=None, help="folder holding coil20/ and mpeg7/")
+    p.add_argument("--roxford", default=None,
+                   help="descriptors in the published layout (.mat X, Q as d x n; or .npz X, Q)")
+    p.add_argument("--gnd", default=None, help="ground truth for --roxford (gnd_roxford5k.pkl)")
+    args = p.parse_args(argv)
+    if (args.roxford is None) != (args.gnd is None):
+        p.error("--roxford and --gnd go together")
+    for path in (args.roxford, args.gnd):
+        if path is not None and not Path(path).is_file():
+            p.error(f"{path} does not exist")
+    if args.data_dir is not None and not Path(args.data_dir).is_dir():
+        p.error(f"--data-dir {args.data_dir} is not a directory")
+    if args.roxford is not None:
+        try:
+            load_landmarks(args.roxford, args.gnd)
+        except (KeyError, ValueError, TypeError) as exc:
+            p.error(str(exc.args[0]) if isinstance(exc, KeyError) else str(exc))
+    run(args.out, quick=args.quick, datasets=args.datasets, data_dir=args.data_dir,
+        roxford=args.roxford, gnd=args.gnd)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

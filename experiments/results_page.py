@@ -1,0 +1,165 @@
+"""A page of ranked results: queries with their top results before and after diffusion.
+
+    python experiments/results_page.py [--dataset digits|coil20|mpeg7] [--out results/page]
+                                       [--queries 6] [--top 8] [--select improved|random]
+
+Every shown query has two rows: plain kNN search (before) and diffusion (after,
+CG to tolerance). Each result is framed green when it has the query's class and
+red otherwise; the row label gives that query's AP under each method. ``improved``
+picks the queries whose AP gained most from diffusion (with a few random ones
+when ``--queries`` exceeds the improved ones), ``random`` a seeded random sample.
+Writes ``results_page.png`` and ``index.html`` (which embeds the PNG and lists the
+per-query APs), atomically.
+"""
+from __future__ import annotations
+
+import argparse
+import html
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import reproduce  # noqa: E402
+from retrieval_jax.data import atomic_write  # noqa: E402
+from retrieval_jax.diffusion import ranking_from_scores  # noqa: E402
+from retrieval_jax.evaluation import label_map  # noqa: E402
+from retrieval_jax.methods import DIFFUSION, KNN_SEARCH, DiffusionConfig, KnnConfig  # noqa: E402
+
+BEFORE_AFTER = (("kNN search", KNN_SEARCH, KnnConfig()),
+                ("diffusion", DIFFUSION, DiffusionConfig(k=10, max_iter=1000)))
+
+
+def rankings(X, methods=BEFORE_AFTER):
+    """Full rankings (query itself moved last) of every item by each method."""
+    ids = np.arange(X.shape[0], dtype=np.int32)
+    out = {}
+    for name, method, cfg in methods:
+        scores = np.asarray(method.search_items(method.build(X, cfg), ids))
+        out[name] = ranking_from_scores(scores, exclude=ids)
+    return out
+
+
+def choose_queries(aps: dict, n_show: int, select: str, seed: int = 0) -> np.ndarray:
+    names = list(aps)
+    before, after = aps[names[0]], aps[names[-1]]
+    rng = np.random.default_rng(seed)
+    n = before.size
+    if select == "random":
+        return np.sort(rng.choice(n, size=min(n_show, n), replace=False))
+    gain = np.nan_to_num(after - before, nan=-np.inf)
+    best = np.argsort(-gain, kind="stable")[: max(1, (2 * n_show) // 3)]
+    rest = rng.choice(np.setdiff1d(np.arange(n), best), size=n_show - best.size, replace=False)
+    return np.concatenate([best, rest])
+
+
+def figure(path: Path, images, labels, queries, named, aps, top: int, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = len(queries) * len(named)
+    fig, axes = plt.subplots(rows, top + 1, figsize=(1.1 * (top + 1) + 0.8, 1.15 * rows),
+                             squeeze=False)
+    for qi, q in enumerate(queries):
+        for mi, (name, ranking) in enumerate(named.items()):
+            row = qi * len(named) + mi
+            ax = axes[row, 0]
+            ax.imshow(images[q], cmap="gray")
+            ax.set_ylabel(f"{name}\nAP {100 * aps[name][q]:.0f}", fontsize=7)
+            if mi == 0:
+                ax.set_title(f"query {q}", fontsize=7)
+            for spine in ax.spines.values():
+                spine.set_edgecolor("tab:blue")
+                spine.set_linewidth(2)
+            for j in range(top):
+                item = ranking[q, j]
+                ax = axes[row, j + 1]
+                ax.imshow(images[item], cmap="gray")
+                ok = labels[item] == labels[q]
+                for spine in ax.spines.values():
+                    spine.set_edgecolor("tab:green" if ok else "tab:red")
+                    spine.set_linewidth(3)
+            for ax in axes[row]:
+                ax.set_xticks([])
+                ax.set_yticks([])
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=80))
+    plt.close(fig)
+
+
+def page(path: Path, png_name: str, dataset: str, queries, aps: dict, maps: dict) -> None:
+    names = list(aps)
+    rows = "\n".join(
+        f"<tr><td>{q}</td>" + "".join(f"<td>{100 * aps[m][q]:.1f}</td>" for m in names) + "</tr>"
+        for q in queries)
+    summary = ", ".join(f"{html.escape(m)} {100 * v:.2f}" for m, v in maps.items())
+    text = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>Ranked results: {html.escape(dataset)}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}
+img{{max-width:100%}}</style></head>
+<body>
+<h1>Ranked results on {html.escape(dataset)}: before and after diffusion</h1>
+<p>Every item queries the rest (itself excluded). Label mAP (%): {summary}.</p>
+<p>For each query (blue frame): the top results of <b>{html.escape(names[0])}</b> (upper row)
+and <b>{html.escape(names[-1])}</b> (lower row); <span style="color:green">green</span> = same
+class as the query, <span style="color:red">red</span> = another class.</p>
+<img src="{html.escape(png_name)}" alt="queries and their ranked results">
+<h2>Per-query AP (%)</h2>
+<table><tr><th>query</th>{''.join(f'<th>{html.escape(m)}</th>' for m in names)}</tr>
+{rows}
+</table>
+</body></html>
+"""
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def run(dataset="digits", out="results/page", *, n_queries: int = 6, top: int = 8,
+        select: str = "improved", seed: int = 0, data_dir=None, log=print):
+    data = reproduce.load_label_dataset(dataset, data_dir, images=True)
+    labels = np.asarray(data.labels)
+    named = rankings(data.X)
+    aps, maps = {}, {}
+    for name, r in named.items():
+        maps[name], aps[name] = label_map(r, labels, return_aps=True)
+    queries = choose_queries(aps, n_queries, select, seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    png = out / "results_page.png"
+    figure(png, data.images, labels, queries, named, aps, top,
+           f"{dataset}: top {top} results, kNN search (upper row) vs diffusion (lower row); "
+           "green = same class, red = other")
+    page(out / "index.html", png.name, dataset, queries, aps, maps)
+    log(f"wrote {png} and {out / 'index.html'} ("
+        + ", ".join(f"{m} mAP {100 * v:.2f}" for m, v in maps.items()) + ")")
+    return queries, maps
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="digits", choices=reproduce.LABEL_DATASETS)
+    p.add_argument("--out", default="results/page", help="output folder")
+    p.add_argument("--queries", type=int, default=6, help="queries shown")
+    p.add_argument("--top", type=int, default=8, help="results shown per query")
+    p.add_argument("--select", default="improved", choices=("improved", "random"),
+                   help="queries where diffusion gained most, or a random sample")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", default=None, help="folder holding coil20/ and mpeg7/")
+    args = p.parse_args(argv)
+    if args.queries < 1 or args.top < 1:
+        p.error("--queries and --top must be positive")
+    try:
+        run(args.dataset, args.out, n_queries=args.queries, top=args.top, select=args.select,
+            seed=args.seed, data_dir=args.data_dir)
+    except FileNotFoundError as exc:
+        p.error(str(exc))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

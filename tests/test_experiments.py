@@ -1,0 +1,105 @@
+"""experiments/reproduce.py, ablations.py and results_page.py in --quick mode on digits."""
+import csv
+import json
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+
+import ablations  # noqa: E402
+import reproduce  # noqa: E402
+import results_page  # noqa: E402
+
+
+def _csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _valid_png(path):
+    assert path.is_file(), path
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size[0] > 100 and im.size[1] > 100
+
+
+def _toy_landmarks(d: Path):
+    """A small benchmark in the published layout: .mat with X, Q (d x n), gnd .pkl."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(4, 16))
+    lab = rng.integers(0, 4, 120)
+    X = centres[lab] + 0.7 * rng.normal(size=(120, 16))
+    Q = centres + 0.3 * rng.normal(size=(4, 16))
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    Q /= np.linalg.norm(Q, axis=1, keepdims=True)
+    scipy.io.savemat(d / "toy.mat", {"X": X.T.astype(np.float32), "Q": Q.T.astype(np.float32)})
+    gnd = [{"easy": np.flatnonzero(lab == q)[::2].tolist(),
+            "hard": np.flatnonzero(lab == q)[1::2].tolist(), "junk": []} for q in range(4)]
+    with open(d / "gnd_toy5k.pkl", "wb") as f:
+        pickle.dump({"gnd": gnd, "imlist": [str(i) for i in range(120)],
+                     "qimlist": [f"q{i}" for i in range(4)]}, f)
+
+
+def test_reproduce_quick(tmp_path, capsys):
+    _toy_landmarks(tmp_path)
+    out = tmp_path / "rep"
+    assert reproduce.main(["--quick", "--datasets", "digits", "--out", str(out),
+                           "--roxford", str(tmp_path / "toy.mat"),
+                           "--gnd", str(tmp_path / "gnd_toy5k.pkl")]) == 0
+    rows = _csv(out / "results.csv")
+    digits = {r["method"]: r for r in rows if r["dataset"] == "digits"}
+    assert len(digits) == len(reproduce.table_rows(reproduce.QUICK, 1797)) == 6
+    m = {name.split(" (")[0]: float(r["mAP"]) for name, r in digits.items()}
+    assert m["diffusion, CG 20 steps"] > m["kNN search"] + 10
+    assert m["diffusion, CG to tol 1e-6"] > m["kNN search"] + 10
+    assert m["alpha-QE"] > m["kNN search"] and m["DBA + alpha-QE"] > m["alpha-QE"]
+    assert all(float(r["mP@10"]) > 90 for r in digits.values())
+    assert all(r["n_queries"] == "450" and r["bullseye"] == "" for r in digits.values())
+    toy = [r for r in rows if r["dataset"] == "toy5k"]
+    assert len(toy) == 6 and all(0 < float(r["mAP_medium"]) <= 100 for r in toy)
+    md = (out / "results.md").read_text()
+    assert "## digits" in md and "## toy5k" in md and "| kNN search |" in md
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quick"] and cfg["datasets"]["digits"]["settings"]["query_stride"] == 4
+    assert [r[0] for r in cfg["datasets"]["digits"]["rows"]] == list(digits)
+    assert not list(out.glob(".*.tmp"))  # atomic writes leave no temporaries
+
+
+def test_reproduce_argument_errors(tmp_path, capsys):
+    for argv, match in ([["--roxford", str(tmp_path / "x.mat")], "go together"],
+                        [["--roxford", str(tmp_path / "x.mat"), "--gnd", str(tmp_path / "g.pkl")],
+                         "does not exist"],
+                        [["--datasets", "imagenet"], "invalid choice"]):
+        with pytest.raises(SystemExit) as exc:
+            reproduce.main(argv)
+        assert exc.value.code == 2 and match in capsys.readouterr().err
+
+
+def test_ablations_quick(tmp_path):
+    out = tmp_path / "abl"
+    assert ablations.main(["--quick", "--datasets", "digits", "--out", str(out)]) == 0
+    rows = _csv(out / "ablations.csv")
+    assert {r["param"] for r in rows} == set(ablations.ABLATIONS)
+    by = {(r["param"], float(r["value"])): float(r["mAP"]) for r in rows}
+    assert by[("alpha", 0.99)] > by[("alpha", 0.9)]      # the manifold helps digits
+    assert by[("k", 20)] > by[("k", 5)]                  # k = 5 fragments the graph
+    assert all(0 < v <= 100 for v in by.values())
+    for param in ablations.ABLATIONS:
+        _valid_png(out / f"{param}.png")
+    assert json.loads((out / "config.json").read_text())["params"]["k"] == [5, 20]
+
+
+def test_results_page(tmp_path):
+    out = tmp_path / "page"
+    queries, maps = results_page.run("digits", out, n_queries=3, top=4, log=lambda *a: None)
+    assert len(queries) == 3 and maps["diffusion"] > maps["kNN search"]
+    _valid_png(out / "results_page.png")
+    html = (out / "index.html").read_text()
+    assert '<img src="results_page.png"' in html and html.count("<tr>") == 4
