@@ -55,15 +55,18 @@ def test_reproduce_quick(tmp_path, capsys):
                            "--gnd", str(tmp_path / "gnd_toy5k.pkl")]) == 0
     rows = _csv(out / "results.csv")
     digits = {r["method"]: r for r in rows if r["dataset"] == "digits"}
-    assert len(digits) == len(reproduce.table_rows(reproduce.QUICK, 1797)) == 6
+    assert len(digits) == len(reproduce.table_rows(reproduce.QUICK, 1797)) == 9
     m = {name.split(" (")[0]: float(r["mAP"]) for name, r in digits.items()}
     assert m["diffusion, CG 20 steps"] > m["kNN search"] + 10
     assert m["diffusion, CG to tol 1e-6"] > m["kNN search"] + 10
     assert m["alpha-QE"] > m["kNN search"] and m["DBA + alpha-QE"] > m["alpha-QE"]
     assert all(float(r["mP@10"]) > 90 for r in digits.values())
+    exact = m["diffusion, exact"]
+    assert abs(exact - m["diffusion, CG to tol 1e-6"]) < 0.05  # CG converged = exact solve
+    assert abs(m["FSR approx"] - exact) < 1.0  # FSR at r = 100 within 1 point of the exact ranking
     assert all(r["n_queries"] == "450" and r["bullseye"] == "" for r in digits.values())
     toy = [r for r in rows if r["dataset"] == "toy5k"]
-    assert len(toy) == 6 and all(0 < float(r["mAP_medium"]) <= 100 for r in toy)
+    assert len(toy) == 9 and all(0 < float(r["mAP_medium"]) <= 100 for r in toy)
     md = (out / "results.md").read_text()
     assert "## digits" in md and "## toy5k" in md and "| kNN search |" in md
     cfg = json.loads((out / "config.json").read_text())
