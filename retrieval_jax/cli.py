@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 PROG = "retrieval-jax"
-RANK_METHODS = ("knn", "diffusion", "alpha-qe", "dba-qe")
+RANK_METHODS = ("knn", "diffusion", "fsr", "alpha-qe", "dba-qe")
 _DEFAULT_TOP = 1000
 _LOAD_ERRORS = (FileNotFoundError, KeyError, ValueError, TypeError, OSError)
 
@@ -256,7 +256,7 @@ def _load_graph(parser, path: str, n: int):
 
 # ----------------------------------------------------------------------------- rank
 def _rank_config(args, parser):
-    from .methods import DIFFUSION, KNN_SEARCH, DiffusionConfig, KnnConfig
+    from .methods import DIFFUSION, FSR, KNN_SEARCH, DiffusionConfig, FsrConfig, KnnConfig
     from .query_expansion import ALPHA_QE, DBA_ALPHA_QE, AlphaQEConfig, DbaQEConfig
 
     try:
@@ -266,7 +266,11 @@ def _rank_config(args, parser):
             return DIFFUSION, DiffusionConfig(
                 k=args.k, query_k=args.query_k, alpha=args.alpha, gamma=args.gamma, tol=args.tol,
                 max_iter=args.max_iter, mutual=args.mutual, graph_method=args.graph_method,
-                truncate=args.truncate)
+                truncate=args.truncate, solver=args.solver)
+        if args.method == "fsr":
+            return FSR, FsrConfig(
+                k=args.k, query_k=args.query_k, alpha=args.alpha, gamma=args.gamma, mutual=args.mutual,
+                graph_method=args.graph_method, rank=args.rank, mode=args.fsr_mode)
         if args.method == "alpha-qe":
             return ALPHA_QE, AlphaQEConfig(n=args.qe_n, alpha=args.qe_alpha)
         return DBA_ALPHA_QE, DbaQEConfig(dba_n=args.dba_n, qe_n=args.qe_n, alpha=args.qe_alpha)
@@ -275,11 +279,8 @@ def _rank_config(args, parser):
 
 
 def _build_state(args, parser, method, cfg, X):
-    import jax.numpy as jnp
-
     from . import _checks
-    from .graph import normalize
-    from .methods import DiffusionState
+    from .methods import diffusion_state_from_graph
 
     n = X.shape[0]
     try:
@@ -295,7 +296,7 @@ def _build_state(args, parser, method, cfg, X):
         import dataclasses
         if k is not None and k >= 1:
             cfg = dataclasses.replace(cfg, k=k)
-        return DiffusionState(database=jnp.asarray(X), graph=normalize(graph), config=cfg)
+        return diffusion_state_from_graph(X, graph, cfg)
     except (ValueError, TypeError) as exc:
         parser.error(_msg(exc))
 
@@ -613,6 +614,13 @@ def build_parser() -> argparse.ArgumentParser:
     dg.add_argument("--max-iter", type=_positive_int, default=20, help="CG steps at most")
     dg.add_argument("--truncate", type=_positive_int, default=None,
                     help="truncated diffusion on each query's top-T shortlist")
+    dg.add_argument("--solver", default="cg", choices=("cg", "inverse"),
+                    help="cg: conjugate gradient per batch; inverse: exact dense (I - alpha W)^-1 "
+                         "computed once (n up to ~20,000)")
+    fg = r.add_argument_group("fast spectral ranking options (fsr; also uses the graph options)")
+    fg.add_argument("--rank", type=_positive_int, default=400, help="eigenpairs kept (r)")
+    fg.add_argument("--fsr-mode", default="approx", choices=("rank_r", "approx"),
+                    help="FSR.rank-r or FSR.approx")
     qg = r.add_argument_group("query expansion options (alpha-qe, dba-qe)")
     qg.add_argument("--qe-n", type=_nonneg_int, default=10,
                     help="alpha-QE neighbours (dba-qe: 0 = DBA only)")

@@ -181,7 +181,22 @@ def _diffusion_build(database, config: DiffusionConfig = DiffusionConfig(), *,
             raise ValueError(f"truncate = {config.truncate} must be at least query_k = {config.query_k}")
     graph = knn_graph(db, config.k, gamma=config.gamma, mutual=config.mutual,
                       method=config.graph_method, show_progress=show_progress)
-    w = normalize(graph)
+    return diffusion_state_from_graph(db, graph, config)
+
+
+def diffusion_state_from_graph(database, graph: Graph, config: DiffusionConfig = DiffusionConfig(),
+                               *, normalized: bool = False) -> DiffusionState:
+    """A `DiffusionState` on a graph built elsewhere (a saved graph, a region graph...).
+
+    ``graph`` is the affinity A (normalised here) or, with ``normalized=True``, W itself.
+    ``config.k`` and the graph options are then informative only.
+    """
+    db = _checks.as_matrix(database, "database")
+    if not isinstance(graph, Graph):
+        raise TypeError(f"graph must be a retrieval_jax.graph.Graph, got {type(graph).__name__}")
+    if graph.num_nodes != db.shape[0]:
+        raise ValueError(f"the graph has {graph.num_nodes} nodes but the database has {db.shape[0]} items")
+    w = graph if normalized else normalize(graph)
     inverse = diffusion_inverse(w, config.alpha) if config.solver == "inverse" else None
     return DiffusionState(database=jnp.asarray(db), graph=w, inverse=inverse, config=config)
 

@@ -262,3 +262,20 @@ def test_bad_ground_truth_sizes(tmp_path, capsys):
           "rankings have 150 queries but")
     fails(["evaluate", d / "items.npz", "--labels", d / "gnd_toy.pkl"], capsys,
           "cannot read labels")
+
+
+def test_rank_fsr_and_inverse_agree_with_cg(tmp_path):
+    """The exact routes of the CLI rank like converged CG."""
+    from sklearn.datasets import load_digits
+    x = load_digits().data[:300].astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    np.save(tmp_path / "x.npy", x)
+    out = {}
+    for name, extra in [("cg", ["--max-iter", "2000", "--tol", "1e-7"]), ("inv", ["--solver", "inverse"]),
+                        ("fsr", ["--method", "fsr", "--rank", "299"])]:
+        argv = ["rank", str(tmp_path / "x.npy"), "--items", "--k", "8", "--top", "all",
+                "-o", str(tmp_path / f"{name}.npz")] + extra
+        assert cli.main(argv) == 0
+        out[name] = np.load(tmp_path / f"{name}.npz")["ranking"][:, :10]
+    assert (out["inv"] == out["cg"]).mean() > 0.97
+    assert (out["fsr"] == out["cg"]).mean() > 0.97
