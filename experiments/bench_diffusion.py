@@ -29,7 +29,6 @@ warm-up (JAX compilation excluded and reported separately).
 from __future__ import annotations
 
 import argparse
-import csv
 import resource
 import time
 from pathlib import Path
@@ -42,6 +41,7 @@ import scipy.sparse.linalg as sla
 
 from retrieval_jax.diffusion import (diffuse, diffusion_inverse, indicator_vectors, query_vectors,
                                      ranking_from_scores, truncated_diffuse)
+from retrieval_jax.data.io import atomic_write, write_csv
 from retrieval_jax.evaluation import mean_average_precision
 from retrieval_jax.graph import knn, knn_graph, normalize
 
@@ -252,16 +252,7 @@ def main(argv=None):
         all_rows += rows
         if layout_rows is None:
             layout_rows = bench_layouts(w)
-    from retrieval_jax.data.io import atomic_write
-    import io
-
-    def write_csv(f):
-        s = io.StringIO()
-        wr = csv.DictWriter(s, fieldnames=list(all_rows[0]))
-        wr.writeheader()
-        wr.writerows(all_rows)
-        f.write(s.getvalue().encode())
-    atomic_write(out / "diffusion_speed.csv", write_csv)
+    write_csv(out / "diffusion_speed.csv", all_rows, columns=list(dict.fromkeys(k for r in all_rows for k in r)))
     _plot(out / "diffusion_speed.png", all_rows)
     print(f"\nwrote {out / 'diffusion_speed.csv'} and {out / 'diffusion_speed.png'}")
 
@@ -270,7 +261,6 @@ def _plot(path, rows):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from retrieval_jax.data.io import atomic_write
     sizes = sorted({r["n"] for r in rows})
     fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4), squeeze=False)
     for ax, n in zip(axes[0], sizes):

@@ -23,9 +23,7 @@ atomically.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import io
 import json
 import platform
 import sys
@@ -34,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from retrieval_jax.data import io as data_io
 from retrieval_jax.data import (atomic_write, default_data_dir, load_coil20, load_descriptors,
                                 load_digits, load_gnd, load_mpeg7)
 from retrieval_jax.diffusion import ranking_from_scores
@@ -213,13 +212,7 @@ def _fmt(v) -> str:
 
 
 def write_csv(path: Path, records, columns=COLUMNS) -> None:
-    text = io.StringIO()
-    w = csv.DictWriter(text, fieldnames=list(columns), extrasaction="ignore")
-    w.writeheader()
-    for r in records:
-        w.writerow({c: (f"{r[c]:.4f}" if isinstance(r.get(c), float) else r.get(c, ""))
-                    for c in columns})
-    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
+    data_io.write_csv(path, records, columns, float_format="{:.4f}")
 
 
 def markdown(records) -> str:

@@ -26,6 +26,7 @@ import reproduce  # noqa: E402
 from retrieval_jax.data import atomic_write  # noqa: E402
 from retrieval_jax.diffusion import ranking_from_scores  # noqa: E402
 from retrieval_jax.evaluation import label_map  # noqa: E402
+from retrieval_jax.evaluation.figures import ranked_results_figure  # noqa: E402
 from retrieval_jax.methods import DIFFUSION, KNN_SEARCH, DiffusionConfig, KnnConfig  # noqa: E402
 
 BEFORE_AFTER = (("kNN search", KNN_SEARCH, KnnConfig()),
@@ -53,42 +54,6 @@ def choose_queries(aps: dict, n_show: int, select: str, seed: int = 0) -> np.nda
     best = np.argsort(-gain, kind="stable")[: max(1, (2 * n_show) // 3)]
     rest = rng.choice(np.setdiff1d(np.arange(n), best), size=n_show - best.size, replace=False)
     return np.concatenate([best, rest])
-
-
-def figure(path: Path, images, labels, queries, named, aps, top: int, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = len(queries) * len(named)
-    fig, axes = plt.subplots(rows, top + 1, figsize=(1.1 * (top + 1) + 0.8, 1.15 * rows),
-                             squeeze=False)
-    for qi, q in enumerate(queries):
-        for mi, (name, ranking) in enumerate(named.items()):
-            row = qi * len(named) + mi
-            ax = axes[row, 0]
-            ax.imshow(images[q], cmap="gray")
-            ax.set_ylabel(f"{name}\nAP {100 * aps[name][q]:.0f}", fontsize=7)
-            if mi == 0:
-                ax.set_title(f"query {q}", fontsize=7)
-            for spine in ax.spines.values():
-                spine.set_edgecolor("tab:blue")
-                spine.set_linewidth(2)
-            for j in range(top):
-                item = ranking[q, j]
-                ax = axes[row, j + 1]
-                ax.imshow(images[item], cmap="gray")
-                ok = labels[item] == labels[q]
-                for spine in ax.spines.values():
-                    spine.set_edgecolor("tab:green" if ok else "tab:red")
-                    spine.set_linewidth(3)
-            for ax in axes[row]:
-                ax.set_xticks([])
-                ax.set_yticks([])
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=80))
-    plt.close(fig)
 
 
 def page(path: Path, png_name: str, dataset: str, queries, aps: dict, maps: dict) -> None:
@@ -130,9 +95,9 @@ def run(dataset="digits", out="results/page", *, n_queries: int = 6, top: int = 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     png = out / "results_page.png"
-    figure(png, data.images, labels, queries, named, aps, top,
-           f"{dataset}: top {top} results, kNN search (upper row) vs diffusion (lower row); "
-           "green = same class, red = other")
+    ranked_results_figure(png, data.images, labels, queries, named, top, aps=aps,
+                          title=f"{dataset}: top {top} results, kNN search (upper row) vs diffusion "
+                                "(lower row); green = same class, red = other")
     page(out / "index.html", png.name, dataset, queries, aps, maps)
     log(f"wrote {png} and {out / 'index.html'} ("
         + ", ".join(f"{m} mAP {100 * v:.2f}" for m, v in maps.items()) + ")")

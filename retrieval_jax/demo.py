@@ -11,7 +11,6 @@ row above the diffusion row, correct results framed green and wrong ones red.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import time
 from pathlib import Path
@@ -19,9 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from .data import datasets
-from .data.io import atomic_write
+from .data.io import write_csv
 from .diffusion import ranking_from_scores
 from .evaluation import mean_average_precision
+from .evaluation.figures import ranked_results_figure
 from .methods import DIFFUSION, KNN_SEARCH, DiffusionConfig, KnnConfig
 
 
@@ -78,13 +78,17 @@ def run(dataset: str = "digits", k: int = 10, out: str | Path = "results/demo", 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _print_table(dataset, n, rows)
-    _write_csv(out / "results.csv", rows)
+    write_csv(out / "results.csv", rows)
+    print(f"wrote {out / 'results.csv'}")
     if data.images is not None:
         rng = np.random.default_rng(seed)
         queries = rng.choice(n, size=n_show, replace=False)
-        _figure(out / "queries.png", data.images, labels, queries,
-                [("kNN search", rankings["kNN search"]),
-                 ("diffusion", rankings["diffusion, CG to tol 1e-6"])], top)
+        ranked_results_figure(
+            out / "queries.png", data.images, labels, queries,
+            {"kNN search": rankings["kNN search"], "diffusion": rankings["diffusion, CG to tol 1e-6"]}, top,
+            title="top results per query: kNN search (upper row) vs diffusion (lower row); "
+                  "green = same class, red = other")
+        print(f"wrote {out / 'queries.png'}")
     return rows
 
 
@@ -94,50 +98,6 @@ def _print_table(dataset, n, rows):
     print(f"|{'-' * 34}|{'-' * 8}|{'-' * 8}|{'-' * 10}|{'-' * 10}|")
     for r in rows:
         print(f"| {r['method']:<32} | {r['mAP']:6.2f} | {r['mP@10']:6.2f} | {r['build_s']:8.2f} | {r['search_s']:8.2f} |")
-
-
-def _write_csv(path: Path, rows):
-    def write(f):
-        import io
-        text = io.StringIO()
-        w = csv.DictWriter(text, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-        f.write(text.getvalue().encode())
-    atomic_write(path, write)
-    print(f"wrote {path}")
-
-
-def _figure(path: Path, images, labels, queries, named_rankings, top):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    nrow = len(queries) * len(named_rankings)
-    fig, axes = plt.subplots(nrow, top + 1, figsize=(1.2 * (top + 1), 1.3 * nrow))
-    for qi, q in enumerate(queries):
-        for mi, (name, ranking) in enumerate(named_rankings):
-            row = qi * len(named_rankings) + mi
-            ax = axes[row, 0]
-            ax.imshow(images[q], cmap="gray")
-            ax.set_title(f"query {q}" if mi == 0 else "", fontsize=7)
-            ax.set_ylabel(name, fontsize=7)
-            ax.set_xticks([]), ax.set_yticks([])
-            for j in range(top):
-                item = ranking[q, j]
-                ax = axes[row, j + 1]
-                ax.imshow(images[item], cmap="gray")
-                ok = labels[item] == labels[q]
-                for spine in ax.spines.values():
-                    spine.set_edgecolor("tab:green" if ok else "tab:red")
-                    spine.set_linewidth(3)
-                ax.set_xticks([]), ax.set_yticks([])
-    fig.suptitle("top results per query: kNN search (upper row) vs diffusion (lower row); "
-                 "green = same class, red = other", fontsize=9)
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=90))
-    plt.close(fig)
-    print(f"wrote {path}")
 
 
 def main(argv=None):

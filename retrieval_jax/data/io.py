@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "write_csv"]
 
 
 def atomic_write(path, write_fn: Callable[[BinaryIO], object]) -> Path:
@@ -81,3 +81,28 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def write_csv(path, rows, columns=None, *, float_format: str | None = None) -> Path:
+    """Write a list of dict rows as CSV, atomically (see `atomic_write`).
+
+    ``columns`` (default: the keys of the first row) orders the columns; keys of a
+    row that are not columns are ignored, missing ones are left empty.
+    ``float_format`` (e.g. ``"{:.4f}"``) formats float values.
+    """
+    import csv
+    import io
+
+    rows = list(rows)
+    if not rows and columns is None:
+        raise ValueError(f"nothing to write to {path}: no rows and no columns")
+    columns = list(rows[0]) if columns is None else list(columns)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        if float_format is not None:
+            row = {k: (float_format.format(v) if isinstance(v, float) else v) for k, v in row.items()}
+        writer.writerow(row)
+    data = text.getvalue().encode()
+    return atomic_write(path, lambda f: f.write(data))
