@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import reproduce  # noqa: E402
 from retrieval_jax.data import atomic_write  # noqa: E402
 from retrieval_jax.diffusion import ranking_from_scores  # noqa: E402
-from retrieval_jax.methods import DIFFUSION, DiffusionConfig  # noqa: E402
+from retrieval_jax.methods import DIFFUSION, FSR, DiffusionConfig, FsrConfig  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +59,9 @@ ABLATIONS = {
     "truncate": Ablation((50, 100, 200, 500, 1000), (100, 300), DIFFUSION,
                          lambda s, v: _diff(s, truncate=v), log_x=True,
                          label="truncation T (shortlist size)"),
+    "rank": Ablation((25, 50, 100, 200, 400), (25, 200), FSR,
+                     lambda s, v: FsrConfig(k=s.k, query_k=s.query_k, rank=v, mode="approx"),
+                     log_x=True, label="FSR rank r (approx)"),
 }
 
 

@@ -93,6 +93,7 @@ def test_ablations_quick(tmp_path):
     by = {(r["param"], float(r["value"])): float(r["mAP"]) for r in rows}
     assert by[("alpha", 0.99)] > by[("alpha", 0.9)]      # the manifold helps digits
     assert by[("k", 20)] > by[("k", 5)]                  # k = 5 fragments the graph
+    assert abs(by[("rank", 200)] - by[("alpha", 0.99)]) < 1.0  # FSR at r = 200 matches CG diffusion
     assert all(0 < v <= 100 for v in by.values())
     for param in ablations.ABLATIONS:
         _valid_png(out / f"{param}.png")
