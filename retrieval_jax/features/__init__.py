@@ -1,6 +1,9 @@
 """Descriptors from CNN feature maps: pooling, whitening, fine-tuning, regional search.
 """
-from . import backbones, extract as extraction, losses, pooling, regional, resnet_vgg, torch_pickle, train, whitening
+from . import (backbones, extract as extraction, finetune, losses, pooling, regional, resnet_vgg, saliency,
+               torch_pickle, train, whitening)
+from .finetune import embed_with_head, finetune_head
+from .saliency import feature_saliency, save_overlay, similarity_gradient, similarity_saliency
 from .backbones import Backbone, efficientnet_lite_from_state_dict, load_efficientnet_lite
 from .extract import Extracted, ImageReadError, extract, load_image
 from .resnet_vgg import from_state_dict as resnet_vgg_from_state_dict
@@ -14,7 +17,7 @@ from .train import (TrainState, contrastive_objective, load_checkpoint, make_tra
 from .whitening import Whitening, apply_whitening, learn_pca_whitening
 
 __all__ = [
-    "backbones", "extraction", "losses", "pooling", "regional", "resnet_vgg", "torch_pickle", "train",
+    "backbones", "extraction", "finetune", "saliency", "losses", "pooling", "regional", "resnet_vgg", "torch_pickle", "train",
     "whitening",
     "Backbone", "efficientnet_lite_from_state_dict", "load_efficientnet_lite",
     "Extracted", "ImageReadError", "extract", "load_image",
@@ -26,4 +29,6 @@ __all__ = [
     "TrainState", "contrastive_objective", "load_checkpoint", "make_train_step", "save_checkpoint",
     "triplet_objective",
     "Whitening", "apply_whitening", "learn_pca_whitening",
+    "embed_with_head", "finetune_head",
+    "feature_saliency", "save_overlay", "similarity_gradient", "similarity_saliency",
 ]

@@ -249,7 +249,7 @@ def rmac_regions(x, levels: int = 3, whitening=None, mask=None, eps: float = 1e-
       (regions float[B, R, C or D], valid bool[B, R]); invalid regions are zero.
     """
     x, mask = _check_map(x, mask)
-    boxes = rmac_boxes(x.shape[1], x.shape[2], levels)  # validates levels
+    rmac_boxes(x.shape[1], x.shape[2], levels)  # validates levels
     if whitening is not None:
         _check_whitening(whitening, x.shape[-1])
         whitening = (jnp.asarray(whitening.mean), jnp.asarray(whitening.projection))

@@ -406,7 +406,6 @@ def _component_plan(mat, *, small_size: int, max_blocks: int):
     """
     from scipy.sparse.csgraph import connected_components
 
-    n = mat.shape[0]
     ncomp, comp = connected_components(mat, directed=False)
     sizes = np.bincount(comp, minlength=ncomp)
     is_small = sizes <= small_size
