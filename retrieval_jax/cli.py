@@ -215,9 +215,10 @@ def cmd_graph(args, parser) -> int:
                       show_progress=None if n >= 20000 else False)
     except ValueError as exc:
         parser.error(_msg(exc))
-    idx, w = np.asarray(g.indices, np.int32), np.asarray(g.weights, np.float32)
-    _write_npz(out, indices=idx, weights=w, k=np.int64(args.k), gamma=np.float64(args.gamma),
-               mutual=np.bool_(args.mutual), method=np.asarray(args.method), n=np.int64(n))
+    from .graph import save_graph
+    save_graph(out, g, k=np.int64(args.k), gamma=np.float64(args.gamma), mutual=np.bool_(args.mutual),
+               method=np.asarray(args.method), n=np.int64(n))
+    idx, w = np.asarray(g.indices), np.asarray(g.weights)
     edges = int((w != 0).sum())
     isolated = int(((w != 0).sum(axis=1) == 0).sum())
     print(f"wrote {out}: {n} nodes, {edges} directed edges, max degree {idx.shape[1]}, "
@@ -227,31 +228,14 @@ def cmd_graph(args, parser) -> int:
 
 def _load_graph(parser, path: str, n: int):
     """A graph .npz written by ``graph`` -> (Graph of affinities A, stored k or None)."""
-    from .graph import Graph
+    from .graph import load_graph
 
     p = _input_file(parser, path, "graph")
     try:
-        with np.load(p, allow_pickle=False) as npz:
-            if "indices" not in npz.files or "weights" not in npz.files:
-                raise ValueError(f"it has no 'indices' / 'weights' arrays (found {npz.files}); "
-                                 f"write it with `{PROG} graph`")
-            idx, w = npz["indices"], npz["weights"]
-            k = int(npz["k"]) if "k" in npz.files else None
-    except _LOAD_ERRORS as exc:
-        parser.error(f"cannot read graph {path}: {_msg(exc)}")
-    if idx.ndim != 2 or idx.shape != w.shape or idx.dtype.kind not in "iu" \
-            or w.dtype.kind != "f":
-        parser.error(f"graph {path}: indices / weights must be int and float arrays of the same "
-                     f"shape [n, K], got {idx.dtype}{list(idx.shape)} and {w.dtype}{list(w.shape)}")
-    if idx.shape[0] != n:
-        parser.error(f"graph {path} has {idx.shape[0]} nodes but the descriptors have {n} rows; "
-                     "build the graph from the same descriptors")
-    if idx.size and (idx.min() < 0 or idx.max() >= n):
-        parser.error(f"graph {path} has neighbour ids outside [0, {n})")
-    if not np.isfinite(w).all() or (w < 0).any():
-        parser.error(f"graph {path} has negative or non-finite weights")
-    import jax.numpy as jnp
-    return Graph(indices=jnp.asarray(idx, jnp.int32), weights=jnp.asarray(w, jnp.float32)), k
+        graph, meta = load_graph(p, num_nodes=n)
+    except (ValueError, FileNotFoundError) as exc:
+        parser.error(f"cannot use graph {path}: {_msg(exc)}")
+    return graph, (int(meta["k"]) if "k" in meta else None)
 
 
 # ----------------------------------------------------------------------------- rank

@@ -228,7 +228,7 @@ def test_bad_arguments(digits, tmp_path, capsys):
         (["rank", X, "--queries", tmp_path / "Q5.npy", "-o", out], "dimension 5"),
         (["rank", X, "--queries", tmp_path / "nope.npy", "-o", out], "does not exist"),
         (["rank", X, "--items", "--graph", tmp_path / "small_g.npz", "-o", out],
-         f"has 20 nodes but the descriptors have {N}"),
+         f"has 20 nodes but {N} were expected"),
         (["rank", X, "--items", "--graph", X, "-o", out], "cannot read graph"),
         (["rank", X, "--items", "--graph", g, "--truncate", 5, "-o", out],
          "must be at least --query-k"),

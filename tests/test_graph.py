@@ -129,3 +129,23 @@ def test_bad_k_and_gamma_and_dims():
         knn(x[:, :3], x, 2)
     with pytest.raises(ValueError, match="method"):
         knn_graph(x, 3, method="faiss")
+
+
+def test_save_load_graph_round_trip_and_errors(tmp_path):
+    from retrieval_jax.graph import load_graph, save_graph
+    x = _unit(np.random.default_rng(6), 40, 5)
+    g = knn_graph(x, 4)
+    path = save_graph(tmp_path / "g.npz", g, k=4, gamma=3.0)
+    back, meta = load_graph(path, num_nodes=40)
+    np.testing.assert_array_equal(np.asarray(back.indices), np.asarray(g.indices))
+    np.testing.assert_array_equal(np.asarray(back.weights), np.asarray(g.weights))
+    assert int(meta["k"]) == 4 and float(meta["gamma"]) == 3.0
+    assert not list(tmp_path.glob(".*.tmp"))
+    with pytest.raises(ValueError, match="41 were expected"):
+        load_graph(path, num_nodes=41)
+    np.savez(tmp_path / "bad.npz", indices=np.full((3, 2), 7), weights=np.ones((3, 2)))
+    with pytest.raises(ValueError, match="outside"):
+        load_graph(tmp_path / "bad.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="readable"):
+        load_graph(tmp_path / "junk.npz")

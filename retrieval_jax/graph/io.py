@@ -1,0 +1,62 @@
+"""Saving and loading graphs (an offline index) as .npz, atomically."""
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
+from .core import Graph
+
+
+def save_graph(path, graph: Graph, **meta) -> Path:
+    """Write ``graph`` (indices, weights) and scalar metadata (k, gamma...) to an .npz file.
+
+    The file is written to a temporary name and renamed, so a crash never leaves
+    a half-written graph.
+    """
+    from ..data.io import atomic_write
+
+    if not isinstance(graph, Graph):
+        raise TypeError(f"graph must be a retrieval_jax.graph.Graph, got {type(graph).__name__}")
+    for key in ("indices", "weights"):
+        if key in meta:
+            raise ValueError(f"metadata key {key!r} is reserved for the graph arrays")
+    arrays = {"indices": np.asarray(graph.indices, np.int32), "weights": np.asarray(graph.weights, np.float32),
+              **{k: np.asarray(v) for k, v in meta.items()}}
+    return atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def load_graph(path, *, num_nodes: int | None = None) -> tuple[Graph, dict]:
+    """Read a graph written by `save_graph` -> (Graph, metadata dict).
+
+    Checks that it holds int ``indices`` and float ``weights`` of the same [n, K]
+    shape, neighbour ids in [0, n), finite non-negative weights, and (when given)
+    ``num_nodes`` nodes; raises ValueError naming the problem otherwise.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"graph file {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+        raise ValueError(f"graph {path} is not a readable .npz file ({exc})") from exc
+    if "indices" not in arrays or "weights" not in arrays:
+        raise ValueError(f"graph {path} has no 'indices' / 'weights' arrays (found {sorted(arrays)}); "
+                         "write it with save_graph or `retrieval-jax graph`")
+    idx, w = arrays.pop("indices"), arrays.pop("weights")
+    meta = {k: v[()] for k, v in arrays.items()}
+    if idx.ndim != 2 or idx.shape != w.shape or idx.dtype.kind not in "iu" or w.dtype.kind != "f":
+        raise ValueError(f"graph {path}: indices / weights must be int and float arrays of the same "
+                         f"shape [n, K], got {idx.dtype}{list(idx.shape)} and {w.dtype}{list(w.shape)}")
+    n = idx.shape[0]
+    if num_nodes is not None and n != num_nodes:
+        raise ValueError(f"graph {path} has {n} nodes but {num_nodes} were expected; "
+                         "build the graph from the same descriptors")
+    if idx.size and (idx.min() < 0 or idx.max() >= n):
+        raise ValueError(f"graph {path} has neighbour ids outside [0, {n})")
+    if not np.isfinite(w).all() or (w < 0).any():
+        raise ValueError(f"graph {path} has negative or non-finite weights")
+    return Graph(indices=jnp.asarray(idx, jnp.int32), weights=jnp.asarray(w, jnp.float32)), meta
