@@ -234,7 +234,7 @@ def _load_graph(parser, path: str, n: int):
     try:
         graph, meta = load_graph(p, num_nodes=n)
     except (ValueError, FileNotFoundError) as exc:
-        parser.error(f"cannot use graph {path}: {_msg(exc)}")
+        parser.error(f"cannot read graph {path}: {_msg(exc)}")
     return graph, (int(meta["k"]) if "k" in meta else None)
 
 

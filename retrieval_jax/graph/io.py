@@ -39,10 +39,13 @@ def load_graph(path, *, num_nodes: int | None = None) -> tuple[Graph, dict]:
     if not path.is_file():
         raise FileNotFoundError(f"graph file {path} does not exist")
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
+        loaded = np.load(path, allow_pickle=False)
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
         raise ValueError(f"graph {path} is not a readable .npz file ({exc})") from exc
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise ValueError(f"graph {path} is a single array, not an .npz archive of indices and weights")
+    with loaded as npz:
+        arrays = {k: npz[k] for k in npz.files}
     if "indices" not in arrays or "weights" not in arrays:
         raise ValueError(f"graph {path} has no 'indices' / 'weights' arrays (found {sorted(arrays)}); "
                          "write it with save_graph or `retrieval-jax graph`")
