@@ -261,7 +261,7 @@ def _default_tol(dtype) -> float:
 
 def _krylov_dims(n: int, r: int, num_iter) -> tuple[int, int]:
     if num_iter is None:
-        m = min(n, max(2 * r, r + 64))
+        m = min(n, max(2 * r, r + 128))  # r + 64 stalls on clustered top eigenvalues (n = 20k, r = 100)
     else:
         if isinstance(num_iter, bool) or not isinstance(num_iter, (int, np.integer)):
             raise TypeError(f"num_iter must be an int, got {type(num_iter).__name__}")
@@ -331,7 +331,7 @@ def lanczos(matvec: Callable, n: int, r: int, *, num_iter: int | None = None, ke
       matvec: x float[n] -> A x float[n], jax-traceable, A symmetric.
       n: operator size.
       r: number of eigenpairs, 1 <= r < n.
-      num_iter: Krylov basis size M per cycle, r < M <= n (default max(2r, r + 64),
+      num_iter: Krylov basis size M per cycle, r < M <= n (default max(2r, r + 128),
         capped at n). Each restart keeps r + (M - r) // 2 Ritz vectors.
       key: PRNG key of the start / restart vectors (default ``jax.random.key(0)``).
       dtype: float32 (default) or float64 (needs ``jax_enable_x64``).
