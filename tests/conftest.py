@@ -19,3 +19,20 @@ def require_data(sub: str) -> Path:
     if not path.is_dir():
         pytest.skip(f"real data folder {path} is absent (set RETRIEVAL_JAX_DATA to the shared data dir)")
     return path
+
+
+def read_csv(path):
+    """Rows of a CSV file as dicts of strings."""
+    import csv
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def assert_valid_png(path, min_width: int = 100, min_height: int = 100):
+    """``path`` is a readable PNG picture of at least the given size."""
+    from PIL import Image
+    assert Path(path).is_file(), path
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size[0] > min_width and im.size[1] > min_height, im.size

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import scipy.io
 
+from conftest import require_data
+
 from retrieval_jax.data import (
     GroundTruth,
     atomic_write,
@@ -22,16 +24,8 @@ from retrieval_jax.data import (
 )
 
 
-def _data_dir() -> Path:
-    env = os.environ.get("RETRIEVAL_JAX_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-def _need(sub: str) -> Path:
-    path = _data_dir() / sub
-    if not path.is_dir():
-        pytest.skip(f"real data folder {path} is absent (set RETRIEVAL_JAX_DATA to the shared data)")
-    return path
 
 
 def _assert_same_gt(a: GroundTruth, b: GroundTruth):
@@ -50,7 +44,7 @@ def _assert_same_gt(a: GroundTruth, b: GroundTruth):
 
 @pytest.mark.parametrize("name", ["gnd_roxford5k", "gnd_rparis6k"])
 def test_gnd_pkl_and_mat_twins_agree(name):
-    root = _need("revisitop")
+    root = require_data("revisitop")
     from_pkl = load_gnd(root / f"{name}.pkl")
     from_mat = load_gnd(root / f"{name}.mat")
     _assert_same_gt(from_pkl, from_mat)
@@ -68,7 +62,7 @@ def test_gnd_pkl_and_mat_twins_agree(name):
 
 
 def test_gnd_mat_indices_are_one_based():
-    root = _need("revisitop")
+    root = require_data("revisitop")
     raw = scipy.io.loadmat(root / "gnd_roxford5k.mat")["gnd"]
     gt = load_gnd(root / "gnd_roxford5k.mat")
     for i in (0, 11, 69):
@@ -80,7 +74,7 @@ def test_gnd_mat_indices_are_one_based():
 
 @pytest.mark.parametrize("name", ["gnd_oxford5k.pkl", "gnd_paris6k.pkl"])
 def test_classic_gnd(name):
-    gt = load_gnd(_need("oxford_paris_classic") / name)
+    gt = load_gnd(require_data("oxford_paris_classic") / name)
     assert gt.protocol == "classic" and gt.n_queries == 55
     assert gt.qidx.dtype == np.int64
     assert [gt.imlist[i] for i in gt.qidx] == list(gt.qimlist)
@@ -160,7 +154,7 @@ def test_gnd_pickle_refuses_code(tmp_path):
 
 
 def test_gnd_mat_errors(tmp_path):
-    root = _need("revisitop")
+    root = require_data("revisitop")
     data = scipy.io.loadmat(root / "gnd_roxford5k.mat")
     data = {k: v for k, v in data.items() if not k.startswith("__")}
     # a 0-based index written into a 1-based file
@@ -353,7 +347,7 @@ def test_load_digits():
 
 @pytest.fixture(scope="module")
 def coil():
-    return load_coil20(root=_need("coil20"), size=16, images=True)
+    return load_coil20(root=require_data("coil20"), size=16, images=True)
 
 
 def test_load_coil20(coil):
@@ -376,7 +370,7 @@ def test_load_coil20(coil):
 
 
 def test_load_mpeg7_subset_and_errors(tmp_path):
-    root = _need("mpeg7")
+    root = require_data("mpeg7")
     names = ["apple-1.gif", "apple-2.gif", "apple-10.gif", "personal_car-3.gif", "Glas-1.gif"]
     for n in names:
         os.symlink(root / n, tmp_path / n)
@@ -409,7 +403,7 @@ def test_load_mpeg7_subset_and_errors(tmp_path):
 
 
 def test_load_mpeg7_full():
-    ds = load_mpeg7(root=_need("mpeg7"), size=16)
+    ds = load_mpeg7(root=require_data("mpeg7"), size=16)
     assert ds.X.shape == (1400, 256)
     assert ds.n_classes == 70 and set(np.bincount(ds.labels)) == {20}
     for i in range(0, 1400, 97):

@@ -4,10 +4,11 @@ from __future__ import annotations
 import os
 import pickle
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import require_data
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -23,20 +24,12 @@ from retrieval_jax.evaluation import (
 )
 
 
-def _data_dir() -> Path:
-    env = os.environ.get("RETRIEVAL_JAX_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-def _need(sub: str) -> Path:
-    path = _data_dir() / sub
-    if not path.is_dir():
-        pytest.skip(f"real data folder {path} is absent (set RETRIEVAL_JAX_DATA to the shared data)")
-    return path
 
 
 def _gnd_pickle(folder: str, name: str) -> dict:
-    with open(_need(folder) / name, "rb") as f:
+    with open(require_data(folder) / name, "rb") as f:
         return pickle.load(f)
 
 
@@ -272,7 +265,7 @@ def test_revisited_oxford_queries_without_easy_positives_are_left_out():
 
 
 def test_revisited_accepts_groundtruth_object_and_is_fast():
-    path = _need("revisitop") / "gnd_roxford5k.pkl"
+    path = require_data("revisitop") / "gnd_roxford5k.pkl"
     gt = load_gnd(path)
     d = _gnd_pickle("revisitop", "gnd_roxford5k.pkl")
     rng = np.random.default_rng(1)
@@ -386,7 +379,7 @@ def test_bullseye_hand_computed():
 
 
 def test_bullseye_mpeg7_perfect_ranking_is_one():
-    root = _need("mpeg7")
+    root = require_data("mpeg7")
     names = sorted(f.rsplit("-", 1)[0] for f in os.listdir(root) if f.lower().endswith(".gif"))
     _, labels = np.unique(names, return_inverse=True)
     n = labels.size

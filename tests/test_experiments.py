@@ -1,5 +1,4 @@
 """experiments/reproduce.py, ablations.py and results_page.py in --quick mode on digits."""
-import csv
 import json
 import pickle
 import sys
@@ -8,26 +7,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.io
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 
+from conftest import assert_valid_png, read_csv  # noqa: E402
 import ablations  # noqa: E402
 import reproduce  # noqa: E402
 import results_page  # noqa: E402
 
 
-def _csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
-def _valid_png(path):
-    assert path.is_file(), path
-    with Image.open(path) as im:
-        im.verify()
-    with Image.open(path) as im:
-        assert im.format == "PNG" and im.size[0] > 100 and im.size[1] > 100
 
 
 def _toy_landmarks(d: Path):
@@ -53,7 +43,7 @@ def test_reproduce_quick(tmp_path, capsys):
     assert reproduce.main(["--quick", "--datasets", "digits", "--out", str(out),
                            "--roxford", str(tmp_path / "toy.mat"),
                            "--gnd", str(tmp_path / "gnd_toy5k.pkl")]) == 0
-    rows = _csv(out / "results.csv")
+    rows = read_csv(out / "results.csv")
     digits = {r["method"]: r for r in rows if r["dataset"] == "digits"}
     assert len(digits) == len(reproduce.table_rows(reproduce.QUICK, 1797)) == 9
     m = {name.split(" (")[0]: float(r["mAP"]) for name, r in digits.items()}
@@ -88,7 +78,7 @@ def test_reproduce_argument_errors(tmp_path, capsys):
 def test_ablations_quick(tmp_path):
     out = tmp_path / "abl"
     assert ablations.main(["--quick", "--datasets", "digits", "--out", str(out)]) == 0
-    rows = _csv(out / "ablations.csv")
+    rows = read_csv(out / "ablations.csv")
     assert {r["param"] for r in rows} == set(ablations.ABLATIONS)
     by = {(r["param"], float(r["value"])): float(r["mAP"]) for r in rows}
     assert by[("alpha", 0.99)] > by[("alpha", 0.9)]      # the manifold helps digits
@@ -96,7 +86,7 @@ def test_ablations_quick(tmp_path):
     assert abs(by[("rank", 200)] - by[("alpha", 0.99)]) < 1.0  # FSR at r = 200 matches CG diffusion
     assert all(0 < v <= 100 for v in by.values())
     for param in ablations.ABLATIONS:
-        _valid_png(out / f"{param}.png")
+        assert_valid_png(out / f"{param}.png")
     assert json.loads((out / "config.json").read_text())["params"]["k"] == [5, 20]
 
 
@@ -104,6 +94,6 @@ def test_results_page(tmp_path):
     out = tmp_path / "page"
     queries, maps = results_page.run("digits", out, n_queries=3, top=4, log=lambda *a: None)
     assert len(queries) == 3 and maps["diffusion"] > maps["kNN search"]
-    _valid_png(out / "results_page.png")
+    assert_valid_png(out / "results_page.png")
     html = (out / "index.html").read_text()
     assert '<img src="results_page.png"' in html and html.count("<tr>") == 4

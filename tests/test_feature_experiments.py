@@ -5,15 +5,13 @@ EfficientNet-Lite0 descriptors cached in the module's tmp dir), then the outputs
 checked: CSV columns and rows, scores in range and plausible, GFLOP/s sane against the
 matmul peak, PNGs readable, and regional diffusion beating global kNN.
 """
-import csv
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from conftest import require_data
+from conftest import assert_valid_png, read_csv, require_data
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 
@@ -21,17 +19,8 @@ import features_benchmark as fb  # noqa: E402
 import regional_diffusion as rd  # noqa: E402
 
 
-def _csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
-def _valid_png(path):
-    assert path.is_file(), path
-    with Image.open(path) as im:
-        im.verify()
-    with Image.open(path) as im:
-        assert im.format == "PNG" and im.size[0] > 300 and im.size[1] > 200
 
 
 def _need_data():
@@ -56,7 +45,7 @@ def regional_out(tmp_path_factory):
 
 
 def test_features_benchmark_table(features_out):
-    rows = _csv(features_out / "results.csv")
+    rows = read_csv(features_out / "results.csv")
     assert set(rows[0]) == {"dataset", "n", "protocol", "size", "scales", "descriptor", "method",
                             "score"}
     got = {(r["dataset"], r["descriptor"], r["method"]) for r in rows}
@@ -72,11 +61,11 @@ def test_features_benchmark_table(features_out):
         assert r["n"] == "100"
     md = (features_out / "results.md").read_text()
     assert "| GeM |" in md and "GFLOP/s" in md
-    _valid_png(features_out / "features_benchmark.png")
+    assert_valid_png(features_out / "features_benchmark.png")
 
 
 def test_features_benchmark_speed(features_out):
-    (t,) = _csv(features_out / "timing.csv")
+    (t,) = read_csv(features_out / "timing.csv")
     ips, gf, mm = (float(t[k]) for k in ("forward_images_per_s", "model_gflops", "matmul_gflops"))
     flop, flop_a = float(t["gflop_per_image"]), float(t["gflop_per_image_analytic"])
     assert ips > 0 and gf > 0 and mm > 0
@@ -90,7 +79,7 @@ def test_features_benchmark_speed(features_out):
 
 
 def test_regional_outputs(regional_out):
-    rows = _csv(regional_out / "regional.csv")
+    rows = read_csv(regional_out / "regional.csv")
     assert set(rows[0]) == {"dataset", "n", "protocol", "size", "method", "descriptor", "pooling",
                             "score"}
     for ds in fb.DATASETS:
@@ -102,7 +91,7 @@ def test_regional_outputs(regional_out):
         for r in sel:
             assert 0.0 <= float(r["score"]) <= 1.0, r
     assert "regional diffusion" in (regional_out / "regional.md").read_text()
-    _valid_png(regional_out / "regional_diffusion.png")
+    assert_valid_png(regional_out / "regional_diffusion.png")
 
 
 def test_regional_diffusion_beats_global_knn(regional_out):
@@ -111,7 +100,7 @@ def test_regional_diffusion_beats_global_knn(regional_out):
     Quick subset (10 classes x 10 images, 128 px) gave COIL-20 mAP 0.96 (regional GMP)
     vs 0.85 (kNN GeM), MPEG-7 bull's-eye 0.999 vs 0.98.
     """
-    rows = _csv(regional_out / "regional.csv")
+    rows = read_csv(regional_out / "regional.csv")
     for ds, margin in (("coil20", 0.05), ("mpeg7", 0.0)):
         sel = [r for r in rows if r["dataset"] == ds]
         gmp = next(float(r["score"]) for r in sel if r["pooling"] == "gmp")
