@@ -320,7 +320,7 @@ def _run(op, operand, n, r, *, num_iter, key, dtype, tol, max_restarts, labels, 
 
 # --------------------------------------------------------------------------- public
 def lanczos(matvec: Callable, n: int, r: int, *, num_iter: int | None = None, key=None,
-            dtype=jnp.float32, tol: float | None = None, max_restarts: int = 30,
+            dtype=jnp.float32, tol: float | None = None, max_restarts: int = 100,
             blocks=None, check_symmetric: bool = True) -> Eigenpairs:
     """The r largest (algebraic) eigenpairs of a symmetric operator, A u_i = l_i u_i.
 
@@ -486,7 +486,7 @@ def _merge(values_l, vectors_l, parts, *, r: int, n: int) -> Eigenpairs:
 
 
 def graph_eigenpairs(graph, r: int, *, method: str = "auto", num_iter: int | None = None, key=None,
-                     dtype=jnp.float32, tol: float | None = None, max_restarts: int = 30,
+                     dtype=jnp.float32, tol: float | None = None, max_restarts: int = 100,
                      split_components: bool = True, small_component: int = 64,
                      max_blocks: int | None = None, check_symmetric: bool = True) -> Eigenpairs:
     """The r largest eigenpairs of a graph's (usually normalised) matrix W.
