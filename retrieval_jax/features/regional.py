@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import _checks
+from .pooling import check_mask
 
 __all__ = ["gmp_weights", "pool_region_scores", "query_region_similarity", "query_region_knn"]
 
@@ -35,11 +36,7 @@ def _check_regions(regions, mask):
     if mask is None:
         mask = jnp.ones(regions.shape[:2], dtype=bool)
     else:
-        mask = jnp.asarray(mask)
-        if tuple(mask.shape) != tuple(regions.shape[:2]):
-            raise ValueError(f"mask must have shape [N, R] = {tuple(regions.shape[:2])}, "
-                             f"got {tuple(mask.shape)}")
-        mask = mask if mask.dtype == jnp.bool_ else mask != 0
+        mask = check_mask(mask, regions.shape[:2], "[N, R]")
     return regions, mask
 
 
