@@ -44,8 +44,13 @@ def check_same_dim(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str) -> No
             "both must come from the same descriptor pipeline")
 
 
+def is_int(value) -> bool:
+    """True for a Python or numpy integer (bool excluded)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def check_k(k, n: int, *, name: str = "k", what: str = "database items") -> int:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+    if not is_int(k):
         raise TypeError(f"{name} must be an int, got {type(k).__name__}")
     k = int(k)
     if k <= 0:

@@ -41,7 +41,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from . import _checks
 from .graph.knn import knn
@@ -58,7 +57,7 @@ _EPS = 1e-12
 
 # ----------------------------------------------------------------------------- validation
 def _check_n(n, n_db: int, name: str = "n") -> int:
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+    if not _checks.is_int(n):
         raise TypeError(f"{name} must be an int (number of neighbours), got {type(n).__name__}")
     n = int(n)
     if n < 1:
@@ -187,7 +186,7 @@ class AlphaQEConfig:
     alpha: float = 3.0
 
     def __post_init__(self):
-        if isinstance(self.n, bool) or not isinstance(self.n, (int, np.integer)) or self.n < 1:
+        if not _checks.is_int(self.n) or self.n < 1:
             raise ValueError(f"AlphaQEConfig.n must be a positive int, got {self.n!r}")
         _check_alpha_exponent(self.alpha, "AlphaQEConfig.alpha")
 
@@ -251,10 +250,10 @@ class DbaQEConfig:
     alpha: float = 3.0
 
     def __post_init__(self):
-        if isinstance(self.dba_n, bool) or not isinstance(self.dba_n, (int, np.integer)) \
+        if not _checks.is_int(self.dba_n) \
                 or self.dba_n < 1:
             raise ValueError(f"DbaQEConfig.dba_n must be a positive int, got {self.dba_n!r}")
-        if isinstance(self.qe_n, bool) or not isinstance(self.qe_n, (int, np.integer)) \
+        if not _checks.is_int(self.qe_n) \
                 or self.qe_n < 0:
             raise ValueError(f"DbaQEConfig.qe_n must be an int >= 0 (0 = no query expansion), "
                              f"got {self.qe_n!r}")

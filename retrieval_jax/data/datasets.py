@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import _checks
+
 __all__ = ["ImageDataset", "default_data_dir", "load_coil20", "load_digits", "load_mpeg7"]
 
 ENV_VAR = "RETRIEVAL_JAX_DATA"
@@ -77,7 +79,7 @@ def _resolve_root(root, name: str) -> Path:
 
 
 def _check_size(size) -> int:
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size <= 0:
+    if not _checks.is_int(size) or size <= 0:
         raise ValueError(f"size must be a positive int (pixels per side), got {size!r}")
     return int(size)
 

@@ -30,6 +30,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from .. import _checks
+
 __all__ = [
     "MapResult",
     "RevisitedResult",
@@ -98,7 +100,7 @@ def _check_ranking(ranking, n_db: int | None, name: str = "ranking") -> tuple[np
     if n_db is None:
         n_db = r.shape[1]
     else:
-        if isinstance(n_db, bool) or not isinstance(n_db, (int, np.integer)) or n_db <= 0:
+        if not _checks.is_int(n_db) or n_db <= 0:
             raise ValueError(f"n_db must be a positive int, got {n_db!r}")
         n_db = int(n_db)
         if r.shape[1] > n_db:
@@ -130,7 +132,7 @@ def _check_ks(ks) -> tuple[int, ...]:
         ks = (ks,)
     out = []
     for k in ks:
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
+        if not _checks.is_int(k) or k <= 0:
             raise ValueError(f"ks must be positive ints, got {k!r} in {tuple(ks)!r}")
         out.append(int(k))
     return tuple(out)
@@ -544,7 +546,7 @@ def bullseye_score(ranking, labels, top: int = 40) -> float:
       The score as a fraction in [0, 1] (1 = every class fully retrieved in the top
       ``top``; with classes larger than ``top`` the maximum is below 1).
     """
-    if isinstance(top, bool) or not isinstance(top, (int, np.integer)) or top <= 0:
+    if not _checks.is_int(top) or top <= 0:
         raise ValueError(f"top must be a positive int, got {top!r}")
     r, n = _check_ranking(ranking, None if np.ndim(ranking) != 2 else np.shape(ranking)[0])
     codes_of = _check_labels(labels, r.shape[0])

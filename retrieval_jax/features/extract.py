@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import _checks
 from .._progress import progress as _progress
 from ..data.io import atomic_write
 from .pooling import gem
@@ -335,7 +336,7 @@ def extract(images, model, pooling: Callable | None = None, *, batch_size: int =
 
     Returns :class:`Extracted` ``(descriptors [N, D] float32, names, skipped)``.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
+    if not _checks.is_int(batch_size) \
             or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if max_size is not None and (not isinstance(max_size, (int, np.integer))

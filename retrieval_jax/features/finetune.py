@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from .. import _checks
 from .losses import mine_hard_negatives
 from .pooling import gem, l2_normalize
 from .train import (TrainState, contrastive_objective, load_checkpoint, make_train_step,
@@ -354,7 +355,7 @@ def finetune_head(feature_maps, labels, *, steps: int = 200, lr: float = 1e-3,
         raise ValueError(f"loss must be 'triplet' or 'contrastive', got {loss!r}")
     for name, v in (("steps", steps), ("batch", batch), ("negatives", negatives),
                     ("mine_every", mine_every)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+        if not _checks.is_int(v) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
     n = x.shape[0]
     if batch > n:

@@ -14,7 +14,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from .. import _checks
 
 __all__ = ["contrastive_loss", "triplet_loss", "mine_hard_negatives"]
 
@@ -133,6 +134,6 @@ def mine_hard_negatives(anchors_desc, anchor_labels, pool_desc, pool_labels, num
     if la.shape != a.shape[:1] or lp.shape != p.shape[:1]:
         raise ValueError(f"labels must be 1-D with one entry per descriptor: anchor_labels {la.shape} vs "
                          f"{a.shape[:1]}, pool_labels {lp.shape} vs {p.shape[:1]}")
-    if isinstance(num, bool) or not isinstance(num, (int, np.integer)) or not 1 <= num <= p.shape[0]:
+    if not _checks.is_int(num) or not 1 <= num <= p.shape[0]:
         raise ValueError(f"num must be an int in [1, n_pool = {p.shape[0]}], got {num!r}")
     return _mine(a, la, p, lp, num=int(num))

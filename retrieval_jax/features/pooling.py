@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import _checks
+
 __all__ = [
     "l2_normalize", "mac", "spoc", "gem", "rmac", "rmac_regions", "rmac_boxes",
     "crow", "crow_weights", "combine_scales",
@@ -220,7 +222,7 @@ def rmac_boxes(height: int, width: int, levels: int = 3) -> np.ndarray:
       A square map gives 1 + 4 + 9 = 14 regions for 3 scales.
     """
     for name, v in (("height", height), ("width", width), ("levels", levels)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+        if not _checks.is_int(v) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
     return np.array(_rmac_boxes_cached(int(height), int(width), int(levels)), dtype=np.int64)
 

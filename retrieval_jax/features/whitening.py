@@ -76,7 +76,7 @@ def learn_pca_whitening(X, dim: int | None = None, shrinkage: float = 0.0,
     n, d = X.shape
     if dim is None:
         dim = d
-    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)):
+    if not _checks.is_int(dim):
         raise TypeError(f"dim must be an int or None, got {type(dim).__name__}")
     dim = int(dim)
     if not 1 <= dim <= d:

@@ -135,7 +135,7 @@ def spectral_embedding(source, r: int, h, *, mode: str = "rank_r", sparsify: int
         vectors = source.vectors
         if values.ndim != 1 or vectors.ndim != 2 or vectors.shape[1] != values.shape[0]:
             raise ValueError(f"inconsistent Eigenpairs: values {values.shape}, vectors {vectors.shape}")
-        if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or not 1 <= r <= values.shape[0]:
+        if not _checks.is_int(r) or not 1 <= r <= values.shape[0]:
             raise ValueError(f"r must be an int with 1 <= r <= {values.shape[0]} (the available pairs), got {r!r}")
         r = int(r)
         order = np.argsort(-values, kind="stable")[:r]
@@ -179,7 +179,7 @@ def sparsify_embedding(embedding: SpectralEmbedding, per_row: int) -> tuple[Spec
     if not isinstance(embedding, SpectralEmbedding):
         raise TypeError(f"expected a SpectralEmbedding, got {type(embedding).__name__}")
     r = embedding.rank
-    if isinstance(per_row, bool) or not isinstance(per_row, (int, np.integer)) or not 1 <= per_row <= r:
+    if not _checks.is_int(per_row) or not 1 <= per_row <= r:
         raise ValueError(f"sparsify (entries kept per row) must be an int in [1, r = {r}], got {per_row!r}")
     dense = embedding.dense_vectors()
     before = dense.size * dense.dtype.itemsize

@@ -40,6 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import _checks
+
 _HI = jax.lax.Precision.HIGHEST
 
 
@@ -230,7 +232,7 @@ def _is_tracer(x) -> bool:
 
 
 def _check_r(r, n: int, *, allow_n: bool = False) -> int:
-    if isinstance(r, bool) or not isinstance(r, (int, np.integer)):
+    if not _checks.is_int(r):
         raise TypeError(f"r must be an int, got {type(r).__name__}")
     r = int(r)
     if r <= 0:
@@ -263,7 +265,7 @@ def _krylov_dims(n: int, r: int, num_iter) -> tuple[int, int]:
     if num_iter is None:
         m = min(n, max(2 * r, r + 128))  # r + 64 stalls on clustered top eigenvalues (n = 20k, r = 100)
     else:
-        if isinstance(num_iter, bool) or not isinstance(num_iter, (int, np.integer)):
+        if not _checks.is_int(num_iter):
             raise TypeError(f"num_iter must be an int, got {type(num_iter).__name__}")
         m = int(num_iter)
         if not (r < m <= n):
@@ -347,7 +349,7 @@ def lanczos(matvec: Callable, n: int, r: int, *, num_iter: int | None = None, ke
     Returns:
       ``Eigenpairs(values float[r] descending, vectors float[n, r])``.
     """
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n <= 1:
+    if not _checks.is_int(n) or n <= 1:
         raise ValueError(f"n must be an int > 1, got {n!r}")
     n = int(n)
     r = _check_r(r, n)
