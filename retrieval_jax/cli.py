@@ -263,7 +263,6 @@ def _rank_config(args, parser):
 
 
 def _build_state(args, parser, method, cfg, X):
-    from . import _checks
     from .methods import diffusion_state_from_graph
 
     n = X.shape[0]
@@ -271,12 +270,6 @@ def _build_state(args, parser, method, cfg, X):
         if args.graph is None:
             return method.build(X, cfg)
         graph, k = _load_graph(parser, args.graph, n)
-        _checks.check_k(cfg.query_k, n, name="--query-k")
-        if cfg.truncate is not None:
-            _checks.check_k(cfg.truncate, n, name="--truncate")
-            if cfg.truncate < cfg.query_k:
-                raise ValueError(f"--truncate {cfg.truncate} must be at least --query-k "
-                                 f"{cfg.query_k}")
         import dataclasses
         if k is not None and k >= 1:
             cfg = dataclasses.replace(cfg, k=k)

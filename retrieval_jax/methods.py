@@ -144,7 +144,7 @@ class DiffusionConfig:
         _checks.check_positive(self.tol, "tol")
         for name in ("k", "query_k", "max_iter", "batch_size"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            if not _checks.is_int(v) or v < 1:
                 raise ValueError(f"DiffusionConfig.{name} must be a positive int, got {v!r}")
         if self.truncate is not None and (not isinstance(self.truncate, (int, np.integer)) or self.truncate < 1):
             raise ValueError(f"DiffusionConfig.truncate must be None or a positive int, got {self.truncate!r}")
@@ -174,14 +174,19 @@ def _diffusion_build(database, config: DiffusionConfig = DiffusionConfig(), *,
     db = _checks.as_matrix(database, "database")
     n = db.shape[0]
     _checks.check_k(config.k, n - 1, name="k", what="other database items (graph k must be < n)")
+    _check_query_sizes(config, n)
+    graph = knn_graph(db, config.k, gamma=config.gamma, mutual=config.mutual,
+                      method=config.graph_method, show_progress=show_progress)
+    return diffusion_state_from_graph(db, graph, config)
+
+
+def _check_query_sizes(config: DiffusionConfig, n: int) -> None:
+    """query_k and truncate fit a database of n items (truncate >= query_k)."""
     _checks.check_k(config.query_k, n, name="query_k")
     if config.truncate is not None:
         _checks.check_k(config.truncate, n, name="truncate")
         if config.truncate < config.query_k:
             raise ValueError(f"truncate = {config.truncate} must be at least query_k = {config.query_k}")
-    graph = knn_graph(db, config.k, gamma=config.gamma, mutual=config.mutual,
-                      method=config.graph_method, show_progress=show_progress)
-    return diffusion_state_from_graph(db, graph, config)
 
 
 def diffusion_state_from_graph(database, graph: Graph, config: DiffusionConfig = DiffusionConfig(),
@@ -196,6 +201,7 @@ def diffusion_state_from_graph(database, graph: Graph, config: DiffusionConfig =
         raise TypeError(f"graph must be a retrieval_jax.graph.Graph, got {type(graph).__name__}")
     if graph.num_nodes != db.shape[0]:
         raise ValueError(f"the graph has {graph.num_nodes} nodes but the database has {db.shape[0]} items")
+    _check_query_sizes(config, db.shape[0])
     w = graph if normalized else normalize(graph)
     inverse = diffusion_inverse(w, config.alpha) if config.solver == "inverse" else None
     return DiffusionState(database=jnp.asarray(db), graph=w, inverse=inverse, config=config)
@@ -292,7 +298,7 @@ class FsrConfig:
     def __post_init__(self):
         DiffusionConfig(k=self.k, query_k=self.query_k, alpha=self.alpha, gamma=self.gamma,
                         mutual=self.mutual, graph_method=self.graph_method)
-        if isinstance(self.rank, bool) or not isinstance(self.rank, (int, np.integer)) or self.rank < 1:
+        if not _checks.is_int(self.rank) or self.rank < 1:
             raise ValueError(f"FsrConfig.rank must be a positive int, got {self.rank!r}")
         if self.mode not in ("rank_r", "approx"):
             raise ValueError(f"FsrConfig.mode must be 'rank_r' or 'approx', got {self.mode!r}")

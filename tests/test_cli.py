@@ -231,7 +231,7 @@ def test_bad_arguments(digits, tmp_path, capsys):
          f"has 20 nodes but {N} were expected"),
         (["rank", X, "--items", "--graph", X, "-o", out], "cannot read graph"),
         (["rank", X, "--items", "--graph", g, "--truncate", 5, "-o", out],
-         "must be at least --query-k"),
+         "truncate = 5 must be at least query_k = 10"),
         (["rank", X, "--items", "--k", 3000, "-o", out], "k = 3000 exceeds"),
         (["rank", X, "--key", "Z", "--items", "-o", out], "key='Z' does not apply"),
         (["evaluate", tmp_path / "none.npz", "--labels", lab], "does not exist"),
