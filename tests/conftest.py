@@ -8,6 +8,15 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 REPO = Path(__file__).resolve().parents[1]
 
+try:  # CI runs the property tests on a fixed sequence of examples, so a red run reproduces
+    from hypothesis import settings as _hyp_settings
+
+    _hyp_settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+    if os.environ.get("CI"):
+        _hyp_settings.load_profile("ci")
+except ImportError:  # hypothesis is a test extra
+    pass
+
 
 def data_dir() -> Path:
     return Path(os.environ.get("RETRIEVAL_JAX_DATA", REPO.parent / "shared" / "data"))

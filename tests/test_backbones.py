@@ -116,10 +116,22 @@ def test_reader_refuses_code_and_garbage(tmp_path):
         f.write(b"\x80\x02cos\nsystem\nX\x04\x00\x00\x00trueq\x00\x85q\x01Rq\x02.")
     with pytest.raises(ValueError, match="refusing to load global os.system"):
         tp.load_torch_state_dict(evil)
+    # code in the header pickles (before the object pickle) is refused just the same
+    evil_head = tmp_path / "evil_head.pth"
+    evil_head.write_bytes(b"\x80\x02cos\nsystem\nX\x04\x00\x00\x00trueq\x00\x85q\x01Rq\x02.")
+    with pytest.raises(ValueError, match="refusing to load global os.system"):
+        tp.load_torch_state_dict(evil_head)
+    # random bytes, bare or behind a valid header, give a ValueError naming the file whatever
+    # pickle opcode they happen to start with
+    header = b"".join(pickle.dumps(o, protocol=2) for o in
+                      (tp._LEGACY_MAGIC, tp._LEGACY_PROTOCOL, {"little_endian": True}))
+    rng = np.random.default_rng(0)
     junk = tmp_path / "junk.pth"
-    junk.write_bytes(os.urandom(64))
-    with pytest.raises(ValueError, match="junk.pth"):
-        tp.load_torch_state_dict(junk)
+    for trial in range(300):
+        body = rng.integers(0, 256, size=int(rng.integers(1, 96)), dtype=np.uint8).tobytes()
+        junk.write_bytes((header if trial % 2 else b"") + body)
+        with pytest.raises(ValueError, match="junk.pth"):
+            tp.load_torch_state_dict(junk)
     with pytest.raises(FileNotFoundError):
         tp.load_torch_state_dict(tmp_path / "missing.pth")
     # truncated legacy file: the storage bytes are cut off

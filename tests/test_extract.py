@@ -59,7 +59,7 @@ def folder(tmp_path_factory):
     for i, (h, w) in enumerate(SIZES):
         arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
         Image.fromarray(arr if i != 3 else arr[..., 0]).save(d / f"img{i}.png")  # one grey
-    (d / "img9_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(100))
+    (d / "img9_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(100)))
     (d / "notes.txt").write_text("not an image")
     return d
 

@@ -190,14 +190,23 @@ def _resolve(obj, storages: dict, path: str):
     return obj
 
 
+def _load_plain(f, path: str):
+    """One pickled header object, under the same restricted globals as the payload."""
+
+    def no_storage(ref):
+        raise pickle.UnpicklingError(f"{path}: storage reference outside the object pickle")
+
+    return _Unpickler(f, path, no_storage).load()
+
+
 def _load_legacy(f, path: str):
-    magic = pickle.load(f)
+    magic = _load_plain(f, path)
     if magic != _LEGACY_MAGIC:
         raise ValueError(f"{path}: not a PyTorch checkpoint (bad magic number {magic!r})")
-    protocol = pickle.load(f)
+    protocol = _load_plain(f, path)
     if protocol != _LEGACY_PROTOCOL:
         raise ValueError(f"{path}: unsupported legacy protocol version {protocol!r}")
-    sys_info = pickle.load(f)
+    sys_info = _load_plain(f, path)
     little = bool(sys_info.get("little_endian", True)) if isinstance(sys_info, dict) else True
     refs: dict[str, _StorageRef] = {}
 
@@ -206,7 +215,9 @@ def _load_legacy(f, path: str):
         return ref
 
     obj = _Unpickler(f, path, remember).load()
-    keys = pickle.load(f)
+    keys = _load_plain(f, path)
+    if not isinstance(keys, (list, tuple)):
+        raise ValueError(f"{path}: storage key list is a {type(keys).__name__}, not a list")
     storages = {}
     for key in keys:
         key = str(key)
@@ -269,13 +280,18 @@ def load_torch_pickle(path) -> Any:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such checkpoint: {path}")
-    if zipfile.is_zipfile(path):
-        return _load_zip(path)
-    with open(path, "rb") as f:
-        try:
+    try:
+        if zipfile.is_zipfile(path):
+            return _load_zip(path)
+        with open(path, "rb") as f:
             return _load_legacy(f, path)
-        except (pickle.UnpicklingError, EOFError) as exc:
-            raise ValueError(f"{path}: cannot read as a PyTorch checkpoint: {exc}") from exc
+    except OSError:
+        raise
+    except Exception as exc:  # corrupt bytes surface as many pickle/struct/zip error types
+        if isinstance(exc, ValueError) and path in str(exc):
+            raise
+        raise ValueError(f"{path}: cannot read as a PyTorch checkpoint "
+                         f"({type(exc).__name__}: {exc})") from exc
 
 
 def _flatten(obj, prefix: str, out: dict):
