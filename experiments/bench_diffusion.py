@@ -13,12 +13,14 @@ y, in the same process:
   where the fill-in allows, n <= --splu-max);
 * `retrieval_jax.diffusion.diffuse`: all queries at once, jitted;
 * `retrieval_jax.diffusion.truncated_diffuse` with T = 1000 (vmapped subproblems);
-* `retrieval_jax.diffusion.diffusion_inverse`: the dense (I - alpha W)^-1 by
-  Cholesky, inversion included, then each query is k rows of it (n <= --inverse-max).
+* `retrieval_jax.diffusion.diffusion_inverse`: the exact (I - alpha W)^-1 by
+  Cholesky, one dense block per connected component, inversion included, then
+  each query is k rows of it (n <= --inverse-max).
 
 A COIL-20 block (--coil20, the graph of ../shared/benchmarks/PEERS.md: 32x32
-pixels, k = 5, every item a query with y its indicator) compares the same routes
-with label mAP.
+pixels, k = 5, every item a query with y its indicator) and a synthetic block
+like PEERS.md's (--items 5000: clustered descriptors, d = 256, k = 50, every
+item a query) compare the same routes with label mAP.
 
 Reported: seconds per query, ratio to the scipy loop and to the fastest scipy
 route, peak resident memory growth, and the mAP of every route against the
@@ -77,6 +79,10 @@ def timed(fn, repeat):
     return out, float(np.median(times))
 
 
+_weighted_rows = jax.jit(lambda inv, weights, idx: inv.weighted_rows(weights, idx))
+_rows = jax.jit(lambda inv, ids: inv.rows(ids))
+
+
 def bench_size(n, nq, d, k, alpha, tol, max_iter, truncate, repeat, splu_max, scipy_queries,
                inverse_max):
     x, labels = clustered(n + nq, d, max(10, n // 100), seed=n)
@@ -94,9 +100,9 @@ def bench_size(n, nq, d, k, alpha, tol, max_iter, truncate, repeat, splu_max, sc
     rows = run_routes(w, y, evaluate, alpha=alpha, tol=tol, max_iter=max_iter, repeat=repeat,
                       splu=n <= splu_max, inverse=n <= inverse_max, shortlist=short,
                       base_scores=np.asarray(q @ db.T), scipy_queries=scipy_queries,
-                      inverse_rows=lambda inv: np.einsum("qk,qkn->qn", np.maximum(np.asarray(s), 0) ** 3,
-                                                         np.asarray(inv)[np.asarray(i)]))
-    report(header, rows, {"n": n, "queries": nq})
+                      inverse_rows=lambda inv: np.asarray(
+                          _weighted_rows(inv, jnp.maximum(s, 0.0) ** 3, i)))
+    report(header, rows, {"n": n, "queries": nq, "block": "out-of-graph queries"})
     return rows, w
 
 
@@ -112,10 +118,26 @@ def bench_coil20(alpha, tol, max_iter, repeat):
     evaluate = lambda scores: 100 * label_map(ranking_from_scores(scores, exclude=ids), data.labels)  # noqa: E731
     rows = run_routes(w, y, evaluate, alpha=alpha, tol=tol, max_iter=max_iter, repeat=repeat, splu=True,
                       inverse=True, shortlist=None, base_scores=None, scipy_queries=n,
-                      inverse_rows=lambda inv: np.asarray(inv)[ids])
+                      inverse_rows=lambda inv: np.asarray(_rows(inv, ids)))
     knn_map = evaluate(np.asarray(data.X @ data.X.T))
     rows.insert(0, {"route": "plain kNN (dot product)", "ms_per_query": float("nan"), "mAP": knn_map, "note": ""})
-    report(f"COIL-20, n = {n}, k = 5, every item a query", rows, {"n": n, "queries": n})
+    report(f"COIL-20, n = {n}, k = 5, every item a query", rows, {"n": n, "queries": n, "block": "COIL-20"})
+    return rows
+
+
+def bench_items(n, d, k, alpha, tol, max_iter, repeat, scipy_queries):
+    """The PEERS.md synthetic block: clustered descriptors, every item queries the rest."""
+    from retrieval_jax.evaluation import label_map
+    x, labels = clustered(n, d, max(10, n // 100), seed=n + 1)
+    w = normalize(knn_graph(x, k, gamma=3.0, mutual=True))
+    ids = np.arange(n)
+    y = indicator_vectors(ids, n)
+    evaluate = lambda scores: 100 * label_map(ranking_from_scores(scores, exclude=ids), labels)  # noqa: E731
+    rows = run_routes(w, y, evaluate, alpha=alpha, tol=tol, max_iter=max_iter, repeat=repeat, splu=True,
+                      inverse=True, shortlist=None, base_scores=None, scipy_queries=scipy_queries,
+                      inverse_rows=lambda inv: np.asarray(_rows(inv, ids)))
+    report(f"synthetic clusters, n = {n}, d = {d}, k = {k}, every item a query", rows,
+           {"n": n, "queries": n, "block": "items"})
     return rows
 
 
@@ -163,11 +185,13 @@ def run_routes(w, y, evaluate, *, alpha, tol, max_iter, repeat, splu, inverse, s
             f"first call {t_first:.2f}s; CG steps max {int(np.max(info.iterations))}; "
             f"peak rss +{peak_rss_mb() - rss0:.0f} MB")
     if inverse:
-        jax.block_until_ready(diffusion_inverse(w, alpha))
+        inverse_rows(jax.block_until_ready(diffusion_inverse(w, alpha)))  # compile
         inv, t_inv = timed(lambda: jax.block_until_ready(diffusion_inverse(w, alpha)), repeat)
         scores, t_rows = timed(lambda: inverse_rows(inv), repeat)
+        sizes = "/".join(str(b.shape[1]) for b in inv.blocks[:3]) + ("/..." if len(inv.blocks) > 3 else "")
         add("jax diffusion_inverse (inversion included)", (t_inv + t_rows) / nq, scores,
-            f"inversion {t_inv:.2f}s, then {1e3 * t_rows / nq:.3f} ms/query")
+            f"{len(inv.blocks)} buckets of components (sizes {sizes}), {inv.nbytes / 2 ** 20:.0f} MB; "
+            f"inversion {t_inv:.3f}s, then {1e3 * t_rows / nq:.4f} ms/query")
     if shortlist is not None:
         jax.block_until_ready(truncated_diffuse(w, y, shortlist, alpha=alpha, tol=tol, max_iter=5000))
         xs, t_t = timed(lambda: jax.block_until_ready(
@@ -238,6 +262,9 @@ def main(argv=None):
                    help="time the scipy loop on at most this many queries")
     p.add_argument("--inverse-max", type=int, default=20000)
     p.add_argument("--coil20", action="store_true", help="also run the COIL-20 block of PEERS.md")
+    p.add_argument("--items", type=int, default=0, metavar="N",
+                   help="also run the synthetic block of PEERS.md: N clustered items (d = 256), "
+                        "every item a query")
     p.add_argument("--out", default="experiments/results/bench")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -246,6 +273,9 @@ def main(argv=None):
     layout_rows = None
     if args.coil20:
         all_rows += bench_coil20(args.alpha, args.tol, args.max_iter, args.repeat)
+    if args.items:
+        all_rows += bench_items(args.items, 256, args.k, args.alpha, args.tol, args.max_iter, args.repeat,
+                                args.scipy_queries)
     for n, nq in zip(args.sizes, args.queries + [args.queries[-1]] * len(args.sizes)):
         rows, w = bench_size(n, nq, args.d, args.k, args.alpha, args.tol, args.max_iter, args.truncate,
                              args.repeat, args.splu_max, args.scipy_queries, args.inverse_max)
@@ -261,16 +291,16 @@ def _plot(path, rows):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    sizes = sorted({r["n"] for r in rows})
-    fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4), squeeze=False)
-    for ax, n in zip(axes[0], sizes):
-        rs = [r for r in rows if r["n"] == n and np.isfinite(r["ms_per_query"])]
+    blocks = list(dict.fromkeys((r["block"], r["n"]) for r in rows))
+    fig, axes = plt.subplots(1, len(blocks), figsize=(6 * len(blocks), 4), squeeze=False)
+    for ax, (block, n) in zip(axes[0], blocks):
+        rs = [r for r in rows if (r["block"], r["n"]) == (block, n) and np.isfinite(r["ms_per_query"])]
         ax.barh([r["route"] for r in rs], [r["ms_per_query"] for r in rs], color="tab:blue")
         for j, r in enumerate(rs):
             ax.text(r["ms_per_query"], j, f" {r['ms_per_query']:.2f} ms, mAP {r['mAP']:.1f}", va="center", fontsize=7)
         ax.set_xscale("log")
         ax.set_xlabel("ms per query (log)")
-        ax.set_title(f"n = {n}")
+        ax.set_title(f"{block}, n = {n}")
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)

@@ -81,7 +81,7 @@ def table_rows(s: Settings, n: int):
          DiffusionConfig(k=s.k, query_k=s.query_k, max_iter=s.max_iter_tol)),
         (f"truncated diffusion T={T}", DIFFUSION,
          DiffusionConfig(k=s.k, query_k=s.query_k, max_iter=s.max_iter_tol, truncate=T)),
-        ("diffusion, exact (dense inverse)", DIFFUSION,
+        ("diffusion, exact (inverse per component)", DIFFUSION,
          DiffusionConfig(k=s.k, query_k=s.query_k, solver="inverse")),
         (f"FSR rank-r (r={r})", FSR, FsrConfig(k=s.k, query_k=s.query_k, rank=r, mode="rank_r")),
         (f"FSR approx (r={r})", FSR, FsrConfig(k=s.k, query_k=s.query_k, rank=r, mode="approx")),

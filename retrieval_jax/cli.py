@@ -591,9 +591,11 @@ def build_parser() -> argparse.ArgumentParser:
     dg.add_argument("--max-iter", type=_positive_int, default=20, help="CG steps at most")
     dg.add_argument("--truncate", type=_positive_int, default=None,
                     help="truncated diffusion on each query's top-T shortlist")
-    dg.add_argument("--solver", default="cg", choices=("cg", "inverse"),
-                    help="cg: conjugate gradient per batch; inverse: exact dense (I - alpha W)^-1 "
-                         "computed once (n up to ~20,000)")
+    dg.add_argument("--solver", default="cg", choices=("cg", "inverse", "auto"),
+                    help="cg: conjugate gradient per batch; inverse: the exact (I - alpha W)^-1, "
+                         "computed once, one dense block per connected component (components "
+                         "up to ~20,000 nodes); auto: inverse when the components are small, "
+                         "else cg")
     fg = r.add_argument_group("fast spectral ranking options (fsr; also uses the graph options)")
     fg.add_argument("--rank", type=_positive_int, default=400, help="eigenpairs kept (r)")
     fg.add_argument("--fsr-mode", default="approx", choices=("rank_r", "approx"),

@@ -131,10 +131,47 @@ def test_bad_input():
 
 def test_diffusion_inverse_dense():
     from retrieval_jax.diffusion import diffusion_inverse
+    from retrieval_jax.graph import connected_components
     x, _ = _clusters(6, n=90)
     w = normalize(knn_graph(x, 6))
-    inv = np.asarray(diffusion_inverse(w, 0.99))
+    inv = diffusion_inverse(w, 0.99)
     ref = np.linalg.inv(np.eye(90) - 0.99 * w.to_dense().astype(np.float64))
-    assert _rel(inv, ref) < 1e-4
+    assert _rel(np.asarray(inv.todense()), ref) < 1e-4
+    largest = np.bincount(connected_components(w)).max()
     with pytest.raises(ValueError, match="GiB"):
-        diffusion_inverse(w, 0.9, max_nodes=50)
+        diffusion_inverse(w, 0.9, max_nodes=int(largest) - 1)
+
+
+def test_diffusion_inverse_blocks_by_component():
+    """Components of very different sizes (and isolated nodes) share buckets; every row,
+    and every sparse y, matches the dense inverse."""
+    from retrieval_jax.diffusion import diffusion_inverse
+    from retrieval_jax.graph import Graph, connected_components
+    rng = np.random.default_rng(3)
+    sizes = [40, 33, 21, 20, 9, 5, 2, 1, 1]
+    n = sum(sizes)
+    perm = rng.permutation(n)  # components interleaved in node order
+    a = np.zeros((n, n))
+    start = 0
+    for s in sizes:
+        nodes = perm[start:start + s]
+        start += s
+        for i in range(1, s):  # a random tree plus a few chords: connected
+            j = rng.integers(0, i)
+            a[nodes[i], nodes[j]] = a[nodes[j], nodes[i]] = rng.uniform(0.2, 1.0)
+        for _ in range(s // 3):
+            i, j = rng.integers(0, s, 2)
+            if i != j:
+                a[nodes[i], nodes[j]] = a[nodes[j], nodes[i]] = rng.uniform(0.2, 1.0)
+    w = normalize(Graph.from_dense(a))
+    assert connected_components(w).max() + 1 == len(sizes)
+    inv = diffusion_inverse(w, 0.95)
+    assert len(inv.blocks) > 1 and inv.nbytes < 4 * n * n
+    ref = np.linalg.inv(np.eye(n) - 0.95 * w.to_dense().astype(np.float64))
+    assert _rel(np.asarray(inv.todense()), ref) < 1e-4
+    idx = rng.integers(0, n, size=(7, 4))
+    wts = rng.uniform(0, 1, size=(7, 4)).astype(np.float32)
+    y = np.zeros((7, n))
+    np.add.at(y, (np.arange(7)[:, None], idx), wts)
+    got = jax.jit(lambda i, ws: i.weighted_rows(ws, idx))(inv, wts)  # a pytree through jit
+    assert _rel(np.asarray(got), y @ ref) < 1e-4

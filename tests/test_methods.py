@@ -97,6 +97,11 @@ def test_diffusion_beats_knn_on_coil20():
     assert 0.55 < map_knn < 0.67
     assert map_dif > 0.94
     assert map_dif - map_knn > 0.25
+    # the graph splits into small components: "auto" inverts them, exact, same ranking quality
+    auto = DIFFUSION.build(data.X, DiffusionConfig(k=5, alpha=0.99, solver="auto"))
+    assert auto.config.solver == "inverse" and auto.inverse.nbytes < 4 * len(data) ** 2 / 10
+    map_inv = label_map(ranking_from_scores(DIFFUSION.search_items(auto, ids), exclude=ids), data.labels)
+    assert abs(map_inv - map_dif) < 0.005
 
 
 def test_inverse_solver_matches_converged_cg():
@@ -111,6 +116,21 @@ def test_inverse_solver_matches_converged_cg():
     assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-3
     with pytest.raises(ValueError, match="truncation"):
         DiffusionConfig(solver="inverse", truncate=100)
+
+
+def test_auto_solver_picks_cg_for_a_large_component(monkeypatch):
+    import retrieval_jax.methods as methods
+    x = _clusters(8, n=120)
+    q = _clusters(9, n=6)
+    small = DIFFUSION.build(x, DiffusionConfig(k=7, query_k=5, solver="auto"))
+    assert small.config.solver == "inverse" and small.inverse is not None
+    monkeypatch.setattr(methods, "AUTO_INVERSE_MAX_NODES", 10)
+    large = DIFFUSION.build(x, DiffusionConfig(k=7, query_k=5, solver="auto", tol=1e-7, max_iter=2000))
+    assert large.config.solver == "cg" and large.inverse is None
+    a, b = np.asarray(DIFFUSION.search(small, q)), np.asarray(DIFFUSION.search(large, q))
+    assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-3
+    with pytest.raises(ValueError, match="solver"):
+        DiffusionConfig(solver="splu")
 
 
 def test_fsr_method_full_rank_equals_exact_diffusion():

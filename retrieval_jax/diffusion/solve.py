@@ -218,36 +218,3 @@ def ranking_from_scores(scores, *, exclude=None) -> np.ndarray:
         s = s.copy()
         s[np.arange(s.shape[0]), ex] = -np.inf
     return np.argsort(-s, axis=1, kind="stable")
-
-
-# --------------------------------------------------------------------------- exact (dense)
-def diffusion_inverse(graph: Graph, alpha: float = 0.99, *, max_nodes: int = 20_000) -> jax.Array:
-    """The dense inverse (I - alpha W)^-1, float32[n, n], by Cholesky factorisation.
-
-    The exact route for graphs of up to a few ten thousand nodes: O(n^3) once,
-    offline, after which a query's scores are a weighted sum of the rows of its
-    y's support (``scores = y @ inv``; a sparse y of k non-zeros costs k n), with
-    no CG steps that stop short of the solution at alpha close to 1. The matrix is
-    SPD with condition number at most (1 + alpha)/(1 - alpha) (200 at alpha = 0.99),
-    so float32 is enough. Memory is 4 n^2 bytes (100 MB at n = 5000).
-    """
-    alpha = _checks.check_alpha(alpha)
-    if not isinstance(graph, Graph):
-        raise TypeError(f"graph must be a retrieval_jax.graph.Graph, got {type(graph).__name__}")
-    if graph.num_nodes > max_nodes:
-        raise ValueError(
-            f"the dense inverse of a {graph.num_nodes}-node graph needs "
-            f"{4 * graph.num_nodes ** 2 / 2 ** 30:.1f} GiB; use CG (solver='cg'), truncation, or "
-            f"spectral ranking, or raise max_nodes if the memory is there")
-    return _dense_inverse(graph, alpha)
-
-
-@jax.jit
-def _dense_inverse(graph: Graph, alpha):
-    n = graph.num_nodes
-    eye = jnp.eye(n, dtype=jnp.float32)
-    m = eye - alpha * graph.matvec(eye)
-    m = 0.5 * (m + m.T)
-    chol = jnp.linalg.cholesky(m)  # m = L L^T, so m^-1 = L^-T L^-1
-    l_inv = jax.scipy.linalg.solve_triangular(chol, eye, lower=True)
-    return jnp.matmul(l_inv.T, l_inv, precision=jax.lax.Precision.HIGHEST)

@@ -1,7 +1,7 @@
 """kNN graphs: exact and approximate neighbour search, affinities, normalisation."""
 from .core import Graph
 from .io import load_graph, save_graph
-from .knn import affinity_matrix, isolated_nodes, knn, knn_graph, normalize
+from .knn import affinity_matrix, connected_components, isolated_nodes, knn, knn_graph, normalize
 
-__all__ = ["Graph", "affinity_matrix", "isolated_nodes", "knn", "knn_graph", "load_graph", "normalize",
+__all__ = ["Graph", "affinity_matrix", "connected_components", "isolated_nodes", "knn", "knn_graph", "load_graph", "normalize",
            "save_graph"]

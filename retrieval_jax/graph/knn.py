@@ -186,3 +186,18 @@ def normalize(graph: Graph) -> Graph:
 def isolated_nodes(graph: Graph) -> np.ndarray:
     """Indices of nodes with no edge (degree 0)."""
     return np.flatnonzero(np.asarray(graph.degree()) == 0)
+
+
+def connected_components(graph: Graph) -> np.ndarray:
+    """Component label of every node, int32[n] in [0, number of components).
+
+    Host-side (``scipy.sparse.csgraph``), for offline planning: an exact solve or an
+    eigendecomposition splits into one independent block per component. Edges are
+    taken as undirected; an isolated node is a component of its own.
+    """
+    from scipy.sparse.csgraph import connected_components as _cc
+
+    if not isinstance(graph, Graph):
+        raise TypeError(f"graph must be a retrieval_jax.graph.Graph, got {type(graph).__name__}")
+    _, labels = _cc(graph.to_scipy(), directed=False)
+    return labels.astype(np.int32)

@@ -1,0 +1,194 @@
+"""The exact diffusion operator (I - alpha W)^-1, one dense block per connected component.
+
+A kNN graph (mutual neighbours especially) falls apart into connected components,
+and I - alpha W is block diagonal over them: so is its inverse. Inverting each
+component on its own costs sum_c n_c^3 instead of n^3 (COIL-20 at k = 5 has 21
+components of about 70 nodes: some 10^4 times less work than one 1440-node
+inverse), the same structure a sparse LU exploits when it has little fill-in.
+After that, a query is exact and costs k row reads: with y supported on k nodes,
+
+    x = (I - alpha W)^-1 y = sum_j y_j (I - alpha W)^-1[i_j, :]      (W symmetric).
+
+Components are grouped into buckets of similar size (a bucket pads its members
+to its largest one, which at least halves down the bucket), so one batched
+Cholesky per bucket inverts all its blocks, and every shape is static.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import _checks
+from ..graph.core import Graph
+from ..graph.knn import connected_components
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["blocks", "bucket", "member", "position", "slot"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class DiffusionInverse:
+    """(I - alpha W)^-1 of an n-node graph, block diagonal over connected components.
+
+    Attributes:
+      blocks: tuple over buckets b of float32[C_b, P_b, P_b]: the inverses of the
+        bucket's C_b components, each padded to P_b nodes (identity on padding).
+      bucket: int32[n] bucket of each node.
+      member: int32[n] index of the node's component within its bucket.
+      position: int32[n] index of the node within its component's block.
+      slot: int32[n] column of the node in the concatenation of the buckets'
+        flattened [C_b * P_b] layouts.
+
+    The node axis of ``bucket``/``member``/``position``/``slot`` is the leading one.
+    """
+
+    blocks: tuple
+    bucket: jax.Array
+    member: jax.Array
+    position: jax.Array
+    slot: jax.Array
+
+    @property
+    def num_nodes(self) -> int:
+        return self.bucket.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the blocks (the n^2 of a single dense inverse at most, often far less)."""
+        return int(sum(b.size * b.dtype.itemsize for b in self.blocks))
+
+    def weighted_rows(self, weights: jax.Array, indices: jax.Array) -> jax.Array:
+        """sum_j weights[q, j] * inv[indices[q, j], :], float32[q, n]: x = inv @ y for a y with
+        k non-zeros per query (weights float[q, k] at nodes indices int[q, k]). Jittable."""
+        weights = jnp.asarray(weights, jnp.float32)
+        q = weights.shape[0]
+        rows_q = jnp.arange(q)[:, None]
+        parts = []
+        for b, blk in enumerate(self.blocks):
+            c_b, p_b, _ = blk.shape
+            here = self.bucket[indices] == b
+            m = jnp.where(here, self.member[indices], 0)
+            p = jnp.where(here, self.position[indices], 0)
+            rows = blk[m, p] * jnp.where(here, weights, 0.0)[..., None]     # [q, k, P_b]
+            if c_b == 1:
+                parts.append(jnp.sum(rows, axis=1))
+            else:
+                padded = jnp.zeros((q, c_b, p_b), blk.dtype).at[rows_q, m].add(rows)
+                parts.append(padded.reshape(q, c_b * p_b))
+        flat = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+        return flat[:, self.slot]
+
+    def rows(self, ids: jax.Array) -> jax.Array:
+        """Rows inv[ids, :], float32[len(ids), n]: the exact diffusion of database items."""
+        ids = jnp.asarray(ids)
+        return self.weighted_rows(jnp.ones(ids.shape + (1,), jnp.float32), ids[:, None])
+
+    def todense(self) -> jax.Array:
+        """The full float32[n, n] inverse (for tests and small graphs)."""
+        return self.rows(jnp.arange(self.num_nodes))
+
+
+def _buckets(labels: np.ndarray):
+    """Group components by size: a bucket takes components of more than half its largest.
+
+    Returns a list of int64[C_b, P_b] node arrays (-1 on padding), largest bucket first.
+    """
+    sizes = np.bincount(labels)
+    order = np.argsort(labels, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    members = [order[starts[c]:starts[c + 1]] for c in range(len(sizes))]
+    groups: list[list[int]] = []
+    for c in np.argsort(-sizes, kind="stable"):
+        if groups and 2 * sizes[c] > sizes[groups[-1][0]]:
+            groups[-1].append(int(c))
+        else:
+            groups.append([int(c)])
+    out = []
+    for group in groups:
+        p_b = int(sizes[group[0]])
+        nodes = np.full((len(group), p_b), -1, np.int64)
+        for i, c in enumerate(group):
+            nodes[i, :sizes[c]] = members[c]
+        out.append(nodes)
+    return out
+
+
+@jax.jit
+def _invert_blocks(graph: Graph, nodes, position, alpha):
+    """Inverses of I - alpha W restricted to each row of ``nodes`` (int32[C, P], -1 padding)."""
+    c, p = nodes.shape
+    valid = nodes >= 0
+    safe = jnp.where(valid, nodes, 0)
+    cols = position[graph.indices[safe]]                                 # [C, P, K]
+    w = jnp.where(valid[..., None], graph.weights[safe], 0.0).astype(jnp.float32)
+    a = jnp.zeros((c, p, p), jnp.float32).at[
+        jnp.arange(c)[:, None, None], jnp.arange(p)[None, :, None], cols].add(w)
+    eye = jnp.eye(p, dtype=jnp.float32)
+    m = eye - alpha * a
+    m = 0.5 * (m + jnp.swapaxes(m, 1, 2))
+    chol = jnp.linalg.cholesky(m)                                        # m = L L^T
+    # two triangular solves against I (2 p^3 flops) beat L^-1 then L^-T L^-1 (3 p^3)
+    return jax.scipy.linalg.cho_solve((chol, True), jnp.broadcast_to(eye, (c, p, p)))
+
+
+def inverse_footprint(graph: Graph) -> tuple[int, int]:
+    """(largest connected component, bytes of the blocks) that `diffusion_inverse` would use."""
+    sizes = np.bincount(connected_components(graph)).astype(np.int64)
+    nbytes = 0
+    for nodes in _buckets(np.repeat(np.arange(len(sizes)), sizes)):
+        nbytes += 4 * nodes.shape[0] * nodes.shape[1] ** 2
+    return int(sizes.max()), int(nbytes)
+
+
+def diffusion_inverse(graph: Graph, alpha: float = 0.99, *, max_nodes: int = 20_000) -> DiffusionInverse:
+    """The exact inverse (I - alpha W)^-1 of a normalised graph, block by connected component.
+
+    Offline (components are found on the host); each bucket of components is
+    inverted by one batched Cholesky factorisation, O(sum_c n_c^3) in all. Then
+    ``inv.weighted_rows(weights, indices)`` gives the exact diffusion of sparse
+    queries at k n_c cost each, and ``inv.rows(ids)`` that of database items, with
+    no CG steps that stop short of the solution at alpha close to 1. I - alpha W is
+    SPD with condition number at most (1 + alpha)/(1 - alpha) (199 at alpha = 0.99),
+    so float32 is enough.
+
+    Args:
+      graph: the normalised graph W = D^-1/2 A D^-1/2 (``normalize``), symmetric.
+      alpha: in (0, 1).
+      max_nodes: refuse a connected component larger than this (its dense block
+        takes 4 n_c^2 bytes: 1.6 GB at 20,000 nodes).
+
+    Returns:
+      `DiffusionInverse`.
+    """
+    alpha = _checks.check_alpha(alpha)
+    if not isinstance(graph, Graph):
+        raise TypeError(f"graph must be a retrieval_jax.graph.Graph, got {type(graph).__name__}")
+    labels = connected_components(graph)
+    largest = int(np.bincount(labels).max())
+    if largest > max_nodes:
+        raise ValueError(
+            f"the graph's largest connected component has {largest} nodes; its dense inverse needs "
+            f"{4 * largest ** 2 / 2 ** 30:.1f} GiB. Use CG (solver='cg'), truncation, or spectral "
+            f"ranking, or raise max_nodes if the memory is there")
+    n = graph.num_nodes
+    bucket = np.zeros(n, np.int32)
+    member = np.zeros(n, np.int32)
+    position = np.zeros(n, np.int32)
+    slot = np.zeros(n, np.int32)
+    groups = _buckets(labels)
+    offset = 0
+    for b, nodes in enumerate(groups):
+        c_b, p_b = nodes.shape
+        ci, pi = np.nonzero(nodes >= 0)
+        ids = nodes[ci, pi]
+        bucket[ids], member[ids], position[ids] = b, ci, pi
+        slot[ids] = offset + ci * p_b + pi
+        offset += c_b * p_b
+    position_dev = jnp.asarray(position)
+    blocks = tuple(_invert_blocks(graph, jnp.asarray(nodes, jnp.int32), position_dev, alpha)
+                   for nodes in groups)
+    return DiffusionInverse(blocks=blocks, bucket=jnp.asarray(bucket), member=jnp.asarray(member),
+                            position=position_dev, slot=jnp.asarray(slot))
