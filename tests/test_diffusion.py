@@ -175,3 +175,16 @@ def test_diffusion_inverse_blocks_by_component():
     np.add.at(y, (np.arange(7)[:, None], idx), wts)
     got = jax.jit(lambda i, ws: i.weighted_rows(ws, idx))(inv, wts)  # a pytree through jit
     assert _rel(np.asarray(got), y @ ref) < 1e-4
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 10_000), alpha=st.floats(0.3, 0.99), k=st.integers(1, 6),
+       n=st.integers(2, 70))
+def test_inverse_per_component_is_the_inverse(seed, alpha, k, n):
+    """(I - alpha W) inv = I on any mutual kNN graph, however it splits into components."""
+    from retrieval_jax.diffusion import diffusion_inverse
+    x, _ = _clusters(seed, n=n, c=7)
+    w = normalize(knn_graph(x, min(k, n - 1), gamma=3.0, mutual=True))
+    inv = np.asarray(diffusion_inverse(w, alpha).todense(), np.float64)
+    m = np.eye(n) - alpha * w.to_dense().astype(np.float64)
+    assert np.abs(m @ inv - np.eye(n)).max() < 1e-4 * (1 + alpha) / (1 - alpha)
