@@ -22,6 +22,10 @@ Four parts, each measured in one process (routes interleaved, medians reported):
    is one row of U: the way FSR is meant to run online) and the dense
    ``fast_spectral_ranking`` (y as an [nq, n] matrix). The mAP of each timed output
    is recomputed, so the speed is reported at the mAP actually obtained.
+   End to end (``end_to_end.csv``): the same queries with every route's offline
+   work included, against the fastest scipy routes of PEERS.md (``splu``, and FSR on
+   ARPACK ``eigsh``): JAX's exact inverse per connected component, FSR.approx on
+   ``graph_eigenpairs``, batched CG to tolerance; mAP of each output.
 3. Offline seconds (``offline.csv``, ``offline.png``): ``graph_eigenpairs``
    (thick-restart Lanczos, float32, jitted) against ``scipy.sparse.linalg.eigsh``
    (ARPACK, float64, which="LA") for the same r, on synthetic clustered descriptors
@@ -64,7 +68,8 @@ from scipy.sparse.csgraph import connected_components  # noqa: E402
 
 from bench_diffusion import clustered  # noqa: E402
 from retrieval_jax.data.io import atomic_write  # noqa: E402
-from retrieval_jax.diffusion import diffuse, indicator_vectors, ranking_from_scores  # noqa: E402
+from retrieval_jax.diffusion import (diffuse, diffusion_inverse, indicator_vectors,  # noqa: E402
+                                     ranking_from_scores)
 from retrieval_jax.evaluation import bullseye_score, label_map  # noqa: E402
 from retrieval_jax.graph import knn_graph, normalize  # noqa: E402
 from retrieval_jax.spectral import (fast_spectral_ranking, fast_spectral_ranking_sparse,  # noqa: E402
@@ -140,7 +145,7 @@ def _fsr_items(emb, n: int):
 
 # --------------------------------------------------------------------------- part 1 + 2
 def map_experiment(name: str, k: int, alpha: float, ranks, repeat: int, map_rows: list,
-                   online_rows: list):
+                   online_rows: list, end_rows: list):
     X, labels = load(name)
     n = X.shape[0]
     bull = name == "mpeg7"
@@ -214,6 +219,9 @@ def map_experiment(name: str, k: int, alpha: float, ranks, repeat: int, map_rows
                                 "speedup_vs_cg": t_cg_med / med,
                                 "cg_steps_max": int(np.max(outs["cg_batched"][1].iterations)),
                                 "note": note})
+    r_approx = next(row["r"] for row in online_rows
+                    if row["dataset"] == name and row["mode"] == "approx" and row["route"] != "cg_batched")
+    end_to_end_experiment(name, graph, W, labels, bull, alpha, r_approx, repeat, cg["map"], end_rows)
     print(f"online ({name}, {n} queries, median of {repeat}, interleaved):")
     for row in online_rows:
         if row["dataset"] == name:
@@ -221,6 +229,72 @@ def map_experiment(name: str, k: int, alpha: float, ranks, repeat: int, map_rows
                   f"x{row['speedup_vs_cg']:8.1f} vs CG  mAP {row['map']:.2f} (CG {row['cg_map']:.2f}) {row['note']}",
                   flush=True)
     return graph, pairs
+
+
+# --------------------------------------------------------------------------- part 2b
+def end_to_end_experiment(name, graph, W, labels, bull: bool, alpha: float, r: int, repeat: int,
+                          cg_map: float, rows: list):
+    """Every route with its offline work included, all items as queries (the PEERS.md block).
+
+    scipy: ``splu`` of I - alpha W then one solve pair per query (the exact solution), and
+    FSR.approx on ARPACK ``eigsh`` eigenpairs (r largest, float64) in numpy. JAX: the
+    exact inverse per connected component (``diffusion_inverse``), FSR.approx on
+    ``graph_eigenpairs`` + the sparse online route, and batched CG to tolerance.
+    Same r for both FSR routes (the smallest within 1 point of CG). JAX is timed warm
+    (its compilation happens in the warm-up call); median of ``max(repeat, 3)`` runs.
+    """
+    n = W.shape[0]
+    ids = np.arange(n)
+    h = regularized_laplacian_filter(alpha)
+    m = (sp.identity(n) - alpha * W).tocsc()
+
+    def scipy_splu():
+        lu = sla.splu(m)
+        return np.stack([lu.solve(e) for e in np.eye(n)])
+
+    def scipy_fsr():
+        lam, u = sla.eigsh(W, k=r, which="LA")
+        f = (1 - alpha) / (1 - alpha * lam) - (1 - alpha)
+        return (u * f) @ u.T + (1 - alpha) * np.eye(n)  # x = U (h(L) - h(0)) U^T y + h(0) y, y = e_q
+
+    inv_rows = jax.jit(lambda inv: inv.rows(jnp.arange(n)))
+
+    def jax_inverse():
+        return inv_rows(diffusion_inverse(graph, alpha))
+
+    def jax_fsr():
+        emb = spectral_embedding(graph_eigenpairs(graph, r), r, h, mode="approx")
+        return fast_spectral_ranking_sparse(emb, jnp.ones((n, 1), jnp.float32),
+                                            jnp.asarray(ids, jnp.int32)[:, None], gamma=1.0)
+
+    def jax_cg():
+        return diffuse(graph, indicator_vectors(ids, n), alpha=alpha, tol=CG_TOL, max_iter=CG_MAX_ITER)
+
+    routes = {"scipy splu (exact)": scipy_splu, f"scipy eigsh + FSR.approx r={r}": scipy_fsr,
+              "jax diffusion_inverse per component (exact)": jax_inverse,
+              f"jax graph_eigenpairs + FSR.approx r={r}": jax_fsr,
+              "jax batched CG to tol": jax_cg}
+    # one route at a time, warm-up first: interleaving would time each route just after
+    # another one's BLAS threads, which keep spinning for a while and steal the cores
+    times = {key: [] for key in routes}
+    outs = {}
+    for key, fn in routes.items():
+        outs[key] = jax.block_until_ready(fn())
+        for _ in range(max(repeat, 3)):
+            t = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[key].append(time.perf_counter() - t)
+    base = float(np.median(times["scipy splu (exact)"]))
+    print(f"end to end ({name}, {n} queries, offline included, median of {max(repeat, 3)}):")
+    for key in routes:
+        met = scores_metrics(np.asarray(outs[key]), labels, bull)
+        med = float(np.median(times[key]))
+        rows.append({"dataset": name, "n": n, "route": key, "r": r if "FSR" in key else "",
+                     "map": met["map"], "bullseye": met["bullseye"], "cg_map": cg_map,
+                     "seconds_total_median": med, "ms_per_query": 1e3 * med / n,
+                     "speedup_vs_splu": base / med})
+        print(f"  {key:<46} {1e3 * med / n:9.4f} ms/query  x{base / med:7.1f} vs splu  mAP {met['map']:.2f}",
+              flush=True)
 
 
 # --------------------------------------------------------------------------- part 3
@@ -448,15 +522,17 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
 
-    map_rows, online_rows, offline_rows, freq_rows = [], [], [], []
+    map_rows, online_rows, offline_rows, freq_rows, end_rows = [], [], [], [], []
     coil_graph = None
     for name in [d for d in args.datasets.split(",") if d]:
-        graph, _ = map_experiment(name, DATASETS[name], args.alpha, ranks, repeat, map_rows, online_rows)
+        graph, _ = map_experiment(name, DATASETS[name], args.alpha, ranks, repeat, map_rows, online_rows,
+                                  end_rows)
         if name == "coil20":
             coil_graph = graph
     if map_rows:
         write_csv(out / "map_vs_rank.csv", map_rows)
         write_csv(out / "online.csv", online_rows)
+        write_csv(out / "end_to_end.csv", end_rows)
         plot_maps(out, map_rows)
         plot_online(out, online_rows)
     if not args.no_frequency:

@@ -91,6 +91,23 @@ def test_online(out):
             assert float(fsr["speedup_vs_cg"]) > 2.0, fsr
 
 
+def test_end_to_end(out):
+    rows = _csv(out / "end_to_end.csv")
+    for ds in ("coil20", "mpeg7"):
+        sel = {r["route"]: r for r in rows if r["dataset"] == ds}
+        assert len(sel) == 5, sel.keys()
+        splu = float(sel["scipy splu (exact)"]["map"])
+        # the exact routes rank alike; every route reports a positive time
+        assert abs(float(sel["jax diffusion_inverse per component (exact)"]["map"]) - splu) < 0.01
+        assert abs(float(sel["jax batched CG to tol"]["map"]) - splu) < 0.1
+        assert float(sel["scipy splu (exact)"]["speedup_vs_splu"]) == pytest.approx(1.0)
+        assert all(float(r["ms_per_query"]) > 0 for r in sel.values())
+        # both FSR routes at the same r, on eigenpairs of the same graph: same ranking quality
+        fsr = [r for key, r in sel.items() if "FSR" in key]
+        assert len(fsr) == 2 and fsr[0]["r"] == fsr[1]["r"]
+        assert abs(float(fsr[0]["map"]) - float(fsr[1]["map"])) < 1.0
+
+
 def test_offline(out):
     rows = _csv(out / "offline.csv")
     assert len(rows) == 1
