@@ -140,6 +140,13 @@ def test_diffusion_inverse_dense():
     largest = np.bincount(connected_components(w)).max()
     with pytest.raises(ValueError, match="GiB"):
         diffusion_inverse(w, 0.9, max_nodes=int(largest) - 1)
+    a = knn_graph(x, 6)  # the affinity, not W: I - alpha A is indefinite, a clear error, no NaN
+    with pytest.raises(ValueError, match="normalize"):
+        diffusion_inverse(a.__class__(a.indices, 3.0 * a.weights + 1.0 * (a.weights > 0)), 0.99)
+    with pytest.raises(TypeError, match="outside jax.jit"):
+        jax.jit(lambda g: diffusion_inverse(g, 0.9).blocks[0])(w)
+    with pytest.raises(ValueError, match="alpha"):
+        diffusion_inverse(w, 1.0)
 
 
 def test_diffusion_inverse_blocks_by_component():

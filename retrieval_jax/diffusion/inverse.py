@@ -162,10 +162,18 @@ def diffusion_inverse(graph: Graph, alpha: float = 0.99, *, max_nodes: int = 20_
 
     Returns:
       `DiffusionInverse`.
+
+    Raises:
+      ValueError: alpha outside (0, 1), a component larger than ``max_nodes``, or a
+        graph for which I - alpha W is not positive definite (e.g. an unnormalised A).
+      TypeError: not a `Graph`, or called under ``jax.jit`` (the plan is host-side).
     """
     alpha = _checks.check_alpha(alpha)
     if not isinstance(graph, Graph):
         raise TypeError(f"graph must be a retrieval_jax.graph.Graph, got {type(graph).__name__}")
+    if isinstance(graph.indices, jax.core.Tracer) or isinstance(graph.weights, jax.core.Tracer):
+        raise TypeError("diffusion_inverse plans its blocks on the host from the graph's connected "
+                        "components: call it offline, outside jax.jit, and pass the result in")
     labels = connected_components(graph)
     largest = int(np.bincount(labels).max())
     if largest > max_nodes:
@@ -190,5 +198,9 @@ def diffusion_inverse(graph: Graph, alpha: float = 0.99, *, max_nodes: int = 20_
     position_dev = jnp.asarray(position)
     blocks = tuple(_invert_blocks(graph, jnp.asarray(nodes, jnp.int32), position_dev, alpha)
                    for nodes in groups)
+    if not all(bool(jnp.all(jnp.isfinite(b))) for b in blocks):
+        raise ValueError(
+            "I - alpha W is not positive definite (its Cholesky factorisation failed): pass the "
+            "normalised graph W = normalize(A), symmetric with spectrum in [-1, 1], not the affinity A")
     return DiffusionInverse(blocks=blocks, bucket=jnp.asarray(bucket), member=jnp.asarray(member),
                             position=position_dev, slot=jnp.asarray(slot))
