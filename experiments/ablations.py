@@ -3,7 +3,8 @@
     python experiments/ablations.py [--quick] [--out results/ablations]
                                     [--datasets digits coil20 mpeg7] [--params alpha k]
 
-For each parameter, the diffusion method (``DIFFUSION``, CG to tolerance) is run
+For each parameter, converged diffusion (``DIFFUSION``, solver "auto": the exact
+inverse per connected component when they are small, else CG to tolerance) is run
 with that parameter swept and the others at their base values, on every label
 data set available (digits always; COIL-20 and MPEG-7 from ``../shared/data``).
 Label mAP (query itself ignored) against the parameter, one line per data set,
@@ -44,7 +45,10 @@ class Ablation:
 
 
 def _diff(s: reproduce.Settings, **kw):
-    base = dict(k=s.k, query_k=s.query_k, max_iter=s.max_iter_tol)
+    """Converged diffusion: the exact inverse where the graph's components are small, else CG
+    to tolerance (the same ranking); truncation always runs CG on the shortlists."""
+    base = dict(k=s.k, query_k=s.query_k, max_iter=s.max_iter_tol,
+                solver="cg" if "truncate" in kw else "auto")
     base.update(kw)
     return DiffusionConfig(**base)
 
