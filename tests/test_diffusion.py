@@ -96,6 +96,9 @@ def test_katz_centrality_dense():
     g = np.asarray(katz_centrality(w, 0.8, tol=1e-7))
     ref = np.linalg.solve((np.eye(70) - 0.8 * w.to_dense()) / 0.2, np.ones(70))
     assert _rel(g, ref) < 1e-4
+    # at alpha = 0.999 three steps are not enough, and the info says so
+    g3, info = katz_centrality(w, 0.999, max_iter=3, return_info=True)
+    assert g3.shape == (70,) and int(info.iterations[0]) == 3 and float(info.residual[0]) > 1e-6
 
 
 def test_rankings():

@@ -126,13 +126,19 @@ def _diffuse(graph: Graph, y, alpha, tol, max_iter) -> CGResult:
     return conjugate_gradient(matvec, b, tol=tol, max_iter=max_iter)
 
 
-def katz_centrality(graph: Graph, alpha: float = 0.99, *, tol: float = 1e-6, max_iter: int = 200):
+def katz_centrality(graph: Graph, alpha: float = 0.99, *, tol: float = 1e-6, max_iter: int = 200,
+                    return_info: bool = False):
     """Katz centrality g solving L_alpha g = 1, i.e. (I - alpha W) g = (1 - alpha) 1.
 
-    Returns float32[n]; an isolated node gets g = 1 - alpha (its own mass only).
+    Returns float32[n]; an isolated node gets g = 1 - alpha (its own mass only). With
+    ``return_info=True`` also the `DiffusionInfo` of the solve (CG steps and relative
+    residual, each of shape [1]), to see whether ``max_iter`` was enough at alpha near 1.
     """
     alpha = _checks.check_alpha(alpha)
     ones = jnp.full((1, graph.num_nodes), 1.0 - alpha, jnp.float32)
+    if return_info:
+        g, info = diffuse(graph, ones, alpha=alpha, tol=tol, max_iter=max_iter, return_info=True)
+        return g[0], info
     return diffuse(graph, ones, alpha=alpha, tol=tol, max_iter=max_iter)[0]
 
 
