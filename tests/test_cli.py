@@ -272,10 +272,11 @@ def test_rank_fsr_and_inverse_agree_with_cg(tmp_path):
     np.save(tmp_path / "x.npy", x)
     out = {}
     for name, extra in [("cg", ["--max-iter", "2000", "--tol", "1e-7"]), ("inv", ["--solver", "inverse"]),
-                        ("fsr", ["--method", "fsr", "--rank", "299"])]:
+                        ("auto", ["--solver", "auto"]), ("fsr", ["--method", "fsr", "--rank", "299"])]:
         argv = ["rank", str(tmp_path / "x.npy"), "--items", "--k", "8", "--top", "all",
                 "-o", str(tmp_path / f"{name}.npz")] + extra
         assert cli.main(argv) == 0
         out[name] = np.load(tmp_path / f"{name}.npz")["ranking"][:, :10]
     assert (out["inv"] == out["cg"]).mean() > 0.97
+    assert (out["auto"] == out["inv"]).all()  # 300 items: small components, so auto inverts
     assert (out["fsr"] == out["cg"]).mean() > 0.97
