@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import collections
 import io
-import os
 import pickle
 import zipfile
 
