@@ -39,6 +39,16 @@ SCRIPT = textwrap.dedent("""
     np.testing.assert_allclose(np.asarray(sharded), single, rtol=1e-5, atol=1e-7)
     assert len(sharded.sharding.device_set) == 4
 
+    # the exact route: its per-component inverse replicated, the queries split
+    inv_state = DIFFUSION.build(x, DiffusionConfig(k=6, query_k=5, alpha=0.9, solver="inverse"))
+    single = np.asarray(DIFFUSION.search(inv_state, q))
+    sharded = DIFFUSION.search(sharding.replicate(inv_state, mesh), sharding.shard_queries(q, mesh))
+    np.testing.assert_allclose(np.asarray(sharded), single, rtol=1e-5, atol=1e-6)
+    items = DIFFUSION.search_items(sharding.replicate(inv_state, mesh),
+                                   sharding.shard_queries(np.arange(8, dtype=np.int32), mesh))
+    np.testing.assert_allclose(np.asarray(items), np.asarray(DIFFUSION.search_items(inv_state, np.arange(8))),
+                               rtol=1e-5, atol=1e-6)
+
     try:
         sharding.shard_queries(y[:7], mesh)
     except ValueError as e:
