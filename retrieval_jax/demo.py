@@ -4,7 +4,8 @@
 
 Every item of the collection is a query (label protocol, the query excluded from
 its own ranking). Prints mAP and mP@10 of plain kNN search and of diffusion (full
-CG, with Iscen et al.'s 20 steps and run to convergence, and truncated), writes
+CG, with Iscen et al.'s 20 steps and run to convergence; exact, by the inverse per
+connected component when the components are small; and truncated), writes
 ``results.csv`` and ``queries.png``: a few queries with their top results, the kNN
 row above the diffusion row, correct results framed green and wrong ones red.
 """
@@ -50,6 +51,7 @@ def default_configs(n: int, k: int):
         ("kNN search", KNN_SEARCH, KnnConfig()),
         ("diffusion, CG 20 steps", DIFFUSION, DiffusionConfig(k=k, max_iter=20)),
         ("diffusion, CG to tol 1e-6", DIFFUSION, DiffusionConfig(k=k, max_iter=1000)),
+        ("diffusion, exact (solver auto)", DIFFUSION, DiffusionConfig(k=k, solver="auto")),
         (f"truncated diffusion T={min(500, n)}", DIFFUSION,
          DiffusionConfig(k=k, max_iter=1000, truncate=min(500, n))),
     ]
@@ -74,7 +76,7 @@ def run(dataset: str = "digits", k: int = 10, out: str | Path = "results/demo", 
         rankings[label] = ranking
         rows.append({"method": label, "mAP": 100 * res.map, "mP@10": 100 * res.mp[10],
                      "build_s": t1 - t0, "search_s": t2 - t1,
-                     "config": repr(dataclasses.asdict(cfg))})
+                     "config": repr(dataclasses.asdict(getattr(state, "config", cfg)))})
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _print_table(dataset, n, rows)
