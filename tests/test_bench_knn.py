@@ -1,0 +1,65 @@
+"""experiments/bench_knn.py --quick (n = 2000, d = 32, k = 10, no pynndescent) into a tmp dir.
+
+Every route of the quick mode writes a CSV row with a positive time, the exact JAX
+routes find the numpy neighbours (recall >= 0.99, ties aside), and the PNG opens.
+No timing is asserted.
+"""
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import assert_valid_png, read_csv
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+
+import bench_knn  # noqa: E402
+
+QUICK_ROUTES = {
+    "numpy blocked matmul + argpartition (1024 rows)",
+    "sklearn NearestNeighbors brute cosine",
+    "jax knn, first call (compile included)",
+    "jax knn, warm",
+    "jax knn_graph exact (mutual graph, warm)",
+}
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bench_knn")
+    assert bench_knn.main(["--quick", "--out", str(d)]) == 0
+    return d
+
+
+def test_csv_rows(out):
+    rows = read_csv(out / "knn_speed.csv")
+    by = {r["route"]: r for r in rows}
+    assert set(by) == QUICK_ROUTES  # no pynndescent in --quick
+    for r in rows:
+        assert (int(r["n"]), int(r["d"]), int(r["k"])) == (2000, 32, 10)
+        assert float(r["seconds"]) > 0 and float(r["vs_numpy"]) > 0
+        assert float(r["peak_rss_mb"]) > 0
+    base = by["numpy blocked matmul + argpartition (1024 rows)"]
+    assert float(base["vs_numpy"]) == pytest.approx(1.0)
+    assert float(base["recall_at_k"]) == pytest.approx(1.0)
+    for route in ("jax knn, first call (compile included)", "jax knn, warm",
+                  "sklearn NearestNeighbors brute cosine"):
+        assert float(by[route]["recall_at_k"]) >= 0.99, route
+        assert math.isnan(float(by[route]["edge_recall"]))
+    graph = by["jax knn_graph exact (mutual graph, warm)"]
+    assert float(graph["edge_recall"]) >= 0.99
+
+
+def test_png(out):
+    assert_valid_png(out / "knn_speed.png", min_width=300, min_height=200)
+    assert not list(out.glob(".*.tmp")), "atomic_write left a temporary file"
+
+
+def test_recall_helpers():
+    true = [[1, 2, 3], [0, 2, 3]]
+    assert bench_knn.recall_at_k(true, true, 3) == 1.0
+    assert bench_knn.recall_at_k([[3, 2, 1], [4, 5, 0]], true, 3) == pytest.approx((3 + 1) / 6)
+    import numpy as np
+    np.testing.assert_array_equal(bench_knn.drop_self(np.array([[0, 5, 6], [7, 1, 8]]), 2),
+                                  [[5, 6], [7, 8]])
