@@ -64,20 +64,26 @@ class DiffusionInverse:
         """sum_j weights[q, j] * inv[indices[q, j], :], float32[q, n]: x = inv @ y for a y with
         k non-zeros per query (weights float[q, k] at nodes indices int[q, k]). Jittable."""
         weights = jnp.asarray(weights, jnp.float32)
-        q = weights.shape[0]
-        rows_q = jnp.arange(q)[:, None]
+        q, k = weights.shape
+        rows_q = jnp.arange(q)
         parts = []
         for b, blk in enumerate(self.blocks):
             c_b, p_b, _ = blk.shape
             here = self.bucket[indices] == b
             m = jnp.where(here, self.member[indices], 0)
             p = jnp.where(here, self.position[indices], 0)
-            rows = blk[m, p] * jnp.where(here, weights, 0.0)[..., None]     # [q, k, P_b]
-            if c_b == 1:
-                parts.append(jnp.sum(rows, axis=1))
-            else:
-                padded = jnp.zeros((q, c_b, p_b), blk.dtype).at[rows_q, m].add(rows)
-                parts.append(padded.reshape(q, c_b * p_b))
+            w = jnp.where(here, weights, 0.0)
+
+            # one support entry at a time: memory O(q C_b P_b), never [q, k, P_b]
+            def add(j, acc, blk=blk, m=m, p=p, w=w):
+                row = blk[m[:, j], p[:, j]] * w[:, j, None]                  # [q, P_b]
+                if acc.ndim == 2:
+                    return acc + row
+                return acc.at[rows_q, m[:, j]].add(row)
+
+            init = jnp.zeros((q, p_b) if c_b == 1 else (q, c_b, p_b), blk.dtype)
+            acc = jax.lax.fori_loop(0, k, add, init, unroll=min(k, 4))
+            parts.append(acc.reshape(q, c_b * p_b))
         flat = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
         return flat[:, self.slot]
 
