@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _checks
-from .diffusion.inverse import DiffusionInverse, diffusion_inverse, inverse_footprint
+from .diffusion.inverse import DiffusionInverse, diffusion_inverse, plan_inverse
 from .diffusion.solve import _diffuse, _truncated
 from .graph.core import Graph
 from .graph.knn import knn_graph, normalize
@@ -154,9 +154,7 @@ class DiffusionConfig:
         _checks.check_gamma(self.gamma)
         _checks.check_positive(self.tol, "tol")
         for name in ("k", "query_k", "max_iter", "batch_size"):
-            v = getattr(self, name)
-            if not _checks.is_int(v) or v < 1:
-                raise ValueError(f"DiffusionConfig.{name} must be a positive int, got {v!r}")
+            _checks.check_positive_int(getattr(self, name), f"DiffusionConfig.{name}")
         if self.truncate is not None and (not isinstance(self.truncate, (int, np.integer)) or self.truncate < 1):
             raise ValueError(f"DiffusionConfig.truncate must be None or a positive int, got {self.truncate!r}")
         if self.graph_method not in ("exact", "nndescent"):
@@ -214,11 +212,11 @@ def diffusion_state_from_graph(database, graph: Graph, config: DiffusionConfig =
         raise ValueError(f"the graph has {graph.num_nodes} nodes but the database has {db.shape[0]} items")
     _check_query_sizes(config, db.shape[0])
     w = graph if normalized else normalize(graph)
+    plan = plan_inverse(w) if config.solver in ("inverse", "auto") else None
     if config.solver == "auto":
-        largest, nbytes = inverse_footprint(w)
-        cheap = largest <= AUTO_INVERSE_MAX_NODES and nbytes <= AUTO_INVERSE_MAX_BYTES
+        cheap = plan.largest <= AUTO_INVERSE_MAX_NODES and plan.nbytes <= AUTO_INVERSE_MAX_BYTES
         config = dataclasses.replace(config, solver="inverse" if cheap else "cg")
-    inverse = diffusion_inverse(w, config.alpha) if config.solver == "inverse" else None
+    inverse = diffusion_inverse(w, config.alpha, plan=plan) if config.solver == "inverse" else None
     return DiffusionState(database=jnp.asarray(db), graph=w, inverse=inverse, config=config)
 
 
@@ -313,8 +311,7 @@ class FsrConfig:
     def __post_init__(self):
         DiffusionConfig(k=self.k, query_k=self.query_k, alpha=self.alpha, gamma=self.gamma,
                         mutual=self.mutual, graph_method=self.graph_method)
-        if not _checks.is_int(self.rank) or self.rank < 1:
-            raise ValueError(f"FsrConfig.rank must be a positive int, got {self.rank!r}")
+        _checks.check_positive_int(self.rank, "FsrConfig.rank")
         if self.mode not in ("rank_r", "approx"):
             raise ValueError(f"FsrConfig.mode must be 'rank_r' or 'approx', got {self.mode!r}")
         if self.filter not in ("diffusion", "heat"):

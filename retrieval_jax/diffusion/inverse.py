@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -75,11 +76,9 @@ class DiffusionInverse:
             w = jnp.where(here, weights, 0.0)
 
             # one support entry at a time: memory O(q C_b P_b), never [q, k, P_b]
-            def add(j, acc, blk=blk, m=m, p=p, w=w):
+            def add(j, acc, blk=blk, m=m, p=p, w=w, single=c_b == 1):
                 row = blk[m[:, j], p[:, j]] * w[:, j, None]                  # [q, P_b]
-                if acc.ndim == 2:
-                    return acc + row
-                return acc.at[rows_q, m[:, j]].add(row)
+                return acc + row if single else acc.at[rows_q, m[:, j]].add(row)
 
             init = jnp.zeros((q, p_b) if c_b == 1 else (q, c_b, p_b), blk.dtype)
             acc = jax.lax.fori_loop(0, k, add, init, unroll=min(k, 4))
@@ -97,11 +96,32 @@ class DiffusionInverse:
         return self.rows(jnp.arange(self.num_nodes))
 
 
-def _buckets(labels: np.ndarray):
-    """Group components by size: a bucket takes components of more than half its largest.
+class InversePlan(NamedTuple):
+    """Host-side layout of `diffusion_inverse`: the graph's connected components grouped
+    into buckets of similar size (a bucket takes components of more than half its
+    largest), as one int64[C_b, P_b] node array per bucket (-1 on padding), largest first."""
 
-    Returns a list of int64[C_b, P_b] node arrays (-1 on padding), largest bucket first.
-    """
+    groups: tuple
+
+    @property
+    def largest(self) -> int:
+        """Nodes of the largest connected component."""
+        return int(self.groups[0].shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the float32 blocks will take."""
+        return int(sum(4 * nodes.shape[0] * nodes.shape[1] ** 2 for nodes in self.groups))
+
+
+def plan_inverse(graph: Graph) -> InversePlan:
+    """Find the connected components of ``graph`` and bucket them (offline, on the host)."""
+    if not isinstance(graph, Graph):
+        raise TypeError(f"graph must be a retrieval_jax.graph.Graph, got {type(graph).__name__}")
+    if isinstance(graph.indices, jax.core.Tracer) or isinstance(graph.weights, jax.core.Tracer):
+        raise TypeError("diffusion_inverse plans its blocks on the host from the graph's connected "
+                        "components: call it offline, outside jax.jit, and pass the result in")
+    labels = connected_components(graph)
     sizes = np.bincount(labels)
     order = np.argsort(labels, kind="stable")
     starts = np.concatenate([[0], np.cumsum(sizes)])
@@ -119,7 +139,7 @@ def _buckets(labels: np.ndarray):
         for i, c in enumerate(group):
             nodes[i, :sizes[c]] = members[c]
         out.append(nodes)
-    return out
+    return InversePlan(groups=tuple(out))
 
 
 @jax.jit
@@ -140,16 +160,8 @@ def _invert_blocks(graph: Graph, nodes, position, alpha):
     return jax.scipy.linalg.cho_solve((chol, True), jnp.broadcast_to(eye, (c, p, p)))
 
 
-def inverse_footprint(graph: Graph) -> tuple[int, int]:
-    """(largest connected component, bytes of the blocks) that `diffusion_inverse` would use."""
-    sizes = np.bincount(connected_components(graph)).astype(np.int64)
-    nbytes = 0
-    for nodes in _buckets(np.repeat(np.arange(len(sizes)), sizes)):
-        nbytes += 4 * nodes.shape[0] * nodes.shape[1] ** 2
-    return int(sizes.max()), int(nbytes)
-
-
-def diffusion_inverse(graph: Graph, alpha: float = 0.99, *, max_nodes: int = 20_000) -> DiffusionInverse:
+def diffusion_inverse(graph: Graph, alpha: float = 0.99, *, max_nodes: int = 20_000,
+                      plan: InversePlan | None = None) -> DiffusionInverse:
     """The exact inverse (I - alpha W)^-1 of a normalised graph, block by connected component.
 
     Offline (components are found on the host); each bucket of components is
@@ -165,6 +177,8 @@ def diffusion_inverse(graph: Graph, alpha: float = 0.99, *, max_nodes: int = 20_
       alpha: in (0, 1).
       max_nodes: refuse a connected component larger than this (its dense block
         takes 4 n_c^2 bytes: 1.6 GB at 20,000 nodes).
+      plan: ``plan_inverse(graph)`` if already computed (e.g. to decide whether to
+        invert at all), else computed here.
 
     Returns:
       `DiffusionInverse`.
@@ -175,13 +189,9 @@ def diffusion_inverse(graph: Graph, alpha: float = 0.99, *, max_nodes: int = 20_
       TypeError: not a `Graph`, or called under ``jax.jit`` (the plan is host-side).
     """
     alpha = _checks.check_alpha(alpha)
-    if not isinstance(graph, Graph):
-        raise TypeError(f"graph must be a retrieval_jax.graph.Graph, got {type(graph).__name__}")
-    if isinstance(graph.indices, jax.core.Tracer) or isinstance(graph.weights, jax.core.Tracer):
-        raise TypeError("diffusion_inverse plans its blocks on the host from the graph's connected "
-                        "components: call it offline, outside jax.jit, and pass the result in")
-    labels = connected_components(graph)
-    largest = int(np.bincount(labels).max())
+    if plan is None:
+        plan = plan_inverse(graph)
+    largest = plan.largest
     if largest > max_nodes:
         raise ValueError(
             f"the graph's largest connected component has {largest} nodes; its dense inverse needs "
@@ -192,9 +202,8 @@ def diffusion_inverse(graph: Graph, alpha: float = 0.99, *, max_nodes: int = 20_
     member = np.zeros(n, np.int32)
     position = np.zeros(n, np.int32)
     slot = np.zeros(n, np.int32)
-    groups = _buckets(labels)
     offset = 0
-    for b, nodes in enumerate(groups):
+    for b, nodes in enumerate(plan.groups):
         c_b, p_b = nodes.shape
         ci, pi = np.nonzero(nodes >= 0)
         ids = nodes[ci, pi]
@@ -203,7 +212,7 @@ def diffusion_inverse(graph: Graph, alpha: float = 0.99, *, max_nodes: int = 20_
         offset += c_b * p_b
     position_dev = jnp.asarray(position)
     blocks = tuple(_invert_blocks(graph, jnp.asarray(nodes, jnp.int32), position_dev, alpha)
-                   for nodes in groups)
+                   for nodes in plan.groups)
     if not all(bool(jnp.all(jnp.isfinite(b))) for b in blocks):
         raise ValueError(
             "I - alpha W is not positive definite (its Cholesky factorisation failed): pass the "
