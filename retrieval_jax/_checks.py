@@ -49,6 +49,13 @@ def is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
+def check_positive_int(value, name: str) -> int:
+    """``value`` as an int >= 1 (Python or numpy integer, bool excluded), else a ValueError."""
+    if not is_int(value) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
 def check_k(k, n: int, *, name: str = "k", what: str = "database items") -> int:
     if not is_int(k):
         raise TypeError(f"{name} must be an int, got {type(k).__name__}")

@@ -186,8 +186,7 @@ class AlphaQEConfig:
     alpha: float = 3.0
 
     def __post_init__(self):
-        if not _checks.is_int(self.n) or self.n < 1:
-            raise ValueError(f"AlphaQEConfig.n must be a positive int, got {self.n!r}")
+        _checks.check_positive_int(self.n, "AlphaQEConfig.n")
         _check_alpha_exponent(self.alpha, "AlphaQEConfig.alpha")
 
 
@@ -250,11 +249,8 @@ class DbaQEConfig:
     alpha: float = 3.0
 
     def __post_init__(self):
-        if not _checks.is_int(self.dba_n) \
-                or self.dba_n < 1:
-            raise ValueError(f"DbaQEConfig.dba_n must be a positive int, got {self.dba_n!r}")
-        if not _checks.is_int(self.qe_n) \
-                or self.qe_n < 0:
+        _checks.check_positive_int(self.dba_n, "DbaQEConfig.dba_n")
+        if not _checks.is_int(self.qe_n) or self.qe_n < 0:
             raise ValueError(f"DbaQEConfig.qe_n must be an int >= 0 (0 = no query expansion), "
                              f"got {self.qe_n!r}")
         _check_alpha_exponent(self.alpha, "DbaQEConfig.alpha")

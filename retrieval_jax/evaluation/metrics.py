@@ -100,9 +100,7 @@ def _check_ranking(ranking, n_db: int | None, name: str = "ranking") -> tuple[np
     if n_db is None:
         n_db = r.shape[1]
     else:
-        if not _checks.is_int(n_db) or n_db <= 0:
-            raise ValueError(f"n_db must be a positive int, got {n_db!r}")
-        n_db = int(n_db)
+        n_db = _checks.check_positive_int(n_db, "n_db")
         if r.shape[1] > n_db:
             raise ValueError(f"{name} has {r.shape[1]} columns but the database has only "
                              f"n_db = {n_db} items; a ranking lists each item at most once")
@@ -546,8 +544,7 @@ def bullseye_score(ranking, labels, top: int = 40) -> float:
       The score as a fraction in [0, 1] (1 = every class fully retrieved in the top
       ``top``; with classes larger than ``top`` the maximum is below 1).
     """
-    if not _checks.is_int(top) or top <= 0:
-        raise ValueError(f"top must be a positive int, got {top!r}")
+    _checks.check_positive_int(top, "top")
     r, n = _check_ranking(ranking, None if np.ndim(ranking) != 2 else np.shape(ranking)[0])
     codes_of = _check_labels(labels, r.shape[0])
     if r.shape[1] < top:

@@ -336,9 +336,7 @@ def extract(images, model, pooling: Callable | None = None, *, batch_size: int =
 
     Returns :class:`Extracted` ``(descriptors [N, D] float32, names, skipped)``.
     """
-    if not _checks.is_int(batch_size) \
-            or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    _checks.check_positive_int(batch_size, "batch_size")
     if max_size is not None and (not isinstance(max_size, (int, np.integer))
                                  or isinstance(max_size, bool) or max_size < 1):
         raise ValueError(f"max_size must be a positive int or None, got {max_size!r}")

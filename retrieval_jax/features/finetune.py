@@ -355,8 +355,7 @@ def finetune_head(feature_maps, labels, *, steps: int = 200, lr: float = 1e-3,
         raise ValueError(f"loss must be 'triplet' or 'contrastive', got {loss!r}")
     for name, v in (("steps", steps), ("batch", batch), ("negatives", negatives),
                     ("mine_every", mine_every)):
-        if not _checks.is_int(v) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
+        _checks.check_positive_int(v, name)
     n = x.shape[0]
     if batch > n:
         raise ValueError(f"batch = {batch} exceeds the {n} training images")

@@ -222,8 +222,7 @@ def rmac_boxes(height: int, width: int, levels: int = 3) -> np.ndarray:
       A square map gives 1 + 4 + 9 = 14 regions for 3 scales.
     """
     for name, v in (("height", height), ("width", width), ("levels", levels)):
-        if not _checks.is_int(v) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
+        _checks.check_positive_int(v, name)
     return np.array(_rmac_boxes_cached(int(height), int(width), int(levels)), dtype=np.int64)
 
 

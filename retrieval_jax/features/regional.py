@@ -180,9 +180,7 @@ def query_region_similarity(sims, idx, *, num_queries: int, num_db_regions: int,
     num_queries = _checks.check_k(num_queries, sims.shape[0], name="num_queries", what="query regions")
     if sims.shape[0] % num_queries:
         raise ValueError(f"{sims.shape[0]} rows are not num_queries * Rq for num_queries = {num_queries}")
-    if not _checks.is_int(num_db_regions) \
-            or num_db_regions < 1:
-        raise ValueError(f"num_db_regions must be a positive int, got {num_db_regions!r}")
+    _checks.check_positive_int(num_db_regions, "num_db_regions")
     gamma = _checks.check_gamma(gamma)
     rq = sims.shape[0] // num_queries
     if query_mask is None:
