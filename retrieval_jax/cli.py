@@ -238,7 +238,7 @@ def _load_graph(parser, path: str, n: int):
 # ----------------------------------------------------------------------------- rank
 def _rank_config(args, parser):
     from .methods import DIFFUSION, FSR, KNN_SEARCH, DiffusionConfig, FsrConfig, KnnConfig
-    from .query_expansion import ALPHA_QE, DBA_ALPHA_QE, AlphaQEConfig, DbaQEConfig
+    from .methods import ALPHA_QE, DBA_ALPHA_QE, AlphaQEConfig, DbaQEConfig
 
     try:
         if args.method == "knn":

@@ -119,7 +119,7 @@ def test_inverse_solver_matches_converged_cg():
 
 
 def test_auto_solver_picks_cg_for_a_large_component(monkeypatch):
-    import retrieval_jax.methods as methods
+    import retrieval_jax.methods.diffusion as methods
     x = _clusters(8, n=120)
     q = _clusters(9, n=6)
     small = DIFFUSION.build(x, DiffusionConfig(k=7, query_k=5, solver="auto"))

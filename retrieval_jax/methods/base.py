@@ -1,0 +1,113 @@
+"""What every ranking method shares: the `Method` record, the query checks, similarities.
+
+As optax gives every optimiser an (init, update) pair, every ranking method here is a
+`Method` of pure functions:
+
+* ``build(database, config) -> state`` runs offline, on the host where it must (graph
+  construction decides array shapes), and returns a pytree ``state`` whose config is
+  static metadata;
+* ``search(state, queries) -> scores`` is jitted: float[nq, d] descriptors -> scores
+  float32[nq, n], higher is better;
+* ``search_items(state, ids) -> scores`` ranks from database items used as queries.
+
+``search`` pads the query batch to a few bucket sizes (`bucket_size`), so a stream of
+batches of varying size compiles a handful of programs, not one per size.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import _checks
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+class Method(NamedTuple):
+    """A ranking method: ``build`` offline, ``search`` / ``search_items`` jitted online.
+
+    ``config_type`` is the config class ``build`` accepts; a config of another method is
+    refused with a clear error.
+    """
+
+    name: str
+    build: Callable[..., Any]
+    search: Callable[[Any, Any], jax.Array]
+    search_items: Callable[[Any, Any], jax.Array]
+    config_type: type | None = None
+
+
+def check_config(config, config_type: type, method: str):
+    """``config`` if it is a ``config_type``, else a TypeError naming both."""
+    if not isinstance(config, config_type):
+        raise TypeError(f"the {method} method takes a {config_type.__name__}, got "
+                        f"{type(config).__name__}; build each method with its own config")
+    return config
+
+
+def check_queries(state, queries):
+    """Validated float32[nq, d] queries for a state holding ``database`` [n, d]."""
+    if isinstance(queries, jax.core.Tracer):
+        return queries
+    q = _checks.as_matrix(queries, "queries")
+    if q.shape[1] != state.database.shape[1]:
+        raise ValueError(f"dimension mismatch: queries have d = {q.shape[1]} but the database "
+                         f"has d = {state.database.shape[1]}; use the same descriptor pipeline")
+    return jnp.asarray(q)
+
+
+def check_items(state, ids):
+    """Validated int32[nq] database ids in [0, n) (integer dtype only: no silent cast)."""
+    if isinstance(ids, jax.core.Tracer):
+        return ids
+    ids = np.asarray(ids)
+    n = state.database.shape[0]
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"ids must be a 1-D integer array of database ids, got {ids.dtype} {ids.shape}")
+    if ids.size and (ids.min() < 0 or ids.max() >= n):
+        raise ValueError(f"ids must lie in [0, {n}), got range [{ids.min()}, {ids.max()}]")
+    return jnp.asarray(ids, jnp.int32)
+
+
+def similarities(state, queries):
+    """Inner products <q, x_j> of queries [nq, d] with the state's database [n, d]: [nq, n]."""
+    return jnp.matmul(queries.astype(jnp.float32), state.database.T, precision=HIGHEST)
+
+
+def bucket_size(nq: int) -> int:
+    """The padded batch size for nq queries: the next power of two (at least 8)."""
+    return max(8, 1 << max(0, int(nq) - 1).bit_length())
+
+
+def padded(fn: Callable[[Any, jax.Array], jax.Array]) -> Callable[[Any, jax.Array], jax.Array]:
+    """Wrap a jitted ``fn(state, batch)`` so concrete batches are padded to `bucket_size`.
+
+    Padding rows repeat the first row; their outputs are dropped. Under a trace the
+    batch passes through unchanged (its size is already fixed by the caller).
+    """
+    def run(state, batch):
+        if isinstance(batch, jax.core.Tracer) or batch.shape[0] == 0:
+            return fn(state, batch)
+        nq = batch.shape[0]
+        size = bucket_size(nq)
+        if size != nq:
+            pad = jnp.broadcast_to(batch[:1], (size - nq,) + batch.shape[1:])
+            batch = jnp.concatenate([batch, pad.astype(batch.dtype)])
+        return fn(state, batch)[:nq]
+    return run
+
+
+def make_method(name: str, build, search_jit, search_items_jit, config_type: type) -> Method:
+    """A `Method` whose online calls check their input and pad the batch to a bucket size."""
+    search = padded(search_jit)
+    search_items = padded(search_items_jit)
+    return Method(
+        name,
+        build,
+        lambda state, q: search(state, check_queries(state, q)),
+        lambda state, ids: search_items(state, check_items(state, ids)),
+        config_type,
+    )

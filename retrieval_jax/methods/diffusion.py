@@ -1,0 +1,190 @@
+"""Diffusion on a mutual kNN graph as a ranking method (Iscen et al., CVPR 2017)."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import _checks
+from ..diffusion.inverse import DiffusionInverse, diffusion_inverse, plan_inverse
+from ..diffusion.solve import _diffuse, _truncated
+from ..graph.core import Graph
+from ..graph.knn import knn_graph, normalize
+from .base import check_config, make_method, similarities as _similarities
+
+# DiffusionConfig(solver="auto") inverts when every component is at most this large
+# (a 4096-node block inverts in about half a second on a 2-core CPU) and the blocks fit here.
+AUTO_INVERSE_MAX_NODES = 4096
+AUTO_INVERSE_MAX_BYTES = 2 ** 28
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionConfig:
+    """Diffusion on a mutual kNN graph (Iscen et al., CVPR 2017 defaults).
+
+    Attributes:
+      k: graph neighbours per node.
+      query_k: database neighbours that form an out-of-graph query's y.
+      alpha: diffusion weight in (0, 1).
+      gamma: similarity exponent for graph edges and y.
+      tol, max_iter: CG stopping rule (relative residual, steps).
+      mutual: reciprocal kNN graph.
+      graph_method: "exact" or "nndescent".
+      truncate: None for the full solve, else T: each query solves on its T
+        nearest database items only; the other items follow, in similarity order.
+      batch_size: queries per vmapped batch in truncated mode.
+      solver: "cg" (conjugate gradient online, any n), "inverse" (the exact
+        (I - alpha W)^-1 computed offline by Cholesky, one dense block per connected
+        component of up to ~20,000 nodes; a query then costs query_k rows of it), or
+        "auto": "inverse" when every component has at most ``AUTO_INVERSE_MAX_NODES``
+        nodes and the blocks fit in ``AUTO_INVERSE_MAX_BYTES`` (mutual kNN graphs
+        often split into many small components: COIL-20 at k = 5 inverts in
+        10 ms and is then exact at 0.004 ms a query), else "cg". The built state's
+        config says which was chosen.
+    """
+
+    k: int = 50
+    query_k: int = 10
+    alpha: float = 0.99
+    gamma: float = 3.0
+    tol: float = 1e-6
+    max_iter: int = 20
+    mutual: bool = True
+    graph_method: str = "exact"
+    truncate: int | None = None
+    batch_size: int = 64
+    solver: str = "cg"
+
+    def __post_init__(self):
+        _checks.check_alpha(self.alpha)
+        _checks.check_gamma(self.gamma)
+        _checks.check_positive(self.tol, "tol")
+        for name in ("k", "query_k", "max_iter", "batch_size"):
+            _checks.check_positive_int(getattr(self, name), f"DiffusionConfig.{name}")
+        if self.truncate is not None and (not isinstance(self.truncate, (int, np.integer)) or self.truncate < 1):
+            raise ValueError(f"DiffusionConfig.truncate must be None or a positive int, got {self.truncate!r}")
+        if self.graph_method not in ("exact", "nndescent"):
+            raise ValueError(f"graph_method must be 'exact' or 'nndescent', got {self.graph_method!r}")
+        if self.solver not in ("cg", "inverse", "auto"):
+            raise ValueError(f"solver must be 'cg', 'inverse' or 'auto', got {self.solver!r}")
+        if self.solver in ("inverse", "auto") and self.truncate is not None:
+            raise ValueError("truncation only applies to solver='cg'; the inverse is already exact")
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["database", "graph", "inverse"],
+                   meta_fields=["config"])
+@dataclasses.dataclass(frozen=True)
+class DiffusionState:
+    """Database descriptors float32[n, d], the normalised graph W, (I - alpha W)^-1 when
+    ``config.solver == "inverse"`` (else None), and the (static) config."""
+
+    database: jax.Array
+    graph: Graph
+    inverse: DiffusionInverse | None = None
+    config: DiffusionConfig = DiffusionConfig()
+
+
+def _diffusion_build(database, config: DiffusionConfig = DiffusionConfig(), *,
+                     show_progress: bool | None = None) -> DiffusionState:
+    check_config(config, DiffusionConfig, "diffusion")
+    db = _checks.as_matrix(database, "database")
+    n = db.shape[0]
+    _checks.check_k(config.k, n - 1, name="k", what="other database items (graph k must be < n)")
+    _check_query_sizes(config, n)
+    graph = knn_graph(db, config.k, gamma=config.gamma, mutual=config.mutual,
+                      method=config.graph_method, show_progress=show_progress)
+    return diffusion_state_from_graph(db, graph, config)
+
+
+def _check_query_sizes(config: DiffusionConfig, n: int) -> None:
+    """query_k and truncate fit a database of n items (truncate >= query_k)."""
+    _checks.check_k(config.query_k, n, name="query_k")
+    if config.truncate is not None:
+        _checks.check_k(config.truncate, n, name="truncate")
+        if config.truncate < config.query_k:
+            raise ValueError(f"truncate = {config.truncate} must be at least query_k = {config.query_k}")
+
+
+def diffusion_state_from_graph(database, graph: Graph, config: DiffusionConfig = DiffusionConfig(),
+                               *, normalized: bool = False) -> DiffusionState:
+    """A `DiffusionState` on a graph built elsewhere (a saved graph, a region graph...).
+
+    ``graph`` is the affinity A (normalised here) or, with ``normalized=True``, W itself.
+    ``config.k`` and the graph options are then informative only.
+    """
+    db = _checks.as_matrix(database, "database")
+    if not isinstance(graph, Graph):
+        raise TypeError(f"graph must be a retrieval_jax.graph.Graph, got {type(graph).__name__}")
+    if graph.num_nodes != db.shape[0]:
+        raise ValueError(f"the graph has {graph.num_nodes} nodes but the database has {db.shape[0]} items")
+    _check_query_sizes(config, db.shape[0])
+    w = graph if normalized else normalize(graph)
+    plan = plan_inverse(w) if config.solver in ("inverse", "auto") else None
+    if config.solver == "auto":
+        cheap = plan.largest <= AUTO_INVERSE_MAX_NODES and plan.nbytes <= AUTO_INVERSE_MAX_BYTES
+        config = dataclasses.replace(config, solver="inverse" if cheap else "cg")
+    inverse = diffusion_inverse(w, config.alpha, plan=plan) if config.solver == "inverse" else None
+    return DiffusionState(database=jnp.asarray(db), graph=w, inverse=inverse, config=config)
+
+
+def _solve_full(state: DiffusionState, y):
+    cfg = state.config
+    return _diffuse(state.graph, y, cfg.alpha, cfg.tol, cfg.max_iter).x.T
+
+
+def _solve_truncated(state: DiffusionState, sims, y_local_fn):
+    """Truncated diffusion on each query's top-T shortlist; full scores [nq, n]."""
+    cfg = state.config
+    short_s, short_i = jax.lax.top_k(sims, cfg.truncate)
+    y_s = y_local_fn(short_s, short_i)
+    x_s = _truncated(state.graph, y_s, short_i, cfg.alpha, cfg.tol, cfg.max_iter, cfg.batch_size).x
+    # items outside the shortlist keep their similarity order, below every shortlisted item
+    base = sims - 3.0
+    rows = jnp.arange(sims.shape[0])[:, None]
+    return base.at[rows, short_i].set(x_s)
+
+
+@jax.jit
+def _diffusion_search(state: DiffusionState, queries):
+    cfg = state.config
+    sims = _similarities(state, queries)
+    if cfg.solver == "inverse":
+        s, i = jax.lax.top_k(sims, cfg.query_k)
+        weights = jnp.maximum(s, 0.0) ** cfg.gamma
+        return state.inverse.weighted_rows(weights, i)
+    if cfg.truncate is None:
+        s, i = jax.lax.top_k(sims, cfg.query_k)
+        rows = jnp.arange(sims.shape[0])[:, None]
+        y = jnp.zeros_like(sims).at[rows, i].add(jnp.maximum(s, 0.0) ** cfg.gamma)
+        return _solve_full(state, y)
+
+    def y_local(short_s, short_i):
+        keep = jnp.arange(cfg.truncate) < cfg.query_k
+        return jnp.where(keep, jnp.maximum(short_s, 0.0) ** cfg.gamma, 0.0)
+
+    return _solve_truncated(state, sims, y_local)
+
+
+@jax.jit
+def _diffusion_search_items(state: DiffusionState, ids):
+    cfg = state.config
+    n = state.database.shape[0]
+    if cfg.solver == "inverse":
+        return state.inverse.rows(ids)
+    if cfg.truncate is None:
+        return _solve_full(state, jax.nn.one_hot(ids, n, dtype=jnp.float32))
+    sims = _similarities(state, state.database[ids])
+    # the item itself heads its own shortlist
+    sims = sims.at[jnp.arange(ids.shape[0]), ids].set(jnp.inf)
+
+    def y_local(short_s, short_i):
+        return (short_i == ids[:, None]).astype(jnp.float32)
+
+    return _solve_truncated(state, sims, y_local)
+
+
+DIFFUSION = make_method("diffusion", _diffusion_build, _diffusion_search, _diffusion_search_items,
+                        DiffusionConfig)

@@ -1,0 +1,117 @@
+"""Fast Spectral Ranking (Iscen et al., CVPR 2018) as a ranking method."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from .. import _checks
+from ..graph.core import Graph
+from ..graph.knn import knn_graph, normalize
+from ..spectral import heat_kernel_filter, regularized_laplacian_filter, spectral_embedding
+from ..spectral.fsr import _fsr_sparse
+from .base import check_config, make_method, similarities as _similarities
+from .diffusion import DiffusionConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class FsrConfig:
+    """Fast Spectral Ranking (Iscen et al., CVPR 2018) on the diffusion graph.
+
+    Attributes:
+      k, query_k, alpha, gamma, mutual, graph_method: as in `DiffusionConfig`.
+      rank: r, the number of eigenpairs of W kept.
+      mode: "rank_r" (x = U h(L) U^T y) or "approx" (adds h(0) (y - U U^T y)).
+      filter: "diffusion" (h(l) = (1 - alpha)/(1 - alpha l), the same ranking as the
+        regularised Laplacian solve) or "heat" (h(l) = exp(-t (1 - l))).
+      t: heat-kernel time.
+    """
+
+    k: int = 50
+    query_k: int = 10
+    alpha: float = 0.99
+    gamma: float = 3.0
+    mutual: bool = True
+    graph_method: str = "exact"
+    rank: int = 400
+    mode: str = "approx"
+    filter: str = "diffusion"
+    t: float = 10.0
+
+    def __post_init__(self):
+        DiffusionConfig(k=self.k, query_k=self.query_k, alpha=self.alpha, gamma=self.gamma,
+                        mutual=self.mutual, graph_method=self.graph_method)
+        _checks.check_positive_int(self.rank, "FsrConfig.rank")
+        if self.mode not in ("rank_r", "approx"):
+            raise ValueError(f"FsrConfig.mode must be 'rank_r' or 'approx', got {self.mode!r}")
+        if self.filter not in ("diffusion", "heat"):
+            raise ValueError(f"FsrConfig.filter must be 'diffusion' or 'heat', got {self.filter!r}")
+        _checks.check_positive(self.t, "t")
+
+    def transfer_function(self):
+        if self.filter == "diffusion":
+            return regularized_laplacian_filter(self.alpha)
+        return heat_kernel_filter(self.t)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["database", "embedding"],
+                   meta_fields=["config"])
+@dataclasses.dataclass(frozen=True)
+class FsrState:
+    """Database descriptors float32[n, d], the `SpectralEmbedding`, and the (static) config."""
+
+    database: jax.Array
+    embedding: Any
+    config: FsrConfig = FsrConfig()
+
+
+def _fsr_build(database, config: FsrConfig = FsrConfig(), *, show_progress: bool | None = None) -> FsrState:
+    check_config(config, FsrConfig, "fsr")
+    db = _checks.as_matrix(database, "database")
+    n = db.shape[0]
+    _checks.check_k(config.k, n - 1, name="k", what="other database items (graph k must be < n)")
+    _checks.check_k(config.query_k, n, name="query_k")
+    _checks.check_k(config.rank, n, name="rank", what="database items (rank must be <= n)")
+    graph = knn_graph(db, config.k, gamma=config.gamma, mutual=config.mutual,
+                      method=config.graph_method, show_progress=show_progress)
+    return fsr_state_from_graph(db, graph, config)
+
+
+def fsr_state_from_graph(database, graph: Graph, config: FsrConfig = FsrConfig(), *,
+                         normalized: bool = False) -> FsrState:
+    """An `FsrState` on a graph built elsewhere (a saved graph, a region graph...).
+
+    ``graph`` is the affinity A (normalised here) or, with ``normalized=True``, W itself;
+    ``config.k`` and the graph options are then informative only.
+    """
+    check_config(config, FsrConfig, "fsr")
+    db = _checks.as_matrix(database, "database")
+    if not isinstance(graph, Graph):
+        raise TypeError(f"graph must be a retrieval_jax.graph.Graph, got {type(graph).__name__}")
+    n = db.shape[0]
+    if graph.num_nodes != n:
+        raise ValueError(f"the graph has {graph.num_nodes} nodes but the database has {n} items")
+    _checks.check_k(config.query_k, n, name="query_k")
+    _checks.check_k(config.rank, n, name="rank", what="database items (rank must be <= n)")
+    w = graph if normalized else normalize(graph)
+    emb = spectral_embedding(w, config.rank, config.transfer_function(), mode=config.mode)
+    return FsrState(database=jnp.asarray(db), embedding=emb, config=config)
+
+
+@jax.jit
+def _fsr_search(state: FsrState, queries):
+    cfg = state.config
+    s, i = jax.lax.top_k(_similarities(state, queries), cfg.query_k)
+    return _fsr_sparse(state.embedding, s, i, jnp.asarray(cfg.gamma, jnp.float32))
+
+
+@jax.jit
+def _fsr_search_items(state: FsrState, ids):
+    ones = jnp.ones((ids.shape[0], 1), jnp.float32)
+    return _fsr_sparse(state.embedding, ones, ids[:, None], jnp.asarray(1.0, jnp.float32))
+
+
+FSR = make_method("fsr", _fsr_build, _fsr_search, _fsr_search_items, FsrConfig)
