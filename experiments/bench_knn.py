@@ -14,6 +14,13 @@ the others by inner product (self excluded), by every route in the same process:
   metric="cosine")`` on the L2-normalised data, fit + kneighbors (n <= --sklearn-max);
 * ``retrieval_jax.graph.knn(X, X, k, exclude_self=True)``: first call
   (compilation included) and a warm call;
+* faiss ``IndexFlatIP`` (exact, the field's standard CPU engine; skipped when
+  faiss-cpu is not installed, or with --no-faiss): index build + ``search(X, k + 1)``
+  + self dropped, as a researcher calls it; and the library's wrapper
+  ``retrieval_jax.graph.faiss_backend.faiss_knn(X, X, k, exclude_self=True)``
+  (same search, input checks, int32 output), alone and followed by the mutual
+  affinity and padded `Graph` (``affinity_matrix`` + ``Graph.from_scipy``, what
+  ``knn_graph(method="faiss")`` does);
 * ``retrieval_jax.graph.knn_graph(X, k, gamma=3, mutual=True)``: the whole graph
   (search + mutual affinity + padded `Graph`), ``method="exact"`` (warm) and
   ``method="nndescent"`` (the library's approximate route);
@@ -26,7 +33,8 @@ the others by inner product (self excluded), by every route in the same process:
 
 Reported per route: wall-clock seconds (median of --repeat for the warm routes;
 first calls are timed once), the ratio t(numpy) / t(route) (> 1: faster than
-numpy), recall@k against the numpy neighbours (mean over rows of |found & true| / k;
+numpy), the ratio t(jax knn, warm) / t(route) (> 1: faster than the JAX kernel;
+for the graph routes, t(jax knn_graph exact) / t(route)), recall@k against the numpy neighbours (mean over rows of |found & true| / k;
 ties in similarity aside, exact routes give 1), and for the ``knn_graph`` routes
 the edge recall: the fraction of the edges of the exact mutual graph (built from
 the numpy neighbours by ``affinity_matrix``) present in the route's graph. Also
@@ -34,7 +42,8 @@ the peak resident memory during each route (the kernel's VmHWM mark, reset befor
 route; data and arrays kept from earlier routes included). Writes ``knn_speed.csv``
 and ``knn_speed.png`` (atomically).
 
---quick (used by tests/test_bench_knn.py): n = 2000, d = 32, k = 10, no pynndescent.
+--quick (used by tests/test_bench_knn.py): n = 2000, d = 32, k = 10, no pynndescent
+(faiss included when installed).
 """
 from __future__ import annotations
 
@@ -55,12 +64,19 @@ import jax  # noqa: E402
 
 from bench_diffusion import clustered  # noqa: E402
 from retrieval_jax.data.io import atomic_write, write_csv  # noqa: E402
-from retrieval_jax.graph import affinity_matrix, knn, knn_graph  # noqa: E402
+from retrieval_jax.graph import Graph, affinity_matrix, knn, knn_graph  # noqa: E402
+from retrieval_jax.graph.faiss_backend import faiss_available, faiss_knn  # noqa: E402
 
 GAMMA = 3.0
 NUMPY_BLOCK = 1024
-COLUMNS = ["n", "d", "k", "route", "kind", "seconds", "vs_numpy", "recall_at_k", "edge_recall",
-           "peak_rss_mb", "note"]
+COLUMNS = ["n", "d", "k", "route", "kind", "seconds", "vs_numpy", "vs_jax", "recall_at_k",
+           "edge_recall", "peak_rss_mb", "note"]
+JAX_KNN = "jax knn, warm"
+JAX_GRAPH = "jax knn_graph exact (mutual graph, warm)"
+FAISS_FLAT = "faiss IndexFlatIP search k + 1, self dropped"
+FAISS_KNN = "retrieval_jax faiss_knn (IndexFlatIP backend)"
+FAISS_GRAPH = "faiss_knn + affinity_matrix (mutual graph)"
+
 
 
 _PEAKS_BEFORE_RESETS = [0.0]
@@ -144,6 +160,21 @@ def sklearn_knn(X: np.ndarray, k: int) -> np.ndarray:
     return drop_self(idx, k)
 
 
+def faiss_flat_ip(X: np.ndarray, k: int) -> np.ndarray:
+    """faiss as a researcher calls it: exact inner-product index, k + 1 neighbours, self dropped."""
+    import faiss
+    index = faiss.IndexFlatIP(X.shape[1])
+    index.add(np.ascontiguousarray(X, dtype=np.float32))
+    _, idx = index.search(X, k + 1)
+    return drop_self(idx, k)
+
+
+def faiss_graph(X: np.ndarray, k: int):
+    """The mutual kNN graph from faiss neighbours (what knn_graph(method="faiss") builds)."""
+    sims, idx = faiss_knn(X, X, k, exclude_self=True, show_progress=False)
+    return Graph.from_scipy(affinity_matrix(sims, idx, X.shape[0], gamma=GAMMA, mutual=True))
+
+
 def pynndescent_knn(X: np.ndarray, k: int) -> np.ndarray:
     import pynndescent
     index = pynndescent.NNDescent(X, metric="dot", n_neighbors=k + 1, random_state=0)
@@ -171,7 +202,8 @@ def edge_recall(graph, exact_pattern) -> float:
 
 
 # --------------------------------------------------------------------------- one size
-def bench_size(n: int, d: int, k: int, *, repeat: int, sklearn_max: int, nndescent: bool):
+def bench_size(n: int, d: int, k: int, *, repeat: int, sklearn_max: int, nndescent: bool,
+               faiss: bool = True):
     X, _ = clustered(n, d, max(10, n // 100), seed=n)
     rows = []
 
@@ -200,11 +232,24 @@ def bench_size(n: int, d: int, k: int, *, repeat: int, sklearn_max: int, nndesce
     (_, ji), t_first = timed(jknn, 1)
     add("jax knn, first call (compile included)", "exact", t_first, recall_at_k(ji, true_i, k))
     (_, ji), t_warm = timed(jknn, repeat)
-    add("jax knn, warm", "exact", t_warm, recall_at_k(ji, true_i, k))
+    add(JAX_KNN, "exact", t_warm, recall_at_k(ji, true_i, k))
     g, t_g = timed(lambda: knn_graph(X, k, gamma=GAMMA, mutual=True, method="exact",
                                      show_progress=False), repeat)
-    add("jax knn_graph exact (mutual graph, warm)", "exact", t_g, e_recall=edge_recall(g, exact_pattern),
+    add(JAX_GRAPH, "exact", t_g, e_recall=edge_recall(g, exact_pattern),
         note=f"{g.to_scipy().nnz} directed edges, max degree {g.max_degree}")
+
+    if faiss and faiss_available():
+        import faiss as faiss_module  # imported outside the timing
+        threads = f"{faiss_module.omp_get_max_threads()} OpenMP threads"
+        fi, t_f = timed(lambda: faiss_flat_ip(X, k), repeat)
+        add(FAISS_FLAT, "exact", t_f, recall_at_k(fi, true_i, k), note=threads)
+        (_, fi), t_fk = timed(lambda: faiss_knn(X, X, k, exclude_self=True, show_progress=False), repeat)
+        add(FAISS_KNN, "exact", t_fk, recall_at_k(fi, true_i, k), note=threads)
+        g, t_fg = timed(lambda: faiss_graph(X, k), repeat)
+        add(FAISS_GRAPH, "exact", t_fg, e_recall=edge_recall(g, exact_pattern),
+            note=f"{g.to_scipy().nnz} directed edges, max degree {g.max_degree}")
+    elif faiss:
+        print("  (faiss skipped: not installed; pip install faiss-cpu)")
 
     if nndescent:
         import pynndescent  # noqa: F401  (numba and pynndescent imported outside the timing)
@@ -222,8 +267,12 @@ def bench_size(n: int, d: int, k: int, *, repeat: int, sklearn_max: int, nndesce
         add("jax knn_graph nndescent (mutual graph)", "approx", t_gn,
             e_recall=edge_recall(g, exact_pattern), note=f"{g.to_scipy().nnz} directed edges")
 
+    t_jax_knn = next(r["seconds"] for r in rows if r["route"] == JAX_KNN)
+    t_jax_graph = next(r["seconds"] for r in rows if r["route"] == JAX_GRAPH)
     for r in rows:
         r["vs_numpy"] = t_np[0] / r["seconds"]
+        graph_route = np.isfinite(r["edge_recall"])
+        r["vs_jax"] = (t_jax_graph if graph_route else t_jax_knn) / r["seconds"]
     report(n, d, k, rows, exact_pattern.nnz)
     return rows
 
@@ -231,12 +280,14 @@ def bench_size(n: int, d: int, k: int, *, repeat: int, sklearn_max: int, nndesce
 def report(n, d, k, rows, exact_edges):
     print(f"\nn = {n}, d = {d}, k = {k} (exact mutual graph: {exact_edges} directed edges); "
           f"process peak rss so far {process_peak_rss_mb():.0f} MB; peak MB = the route's own peak")
-    print(f"| {'route':<52} | {'seconds':>8} | {'vs numpy':>8} | {'recall@k':>9} | {'edge rec.':>9} | "
-          f"{'peak MB':>7} | note")
+    print("vs jax = t(jax knn, warm) / t(route); for graph routes t(jax knn_graph exact) / t(route)")
+    print(f"| {'route':<52} | {'seconds':>8} | {'vs numpy':>8} | {'vs jax':>7} | {'recall@k':>9} | "
+          f"{'edge rec.':>9} | {'peak MB':>7} | note")
     fmt = lambda v: "-" if not np.isfinite(v) else f"{v:.6f}"  # noqa: E731
     for r in rows:
-        print(f"| {r['route']:<52} | {r['seconds']:8.3g} | {r['vs_numpy']:7.2f}x | {fmt(r['recall_at_k']):>9} | "
-              f"{fmt(r['edge_recall']):>9} | {r['peak_rss_mb']:7.0f} | {r['note']}", flush=True)
+        print(f"| {r['route']:<52} | {r['seconds']:8.3g} | {r['vs_numpy']:7.2f}x | {r['vs_jax']:6.2f}x | "
+              f"{fmt(r['recall_at_k']):>9} | {fmt(r['edge_recall']):>9} | {r['peak_rss_mb']:7.0f} | "
+              f"{r['note']}", flush=True)
 
 
 def _plot(path, rows):
@@ -247,16 +298,18 @@ def _plot(path, rows):
     fig, axes = plt.subplots(1, len(sizes), figsize=(7 * len(sizes), 4), squeeze=False)
     for ax, n in zip(axes[0], sizes):
         rs = [r for r in rows if r["n"] == n]
-        colors = ["tab:orange" if r["route"].startswith("jax") else "tab:gray" for r in rs]
+        colors = ["tab:orange" if r["route"].startswith("jax") else
+                  "tab:blue" if "faiss_knn" in r["route"] else "tab:gray" for r in rs]
         ax.barh([r["route"] for r in rs], [r["seconds"] for r in rs], color=colors)
         for j, r in enumerate(rs):
             rec = r["recall_at_k"] if np.isfinite(r["recall_at_k"]) else r["edge_recall"]
             what = "recall" if np.isfinite(r["recall_at_k"]) else "edge recall"
-            ax.text(r["seconds"], j, f" {r['seconds']:.2f}s, {r['vs_numpy']:.2f}x, {what} {rec:.3f}",
+            ax.text(r["seconds"], j, f" {r['seconds']:.2f}s, {r['vs_numpy']:.2f}x numpy, "
+                    f"{r['vs_jax']:.2f}x jax, {what} {rec:.3f}",
                     va="center", fontsize=7)
         ax.invert_yaxis()
         ax.set_xscale("log")
-        ax.set_xlabel("seconds (log); ratio = t(numpy) / t(route)")
+        ax.set_xlabel("seconds (log); ratios = t(numpy or jax) / t(route)")
         ax.set_title(f"kNN graph, n = {n}, d = {rs[0]['d']}, k = {rs[0]['k']}")
         ax.tick_params(axis="y", labelsize=7)
         lo, hi = ax.get_xlim()
@@ -274,6 +327,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=1, help="median of this many calls for the warm routes")
     p.add_argument("--sklearn-max", type=int, default=100000, help="run sklearn only for n <= this")
     p.add_argument("--no-nndescent", action="store_true", help="skip pynndescent and knn_graph(method='nndescent')")
+    p.add_argument("--no-faiss", action="store_true", help="skip the faiss IndexFlatIP routes")
     p.add_argument("--quick", action="store_true", help="n = 2000, d = 32, k = 10, no pynndescent")
     p.add_argument("--out", default="experiments/results/knn")
     args = p.parse_args(argv)
@@ -285,7 +339,7 @@ def main(argv=None) -> int:
     all_rows = []
     for n in args.sizes:
         all_rows += bench_size(n, args.d, args.k, repeat=args.repeat, sklearn_max=args.sklearn_max,
-                               nndescent=not args.no_nndescent)
+                               nndescent=not args.no_nndescent, faiss=not args.no_faiss)
     write_csv(out / "knn_speed.csv", all_rows, columns=COLUMNS)
     _plot(out / "knn_speed.png", all_rows)
     print(f"\nprocess peak rss {process_peak_rss_mb():.0f} MB; wrote {out / 'knn_speed.csv'} and {out / 'knn_speed.png'}")

@@ -1,7 +1,8 @@
 """experiments/bench_knn.py --quick (n = 2000, d = 32, k = 10, no pynndescent) into a tmp dir.
 
 Every route of the quick mode writes a CSV row with a positive time, the exact JAX
-routes find the numpy neighbours (recall >= 0.99, ties aside), and the PNG opens.
+and faiss routes (faiss when installed) find the numpy neighbours (recall >= 0.99,
+ties aside), and the PNG opens.
 No timing is asserted.
 """
 import math
@@ -23,6 +24,8 @@ QUICK_ROUTES = {
     "jax knn, warm",
     "jax knn_graph exact (mutual graph, warm)",
 }
+FAISS_ROUTES = {bench_knn.FAISS_FLAT, bench_knn.FAISS_KNN, bench_knn.FAISS_GRAPH}
+HAVE_FAISS = bench_knn.faiss_available()
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +38,11 @@ def out(tmp_path_factory):
 def test_csv_rows(out):
     rows = read_csv(out / "knn_speed.csv")
     by = {r["route"]: r for r in rows}
-    assert set(by) == QUICK_ROUTES  # no pynndescent in --quick
+    # no pynndescent in --quick; faiss when installed
+    assert set(by) == QUICK_ROUTES | (FAISS_ROUTES if HAVE_FAISS else set())
     for r in rows:
         assert (int(r["n"]), int(r["d"]), int(r["k"])) == (2000, 32, 10)
-        assert float(r["seconds"]) > 0 and float(r["vs_numpy"]) > 0
+        assert float(r["seconds"]) > 0 and float(r["vs_numpy"]) > 0 and float(r["vs_jax"]) > 0
         assert float(r["peak_rss_mb"]) > 0
     base = by["numpy blocked matmul + argpartition (1024 rows)"]
     assert float(base["vs_numpy"]) == pytest.approx(1.0)
@@ -49,6 +53,12 @@ def test_csv_rows(out):
         assert math.isnan(float(by[route]["edge_recall"]))
     graph = by["jax knn_graph exact (mutual graph, warm)"]
     assert float(graph["edge_recall"]) >= 0.99
+    assert float(by["jax knn, warm"]["vs_jax"]) == pytest.approx(1.0)
+    assert float(graph["vs_jax"]) == pytest.approx(1.0)
+    if HAVE_FAISS:
+        for route in (bench_knn.FAISS_FLAT, bench_knn.FAISS_KNN):
+            assert float(by[route]["recall_at_k"]) >= 0.99, route
+        assert float(by[bench_knn.FAISS_GRAPH]["edge_recall"]) >= 0.99
 
 
 def test_png(out):
