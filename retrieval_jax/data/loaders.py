@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import atomic_write
+from .io import atomic_write, check_expansion, check_pickle, npz_names, read_npz
 
 __all__ = ["GroundTruth", "load_descriptors", "load_gnd", "save_descriptors"]
 
@@ -72,25 +72,216 @@ class GroundTruth:
         return "revisited" if "easy" in self.gnd[0] else "classic"
 
 
-class _SafeUnpickler(pickle.Unpickler):
-    """Unpickler that refuses to import anything but numpy array reconstruction.
+# ---- restricted unpickling of numpy arrays ----------------------------------
+# numpy pickles an array as ``_reconstruct(ndarray, (0,), b'b')`` followed by a
+# BUILD with ``(version, shape, dtype, fortran, raw_bytes)``; a dtype as
+# ``dtype('i8', False, True)`` plus a BUILD with its byte order; protocol 5 uses
+# ``_frombuffer(buffer, dtype, shape, order)``; protocol 2 spells the raw bytes
+# ``_codecs.encode(text, 'latin1')``. The real callables would allocate whatever
+# shape the pickle names (``ndarray((10**9,))`` from a 100-byte file), so each
+# is replaced by a stand-in that builds arrays only from bytes present in the
+# file, of plain numeric or string dtypes.
 
-    The published ground-truth pickles hold only dicts, lists, strings and numbers;
-    refusing other globals means a malicious .pkl cannot run code on load.
+_MAX_DIMS = 64
+_DTYPE_KINDS = "biufcSU"  # bool, ints, floats, complex, bytes, str: no objects, no void
+
+
+class _NdarrayMarker:
+    """Stand-in for ``numpy.ndarray``: only valid as the class argument of ``_reconstruct``."""
+
+    def __call__(self, *args, **kwargs):
+        raise pickle.UnpicklingError("numpy.ndarray may only be rebuilt from the bytes stored in "
+                                     "the file, not constructed with a shape")
+
+
+_NDARRAY = _NdarrayMarker()
+
+
+class _PickledDtype:
+    """A numpy dtype under construction: ``dtype(code, align, copy)`` then BUILD (byte order)."""
+
+    __hash__ = None  # never a dict key or set member
+
+    def __init__(self, code, align=False, copy=True):
+        if not isinstance(code, str) or len(code) > 16:
+            raise pickle.UnpicklingError(f"unexpected numpy dtype code {code!r}")
+        dtype = np.dtype(code)
+        if dtype.kind not in _DTYPE_KINDS or dtype.fields is not None or dtype.subdtype:
+            raise pickle.UnpicklingError(f"refusing numpy dtype {dtype}: a ground-truth pickle "
+                                         "holds only numeric and string arrays")
+        self.dtype = dtype
+
+    def __setstate__(self, state):
+        if not (isinstance(state, tuple) and len(state) in (8, 9) and state[0] in (3, 4)):
+            raise pickle.UnpicklingError(f"unexpected numpy dtype state {state!r}")
+        endian, subarray, names, fields, elsize = state[1:6]
+        if subarray is not None or names is not None or fields is not None or (
+                len(state) == 9 and state[8] is not None):
+            raise pickle.UnpicklingError("refusing a structured or annotated numpy dtype")
+        if elsize not in (-1, self.dtype.itemsize):
+            raise pickle.UnpicklingError(f"numpy dtype {self.dtype} with inconsistent item size "
+                                         f"{elsize!r}")
+        if endian in ("<", ">"):
+            self.dtype = self.dtype.newbyteorder(endian)
+        elif endian not in ("|", "="):
+            raise pickle.UnpicklingError(f"unexpected numpy byte order {endian!r}")
+
+
+def _as_dtype(value) -> np.dtype:
+    if not isinstance(value, _PickledDtype):
+        raise pickle.UnpicklingError(f"expected a numpy dtype, got {type(value).__name__}")
+    return value.dtype
+
+
+def _array_from_bytes(shape, dtype: np.dtype, fortran: bool, raw) -> np.ndarray:
+    """An array of ``shape`` from exactly ``prod(shape) * itemsize`` bytes of ``raw``."""
+    if not (isinstance(shape, tuple) and len(shape) <= _MAX_DIMS
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        raise pickle.UnpicklingError(f"bad numpy array shape {shape!r}")
+    if isinstance(raw, str):  # protocol 0/1 and Python 2 pickles: bytes as latin-1 text
+        raw = raw.encode("latin1")
+    if not isinstance(raw, (bytes, bytearray, memoryview)):
+        raise pickle.UnpicklingError(f"numpy array data should be bytes, got {type(raw).__name__}")
+    count = 1
+    for d in shape:
+        count *= d
+    nbytes = len(memoryview(raw).cast("B"))
+    if count * dtype.itemsize != nbytes or (count and not dtype.itemsize):
+        raise pickle.UnpicklingError(
+            f"numpy array of shape {shape} and dtype {dtype} needs {count * dtype.itemsize} bytes "
+            f"but the file holds {nbytes}")
+    flat = np.frombuffer(raw, dtype=dtype, count=count) if count else np.empty(0, dtype)
+    return flat.reshape(shape, order="F" if fortran else "C").copy(order="K")
+
+
+class _PickledArray:
+    """An array under construction: ``_reconstruct`` makes it, BUILD fills it from file bytes."""
+
+    __hash__ = None
+
+    def __init__(self, array=None):
+        self.array = array
+
+    def __setstate__(self, state):
+        if self.array is not None:
+            raise pickle.UnpicklingError("a numpy array is built twice")
+        if not isinstance(state, tuple) or len(state) not in (4, 5):
+            raise pickle.UnpicklingError("unexpected numpy array state")
+        shape, dtype, fortran, raw = state[-4:]
+        self.array = _array_from_bytes(shape, _as_dtype(dtype), bool(fortran), raw)
+
+
+def _reconstruct(cls, shape, dtype_code):
+    if cls is not _NDARRAY:
+        raise pickle.UnpicklingError("only plain numpy.ndarray objects can be unpickled")
+    return _PickledArray()
+
+
+def _frombuffer(buffer, dtype, shape, order):
+    if order not in ("C", "F"):
+        raise pickle.UnpicklingError(f"unexpected numpy array order {order!r}")
+    if not isinstance(shape, (tuple, list)):
+        raise pickle.UnpicklingError(f"bad numpy array shape {shape!r}")
+    return _PickledArray(_array_from_bytes(tuple(shape), _as_dtype(dtype), order == "F", buffer))
+
+
+def _scalar(dtype, data=None):
+    dtype = _as_dtype(dtype)
+    if isinstance(data, str):
+        data = data.encode("latin1")
+    if not isinstance(data, bytes) or len(data) != dtype.itemsize:
+        raise pickle.UnpicklingError(f"numpy {dtype} scalar needs {dtype.itemsize} bytes")
+    return np.frombuffer(data, dtype=dtype, count=1)[0]
+
+
+def _codecs_encode(text, encoding="utf-8", errors="strict"):
+    """``_codecs.encode`` as protocol 2 uses it for bytes: latin-1 text to the same bytes."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1") or errors != "strict":
+        raise pickle.UnpicklingError("_codecs.encode is only accepted on text with 'latin1'")
+    return text.encode("latin1")
+
+
+def _empty_bytes(*args):
+    """``bytes()``, which protocols 0-2 use for empty bytes; never ``bytes(n)`` (n zero bytes)."""
+    if args:
+        raise pickle.UnpicklingError("builtins.bytes is only accepted without arguments")
+    return b""
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Unpickler that resolves no real global: numpy arrays are rebuilt by safe stand-ins.
+
+    The published ground-truth pickles hold only dicts, lists, strings, numbers and
+    (in some copies) numpy arrays. Any other global is refused, so a malicious
+    .pkl cannot run code on load; the numpy globals are mapped to stand-ins that
+    build arrays only from bytes present in the file (see `_array_from_bytes`),
+    so it cannot make the loader allocate more than it holds either. Call
+    `finish` on the loaded object to turn the stand-ins into numpy objects.
     """
 
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-        ("numpy", "ndarray"), ("numpy", "dtype"),
+    _GLOBALS = {
+        ("numpy", "ndarray"): _NDARRAY,
+        ("numpy", "dtype"): _PickledDtype,
+        ("_codecs", "encode"): _codecs_encode,
+        ("builtins", "bytes"): _empty_bytes,
+        ("__builtin__", "bytes"): _empty_bytes,
     }
+    for _core in ("numpy.core", "numpy._core"):
+        _GLOBALS[(f"{_core}.multiarray", "_reconstruct")] = _reconstruct
+        _GLOBALS[(f"{_core}.multiarray", "scalar")] = _scalar
+        _GLOBALS[(f"{_core}.numeric", "_frombuffer")] = _frombuffer
+    del _core
 
     def find_class(self, module, name):
-        if (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
+        if (module, name) in self._GLOBALS:
+            return self._GLOBALS[(module, name)]
         raise pickle.UnpicklingError(
             f"refusing to load global {module}.{name}: a ground-truth pickle should hold only "
             "dicts, lists, strings, numbers and numpy arrays")
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("refusing a persistent reference: a ground-truth pickle "
+                                     "holds no external objects")
+
+    @staticmethod
+    def finish(obj):
+        """``obj`` with every array/dtype stand-in replaced by its numpy object.
+
+        Shared containers stay shared (one copy per original), so the walk is
+        linear in the pickle's size; `check_expansion` has ruled out cycles.
+        """
+        done: dict[int, object] = {}
+
+        def convert(node):
+            if isinstance(node, _PickledArray):
+                if node.array is None:
+                    raise pickle.UnpicklingError("a numpy array without its data")
+                return node.array
+            if isinstance(node, _PickledDtype):
+                return node.dtype
+            if not isinstance(node, (list, tuple, dict)):
+                return node
+            key = id(node)
+            if key not in done:
+                if isinstance(node, dict):
+                    done[key] = {k: convert(v) for k, v in node.items()}
+                elif isinstance(node, list):
+                    done[key] = [convert(v) for v in node]
+                else:
+                    done[key] = tuple(convert(v) for v in node)
+            return done[key]
+
+        return convert(obj)
+
+
+def _load_pickle(path: Path):
+    """Unpickle ``path`` with `_SafeUnpickler`, bounded by the file's size (see data.io)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        check_pickle(f, path)
+        data = _SafeUnpickler(f).load()
+    check_expansion(data, size + 64, path)
+    return _SafeUnpickler.finish(data)
 
 
 def _check_file(path) -> Path:
@@ -217,14 +408,23 @@ def load_gnd(path) -> GroundTruth:
     if suffix in (".pkl", ".pickle"):
         head = _head(path)
         try:
-            with open(path, "rb") as f:
-                data = _SafeUnpickler(f).load()
+            data = _load_pickle(path)
+        except ValueError as exc:  # from check_pickle / check_expansion, naming the file
+            kind = _sniff(head)
+            if kind and "not a valid pickle" in str(exc):
+                raise ValueError(f"{path} is not a valid pickle (it looks like {kind}): "
+                                 f"{exc.__cause__ or exc}") from exc
+            if str(path) in str(exc):
+                raise
+            raise ValueError(f"{path}: {exc}") from exc
         except pickle.UnpicklingError as exc:
             if "refusing" in str(exc):
                 raise ValueError(f"{path}: {exc}") from exc
             kind = _sniff(head)
             raise ValueError(f"{path} is not a valid pickle"
                              f"{' (it looks like ' + kind + ')' if kind else ''}: {exc}") from exc
+        except (MemoryError, PermissionError):
+            raise
         except Exception as exc:
             kind = _sniff(head)
             raise ValueError(f"{path} is not a valid pickle"
@@ -361,14 +561,10 @@ def load_descriptors(path, key: str | None = None, *, dtype=np.float32) -> np.nd
             kind = _sniff(head)
             raise ValueError(f"{path} is not a .npz archive"
                              f"{' (it looks like ' + kind + ')' if kind else ''}")
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                name = _pick(sorted(npz.files), key, path)
-                arr = npz[name]
-        except KeyError:
-            raise
-        except Exception as exc:
-            raise ValueError(f"{path} is not a readable .npz archive: {exc}") from exc
+        # read_npz checks every declared size against the file before allocating and
+        # turns a truncated or corrupt archive into a ValueError naming the file.
+        name = _pick(npz_names(path), key, path)
+        arr = read_npz(path, [name])[name]
         what = f"{path}[{name!r}]"
     elif suffix == ".mat":
         data = _loadmat(path)

@@ -16,6 +16,11 @@ Unpickling is restricted: only ``collections.OrderedDict``, a few harmless
 builtins and the torch tensor/storage rebuild functions are resolved (mapped to
 numpy stand-ins); any other global raises :class:`pickle.UnpicklingError`, so a
 checkpoint cannot execute code on load (same spirit as ``torch.load(weights_only=True)``).
+Reading is also bounded by what the file holds: pickles are checked opcode by
+opcode before they are loaded (`retrieval_jax.data.io.check_pickle`), storage
+sizes and zip members against the file size, and every tensor view against the
+stored elements backing it (no stride-0 or overlapping blow-ups), so a small
+corrupt or malicious file raises a ``ValueError`` instead of allocating gigabytes.
 """
 from __future__ import annotations
 
@@ -28,6 +33,8 @@ import zipfile
 from typing import Any, NamedTuple
 
 import numpy as np
+
+from ..data.io import atomic_write, check_expansion, check_pickle, check_zip_members
 
 __all__ = ["load_torch_state_dict", "load_torch_pickle", "save_torch_zip"]
 
@@ -105,6 +112,21 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, *state):
     return data
 
 
+def _bytes(*args):
+    """``bytes`` as pickles use it (from bytes, a list of ints, or text plus an encoding).
+
+    ``bytes(n)`` would allocate n zero bytes that the file does not hold, so an
+    integer argument is refused.
+    """
+    if len(args) > 3 or (args and isinstance(args[0], int)):
+        raise pickle.UnpicklingError("builtins.bytes with an integer size is not accepted in "
+                                     "a checkpoint: it would allocate bytes the file does not hold")
+    if args and not isinstance(args[0], (bytes, bytearray, str, list, tuple)):
+        raise pickle.UnpicklingError(f"builtins.bytes of a {type(args[0]).__name__} is not "
+                                     "accepted in a checkpoint")
+    return bytes(*args)
+
+
 _SAFE_GLOBALS = {
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("builtins", "dict"): dict,
@@ -116,7 +138,7 @@ _SAFE_GLOBALS = {
     ("builtins", "float"): float,
     ("builtins", "bool"): bool,
     ("builtins", "str"): str,
-    ("builtins", "bytes"): bytes,
+    ("builtins", "bytes"): _bytes,
     ("builtins", "slice"): slice,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
@@ -155,18 +177,39 @@ class _Unpickler(pickle.Unpickler):
 
 
 def _as_tensor(ref: _TensorRef, flat: np.ndarray, path: str) -> np.ndarray:
+    """The tensor view (offset, size, stride) of ``flat``, copied out as a numpy array.
+
+    The view must be backed by the storage's elements actually in the file: it
+    must end inside the storage (the last element it touches is
+    ``offset + sum((size - 1) * stride)``), use positive strides along every
+    dimension longer than 1 (stride 0 would repeat one stored element into an
+    arbitrarily large array, negative strides run backwards out of the storage),
+    and have no more elements than the storage holds from ``offset`` on.
+    """
     size, stride, offset = ref.size, ref.stride, ref.offset
+    where = f"{path}: tensor view (offset {offset}, size {size}, stride {stride})"
     if len(size) != len(stride):
         raise ValueError(f"{path}: tensor size {size} and stride {stride} differ in rank")
-    if any(s == 0 for s in size):
-        return np.zeros(size, flat.dtype)
+    if len(size) > 64 or any(n < 0 for n in size):
+        raise ValueError(f"{where} has a negative size or too many dimensions; the file is corrupt")
+    if offset < 0 or offset > flat.size:
+        raise ValueError(f"{where} starts outside its storage of {flat.size} elements; "
+                         "the file is corrupt")
+    if any(n == 0 for n in size):
+        return np.zeros(size, flat.dtype.newbyteorder("="))
+    if any(st <= 0 for n, st in zip(size, stride) if n > 1):
+        raise ValueError(f"{where} has a zero or negative stride; only views that the stored "
+                         "elements back one for one are read")
+    count = 1
+    for n in size:
+        count *= n
     last = offset + sum((n - 1) * st for n, st in zip(size, stride))
-    if offset < 0 or last >= flat.size or min(stride, default=0) < 0:
-        raise ValueError(f"{path}: tensor view (offset {offset}, size {size}, stride {stride}) "
-                         f"runs past its storage of {flat.size} elements; the file is corrupt")
+    if last >= flat.size or count > flat.size - offset:
+        raise ValueError(f"{where} runs past its storage of {flat.size} elements; the file is "
+                         "corrupt")
     item = flat.dtype.itemsize
-    view = np.lib.stride_tricks.as_strided(flat[offset:], shape=size,
-                                           strides=tuple(s * item for s in stride))
+    strides = tuple((s if n > 1 else 1) * item for n, s in zip(size, stride))
+    view = np.lib.stride_tricks.as_strided(flat[offset:], shape=size, strides=strides)
     return np.array(view, dtype=flat.dtype.newbyteorder("="), copy=True)
 
 
@@ -177,7 +220,12 @@ def _resolve(obj, storages: dict, path: str):
         flat = storages[st.key] if isinstance(st, _StorageRef) else st
         if isinstance(st, _StorageRef) and st.view is not None:  # legacy storage view
             view_key, view_offset, view_size = st.view
-            flat = flat[int(view_offset): int(view_offset) + int(view_size)]
+            view_offset, view_size = int(view_offset), int(view_size)
+            if view_offset < 0 or view_size < 0 or view_offset + view_size > flat.size:
+                raise ValueError(f"{path}: storage view (offset {view_offset}, size {view_size}) "
+                                 f"runs past its storage of {flat.size} elements; the file is "
+                                 "corrupt")
+            flat = flat[view_offset: view_offset + view_size]
         return _as_tensor(obj, flat, path)
     if isinstance(obj, collections.OrderedDict):
         return collections.OrderedDict((k, _resolve(v, storages, path)) for k, v in obj.items())
@@ -190,16 +238,32 @@ def _resolve(obj, storages: dict, path: str):
     return obj
 
 
+def _load_one(f, path: str, load_storage):
+    """One pickle from ``f``'s position, bounded by what the file holds.
+
+    `check_pickle` first walks the opcodes so that no declared length or memo
+    index can make the unpickler allocate more than the file holds;
+    `check_expansion` then refuses shared containers that would blow up when
+    `_resolve` copies them.
+    """
+    start = f.tell()
+    check_pickle(f, path)
+    obj = _Unpickler(f, path, load_storage).load()
+    check_expansion(obj, f.tell() - start + 64, path)
+    return obj
+
+
 def _load_plain(f, path: str):
     """One pickled header object, under the same restricted globals as the payload."""
 
     def no_storage(ref):
         raise pickle.UnpicklingError(f"{path}: storage reference outside the object pickle")
 
-    return _Unpickler(f, path, no_storage).load()
+    return _load_one(f, path, no_storage)
 
 
 def _load_legacy(f, path: str):
+    file_size = os.fstat(f.fileno()).st_size
     magic = _load_plain(f, path)
     if magic != _LEGACY_MAGIC:
         raise ValueError(f"{path}: not a PyTorch checkpoint (bad magic number {magic!r})")
@@ -214,7 +278,7 @@ def _load_legacy(f, path: str):
         refs.setdefault(ref.key, ref)
         return ref
 
-    obj = _Unpickler(f, path, remember).load()
+    obj = _load_one(f, path, remember)
     keys = _load_plain(f, path)
     if not isinstance(keys, (list, tuple)):
         raise ValueError(f"{path}: storage key list is a {type(keys).__name__}, not a list")
@@ -229,6 +293,10 @@ def _load_legacy(f, path: str):
             raise ValueError(f"{path}: storage {key!r} is listed but never referenced")
         dtype = refs[key].dtype
         nbytes = numel * dtype.itemsize
+        left = file_size - f.tell()
+        if numel < 0 or nbytes > left:  # checked before reading: f.read(n) allocates n
+            raise ValueError(f"{path}: truncated file: storage {key!r} declares {numel} elements "
+                             f"({nbytes} bytes) but only {left} bytes remain")
         raw = f.read(nbytes)
         if len(raw) != nbytes:
             raise ValueError(f"{path}: truncated file: storage {key!r} needs {nbytes} bytes, "
@@ -243,6 +311,7 @@ def _load_legacy(f, path: str):
 
 def _load_zip(path: str):
     with zipfile.ZipFile(path) as zf:
+        check_zip_members(zf, path, os.path.getsize(path))
         names = zf.namelist()
         pkl = [n for n in names if n.endswith("data.pkl") and n.count("/") == 1]
         if not pkl:
@@ -267,7 +336,7 @@ def _load_zip(path: str):
                 storages[ref.key] = np.frombuffer(raw, dtype=dt)
             return ref
 
-        obj = _Unpickler(io.BytesIO(zf.read(pkl[0])), path, load).load()
+        obj = _load_one(io.BytesIO(zf.read(pkl[0])), path, load)
         return _resolve(obj, storages, path)
 
 
@@ -389,7 +458,9 @@ def save_torch_zip(state_dict: dict, path, *, archive_name: str = "archive") -> 
 
     Each array becomes one contiguous little-endian storage; ``torch.load`` and
     :func:`load_torch_state_dict` both read the result. Meant for tests and for
-    exporting weights without torch.
+    exporting weights without torch. The file is written atomically
+    (`retrieval_jax.data.io.atomic_write`): a writer killed mid-way leaves the
+    previous file intact, never a half-written archive.
     """
     tensors, obj = {}, collections.OrderedDict()
     for i, (name, value) in enumerate(state_dict.items()):
@@ -401,9 +472,12 @@ def save_torch_zip(state_dict: dict, path, *, archive_name: str = "archive") -> 
         obj[str(name)] = _Tensor(storage, tuple(int(d) for d in arr.shape))
     buf = io.BytesIO()
     _Pickler(buf, protocol=2).dump(obj)
-    with zipfile.ZipFile(os.fspath(path), "w", zipfile.ZIP_STORED) as zf:
-        zf.writestr(f"{archive_name}/data.pkl", buf.getvalue())
-        zf.writestr(f"{archive_name}/byteorder", "little")
-        for key, arr in tensors.items():
-            zf.writestr(f"{archive_name}/data/{key}", arr.tobytes())
-        zf.writestr(f"{archive_name}/version", "3\n")
+    def write(f):
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as zf:
+            zf.writestr(f"{archive_name}/data.pkl", buf.getvalue())
+            zf.writestr(f"{archive_name}/byteorder", "little")
+            for key, arr in tensors.items():
+                zf.writestr(f"{archive_name}/data/{key}", arr.tobytes())
+            zf.writestr(f"{archive_name}/version", "3\n")
+
+    atomic_write(os.fspath(path), write)

@@ -223,10 +223,69 @@ def _build_nested(entries):
             return node
         out = {k: convert(v, prefix + (k,)) for k, v in node.items()}
         if prefix in seq_nodes:
-            return [out[i] for i in sorted(out)]
+            if not all(type(k) is int for k in out) or set(out) != set(range(len(out))):
+                raise ValueError(f"sequence {list(prefix)} has items {sorted(map(repr, out))}, "
+                                 f"not 0..{len(out) - 1}")
+            return [out[i] for i in range(len(out))]
         return out
 
     return convert(root, ())
+
+
+_PATH_KINDS = {"d": (str, int), "s": (int,), "a": (str,)}
+
+
+def _checkpoint_meta(arrays: dict, path) -> list[dict]:
+    """The validated leaf list of a checkpoint's JSON metadata entry.
+
+    Each leaf needs a ``name`` that is an array of the file, a key ``path`` of
+    ``[kind, key]`` pairs (kind 'd' dict key, 's' sequence index, 'a' attribute)
+    and a ``dtype`` numpy/JAX understands; anything else means the file is
+    corrupt or not a checkpoint, reported as a ValueError naming the file.
+    """
+    raw = arrays.get(_META)
+    if raw is None:
+        raise ValueError(f"{path} is not a retrieval_jax checkpoint (no metadata entry)")
+    if raw.ndim != 0 or raw.dtype.kind != "U":
+        raise ValueError(f"{path}: the checkpoint metadata should be one JSON string, got "
+                         f"{raw.dtype}{list(raw.shape)}")
+    try:
+        meta = json.loads(str(raw[()]))
+    except ValueError as exc:
+        raise ValueError(f"{path}: the checkpoint metadata is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("leaves"), list):
+        raise ValueError(f"{path}: the checkpoint metadata has no list of leaves")
+    names, paths = set(), set()
+    for i, entry in enumerate(meta["leaves"]):
+        bad = f"{path}: checkpoint metadata leaf {i}"
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise ValueError(f"{bad} has no name")
+        name = entry["name"]
+        if name not in arrays or name == _META or name in names:
+            raise ValueError(f"{bad} names array {name!r}, which the file does not hold "
+                             "(or holds twice)")
+        names.add(name)
+        key_path = entry.get("path")
+        if not isinstance(key_path, list) or not all(
+                isinstance(k, list) and len(k) == 2 and k[0] in _PATH_KINDS
+                and isinstance(k[1], _PATH_KINDS[k[0]]) and not isinstance(k[1], bool)
+                for k in key_path):
+            raise ValueError(f"{bad} ({name}) has a malformed key path {key_path!r}")
+        key = tuple(tuple(k) for k in key_path)
+        if key in paths or (not key and len(meta["leaves"]) > 1):
+            raise ValueError(f"{bad} ({name}) repeats key path {key_path!r}"
+                             if key in paths else f"{bad} ({name}) has an empty key path but "
+                             "is not the only leaf")
+        paths.add(key)
+        try:
+            if not isinstance(entry.get("dtype"), str):
+                raise TypeError
+            entry["jnp_dtype"] = jnp.dtype(entry["dtype"])
+        except (TypeError, ValueError):
+            raise ValueError(f"{bad} ({name}) has an unknown dtype {entry.get('dtype')!r}") from None
+        if arrays[name].dtype.kind not in "biufc":
+            raise ValueError(f"{bad} ({name}) is stored as {arrays[name].dtype}, not a number array")
+    return meta["leaves"]
 
 
 def load_checkpoint(path, target=None):
@@ -241,19 +300,24 @@ def load_checkpoint(path, target=None):
     Returns:
       The pytree with ``jax.Array`` leaves in their original dtypes.
     Raises:
-      ValueError: the file is not such a checkpoint, or its key paths/shapes do not
-        match ``target``.
+      FileNotFoundError: ``path`` does not exist.
+      ValueError (naming the file): the file is truncated, corrupt or not such a
+        checkpoint (archive, sizes and metadata are all checked, see
+        `data.io.read_npz`), or its key paths/shapes do not match ``target``.
     """
-    with np.load(os.fspath(path), allow_pickle=False) as data:
-        if _META not in data.files:
-            raise ValueError(f"{path} is not a retrieval_jax checkpoint (no metadata entry)")
-        meta = json.loads(str(data[_META]))
-        leaves = {}
-        for entry in meta["leaves"]:
-            arr = data[entry["name"]]
-            leaves[entry["name"]] = jnp.asarray(arr, dtype=jnp.dtype(entry["dtype"]))
+    from ..data.io import read_npz
+
+    arrays = read_npz(os.fspath(path))
+    meta = {"leaves": _checkpoint_meta(arrays, path)}
+    leaves = {}
+    for entry in meta["leaves"]:
+        leaves[entry["name"]] = jnp.asarray(arrays[entry["name"]], dtype=entry["jnp_dtype"])
     if target is None:
-        return _build_nested([(e["path"], leaves[e["name"]]) for e in meta["leaves"]])
+        try:
+            return _build_nested([(e["path"], leaves[e["name"]]) for e in meta["leaves"]])
+        except (TypeError, KeyError, ValueError, AttributeError) as exc:
+            raise ValueError(f"{path}: the checkpoint's key paths do not form a tree "
+                             f"({type(exc).__name__}: {exc})") from None
 
     t_leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
     names = [jax.tree_util.keystr(p) or "<root>" for p, _ in t_leaves]

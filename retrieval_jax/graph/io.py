@@ -1,7 +1,6 @@
 """Saving and loading graphs (an offline index) as .npz, atomically."""
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -33,19 +32,24 @@ def load_graph(path, *, num_nodes: int | None = None) -> tuple[Graph, dict]:
 
     Checks that it holds int ``indices`` and float ``weights`` of the same [n, K]
     shape, neighbour ids in [0, n), finite non-negative weights, and (when given)
-    ``num_nodes`` nodes; raises ValueError naming the problem otherwise.
+    ``num_nodes`` nodes; raises ValueError naming the file and the problem
+    otherwise, a truncated or corrupt archive included (see `data.io.read_npz`).
     """
+    from ..data.io import read_npz
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"graph file {path} does not exist")
-    try:
-        loaded = np.load(path, allow_pickle=False)
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
-        raise ValueError(f"graph {path} is not a readable .npz file ({exc})") from exc
-    if not isinstance(loaded, np.lib.npyio.NpzFile):
+    with open(path, "rb") as f:
+        head = f.read(6)
+    if head == b"\x93NUMPY":
         raise ValueError(f"graph {path} is a single array, not an .npz archive of indices and weights")
-    with loaded as npz:
-        arrays = {k: npz[k] for k in npz.files}
+    # read_npz checks the archive's declared sizes against the file before allocating and
+    # turns truncated or corrupt bytes (bad zip, CRC, .npy header) into a ValueError.
+    try:
+        arrays = read_npz(path)
+    except ValueError as exc:
+        raise ValueError(f"graph {exc}") from exc  # the message starts with the path
     if "indices" not in arrays or "weights" not in arrays:
         raise ValueError(f"graph {path} has no 'indices' / 'weights' arrays (found {sorted(arrays)}); "
                          "write it with save_graph or `retrieval-jax graph`")
