@@ -5,7 +5,28 @@ jitted function never sees an array that would turn into a silent NaN.
 """
 from __future__ import annotations
 
+import jax
 import numpy as np
+
+
+def is_traced(*values) -> bool:
+    """True if any of ``values`` is a JAX tracer (we are inside jit, vmap or grad).
+
+    Under a trace only what is static (shapes, dtypes) can be checked; values are left
+    alone and checked by the caller's own non-traced entry point.
+    """
+    return any(isinstance(v, jax.core.Tracer) for v in values)
+
+
+def check_traced_scalar(value, name: str):
+    """A traced parameter: a real scalar (shape () ), returned as is."""
+    shape = getattr(value, "shape", ())
+    if shape != ():
+        raise ValueError(f"{name} must be a scalar, got shape {shape}; vmap over it for several values")
+    dtype = getattr(value, "dtype", None)
+    if dtype is not None and not np.issubdtype(dtype, np.floating):
+        raise TypeError(f"{name} must be a real floating-point scalar, got dtype {dtype}")
+    return value
 
 
 def as_matrix(x, name: str, *, dtype=np.float32, allow_zero_rows: bool = False) -> np.ndarray:
@@ -67,8 +88,11 @@ def check_k(k, n: int, *, name: str = "k", what: str = "database items") -> int:
     return k
 
 
-def check_alpha(alpha) -> float:
-    alpha = float(alpha)
+def check_alpha(alpha):
+    """alpha in (0, 1) as a float; a traced alpha is returned as is (its value is not checked)."""
+    if is_traced(alpha):
+        return check_traced_scalar(alpha, "alpha")
+    alpha = _as_float(alpha, "alpha")
     if not (0.0 < alpha < 1.0):
         raise ValueError(
             f"alpha must lie strictly between 0 and 1 (got {alpha}): (I - alpha W) is singular "
@@ -76,15 +100,32 @@ def check_alpha(alpha) -> float:
     return alpha
 
 
-def check_gamma(gamma) -> float:
-    gamma = float(gamma)
+def check_gamma(gamma):
+    """gamma > 0 as a float; a traced gamma is returned as is."""
+    if is_traced(gamma):
+        return check_traced_scalar(gamma, "gamma")
+    gamma = _as_float(gamma, "gamma")
     if not (gamma > 0.0) or not np.isfinite(gamma):
         raise ValueError(f"gamma must be a positive finite power, got {gamma}")
     return gamma
 
 
-def check_positive(value, name: str) -> float:
-    value = float(value)
+def check_positive(value, name: str):
+    """value > 0 and finite as a float; a traced value is returned as is."""
+    if is_traced(value):
+        return check_traced_scalar(value, name)
+    value = _as_float(value, name)
     if not (value > 0.0) or not np.isfinite(value):
         raise ValueError(f"{name} must be positive and finite, got {value}")
     return value
+
+
+def _as_float(value, name: str) -> float:
+    """A Python float from a real scalar (Python, numpy or a concrete 0-d JAX array)."""
+    shape = np.shape(value)
+    if shape != ():
+        raise ValueError(f"{name} must be a scalar, got shape {shape}")
+    try:
+        return float(value)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}") from exc

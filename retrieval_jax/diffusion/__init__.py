@@ -1,9 +1,26 @@
-"""Diffusion (manifold ranking): conjugate gradient, full and truncated, and the exact inverse."""
+"""Diffusion (manifold ranking): the operator I - alpha W, its solvers, and the classic entry points.
+
+* `diffuse`, `truncated_diffuse`, `katz_centrality`: conjugate gradient on a batch of
+  queries (jit / vmap / grad compatible; implicit gradients);
+* `diffusion_inverse`: the exact inverse per connected component;
+* the solver layer: `diffusion_operator` (M = I - alpha W), observations
+  (`observe_neighbours`, `observe_items`), solvers `CG`, `ExactInverse`, `Spectral`,
+  `Auto`, and one `solve` returning a `Solution`.
+"""
 from .cg import CGResult, conjugate_gradient
 from .inverse import DiffusionInverse, InversePlan, diffusion_inverse, plan_inverse
-from .solve import (DiffusionInfo, diffuse, indicator_vectors, katz_centrality, query_vectors,
-                    ranking_from_scores, top_n, truncated_diffuse)
+from .offline import OfflineRows, cosine_scores, direct_scores, load_offline, offline_rows, save_offline
+from .observation import SparseObservation, observe_items, observe_neighbours
+from .operator import DiffusionOperator, check_normalized, diffusion_operator
+from .solve import (DiffusionInfo, cg_diffusion, cg_truncated_diffusion, diffuse, indicator_vectors, katz_centrality, query_vectors,
+                    ranking_from_scores, solve_spd, top_n, truncated_diffuse)
+from .solvers import (AUTO_INVERSE_MAX_BYTES, AUTO_INVERSE_MAX_NODES, CG, SOLVERS, Auto, AutoState, ExactInverse,
+                      Solution, Spectral, solve)
 
-__all__ = ["CGResult", "DiffusionInfo", "DiffusionInverse", "InversePlan", "conjugate_gradient", "diffuse",
-           "diffusion_inverse", "indicator_vectors", "katz_centrality", "plan_inverse", "query_vectors",
-           "ranking_from_scores", "top_n", "truncated_diffuse"]
+__all__ = ["AUTO_INVERSE_MAX_BYTES", "AUTO_INVERSE_MAX_NODES", "Auto", "AutoState", "CG", "CGResult",
+           "DiffusionInfo", "DiffusionInverse", "DiffusionOperator", "ExactInverse", "InversePlan", "SOLVERS",
+           "Solution", "SparseObservation", "Spectral", "cg_diffusion", "cg_truncated_diffusion", "check_normalized", "conjugate_gradient", "diffuse",
+           "diffusion_inverse", "diffusion_operator", "indicator_vectors", "katz_centrality", "observe_items",
+           "observe_neighbours", "OfflineRows", "cosine_scores", "direct_scores", "load_offline", "offline_rows",
+           "save_offline", "plan_inverse", "query_vectors", "ranking_from_scores", "solve", "solve_spd",
+           "top_n", "truncated_diffuse"]

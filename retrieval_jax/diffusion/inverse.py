@@ -26,6 +26,7 @@ import numpy as np
 from .. import _checks
 from ..graph.core import Graph
 from ..graph.knn import connected_components
+from .operator import check_normalized
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -64,7 +65,7 @@ class DiffusionInverse:
     def weighted_rows(self, weights: jax.Array, indices: jax.Array) -> jax.Array:
         """sum_j weights[q, j] * inv[indices[q, j], :], float32[q, n]: x = inv @ y for a y with
         k non-zeros per query (weights float[q, k] at nodes indices int[q, k]). Jittable."""
-        weights = jnp.asarray(weights, jnp.float32)
+        weights = jnp.asarray(weights, self.blocks[0].dtype)
         q, k = weights.shape
         rows_q = jnp.arange(q)
         parts = []
@@ -89,7 +90,7 @@ class DiffusionInverse:
     def rows(self, ids: jax.Array) -> jax.Array:
         """Rows inv[ids, :], float32[len(ids), n]: the exact diffusion of database items."""
         ids = jnp.asarray(ids)
-        return self.weighted_rows(jnp.ones(ids.shape + (1,), jnp.float32), ids[:, None])
+        return self.weighted_rows(jnp.ones(ids.shape + (1,), self.blocks[0].dtype), ids[:, None])
 
     def todense(self) -> jax.Array:
         """The full float32[n, n] inverse (for tests and small graphs)."""
@@ -149,12 +150,13 @@ def _invert_blocks(graph: Graph, nodes, position, alpha):
     valid = nodes >= 0
     safe = jnp.where(valid, nodes, 0)
     cols = position[graph.indices[safe]]                                 # [C, P, K]
-    w = jnp.where(valid[..., None], graph.weights[safe], 0.0).astype(jnp.float32)
-    a = jnp.zeros((c, p, p), jnp.float32).at[
+    dtype = jnp.result_type(graph.weights.dtype, jnp.float32)    # float64 graphs stay float64
+    w = jnp.where(valid[..., None], graph.weights[safe], 0.0).astype(dtype)
+    a = jnp.zeros((c, p, p), dtype).at[
         jnp.arange(c)[:, None, None], jnp.arange(p)[None, :, None], cols].add(w)
-    eye = jnp.eye(p, dtype=jnp.float32)
-    m = eye - alpha * a
-    m = 0.5 * (m + jnp.swapaxes(m, 1, 2))
+    eye = jnp.eye(p, dtype=dtype)
+    m = eye - jnp.asarray(alpha, dtype) * a
+    m = 0.5 * (m + jnp.swapaxes(m, 1, 2))    # exact symmetry for the factorisation (W is checked symmetric)
     chol = jnp.linalg.cholesky(m)                                        # m = L L^T
     # two triangular solves against I (2 p^3 flops) beat L^-1 then L^-T L^-1 (3 p^3)
     return jax.scipy.linalg.cho_solve((chol, True), jnp.broadcast_to(eye, (c, p, p)))
@@ -183,14 +185,22 @@ def diffusion_inverse(graph: Graph, alpha: float = 0.99, *, max_nodes: int = 20_
     Returns:
       `DiffusionInverse`.
 
+    Composable: with ``plan`` computed beforehand (the only host step: it decides the
+    block shapes), ``alpha`` and the graph's weights may be traced, so the inverse can
+    be built inside ``jax.jit``, batched by ``vmap`` over alpha and differentiated
+    (through the Cholesky factorisation) with respect to alpha and W.
+
     Raises:
       ValueError: alpha outside (0, 1), a component larger than ``max_nodes``, or a
         graph for which I - alpha W is not positive definite (e.g. an unnormalised A).
       TypeError: not a `Graph`, or called under ``jax.jit`` (the plan is host-side).
     """
+    check_normalized(graph)
     alpha = _checks.check_alpha(alpha)
     if plan is None:
         plan = plan_inverse(graph)
+    elif not isinstance(plan, InversePlan):
+        raise TypeError(f"plan must be an InversePlan (plan_inverse(graph)), got {type(plan).__name__}")
     largest = plan.largest
     if largest > max_nodes:
         raise ValueError(
@@ -213,7 +223,8 @@ def diffusion_inverse(graph: Graph, alpha: float = 0.99, *, max_nodes: int = 20_
     position_dev = jnp.asarray(position)
     blocks = tuple(_invert_blocks(graph, jnp.asarray(nodes, jnp.int32), position_dev, alpha)
                    for nodes in plan.groups)
-    if not all(bool(jnp.all(jnp.isfinite(b))) for b in blocks):
+    traced = _checks.is_traced(alpha, graph.weights)
+    if not traced and not _checks.is_traced(*blocks) and not all(np.isfinite(np.asarray(b)).all() for b in blocks):
         raise ValueError(
             "I - alpha W is not positive definite (its Cholesky factorisation failed): pass the "
             "normalised graph W = normalize(A), symmetric with spectrum in [-1, 1], not the affinity A")

@@ -22,6 +22,7 @@ import numpy as np
 from .. import _checks
 from ..graph.core import Graph
 from .cg import CGResult, conjugate_gradient
+from .operator import check_normalized
 
 
 class DiffusionInfo(NamedTuple):
@@ -52,6 +53,8 @@ def query_vectors(similarities, indices, n: int, *, gamma: float = 3.0) -> jax.A
     if similarities.ndim != 2 or similarities.shape != indices.shape:
         raise ValueError("similarities and indices must both be [n_queries, k], got "
                          f"{similarities.shape} and {indices.shape}")
+    if not jnp.issubdtype(indices.dtype, jnp.integer):
+        raise TypeError(f"indices must be integer database ids, got dtype {indices.dtype} (no silent cast)")
     if not isinstance(indices, jax.core.Tracer):
         idx = np.asarray(indices)
         if idx.size and (idx.min() < 0 or idx.max() >= n):
@@ -70,7 +73,10 @@ def _query_vectors(sims, idx, n, gamma):
 
 def indicator_vectors(items, n: int) -> jax.Array:
     """y for queries that are database items: y[q] = e_{items[q]}, float32[nq, n]."""
-    items = jnp.asarray(items, jnp.int32)
+    items = jnp.asarray(items)
+    if not jnp.issubdtype(items.dtype, jnp.integer):
+        raise TypeError(f"items must be integer database ids, got dtype {items.dtype} (no silent cast)")
+    items = items.astype(jnp.int32)
     if items.ndim != 1:
         raise ValueError(f"items must be a 1-D array of database ids, got shape {items.shape}")
     if not isinstance(items, jax.core.Tracer):
@@ -85,16 +91,40 @@ def _check_graph_y(graph: Graph, y):
         raise TypeError(f"graph must be a retrieval_jax.graph.Graph, got {type(graph).__name__}")
     if y.ndim != 2 or y.shape[1] != graph.num_nodes:
         raise ValueError(f"y must be [n_queries, n] with n = {graph.num_nodes} graph nodes, got {y.shape}")
-    if not isinstance(y, jax.core.Tracer) and not bool(jnp.isfinite(y).all()):
+    if not _checks.is_traced(y) and not np.isfinite(np.asarray(y)).all():
         raise ValueError("y contains NaN or inf")
+
+
+def _as_observations(y) -> jax.Array:
+    """y as a floating array (float32 unless it is already a float type, e.g. float64)."""
+    y = jnp.asarray(y)
+    if not jnp.issubdtype(y.dtype, jnp.floating):
+        y = y.astype(jnp.float32)
+    return y
+
+
+def _check_max_iter(max_iter) -> int:
+    if not _checks.is_int(max_iter) or max_iter < 1:
+        raise ValueError(f"max_iter must be an int >= 1 (it fixes the loop bound, so it is static), "
+                         f"got {max_iter!r}")
+    return int(max_iter)
 
 
 def diffuse(graph: Graph, y, *, alpha: float = 0.99, tol: float = 1e-6, max_iter: int = 20,
             return_info: bool = False):
     """Diffusion scores x solving (I - alpha W) x = y for a batch of queries.
 
+    Zhou et al. (NIPS 2003), solved by batched conjugate gradient as in Iscen et al.
+    (CVPR 2017). Composable: ``alpha``, ``tol``, ``y`` and the graph's weights may be
+    traced (``jax.jit``, ``vmap`` over alpha, ``grad``); only ``max_iter`` is static.
+    Gradients are implicit (``lax.custom_linear_solve``): the backward pass is one more
+    CG solve with the same symmetric operator, d/dy = (I - alpha W)^-1 x_bar, and
+    d/dalpha, d/dW follow from dM = -dalpha W - alpha dW, never by differentiating
+    through the CG iterations.
+
     Args:
-      graph: the normalised graph W (`normalize(knn_graph(...))`), n nodes.
+      graph: the normalised graph W (`normalize(knn_graph(...))`), n nodes. A plain
+        concrete `Graph` is checked to be symmetric and normalised.
       y: float[nq, n] observations (`query_vectors` or `indicator_vectors`).
       alpha: in (0, 1); 0.99 as in Iscen et al. 2017.
       tol: relative residual at which a query's CG stops.
@@ -103,27 +133,50 @@ def diffuse(graph: Graph, y, *, alpha: float = 0.99, tol: float = 1e-6, max_iter
       return_info: also return `DiffusionInfo` (iterations, residual per query).
 
     Returns:
-      scores float32[nq, n] (and `DiffusionInfo` when ``return_info``).
+      scores [nq, n] in y's float dtype (and `DiffusionInfo` when ``return_info``).
     """
     alpha = _checks.check_alpha(alpha)
-    _checks.check_positive(tol, "tol")
-    if int(max_iter) < 1:
-        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
-    y = jnp.asarray(y, jnp.float32)
+    tol = _checks.check_positive(tol, "tol")
+    max_iter = _check_max_iter(max_iter)
+    y = _as_observations(y)
     _check_graph_y(graph, y)
-    res = _diffuse(graph, y, alpha, tol, int(max_iter))
+    check_normalized(graph)
+    res = cg_diffusion(graph, y, alpha, tol, max_iter)
     scores = res.x.T
     if return_info:
         return scores, DiffusionInfo(res.iterations, res.residual)
     return scores
 
 
+def solve_spd(matvec, b, *, tol, max_iter: int) -> CGResult:
+    """Solve M x = b for a symmetric positive-definite M by batched CG, differentiably.
+
+    The derivative is implicit (``lax.custom_linear_solve`` with ``symmetric=True``):
+    a cotangent x_bar is pulled back by one more CG solve M b_bar = x_bar, and the
+    derivative with respect to whatever ``matvec`` closes over (alpha, W's weights)
+    is -b_bar^T (dM x). ``b``: [n] or [n, B]; returns the `CGResult` of the forward solve.
+    """
+    def solve(mv, rhs):
+        res = conjugate_gradient(mv, rhs, tol=tol, max_iter=max_iter)
+        return res.x, (res.iterations, res.residual)
+
+    x, (its, resid) = jax.lax.custom_linear_solve(matvec, b, solve, symmetric=True, has_aux=True)
+    return CGResult(x, its, resid)
+
+
 @functools.partial(jax.jit, static_argnums=(4,))
-def _diffuse(graph: Graph, y, alpha, tol, max_iter) -> CGResult:
+def cg_diffusion(graph: Graph, y, alpha, tol, max_iter: int) -> CGResult:
+    """(I - alpha W) x = y by batched CG, unchecked (see `diffuse` for the checked entry point).
+
+    y: float[nq, n]; returns the `CGResult` with x float[n, nq] (node axis first).
+    Pure and jittable; implicit gradients (`solve_spd`).
+    """
     b = y.T  # node axis first: [n, nq], each gather fetches a contiguous row of nq values
+    alpha = jnp.asarray(alpha, b.dtype)
+
     def matvec(x):
         return x - alpha * graph.matvec(x)
-    return conjugate_gradient(matvec, b, tol=tol, max_iter=max_iter)
+    return solve_spd(matvec, b, tol=tol, max_iter=max_iter)
 
 
 def katz_centrality(graph: Graph, alpha: float = 0.99, *, tol: float = 1e-6, max_iter: int = 200,
@@ -134,8 +187,10 @@ def katz_centrality(graph: Graph, alpha: float = 0.99, *, tol: float = 1e-6, max
     ``return_info=True`` also the `DiffusionInfo` of the solve (CG steps and relative
     residual, each of shape [1]), to see whether ``max_iter`` was enough at alpha near 1.
     """
+    if not isinstance(graph, Graph):
+        raise TypeError(f"graph must be a retrieval_jax.graph.Graph, got {type(graph).__name__}")
     alpha = _checks.check_alpha(alpha)
-    ones = jnp.full((1, graph.num_nodes), 1.0 - alpha, jnp.float32)
+    ones = jnp.full((1, graph.num_nodes), 1.0, jnp.float32) * (1.0 - alpha)
     if return_info:
         g, info = diffuse(graph, ones, alpha=alpha, tol=tol, max_iter=max_iter, return_info=True)
         return g[0], info
@@ -162,20 +217,30 @@ def truncated_diffuse(graph: Graph, y, shortlist, *, alpha: float = 0.99, tol: f
       scores float32[nq, T] aligned with ``shortlist`` (and `DiffusionInfo`).
     """
     alpha = _checks.check_alpha(alpha)
-    _checks.check_positive(tol, "tol")
-    y = jnp.asarray(y, jnp.float32)
+    tol = _checks.check_positive(tol, "tol")
+    max_iter = _check_max_iter(max_iter)
+    if batch_size is not None:
+        batch_size = _checks.check_positive_int(batch_size, "batch_size")
+    y = _as_observations(y)
     _check_graph_y(graph, y)
-    shortlist = jnp.asarray(shortlist, jnp.int32)
+    check_normalized(graph)
+    shortlist = jnp.asarray(shortlist)
     if shortlist.ndim != 2 or shortlist.shape[0] != y.shape[0]:
         raise ValueError(f"shortlist must be [n_queries, T] with n_queries = {y.shape[0]}, got {shortlist.shape}")
-    s = np.asarray(shortlist)
-    if s.min() < 0 or s.max() >= graph.num_nodes:
-        raise ValueError(f"shortlist ids must lie in [0, {graph.num_nodes})")
-    srt = np.sort(s, axis=1)
-    if (srt[:, 1:] == srt[:, :-1]).any():
-        raise ValueError("a shortlist row repeats a database id; shortlist rows must be distinct ids")
+    if shortlist.shape[1] == 0:
+        raise ValueError("the shortlist is empty (T = 0); give each query at least one database id")
+    if not jnp.issubdtype(shortlist.dtype, jnp.integer):
+        raise TypeError(f"shortlist must hold integer database ids, got dtype {shortlist.dtype}")
+    shortlist = shortlist.astype(jnp.int32)
+    if not _checks.is_traced(shortlist):
+        s = np.asarray(shortlist)
+        if s.min() < 0 or s.max() >= graph.num_nodes:
+            raise ValueError(f"shortlist ids must lie in [0, {graph.num_nodes})")
+        srt = np.sort(s, axis=1)
+        if (srt[:, 1:] == srt[:, :-1]).any():
+            raise ValueError("a shortlist row repeats a database id; shortlist rows must be distinct ids")
     y_s = jnp.take_along_axis(y, shortlist, axis=1)
-    res = _truncated(graph, y_s, shortlist, alpha, tol, int(max_iter), batch_size)
+    res = cg_truncated_diffusion(graph, y_s, shortlist, alpha, tol, max_iter, batch_size)
     if return_info:
         return res.x, DiffusionInfo(res.iterations, res.residual)
     return res.x
@@ -193,18 +258,33 @@ def _local_subgraph(graph: Graph, s):
 
 
 @functools.partial(jax.jit, static_argnums=(5, 6))
-def _truncated(graph, y_s, shortlist, alpha, tol, max_iter, batch_size) -> CGResult:
+def cg_truncated_diffusion(graph, y_s, shortlist, alpha, tol, max_iter: int, batch_size) -> CGResult:
+    """(I - alpha W_SS) x_S = y_S for every query's shortlist S, unchecked (see `truncated_diffuse`).
+
+    y_s: float[nq, T] observations on the shortlists int32[nq, T]; returns the batched
+    `CGResult` with x float[nq, T]. Pure and jittable; implicit gradients (`solve_spd`).
+    """
+    alpha = jnp.asarray(alpha, y_s.dtype)
+
     def one(args):
         ys, s = args
         sub = _local_subgraph(graph, s)
-        return conjugate_gradient(lambda x: x - alpha * sub.matvec(x), ys, tol=tol, max_iter=max_iter)
+        return solve_spd(lambda x: x - alpha * sub.matvec(x), ys, tol=tol, max_iter=max_iter)
     return jax.lax.map(one, (y_s, shortlist), batch_size=batch_size)
 
 
 # --------------------------------------------------------------------------- rankings
-@functools.partial(jax.jit, static_argnames=("n",))
 def top_n(scores, n: int):
     """The n best database items per query: (values float32[nq, n], indices int32[nq, n])."""
+    scores = jnp.asarray(scores)
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be [n_queries, n_database], got shape {scores.shape}")
+    _checks.check_k(n, scores.shape[1], name="n", what="database items (columns of scores)")
+    return _top_n(scores, int(n))
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _top_n(scores, n: int):
     return jax.lax.top_k(scores, n)
 
 
@@ -221,6 +301,11 @@ def ranking_from_scores(scores, *, exclude=None) -> np.ndarray:
         raise ValueError("scores contain NaN or inf; check the inputs of the ranking method")
     if exclude is not None:
         ex = np.asarray(exclude)
+        if ex.shape != (s.shape[0],) or not np.issubdtype(ex.dtype, np.integer):
+            raise ValueError(f"exclude must be {s.shape[0]} integer database ids (one per query), "
+                             f"got {ex.dtype} {ex.shape}")
+        if ex.size and (ex.min() < 0 or ex.max() >= s.shape[1]):
+            raise ValueError(f"exclude ids must lie in [0, {s.shape[1]}), got range [{ex.min()}, {ex.max()}]")
         s = s.copy()
         s[np.arange(s.shape[0]), ex] = -np.inf
     return np.argsort(-s, axis=1, kind="stable")

@@ -22,6 +22,10 @@ class Graph:
     Attributes:
       indices: int32[n, K] neighbour ids.
       weights: float32[n, K] edge weights, 0 on padding.
+      overflow: None, or an int32 scalar: edges that did not fit in the K slots when the
+        graph was built with a fixed capacity under ``jax.jit`` (as jax-md's neighbour
+        lists report it). Non-zero means the graph lacks edges: rebuild with a larger
+        ``max_degree``. The non-traced entry points check it (`check_overflow`).
 
     The leading axis is the node axis, so sharding a graph across devices is a
     matter of placing rows.
@@ -29,6 +33,7 @@ class Graph:
 
     indices: jax.Array
     weights: jax.Array
+    overflow: jax.Array | None = None
 
     @property
     def num_nodes(self) -> int:
@@ -62,6 +67,16 @@ class Graph:
             def body(k, acc):
                 return acc + w[:, k, None] * x[idx[:, k]]
         return jax.lax.fori_loop(0, idx.shape[1], body, jnp.zeros_like(x), unroll=min(8, idx.shape[1]))
+
+    def check_overflow(self) -> "Graph":
+        """The graph itself, or a ValueError if edges overflowed its capacity (host side)."""
+        if self.overflow is None or isinstance(self.overflow, jax.core.Tracer):
+            return self
+        lost = int(np.max(np.asarray(self.overflow)))
+        if lost:
+            raise ValueError(f"{lost} edge(s) did not fit in the graph's {self.max_degree} slots per node; "
+                             f"rebuild it with a larger max_degree (capacity)")
+        return self
 
     # ------------------------------------------------------------------ conversions
     def to_scipy(self) -> sp.csr_matrix:
@@ -113,3 +128,15 @@ class Graph:
     @classmethod
     def from_dense(cls, matrix, **kwargs) -> "Graph":
         return cls.from_scipy(sp.csr_matrix(np.asarray(matrix)), **kwargs)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class NormalizedGraph(Graph):
+    """A `Graph` known to be W = D^-1/2 A D^-1/2 of a symmetric non-negative affinity A.
+
+    `normalize` returns one; the type carries the fact (its spectrum lies in [-1, 1], so
+    I - alpha W is positive definite for 0 < alpha < 1) and the diffusion solvers take
+    it without re-checking. A plain `Graph` passed to them is checked on the host
+    (`retrieval_jax.diffusion.check_normalized`).
+    """

@@ -15,17 +15,41 @@ import scipy.sparse as sp
 
 from .. import _checks
 from .._progress import progress
-from .core import Graph
+from .affinity import affinity_graph, reciprocal_partners, union_capacity
+from .core import Graph, NormalizedGraph
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-@functools.partial(jax.jit, static_argnames=("k", "block", "exclude_self"))
-def _knn_chunk(queries, database, offset, *, k: int, block: int, exclude_self: bool):
-    """Top-k inner products of a fixed-size chunk of queries, in blocks of ``block`` rows.
+def knn_traced(queries, database, k: int, *, exclude_self: bool = False, block_size: int = 256):
+    """`knn` as a pure function of arrays, for use inside ``jax.jit``, ``vmap`` and ``grad``.
 
-    queries: float32[c, d] with c a multiple of ``block``; offset: int32 scalar, the
-    global index of the chunk's first query (used to mask self-matches).
+    The same blocked matmul + ``lax.top_k`` as `knn`, in one traced program (the query
+    axis padded to a multiple of the block). The returned similarities are
+    differentiable with respect to both inputs (the neighbour ids are piecewise
+    constant). Only shapes are checked here: values are the caller's.
+    """
+    nq, d = queries.shape
+    n = database.shape[0]
+    if database.ndim != 2 or database.shape[1] != d:
+        raise ValueError(f"queries [nq, d] and database [n, d] must share d, got {queries.shape} and {database.shape}")
+    limit = n - 1 if exclude_self else n
+    if not _checks.is_int(k) or not 1 <= k <= limit:
+        raise ValueError(f"k must be an int in [1, {limit}], got {k!r}")
+    block = int(min(_checks.check_positive_int(block_size, "block_size"), nq))
+    pad = -nq % block
+    q = jnp.concatenate([queries, jnp.zeros((pad, d), queries.dtype)]) if pad else queries
+    dtype = jnp.result_type(queries.dtype, database.dtype, jnp.float32)
+    q = q.astype(dtype)
+    vals, idx = _knn_blocks(q, database.astype(dtype), jnp.int32(0), k=int(k), block=block,
+                            exclude_self=exclude_self)
+    return vals[:nq], idx[:nq]
+
+
+def _knn_blocks(queries, database, offset, *, k: int, block: int, exclude_self: bool):
+    """Top-k inner products of queries [c, d] (c a multiple of ``block``), block by block.
+
+    offset: int32 scalar, the global index of the first query (to mask self-matches).
     """
     c, d = queries.shape
     blocks = queries.reshape(c // block, block, d)
@@ -44,6 +68,9 @@ def _knn_chunk(queries, database, offset, *, k: int, block: int, exclude_self: b
     return vals.reshape(c, k), idx.reshape(c, k).astype(jnp.int32)
 
 
+_knn_chunk = jax.jit(_knn_blocks, static_argnames=("k", "block", "exclude_self"))
+
+
 def knn(queries, database, k: int, *, exclude_self: bool = False, block_size: int = 256,
         chunk_size: int = 8192, show_progress: bool | None = None):
     """Exact k nearest neighbours by inner product.
@@ -54,7 +81,8 @@ def knn(queries, database, k: int, *, exclude_self: bool = False, block_size: in
     chunks of ``chunk_size`` rows (one compiled shape; the last chunk is padded),
     each split into blocks of ``block_size`` rows whose [block, n] similarities are
     reduced by ``lax.top_k``. Peak memory is O(block_size * n + n * d), so n =
-    100,000 at d = 2048 fits in about 1 GB.
+    100,000 at d = 2048 fits in about 1 GB. Called on traced arrays (inside
+    ``jax.jit`` / ``vmap`` / ``grad``) it runs as `knn_traced`, in one program.
 
     Args:
       queries: float[nq, d].
@@ -62,10 +90,16 @@ def knn(queries, database, k: int, *, exclude_self: bool = False, block_size: in
       k: neighbours per query, 1 <= k <= n (k <= n - 1 with ``exclude_self``).
       exclude_self: queries are the database itself (row q is item q); item q is
         never returned as its own neighbour.
+      block_size, chunk_size: positive ints (rows per top-k block, rows per compiled chunk).
 
     Returns:
       (similarities float32[nq, k], indices int32[nq, k]).
     """
+    if _checks.is_traced(queries, database):
+        return knn_traced(jnp.asarray(queries), jnp.asarray(database), k, exclude_self=exclude_self,
+                          block_size=block_size)
+    block_size = _checks.check_positive_int(block_size, "block_size")
+    chunk_size = _checks.check_positive_int(chunk_size, "chunk_size")
     q = _checks.as_matrix(queries, "queries")
     db = _checks.as_matrix(database, "database")
     _checks.check_same_dim(q, db, "queries", "database")
@@ -142,45 +176,146 @@ def knn_graph(X, k: int = 50, *, gamma: float = 3.0, mutual: bool = True, method
     """kNN affinity graph over the rows of X (not normalised; see `normalize`).
 
     A_ij = max(<x_i, x_j>, 0)^gamma if j in NN_k(i) [and i in NN_k(j) when mutual],
-    made symmetric. Self-loops are excluded.
+    made symmetric (min over the two directions when mutual, max for the union). Self-loops
+    are excluded. Iscen et al., CVPR 2017, Sec. 3.1.
+
+    One function, two routes:
+
+    * on concrete arrays, the neighbour search runs where it is fastest for large n
+      (``method``: the chunked exact search, pynndescent or faiss) and the graph is cut
+      to the widest row;
+    * on traced arrays (inside ``jax.jit``, ``vmap`` or ``grad``), the exact search runs
+      in the trace (`knn_traced`) with fixed widths: k for a mutual graph, ``max_degree``
+      (default 2 k) for the union, whose lost edges are counted in ``Graph.overflow``.
+
+    Either way the affinity itself is `affinity_graph`, on device: gamma may be traced
+    (``vmap`` over gamma compiles one program) and the weights are differentiable with
+    respect to X and gamma.
 
     Args:
       X: float[n, d] descriptors (usually L2-normalised).
       k: neighbours per node, 1 <= k < n.
       gamma: similarity exponent (> 0).
       mutual: keep reciprocal pairs only (Iscen et al. 2017); else the union.
-      method: "exact" (blocked matmul + top_k, jitted) or "nndescent" (pynndescent,
-        approximate, for large n).
-      max_degree: pad the neighbour lists to this width (default: the largest row).
+      method: "exact" (blocked matmul + top_k), "nndescent" (pynndescent, approximate,
+        for large n) or "faiss" (faiss-cpu exact inner-product search). Under a trace
+        only "exact" applies.
+      max_degree: pad the neighbour lists to this width (default: the widest row); the
+        capacity of a union graph built under a trace.
 
     Returns:
       A `Graph` of n nodes. Nodes may be isolated when ``mutual`` is set.
+
+    Raises:
+      ValueError: bad sizes or values, or (concrete route) a ``max_degree`` smaller than
+        the widest row.
     """
+    if method not in ("exact", "nndescent", "faiss"):
+        raise ValueError(f"method must be 'exact', 'nndescent' or 'faiss', got {method!r}")
+    gamma = _checks.check_gamma(gamma)
+    if max_degree is not None:
+        max_degree = _checks.check_positive_int(max_degree, "max_degree")
+    if _checks.is_traced(X):
+        return _traced_knn_graph(X, k, gamma, mutual, method, max_degree)
     X = _checks.as_matrix(X, "X")
     n = X.shape[0]
     _checks.check_k(k, n - 1, what="other items (k must be < n)")
-    gamma = _checks.check_gamma(gamma)
     if method == "exact":
         sims, idx = knn(X, X, k, exclude_self=True, show_progress=show_progress)
     elif method == "nndescent":
         sims, idx = _nndescent_knn(X, k, seed=seed)
     else:
-        raise ValueError(f"method must be 'exact' or 'nndescent', got {method!r}")
-    a = affinity_matrix(sims, idx, n, gamma=gamma, mutual=mutual)
-    return Graph.from_scipy(a, max_degree=max_degree)
+        from .faiss_backend import faiss_knn
+        sims, idx = faiss_knn(X, X, k, exclude_self=True)
+    idx_np = np.asarray(idx)
+    if mutual:
+        graph = affinity_graph(jnp.asarray(sims), jnp.asarray(idx_np), gamma, mutual=True)
+        # cut to the widest row: kept edges first, in each row's neighbour order
+        kept = _mutual_mask(idx_np)
+        order = np.argsort(~kept, axis=1, kind="stable")
+        width = max(int(kept.sum(axis=1).max(initial=0)), 1)
+        graph = _take_slots(graph, order[:, :width])
+    else:
+        graph = affinity_graph(jnp.asarray(sims), jnp.asarray(idx_np), gamma, mutual=False,
+                               capacity=union_capacity(idx_np))
+    if max_degree is not None:
+        if max_degree < graph.max_degree:
+            raise ValueError(f"max_degree = {max_degree} is smaller than the largest row "
+                             f"({graph.max_degree} neighbours)")
+        graph = _pad_slots(graph, max_degree)
+    # checked here, on the host: a concrete graph carries no overflow count
+    graph.check_overflow()
+    return Graph(indices=graph.indices, weights=graph.weights)
 
 
-@jax.jit
-def normalize(graph: Graph) -> Graph:
-    """Symmetric normalisation W = D^-1/2 A D^-1/2 with D = diag(A 1).
+def _traced_knn_graph(X, k, gamma, mutual, method, max_degree):
+    if method != "exact":
+        raise ValueError(f"method={method!r} searches on the host; under jax.jit, vmap or grad "
+                         "only method='exact' applies")
+    X = jnp.asarray(X)
+    if X.ndim != 2:
+        raise ValueError(f"X must be a 2-D array [n, d], got shape {X.shape}")
+    n = X.shape[0]
+    if not _checks.is_int(k) or not 1 <= k < n:
+        raise ValueError(f"k must be an int with 1 <= k < n = {n}, got {k!r}")
+    sims, idx = knn_traced(X, X, int(k), exclude_self=True)
+    if mutual:
+        graph = affinity_graph(sims, idx, gamma, mutual=True)
+        return graph if max_degree is None else _pad_slots(graph, max_degree)
+    return affinity_graph(sims, idx, gamma, mutual=False, capacity=max_degree or 2 * int(k))
+
+
+def _mutual_mask(idx: np.ndarray) -> np.ndarray:
+    """bool[n, k]: idx[i, m] lists i back (a reciprocal pair), for concrete lists."""
+    return np.asarray(reciprocal_partners(jnp.asarray(idx, jnp.int32))).reshape(idx.shape) >= 0
+
+
+def _take_slots(graph: Graph, order: np.ndarray) -> Graph:
+    order = jnp.asarray(order)
+    return Graph(indices=jnp.take_along_axis(graph.indices, order, axis=1),
+                 weights=jnp.take_along_axis(graph.weights, order, axis=1), overflow=graph.overflow)
+
+
+def _pad_slots(graph: Graph, width: int) -> Graph:
+    extra = width - graph.max_degree
+    if extra < 0:
+        raise ValueError(f"max_degree = {width} is smaller than the graph's {graph.max_degree} slots")
+    if extra == 0:
+        return graph
+    n = graph.num_nodes
+    own = jnp.broadcast_to(jnp.arange(n, dtype=graph.indices.dtype)[:, None], (n, extra))
+    return Graph(indices=jnp.concatenate([graph.indices, own], 1),
+                 weights=jnp.concatenate([graph.weights, jnp.zeros((n, extra), graph.weights.dtype)], 1),
+                 overflow=graph.overflow)
+
+
+def normalize(graph: Graph) -> NormalizedGraph:
+    """Symmetric normalisation W = D^-1/2 A D^-1/2 with D = diag(A 1) (Zhou et al., NIPS 2003).
 
     An isolated node (degree 0) keeps an all-zero row instead of a NaN; its
     diffusion score is then its own query mass. The spectrum of W lies in [-1, 1].
+    The result's type, `NormalizedGraph`, records that W is normalised. Jittable and
+    differentiable with respect to the weights; a concrete graph is checked first
+    (finite, non-negative weights).
     """
+    if not isinstance(graph, Graph):
+        raise TypeError(f"normalize takes a retrieval_jax.graph.Graph (e.g. from knn_graph or "
+                        f"Graph.from_scipy), got {type(graph).__name__}")
+    if not _checks.is_traced(graph.weights):
+        w = np.asarray(graph.weights)
+        if not np.isfinite(w).all():
+            raise ValueError("the graph has NaN or inf weights; rebuild it from finite descriptors")
+        if (w < 0).any():
+            raise ValueError("the graph has negative weights; an affinity must be non-negative")
+    return _normalize(graph)
+
+
+@jax.jit
+def _normalize(graph: Graph) -> NormalizedGraph:
     deg = graph.degree()
     inv_sqrt = jnp.where(deg > 0, jax.lax.rsqrt(jnp.where(deg > 0, deg, 1.0)), 0.0)
     w = graph.weights * inv_sqrt[:, None] * inv_sqrt[graph.indices]
-    return Graph(indices=graph.indices, weights=w.astype(graph.weights.dtype))
+    return NormalizedGraph(indices=graph.indices, weights=w.astype(graph.weights.dtype), overflow=graph.overflow)
 
 
 def isolated_nodes(graph: Graph) -> np.ndarray:

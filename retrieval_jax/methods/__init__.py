@@ -16,12 +16,15 @@ from .diffusion import (AUTO_INVERSE_MAX_BYTES, AUTO_INVERSE_MAX_NODES, DIFFUSIO
                         diffusion_state_from_graph)
 from .fsr import FSR, FsrConfig, FsrState, fsr_state_from_graph
 from .knn import KNN_SEARCH, KnnConfig, KnnState
+from .offline_diffusion import (OFFLINE_DIFFUSION, OfflineDiffusionConfig, OfflineDiffusionState,
+                                offline_diffusion_state_from_graph, offline_diffusion_state_from_rows)
 from .query_expansion import ALPHA_QE, DBA_ALPHA_QE, AlphaQEConfig, AlphaQEState, DbaQEConfig, DbaQEState
 
-METHODS = {m.name: m for m in (KNN_SEARCH, DIFFUSION, FSR, ALPHA_QE, DBA_ALPHA_QE)}
+METHODS = {m.name: m for m in (KNN_SEARCH, DIFFUSION, FSR, ALPHA_QE, DBA_ALPHA_QE, OFFLINE_DIFFUSION)}
 
 __all__ = ["ALPHA_QE", "AUTO_INVERSE_MAX_BYTES", "AUTO_INVERSE_MAX_NODES", "AlphaQEConfig", "AlphaQEState",
            "DBA_ALPHA_QE", "DIFFUSION", "DbaQEConfig", "DbaQEState", "DiffusionConfig", "DiffusionState", "FSR",
-           "FsrConfig", "FsrState", "KNN_SEARCH", "KnnConfig", "KnnState", "METHODS", "Method", "bucket_size",
+           "FsrConfig", "FsrState", "KNN_SEARCH", "KnnConfig", "KnnState", "METHODS", "Method", "OFFLINE_DIFFUSION",
+           "OfflineDiffusionConfig", "OfflineDiffusionState", "bucket_size",
            "check_config", "check_items", "check_queries", "diffusion_state_from_graph", "fsr_state_from_graph",
-           "make_method", "similarities"]
+           "make_method", "offline_diffusion_state_from_graph", "offline_diffusion_state_from_rows", "similarities"]

@@ -10,15 +10,12 @@ import numpy as np
 
 from .. import _checks
 from ..diffusion.inverse import DiffusionInverse, diffusion_inverse, plan_inverse
-from ..diffusion.solve import _diffuse, _truncated
+from ..diffusion import cg_diffusion, cg_truncated_diffusion
 from ..graph.core import Graph
 from ..graph.knn import knn_graph, normalize
 from .base import check_config, make_method, similarities as _similarities
 
-# DiffusionConfig(solver="auto") inverts when every component is at most this large
-# (a 4096-node block inverts in about half a second on a 2-core CPU) and the blocks fit here.
-AUTO_INVERSE_MAX_NODES = 4096
-AUTO_INVERSE_MAX_BYTES = 2 ** 28
+from ..diffusion.solvers import AUTO_INVERSE_MAX_BYTES, AUTO_INVERSE_MAX_NODES  # solver="auto" thresholds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +129,7 @@ def diffusion_state_from_graph(database, graph: Graph, config: DiffusionConfig =
 
 def _solve_full(state: DiffusionState, y):
     cfg = state.config
-    return _diffuse(state.graph, y, cfg.alpha, cfg.tol, cfg.max_iter).x.T
+    return cg_diffusion(state.graph, y, cfg.alpha, cfg.tol, cfg.max_iter).x.T
 
 
 def _solve_truncated(state: DiffusionState, sims, y_local_fn):
@@ -140,7 +137,7 @@ def _solve_truncated(state: DiffusionState, sims, y_local_fn):
     cfg = state.config
     short_s, short_i = jax.lax.top_k(sims, cfg.truncate)
     y_s = y_local_fn(short_s, short_i)
-    x_s = _truncated(state.graph, y_s, short_i, cfg.alpha, cfg.tol, cfg.max_iter, cfg.batch_size).x
+    x_s = cg_truncated_diffusion(state.graph, y_s, short_i, cfg.alpha, cfg.tol, cfg.max_iter, cfg.batch_size).x
     # items outside the shortlist keep their similarity order, below every shortlisted item
     base = sims - 3.0
     rows = jnp.arange(sims.shape[0])[:, None]

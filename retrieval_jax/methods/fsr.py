@@ -12,7 +12,8 @@ from .. import _checks
 from ..graph.core import Graph
 from ..graph.knn import knn_graph, normalize
 from ..spectral import heat_kernel_filter, regularized_laplacian_filter, spectral_embedding
-from ..spectral.fsr import _fsr_sparse
+from ..graph.affinity import similarity_power
+from ..spectral import fsr_scores_sparse
 from .base import check_config, make_method, similarities as _similarities
 from .diffusion import DiffusionConfig
 
@@ -105,13 +106,13 @@ def fsr_state_from_graph(database, graph: Graph, config: FsrConfig = FsrConfig()
 def _fsr_search(state: FsrState, queries):
     cfg = state.config
     s, i = jax.lax.top_k(_similarities(state, queries), cfg.query_k)
-    return _fsr_sparse(state.embedding, s, i, jnp.asarray(cfg.gamma, jnp.float32))
+    return fsr_scores_sparse(state.embedding, similarity_power(s, cfg.gamma), i)
 
 
 @jax.jit
 def _fsr_search_items(state: FsrState, ids):
     ones = jnp.ones((ids.shape[0], 1), jnp.float32)
-    return _fsr_sparse(state.embedding, ones, ids[:, None], jnp.asarray(1.0, jnp.float32))
+    return fsr_scores_sparse(state.embedding, ones, ids[:, None])
 
 
 FSR = make_method("fsr", _fsr_build, _fsr_search, _fsr_search_items, FsrConfig)

@@ -7,15 +7,16 @@ function h (`regularized_laplacian_filter`, `heat_kernel_filter`) into a
 `fast_spectral_ranking_sparse` (k-NN query observations) compute
 x = U_r h(L_r) U_r^T y (rank-r) or U_r (h(L_r) - h(0)) U_r^T y + h(0) y (approx).
 """
-from .filters import (HeatKernelFilter, RegularizedLaplacianFilter, heat_kernel_filter,
+from .filters import (HeatKernelFilter, RegularizedLaplacianFilter, ResolventFilter, heat_kernel_filter,
                       regularized_laplacian_filter)
-from .fsr import (SpectralEmbedding, fast_spectral_ranking, fast_spectral_ranking_sparse,
-                  sparsify_embedding, spectral_embedding)
+from .fsr import (SpectralEmbedding, fast_spectral_ranking, fast_spectral_ranking_sparse, filter_embedding,
+                  fsr_scores_dense, fsr_scores_sparse, sparsify_embedding, spectral_embedding)
 from .lanczos import Eigenpairs, check_symmetric_graph, graph_eigenpairs, lanczos
 
 __all__ = [
-    "Eigenpairs", "HeatKernelFilter", "RegularizedLaplacianFilter", "SpectralEmbedding",
-    "check_symmetric_graph", "fast_spectral_ranking", "fast_spectral_ranking_sparse",
+    "Eigenpairs", "HeatKernelFilter", "RegularizedLaplacianFilter", "ResolventFilter", "SpectralEmbedding",
+    "check_symmetric_graph", "fast_spectral_ranking", "fast_spectral_ranking_sparse", "filter_embedding",
+    "fsr_scores_dense", "fsr_scores_sparse",
     "graph_eigenpairs", "heat_kernel_filter", "lanczos", "regularized_laplacian_filter",
     "sparsify_embedding", "spectral_embedding",
 ]

@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import _checks
-from .lanczos import Eigenpairs, _is_tracer, graph_eigenpairs
+from ..graph.affinity import similarity_power
+from .lanczos import Eigenpairs, graph_eigenpairs
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -161,6 +162,29 @@ def spectral_embedding(source, r: int, h, *, mode: str = "rank_r", sparsify: int
     return emb
 
 
+@functools.partial(jax.jit, static_argnames=("mode",))
+def filter_embedding(embedding: SpectralEmbedding, h, *, mode: str = "rank_r") -> SpectralEmbedding:
+    """The same eigenpairs under another transfer function h: a pure, jittable function.
+
+    filtered = h(L_r) (rank-r) or h(L_r) - h(0) (approx), h0 = 0 or h(0). With h a
+    pytree filter (`regularized_laplacian_filter(alpha)`, `heat_kernel_filter(t)`)
+    built from traced parameters, FSR scores can be ``vmap``-ed over alpha or t (one
+    eigendecomposition, one compiled program for a whole grid) and differentiated with
+    respect to them by ``grad``. No finiteness check here (values may be traced):
+    `spectral_embedding` checks h on the host.
+    """
+    if mode not in ("rank_r", "approx"):
+        raise ValueError(f"mode must be 'rank_r' or 'approx', got {mode!r}")
+    values = embedding.values
+    hv = jnp.asarray(h(values), values.dtype)
+    if mode == "approx":
+        h0 = jnp.asarray(h(jnp.zeros((), values.dtype)), values.dtype)
+        filtered = hv - h0
+    else:
+        h0, filtered = jnp.zeros((), values.dtype), hv
+    return dataclasses.replace(embedding, filtered=filtered, h0=h0)
+
+
 @functools.partial(jax.jit, static_argnames=("per_row",))
 def _sparsify(vectors, *, per_row: int):
     _, cols = jax.lax.top_k(jnp.abs(vectors), per_row)
@@ -190,7 +214,10 @@ def sparsify_embedding(embedding: SpectralEmbedding, per_row: int) -> tuple[Spec
 
 # --------------------------------------------------------------------------- online
 @jax.jit
-def _fsr_dense(emb: SpectralEmbedding, y):
+def fsr_scores_dense(embedding: SpectralEmbedding, y):
+    """x = U diag(f) U^T y + h0 y for dense y float[nq, n]; float[nq, n]. Pure and jittable
+    (no checks: see `fast_spectral_ranking` for the checked entry point). O(nq n r)."""
+    emb = embedding
     U = _dense_u(emb)
     y = y.astype(U.dtype)
     z = jnp.matmul(y, U, precision=_HI) * emb.filtered           # [nq, r] = (U^T y)^T * f
@@ -198,13 +225,20 @@ def _fsr_dense(emb: SpectralEmbedding, y):
 
 
 @jax.jit
-def _fsr_sparse(emb: SpectralEmbedding, sims, idx, gamma):
-    U = _dense_u(emb)
-    yv = jnp.maximum(sims.astype(U.dtype), 0.0) ** gamma.astype(U.dtype)   # [nq, k]
-    z = jnp.einsum("qk,qkr->qr", yv, U[idx], precision=_HI) * emb.filtered  # k rows of U
+def fsr_scores_sparse(embedding: SpectralEmbedding, weights, indices):
+    """x = U diag(f) U^T y + h0 y for y with k non-zeros per query: y[q, indices[q, j]] =
+    weights[q, j] (float[nq, k], int[nq, k]); float[nq, n]. Pure and jittable (no checks):
+    U^T y is a weighted sum of k rows of U, O(nq k r), then one [n, r] product."""
+    U = _dense_u(embedding)
+    yv = weights.astype(U.dtype)
+    z = jnp.einsum("qk,qkr->qr", yv, U[indices], precision=_HI) * embedding.filtered  # k rows of U
     x = jnp.matmul(z, U.T, precision=_HI)
-    rows = jnp.broadcast_to(jnp.arange(idx.shape[0])[:, None], idx.shape)
-    return x.at[rows, idx].add(emb.h0 * yv)
+    rows = jnp.broadcast_to(jnp.arange(indices.shape[0])[:, None], indices.shape)
+    return x.at[rows, indices].add(embedding.h0 * yv)
+
+
+def _fsr_sparse(emb: SpectralEmbedding, sims, idx, gamma):
+    return fsr_scores_sparse(emb, similarity_power(sims, gamma), idx)
 
 
 def _check_embedding(embedding):
@@ -229,7 +263,9 @@ def fast_spectral_ranking(embedding: SpectralEmbedding, y) -> jax.Array:
         raise ValueError(f"y must have shape [{n}] or [nq, {n}] (one entry per database item), got {y.shape}")
     if not jnp.issubdtype(y.dtype, jnp.floating):
         y = y.astype(jnp.float32)
-    out = _fsr_dense(embedding, y[None] if y.ndim == 1 else y)
+    if not _checks.is_traced(y) and not np.isfinite(np.asarray(y)).all():
+        raise ValueError("y contains NaN or inf; FSR scores would be NaN")
+    out = fsr_scores_dense(embedding, y[None] if y.ndim == 1 else y)
     return out[0] if y.ndim == 1 else out
 
 
@@ -256,6 +292,8 @@ def fast_spectral_ranking_sparse(embedding: SpectralEmbedding, similarities, ind
     if not jnp.issubdtype(idx.dtype, jnp.integer):
         raise TypeError(f"indices must be integers, got {idx.dtype}")
     n = embedding.num_nodes
-    if not _is_tracer(idx) and idx.size and (int(idx.min()) < 0 or int(idx.max()) >= n):
+    if not _checks.is_traced(sims) and not np.isfinite(np.asarray(sims)).all():
+        raise ValueError("similarities contain NaN or inf; FSR scores would be NaN")
+    if not _checks.is_traced(idx) and idx.size and (int(idx.min()) < 0 or int(idx.max()) >= n):
         raise ValueError(f"indices must lie in [0, {n}), got range [{int(idx.min())}, {int(idx.max())}]")
-    return _fsr_sparse(embedding, sims.astype(jnp.float32), idx.astype(jnp.int32), jnp.float32(gamma))
+    return _fsr_sparse(embedding, sims.astype(jnp.float32), idx.astype(jnp.int32), jnp.asarray(gamma, jnp.float32))
