@@ -231,3 +231,24 @@ def test_checks_at_the_boundary_concrete_and_traced():
         diffuse(Graph.from_dense(asym), np.eye(4, dtype=np.float32)[:1])
     with pytest.raises(TypeError, match="Graph"):
         normalize(np.eye(3))
+
+
+# ----------------------------------------------------------------------------- methods
+def test_method_values_are_traced_one_program_serves_a_grid():
+    import dataclasses
+
+    from retrieval_jax.methods import DIFFUSION, METHODS, DiffusionConfig, KnnConfig
+    x = _unit(np.random.default_rng(13), 120, 8)
+    q = _unit(np.random.default_rng(14), 5, 8)
+    states = [DIFFUSION.build(x, DiffusionConfig(k=6, query_k=4, alpha=a, tol=1e-7, max_iter=500))
+              for a in (0.8, 0.95)]
+    assert jax.tree_util.tree_structure(states[0]) == jax.tree_util.tree_structure(states[1])  # one program
+    assert states[1].config.alpha == pytest.approx(0.95)
+    base = states[0]
+    grid = jax.vmap(lambda a: DIFFUSION.search(
+        dataclasses.replace(base, params=dataclasses.replace(base.params, alpha=a)), q))(jnp.array([0.8, 0.95]))
+    for g, st in zip(grid, states):
+        assert _rel(g, DIFFUSION.search(st, q)) < 1e-5
+    with pytest.raises(TypeError, match="DiffusionConfig"):
+        DIFFUSION.build(x, KnnConfig())
+    assert {"knn", "diffusion", "fsr", "alpha-qe", "dba-qe", "offline-diffusion"} <= set(METHODS)

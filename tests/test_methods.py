@@ -36,7 +36,7 @@ def test_search_matches_functional_pipeline():
 def test_state_is_a_pytree_with_static_config():
     state = DIFFUSION.build(_clusters(2), DiffusionConfig(k=5))
     leaves, treedef = jax.tree_util.tree_flatten(state)
-    assert len(leaves) == 3  # database, graph.indices, graph.weights
+    assert len(leaves) == 6  # database, graph.indices, graph.weights; alpha, gamma, tol (traced values)
     again = jax.tree_util.tree_unflatten(treedef, leaves)
     assert isinstance(again, DiffusionState) and again.config == state.config
 

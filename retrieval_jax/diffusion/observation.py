@@ -17,6 +17,7 @@ import numpy as np
 
 from .. import _checks
 from ..graph.affinity import similarity_power
+from .solve import warn_empty_observations
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["weights", "indices"],
@@ -63,8 +64,10 @@ def observe_neighbours(similarities, indices, n: int, *, gamma=3.0) -> SparseObs
         i = np.asarray(idx)
         if i.size and (i.min() < 0 or i.max() >= n):
             raise ValueError(f"indices must lie in [0, {n}), got range [{i.min()}, {i.max()}]")
-    if not _checks.is_traced(sims) and not np.isfinite(np.asarray(sims)).all():
-        raise ValueError("similarities contain NaN or inf")
+    if not _checks.is_traced(sims):
+        if not np.isfinite(np.asarray(sims)).all():
+            raise ValueError("similarities contain NaN or inf")
+        warn_empty_observations(np.asarray(sims))
     if not jnp.issubdtype(sims.dtype, jnp.floating):
         sims = sims.astype(jnp.float32)
     return SparseObservation(weights=similarity_power(sims, gamma), indices=idx.astype(jnp.int32), num_nodes=n)

@@ -13,6 +13,7 @@ which we solve as (I - alpha W) x = y (the same ranking; x differs by the scale
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -55,13 +56,26 @@ def query_vectors(similarities, indices, n: int, *, gamma: float = 3.0) -> jax.A
                          f"{similarities.shape} and {indices.shape}")
     if not jnp.issubdtype(indices.dtype, jnp.integer):
         raise TypeError(f"indices must be integer database ids, got dtype {indices.dtype} (no silent cast)")
-    if not isinstance(indices, jax.core.Tracer):
+    if not _checks.is_traced(indices):
         idx = np.asarray(indices)
         if idx.size and (idx.min() < 0 or idx.max() >= n):
             raise ValueError(f"indices must lie in [0, {n}), got range [{idx.min()}, {idx.max()}]")
+    if not _checks.is_traced(similarities):
         if not np.isfinite(np.asarray(similarities)).all():
             raise ValueError("similarities contain NaN or inf")
+        warn_empty_observations(np.asarray(similarities))
     return _query_vectors(similarities.astype(jnp.float32), indices.astype(jnp.int32), n, gamma)
+
+
+def warn_empty_observations(similarities: np.ndarray) -> None:
+    """Warn when a query's k similarities are all <= 0: its y is 0, so are its scores, and
+    its ranking is the database order. Host side (concrete similarities only)."""
+    if similarities.size and similarities.ndim == 2:
+        empty = np.flatnonzero((similarities <= 0).all(axis=1))
+        if empty.size:
+            warnings.warn(f"{empty.size} query(ies) (first: {empty[0]}) have no positive similarity among their "
+                          f"{similarities.shape[1]} nearest items, so y = 0 and every score is 0 (the ranking "
+                          "is the database order); check the descriptors or raise query_k", stacklevel=3)
 
 
 @functools.partial(jax.jit, static_argnums=(2,))

@@ -12,8 +12,8 @@ or, with the shape-deciding fields fixed, one compiled program over the values
 (see `retrieval_jax.diffusion.solve` and ``experiments/ablation_grid.py``).
 """
 from .base import Method, bucket_size, check_config, check_items, check_queries, make_method, similarities
-from .diffusion import (AUTO_INVERSE_MAX_BYTES, AUTO_INVERSE_MAX_NODES, DIFFUSION, DiffusionConfig, DiffusionState,
-                        diffusion_state_from_graph)
+from .diffusion import (AUTO_INVERSE_MAX_BYTES, AUTO_INVERSE_MAX_NODES, DIFFUSION, DiffusionConfig, DiffusionParams,
+                        DiffusionState, DiffusionStatic, diffusion_state_from_graph)
 from .fsr import FSR, FsrConfig, FsrState, fsr_state_from_graph
 from .knn import KNN_SEARCH, KnnConfig, KnnState
 from .offline_diffusion import (OFFLINE_DIFFUSION, OfflineDiffusionConfig, OfflineDiffusionState,
@@ -23,7 +23,8 @@ from .query_expansion import ALPHA_QE, DBA_ALPHA_QE, AlphaQEConfig, AlphaQEState
 METHODS = {m.name: m for m in (KNN_SEARCH, DIFFUSION, FSR, ALPHA_QE, DBA_ALPHA_QE, OFFLINE_DIFFUSION)}
 
 __all__ = ["ALPHA_QE", "AUTO_INVERSE_MAX_BYTES", "AUTO_INVERSE_MAX_NODES", "AlphaQEConfig", "AlphaQEState",
-           "DBA_ALPHA_QE", "DIFFUSION", "DbaQEConfig", "DbaQEState", "DiffusionConfig", "DiffusionState", "FSR",
+           "DBA_ALPHA_QE", "DIFFUSION", "DbaQEConfig", "DbaQEState", "DiffusionConfig", "DiffusionParams",
+           "DiffusionState", "DiffusionStatic", "FSR",
            "FsrConfig", "FsrState", "KNN_SEARCH", "KnnConfig", "KnnState", "METHODS", "Method", "OFFLINE_DIFFUSION",
            "OfflineDiffusionConfig", "OfflineDiffusionState", "bucket_size",
            "check_config", "check_items", "check_queries", "diffusion_state_from_graph", "fsr_state_from_graph",

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -10,8 +11,9 @@ import numpy as np
 
 from .. import _checks
 from ..diffusion.inverse import DiffusionInverse, diffusion_inverse, plan_inverse
-from ..diffusion import cg_diffusion, cg_truncated_diffusion
+from ..diffusion import CG, DiffusionOperator, ExactInverse, SparseObservation, cg_truncated_diffusion
 from ..graph.core import Graph
+from ..graph.affinity import similarity_power
 from ..graph.knn import knn_graph, normalize
 from .base import check_config, make_method, similarities as _similarities
 
@@ -71,17 +73,65 @@ class DiffusionConfig:
             raise ValueError("truncation only applies to solver='cg'; the inverse is already exact")
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["database", "graph", "inverse"],
-                   meta_fields=["config"])
+class DiffusionStatic(NamedTuple):
+    """The fields of a `DiffusionConfig` that decide shapes and loop bounds (static under jit)."""
+
+    k: int
+    query_k: int
+    max_iter: int
+    mutual: bool
+    graph_method: str
+    truncate: int | None
+    batch_size: int
+    solver: str
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DiffusionParams:
+    """The values of a `DiffusionConfig` (traced leaves: one compiled search serves them all)."""
+
+    alpha: jax.Array
+    gamma: jax.Array
+    tol: jax.Array
+
+
+_VALUES = ("alpha", "gamma", "tol")
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["database", "graph", "inverse", "params"],
+                   meta_fields=["static"])
 @dataclasses.dataclass(frozen=True)
 class DiffusionState:
     """Database descriptors float32[n, d], the normalised graph W, (I - alpha W)^-1 when
-    ``config.solver == "inverse"`` (else None), and the (static) config."""
+    the solver is "inverse" (else None), the traced values (alpha, gamma, tol) and the
+    static fields of the config.
+
+    Two states built with different alpha, gamma or tol share one compiled ``search``;
+    ``jax.vmap`` over ``dataclasses.replace(state, params=...)`` runs a grid in one
+    program (the "inverse" route's blocks hold one alpha: rebuild them for another).
+    ``state.config`` gives the whole `DiffusionConfig` back (concrete values only).
+    """
 
     database: jax.Array
     graph: Graph
-    inverse: DiffusionInverse | None = None
-    config: DiffusionConfig = DiffusionConfig()
+    inverse: DiffusionInverse | None
+    params: DiffusionParams
+    static: DiffusionStatic
+
+    @property
+    def config(self) -> DiffusionConfig:
+        if _checks.is_traced(*jax.tree_util.tree_leaves(self.params)):
+            raise TypeError("state.config needs concrete values; under a trace read state.static and state.params")
+        values = {name: float(getattr(self.params, name)) for name in _VALUES}
+        return DiffusionConfig(**self.static._asdict(), **values)
+
+    @staticmethod
+    def split(config: DiffusionConfig) -> tuple[DiffusionParams, DiffusionStatic]:
+        """A config as (traced values, static fields)."""
+        params = DiffusionParams(*(jnp.asarray(getattr(config, name), jnp.float32) for name in _VALUES))
+        static = DiffusionStatic(**{f: getattr(config, f) for f in DiffusionStatic._fields})
+        return params, static
 
 
 def _diffusion_build(database, config: DiffusionConfig = DiffusionConfig(), *,
@@ -124,20 +174,27 @@ def diffusion_state_from_graph(database, graph: Graph, config: DiffusionConfig =
         cheap = plan.largest <= AUTO_INVERSE_MAX_NODES and plan.nbytes <= AUTO_INVERSE_MAX_BYTES
         config = dataclasses.replace(config, solver="inverse" if cheap else "cg")
     inverse = diffusion_inverse(w, config.alpha, plan=plan) if config.solver == "inverse" else None
-    return DiffusionState(database=jnp.asarray(db), graph=w, inverse=inverse, config=config)
+    params, static = DiffusionState.split(config)
+    return DiffusionState(database=jnp.asarray(db), graph=w, inverse=inverse, params=params, static=static)
 
 
-def _solve_full(state: DiffusionState, y):
-    cfg = state.config
-    return cg_diffusion(state.graph, y, cfg.alpha, cfg.tol, cfg.max_iter).x.T
+def _operator(state: DiffusionState) -> DiffusionOperator:
+    return DiffusionOperator(graph=state.graph, alpha=state.params.alpha)
+
+
+def _solve(state: DiffusionState, y: SparseObservation) -> jax.Array:
+    """x = (I - alpha W)^-1 y by the state's solver (the solver layer's routes)."""
+    if state.static.solver == "inverse":
+        return ExactInverse().run(_operator(state), state.inverse, y)[0]
+    return CG(state.params.tol, state.static.max_iter).run(_operator(state), None, y)[0]
 
 
 def _solve_truncated(state: DiffusionState, sims, y_local_fn):
     """Truncated diffusion on each query's top-T shortlist; full scores [nq, n]."""
-    cfg = state.config
-    short_s, short_i = jax.lax.top_k(sims, cfg.truncate)
+    st, p = state.static, state.params
+    short_s, short_i = jax.lax.top_k(sims, st.truncate)
     y_s = y_local_fn(short_s, short_i)
-    x_s = cg_truncated_diffusion(state.graph, y_s, short_i, cfg.alpha, cfg.tol, cfg.max_iter, cfg.batch_size).x
+    x_s = cg_truncated_diffusion(state.graph, y_s, short_i, p.alpha, p.tol, st.max_iter, st.batch_size).x
     # items outside the shortlist keep their similarity order, below every shortlisted item
     base = sims - 3.0
     rows = jnp.arange(sims.shape[0])[:, None]
@@ -146,33 +203,26 @@ def _solve_truncated(state: DiffusionState, sims, y_local_fn):
 
 @jax.jit
 def _diffusion_search(state: DiffusionState, queries):
-    cfg = state.config
+    st = state.static
     sims = _similarities(state, queries)
-    if cfg.solver == "inverse":
-        s, i = jax.lax.top_k(sims, cfg.query_k)
-        weights = jnp.maximum(s, 0.0) ** cfg.gamma
-        return state.inverse.weighted_rows(weights, i)
-    if cfg.truncate is None:
-        s, i = jax.lax.top_k(sims, cfg.query_k)
-        rows = jnp.arange(sims.shape[0])[:, None]
-        y = jnp.zeros_like(sims).at[rows, i].add(jnp.maximum(s, 0.0) ** cfg.gamma)
-        return _solve_full(state, y)
+    n = state.database.shape[0]
+    if st.truncate is None:
+        s, i = jax.lax.top_k(sims, st.query_k)
+        return _solve(state, SparseObservation(similarity_power(s, state.params.gamma), i, n))
 
     def y_local(short_s, short_i):
-        keep = jnp.arange(cfg.truncate) < cfg.query_k
-        return jnp.where(keep, jnp.maximum(short_s, 0.0) ** cfg.gamma, 0.0)
+        keep = jnp.arange(st.truncate) < st.query_k
+        return jnp.where(keep, similarity_power(short_s, state.params.gamma), 0.0)
 
     return _solve_truncated(state, sims, y_local)
 
 
 @jax.jit
 def _diffusion_search_items(state: DiffusionState, ids):
-    cfg = state.config
+    st = state.static
     n = state.database.shape[0]
-    if cfg.solver == "inverse":
-        return state.inverse.rows(ids)
-    if cfg.truncate is None:
-        return _solve_full(state, jax.nn.one_hot(ids, n, dtype=jnp.float32))
+    if st.truncate is None:
+        return _solve(state, SparseObservation(jnp.ones(ids.shape + (1,), jnp.float32), ids[:, None], n))
     sims = _similarities(state, state.database[ids])
     # the item itself heads its own shortlist
     sims = sims.at[jnp.arange(ids.shape[0]), ids].set(jnp.inf)
