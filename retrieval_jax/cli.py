@@ -1,7 +1,7 @@
 """The ``retrieval-jax`` command line: extract -> graph -> rank -> evaluate.
 
     retrieval-jax extract IMAGES/ -o desc.npz --model lite0 --pooling gem --max-size 512
-    retrieval-jax graph desc.npz -o graph.npz --k 50 --gamma 3
+    retrieval-jax graph desc.npz -o graph.npz            (k chosen from n unless --k)
     retrieval-jax rank desc.npz --items --graph graph.npz --method diffusion -o rankings.npz
     retrieval-jax evaluate rankings.npz --labels labels.npy
     retrieval-jax rank roxford.mat --queries roxford.mat --method dba-qe -o rankings.npz
@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import re
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -119,7 +121,8 @@ def _array_names(path: Path) -> list[str]:
     return names
 
 
-def _load_descriptors(parser, path: str, key: str | None, prefer: str, what: str) -> np.ndarray:
+def _load_descriptors(parser, path: str, key: str | None, prefer: str, what: str,
+                      key_flag: str = "--key") -> np.ndarray:
     """Descriptors [n, d] via ``load_descriptors``; in an .npz/.mat with several arrays and no
     ``key``, ``prefer`` ('X' database, 'Q' queries: the revisitop names) is taken if present."""
     from .data import load_descriptors
@@ -134,7 +137,7 @@ def _load_descriptors(parser, path: str, key: str | None, prefer: str, what: str
                 key = names[0]
         return load_descriptors(p, key=key)
     except _LOAD_ERRORS as exc:
-        parser.error(f"cannot read {what} {path}: {_msg(exc)}")
+        parser.error(f"cannot read {what} {path}: {_flag_words(_msg(exc), key_flag)}")
 
 
 def _write_npz(path: Path, **arrays) -> None:
@@ -180,12 +183,17 @@ def cmd_extract(args, parser) -> int:
     pool = {"gem": functools.partial(pooling.gem, p=args.gem_p), "mac": pooling.mac,
             "spoc": pooling.spoc}[args.pooling]
     try:
-        res = extract.extract(str(folder), model, pool, batch_size=args.batch_size,
-                              max_size=args.max_size, skip_bad=args.skip_bad)
+        with warnings.catch_warnings(record=True) as caught:  # --skip-bad: one clean line each
+            warnings.simplefilter("always")
+            res = extract.extract(str(folder), model, pool, batch_size=args.batch_size,
+                                  max_size=args.max_size, skip_bad=args.skip_bad)
     except FileNotFoundError as exc:
         parser.error(_msg(exc))
     except ValueError as exc:  # includes ImageReadError and an empty folder
         parser.error(f"cannot extract descriptors from {folder}: {_msg(exc)}")
+    for w in caught:
+        if issubclass(w.category, UserWarning):
+            _warn("extract", str(w.message))
     if res.descriptors.shape[0] == 0:
         parser.error(f"no readable image in {folder}")
     _write_npz(out, X=np.asarray(res.descriptors, np.float32),
@@ -199,27 +207,56 @@ def cmd_extract(args, parser) -> int:
 
 
 # ----------------------------------------------------------------------------- graph
+def _warn(command: str, text: str) -> None:
+    print(f"{PROG} {command}: warning: {text}", file=sys.stderr)
+
+
+def _choose_k(args, command: str, n: int) -> int:
+    """``--k`` as given (warned when large for n), else the `defaults.default_k` rule (said)."""
+    from . import defaults
+
+    if args.k is None:
+        k = defaults.default_k(n)
+        print(f"{PROG} {command}: k = {k} neighbours, chosen for {n} items "
+              f"(round(n^(1/3) / 2), at least 3, at most 50; set it with --k)", file=sys.stderr)
+        return k
+    message = defaults.k_warning(args.k, n) if n >= 2 else None
+    if message:
+        _warn(command, message)
+    return args.k
+
+
+def _graph_diagnostics(command: str, graph) -> None:
+    from . import defaults
+
+    for text in defaults.graph_warnings(graph):
+        _warn(command, text)
+
+
 def cmd_graph(args, parser) -> int:
-    from .graph import knn_graph
+    from .graph import knn_graph, save_graph
 
     X = _load_descriptors(parser, args.descriptors, args.key, "X", "descriptors")
     out = _output_file(parser, args.output, ".npz")
     n = X.shape[0]
-    if args.k >= n:
+    if n < 2:
+        parser.error(f"a graph needs at least 2 descriptors, {args.descriptors} holds {n}")
+    if args.k is not None and args.k >= n:
         parser.error(f"--k {args.k} must be smaller than the number of descriptors ({n})")
+    k = _choose_k(args, "graph", n)
     try:
-        g = knn_graph(X, args.k, gamma=args.gamma, mutual=args.mutual, method=args.method,
+        g = knn_graph(X, k, gamma=args.gamma, mutual=args.mutual, method=args.method,
                       show_progress=None if n >= 20000 else False)
     except ValueError as exc:
         parser.error(_msg(exc))
-    from .graph import save_graph
-    save_graph(out, g, k=np.int64(args.k), gamma=np.float64(args.gamma), mutual=np.bool_(args.mutual),
+    save_graph(out, g, k=np.int64(k), gamma=np.float64(args.gamma), mutual=np.bool_(args.mutual),
                method=np.asarray(args.method), n=np.int64(n))
     idx, w = np.asarray(g.indices), np.asarray(g.weights)
     edges = int((w != 0).sum())
     isolated = int(((w != 0).sum(axis=1) == 0).sum())
-    print(f"wrote {out}: {n} nodes, {edges} directed edges, max degree {idx.shape[1]}, "
+    print(f"wrote {out}: {n} nodes, k = {k}, {edges} directed edges, max degree {idx.shape[1]}, "
           f"{isolated} isolated nodes")
+    _graph_diagnostics("graph", g)
     return 0
 
 
@@ -230,82 +267,198 @@ def _load_graph(parser, path: str, n: int):
     p = _input_file(parser, path, "graph")
     try:
         graph, meta = load_graph(p, num_nodes=n)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, KeyError, OSError, EOFError) as exc:
         parser.error(f"cannot read graph {path}: {_msg(exc)}")
+    except Exception as exc:  # a damaged zip or pickle-free npz: report, never a traceback
+        parser.error(f"cannot read graph {path}: {type(exc).__name__}: {exc}")
     return graph, (int(meta["k"]) if "k" in meta else None)
 
 
 # ----------------------------------------------------------------------------- rank
-def _rank_config(args, parser):
-    from .methods import DIFFUSION, FSR, KNN_SEARCH, DiffusionConfig, FsrConfig, KnnConfig
-    from .methods import ALPHA_QE, DBA_ALPHA_QE, AlphaQEConfig, DbaQEConfig
+GRAPH_METHODS = ("diffusion", "fsr")
+# Python names in library messages -> the flag the user typed
+_FLAG_WORDS = [
+    (re.compile(r"DbaQEConfig\.dba_n\b"), "--dba-n"),
+    (re.compile(r"DbaQEConfig\.qe_n\b|AlphaQEConfig\.n\b"), "--qe-n"),
+    (re.compile(r"(?:DiffusionConfig\.|FsrConfig\.)?\bquery_k\b"), "--query-k"),
+    (re.compile(r"(?:DiffusionConfig\.)?\btruncate\b"), "--truncate"),
+    (re.compile(r"FsrConfig\.rank\b|\brank(?= = \d| must)"), "--rank"),
+    (re.compile(r"(?:DiffusionConfig\.|FsrConfig\.)k\b|(?<![\w-])k(?= = \d)"), "--k"),
+    (re.compile(r"\bkey=('[^']*')"), "--key \\1"),
+]
 
+
+def _flag_words(text: str, key_flag: str = "--key") -> str:
+    """A library message with the Python field names replaced by the CLI flags."""
+    for pattern, flag in _FLAG_WORDS:
+        text = pattern.sub(flag.replace("--key", key_flag), text)
+    return text
+
+
+def _check_sizes(args, parser, n: int) -> None:
+    """Every neighbour count against the database size, in the user's flags."""
+    m = args.method
+    if m in ("alpha-qe", "dba-qe") and args.qe_n >= n:
+        parser.error(f"--qe-n {args.qe_n} needs more than {args.qe_n} database items; "
+                     f"the database has {n}: choose --qe-n <= {n - 1}")
+    if m == "dba-qe" and args.dba_n >= n:
+        parser.error(f"--dba-n {args.dba_n} needs more than {args.dba_n} database items; "
+                     f"the database has {n}: choose --dba-n <= {n - 1}")
+    if m in GRAPH_METHODS:
+        if n < 2:
+            parser.error(f"--method {m} needs a graph over at least 2 database items")
+        if args.k is not None and args.k >= n and args.graph is None:
+            parser.error(f"--k {args.k} exceeds the {n - 1} other database items; "
+                         f"choose --k <= {n - 1}")
+        if args.query_k is not None and args.query_k > n:
+            parser.error(f"--query-k {args.query_k} exceeds the {n} database items")
+        if m == "fsr" and args.rank is not None and args.rank > n:
+            parser.error(f"--rank {args.rank} exceeds the {n} database items (at most n "
+                         "eigenpairs); choose --rank <= {n} or leave it out")
+        if m == "diffusion" and args.truncate is not None and args.truncate > n:
+            parser.error(f"--truncate {args.truncate} exceeds the {n} database items")
+
+
+def _graph_sizes(args, n: int, k: int) -> dict:
+    """query_k, truncate (diffusion) and rank (fsr): the user's, else the `defaults` rules."""
+    from . import defaults
+
+    chosen, out = [], {}
+    out["query_k"] = args.query_k
+    if args.query_k is None:
+        out["query_k"] = defaults.default_query_k(k, n)
+        chosen.append(f"query_k = {out['query_k']} (min(10, k))")
+    if args.method == "diffusion":
+        out["truncate"] = args.truncate
+        if args.truncate is None and args.solver == "cg":
+            out["truncate"] = defaults.default_truncate(n)
+            if out["truncate"] is not None:
+                out["truncate"] = max(out["truncate"], out["query_k"])
+                chosen.append(f"truncate = {out['truncate']} (n > 100,000)")
+    else:
+        out["rank"] = args.rank
+        if args.rank is None:
+            out["rank"] = defaults.default_rank(n)
+            chosen.append(f"rank = {out['rank']} (min(400, n))")
+    if chosen:
+        print(f"{PROG} rank: {', '.join(chosen)}, chosen for {n} items (set them with "
+              f"--query-k" + (", --truncate" if args.method == "diffusion" else ", --rank")
+              + ")", file=sys.stderr)
+    return out
+
+
+def _rank_config(args, parser, k: int | None = None, sizes: dict | None = None):
+    from .methods import METHODS, AlphaQEConfig, DbaQEConfig, DiffusionConfig, FsrConfig, KnnConfig
+
+    m = args.method
     try:
-        if args.method == "knn":
-            return KNN_SEARCH, KnnConfig()
-        if args.method == "diffusion":
-            return DIFFUSION, DiffusionConfig(
-                k=args.k, query_k=args.query_k, alpha=args.alpha, gamma=args.gamma, tol=args.tol,
+        if m == "knn":
+            return METHODS["knn"], KnnConfig()
+        if m == "diffusion":
+            return METHODS["diffusion"], DiffusionConfig(
+                k=k, query_k=sizes["query_k"], alpha=args.alpha, gamma=args.gamma, tol=args.tol,
                 max_iter=args.max_iter, mutual=args.mutual, graph_method=args.graph_method,
-                truncate=args.truncate, solver=args.solver)
-        if args.method == "fsr":
-            return FSR, FsrConfig(
-                k=args.k, query_k=args.query_k, alpha=args.alpha, gamma=args.gamma, mutual=args.mutual,
-                graph_method=args.graph_method, rank=args.rank, mode=args.fsr_mode)
-        if args.method == "alpha-qe":
-            return ALPHA_QE, AlphaQEConfig(n=args.qe_n, alpha=args.qe_alpha)
-        return DBA_ALPHA_QE, DbaQEConfig(dba_n=args.dba_n, qe_n=args.qe_n, alpha=args.qe_alpha)
+                truncate=sizes["truncate"], solver=args.solver)
+        if m == "fsr":
+            return METHODS["fsr"], FsrConfig(
+                k=k, query_k=sizes["query_k"], alpha=args.alpha, gamma=args.gamma,
+                mutual=args.mutual, graph_method=args.graph_method, rank=sizes["rank"],
+                mode=args.fsr_mode)
+        if m == "alpha-qe":
+            return METHODS["alpha-qe"], AlphaQEConfig(n=args.qe_n, alpha=args.qe_alpha)
+        return METHODS["dba-qe"], DbaQEConfig(dba_n=args.dba_n, qe_n=args.qe_n, alpha=args.qe_alpha)
     except (ValueError, TypeError) as exc:
-        parser.error(f"invalid {args.method} option: {_msg(exc)}")
+        parser.error(f"invalid {m} option: {_flag_words(_msg(exc))}")
 
 
-def _build_state(args, parser, method, cfg, X):
-    from .methods import diffusion_state_from_graph
+def _build_state(args, parser, X):
+    """(method, config, state): graph methods get their graph from --graph or build it here."""
+    from .methods import diffusion_state_from_graph, fsr_state_from_graph
 
     n = X.shape[0]
-    try:
-        if args.graph is None:
-            return method.build(X, cfg)
+    if args.method not in GRAPH_METHODS:
+        method, cfg = _rank_config(args, parser)
+        try:
+            return method, cfg, method.build(X, cfg)
+        except (ValueError, TypeError) as exc:
+            parser.error(_flag_words(_msg(exc)))
+    if args.graph is not None:
         graph, k = _load_graph(parser, args.graph, n)
-        import dataclasses
-        if k is not None and k >= 1:
-            cfg = dataclasses.replace(cfg, k=k)
-        return diffusion_state_from_graph(X, graph, cfg)
+        if k is None or k < 1:
+            from .defaults import default_k
+            k = default_k(n)
+    else:
+        from .graph import knn_graph
+        k = _choose_k(args, "rank", n)
+        try:
+            graph = knn_graph(X, k, gamma=args.gamma, mutual=args.mutual, method=args.graph_method,
+                              show_progress=None if n >= 20000 else False)
+        except ValueError as exc:
+            parser.error(_flag_words(_msg(exc)))
+    _graph_diagnostics("rank", graph)
+    method, cfg = _rank_config(args, parser, k, _graph_sizes(args, n, k))
+    from_graph = diffusion_state_from_graph if args.method == "diffusion" else fsr_state_from_graph
+    try:
+        return method, cfg, from_graph(X, graph, cfg)
     except (ValueError, TypeError) as exc:
-        parser.error(_msg(exc))
+        parser.error(_flag_words(_msg(exc)))
+
+
+# Graph methods: scores at most this fraction of the query's best count as "not reached"
+# (diffusion: exactly 0 outside the query's component; FSR: eigenbasis noise ~1e-5 there).
+_UNREACHED = {"diffusion": 0.0, "fsr": 1e-4}
 
 
 @functools.lru_cache(maxsize=None)
-def _ranker(search, top: int):
+def _ranker(search, top: int, items: bool, unreached: float | None, exclude_self: bool):
+    """jit(state, batch) -> (scores, ranking) of the top ``top``.
+
+    ``unreached`` (a float): items scoring at most that fraction of the query's best score
+    (the graph method never reaches them: outside the query's graph component) follow the
+    reached ones in similarity order, not in index order. ``exclude_self``: with
+    ``items``, the query is dropped from its own ranking.
+    """
     import jax
+    import jax.numpy as jnp
+
+    from .methods import similarities
 
     def run(state, batch):
-        return jax.lax.top_k(search(state, batch), top)
+        s = search(state, batch)
+        key = s
+        if unreached is not None:
+            q = state.database[batch] if items else batch
+            sims = similarities(state, q)
+            sims = sims / (jnp.max(jnp.abs(sims), axis=1, keepdims=True) + 1e-30)
+            smax = jnp.max(s, axis=1, keepdims=True)
+            smax = jnp.where(smax > 0, smax, 1.0)
+            key = jnp.where(s > unreached * smax, s / smax, sims - 2.0)
+        if exclude_self:
+            key = key.at[jnp.arange(batch.shape[0]), batch].set(-jnp.inf)
+        idx = jax.lax.top_k(key, top)[1]
+        return jnp.take_along_axis(s, idx, axis=1), idx
 
     return jax.jit(run)
 
 
-def cmd_rank(args, parser) -> int:
-    X = _load_descriptors(parser, args.descriptors, args.key, "X", "descriptors")
-    out = _output_file(parser, args.output, ".npz")
+def _rank_queries(args, parser, X):
     n, d = X.shape
-    if args.graph is not None and args.method != "diffusion":
-        parser.error(f"--graph is used by --method diffusion only (got --method {args.method})")
     if args.items:
-        queries = np.arange(n, dtype=np.int32)
-    else:
-        queries = _load_descriptors(parser, args.queries, args.queries_key, "Q", "queries")
-        if queries.shape[1] != d:
-            parser.error(f"queries have dimension {queries.shape[1]} but the database "
-                         f"descriptors have {d}; use the same descriptor pipeline")
-    top = n if args.top is None else (min(_DEFAULT_TOP, n) if args.top == 0 else args.top)
-    if top > n:
-        parser.error(f"--top {top} exceeds the database size {n}; use --top all")
-    method, cfg = _rank_config(args, parser)
-    state = _build_state(args, parser, method, cfg, X)
+        return np.arange(n, dtype=np.int32)
+    if args.exclude_self:
+        parser.error("--exclude-self goes with --items (external queries are not in the database)")
+    queries = _load_descriptors(parser, args.queries, args.queries_key, "Q", "queries",
+                                key_flag="--queries-key")
+    if queries.shape[1] != d:
+        parser.error(f"queries have dimension {queries.shape[1]} but the database "
+                     f"descriptors have {d}; use the same descriptor pipeline")
+    return queries
 
+
+def _run_ranking(args, method, state, queries, top: int):
     search = method.search_items if args.items else method.search
-    run = _ranker(search, top)
+    run = _ranker(search, top, bool(args.items), _UNREACHED.get(args.method),
+                  bool(args.exclude_self))
     nq = queries.shape[0]
     bs = min(args.batch_size, nq)
     ranking = np.empty((nq, top), np.int32)
@@ -319,18 +472,44 @@ def cmd_rank(args, parser) -> int:
         s, i = run(state, part)
         scores[start:start + m] = np.asarray(s)[:m]
         ranking[start:start + m] = np.asarray(i)[:m]
-    if not np.isfinite(scores).all():
-        print(f"{PROG} rank: warning: non-finite scores; check the inputs", file=sys.stderr)
+    return ranking, scores
+
+
+def cmd_rank(args, parser) -> int:
     import dataclasses
-    meta = {"method": args.method, "config": dataclasses.asdict(cfg), "n_db": n,
-            "descriptors": str(args.descriptors), "graph": args.graph,
-            "queries": "items" if args.items else str(args.queries), "top": top}
-    arrays = dict(ranking=ranking, scores=scores, n_db=np.int64(n),
-                  method=np.asarray(args.method), config=np.asarray(json.dumps(meta)))
+
+    X = _load_descriptors(parser, args.descriptors, args.key, "X", "descriptors")
+    out = _output_file(parser, args.output, ".npz")
+    n = X.shape[0]
+    if args.graph is not None and args.method not in GRAPH_METHODS:
+        parser.error(f"--graph is used by the graph methods ({', '.join(GRAPH_METHODS)}) only "
+                     f"(got --method {args.method})")
+    queries = _rank_queries(args, parser, X)
+    room = n - 1 if args.exclude_self else n
+    top = room if args.top is None else (min(_DEFAULT_TOP, room) if args.top == 0 else args.top)
+    if top > room:
+        parser.error(f"--top {top} exceeds the database size {n}"
+                     + (" less the query (--exclude-self)" if args.exclude_self else "")
+                     + "; use --top all")
+    if top < 1:
+        parser.error("--exclude-self leaves nothing to rank in a database of one item")
+    _check_sizes(args, parser, n)
+    method, cfg, state = _build_state(args, parser, X)
+    ranking, scores = _run_ranking(args, method, state, queries, top)
+    if not np.isfinite(scores).all():
+        _warn("rank", "non-finite scores; check the inputs")
+    nq = queries.shape[0]
+    meta = {"method": args.method, "config": dataclasses.asdict(getattr(state, "config", cfg)),
+            "n_db": n, "descriptors": str(args.descriptors), "graph": args.graph,
+            "queries": "items" if args.items else str(args.queries), "top": top,
+            "exclude_self": bool(args.exclude_self)}
+    arrays = dict(ranking=ranking, scores=scores, n_db=np.int64(n), method=np.asarray(args.method),
+                  exclude_self=np.bool_(args.exclude_self), config=np.asarray(json.dumps(meta)))
     if args.items:
         arrays["query_ids"] = queries.astype(np.int64)
     _write_npz(out, **arrays)
-    print(f"wrote {out}: top {top} of {n} for {nq} queries ({args.method})")
+    print(f"wrote {out}: top {top} of {n} for {nq} queries ({args.method}"
+          + (", each query excluded from its own ranking)" if args.exclude_self else ")"))
     return 0
 
 
@@ -388,108 +567,158 @@ def _load_rankings(parser, path: str):
             n_db = int(npz["n_db"]) if "n_db" in npz.files else None
             qids = npz["query_ids"] if "query_ids" in npz.files else None
             method = str(npz["method"]) if "method" in npz.files else "?"
+            excluded = bool(npz["exclude_self"]) if "exclude_self" in npz.files else False
     except _LOAD_ERRORS as exc:
         parser.error(f"cannot read rankings {path}: {_msg(exc)}")
     if ranking.ndim != 2 or ranking.dtype.kind not in "iu":
         parser.error(f"rankings {path}: 'ranking' must be an integer [n_queries, top] array")
-    return ranking.astype(np.int64), n_db, qids, method
+    return ranking.astype(np.int64), n_db, qids, method, excluded
+
+
+def _figure_lines(res, ks) -> tuple[dict, str]:
+    """JSON fields and the printed line of one MapResult."""
+    fields = {"mAP": 100 * res.map, **{f"mP@{k}": 100 * v for k, v in res.mp.items()}}
+    return fields, f"mAP {100 * res.map:6.2f}  " + "  ".join(
+        f"mP@{k} {100 * v:6.2f}" for k, v in res.mp.items())
+
+
+def _evaluate_gnd(args, parser, ranking, n_db, ks, result) -> list[str]:
+    from .data import load_gnd
+    from .evaluation import classic_map, revisited_map
+
+    if args.bullseye or args.ukbench:
+        parser.error("--bullseye and --ukbench apply to --labels, not to --gnd")
+    nq = ranking.shape[0]
+    p = _input_file(parser, args.gnd, "ground truth")
+    try:
+        gt = load_gnd(p)
+    except _LOAD_ERRORS as exc:
+        parser.error(f"cannot read ground truth {args.gnd}: {_msg(exc)}")
+    if gt.n_queries != nq:
+        parser.error(f"rankings have {nq} queries but {args.gnd} has {gt.n_queries}; "
+                     "rank the benchmark's queries in ground-truth order")
+    if n_db is not None and n_db != gt.n_db:
+        parser.error(f"rankings are over {n_db} database items but {args.gnd} lists "
+                     f"{gt.n_db} images")
+    _check_ks_fit(parser, ks, gt.n_db)
+    try:
+        if gt.protocol == "revisited":
+            res = revisited_map(ranking, gt, ks=ks, n_db=n_db)
+            lines = []
+            for setting in ("easy", "medium", "hard"):
+                fields, line = _figure_lines(res[setting], ks)
+                result[setting] = fields
+                lines.append(f"{setting:>6}: {line}")
+        else:
+            fields, line = _figure_lines(classic_map(ranking, gt, ks=ks, n_db=n_db), ks)
+            result.update(fields)
+            lines = [line]
+    except ValueError as exc:
+        parser.error(_msg(exc))
+    result["protocol"] = gt.protocol
+    print(f"{gt.protocol} protocol, {nq} queries, {result['method']} (%):")
+    return lines
+
+
+def _check_ks_fit(parser, ks, n: int) -> None:
+    if max(ks) > n:
+        parser.error(f"--ks {max(ks)} exceeds the {n} database items; choose cut-offs <= {n}")
+
+
+def _label_lists(args, parser, ranking, n_db, qids):
+    """(db_labels, query_labels, self_ids or None) for --labels."""
+    raw = _read_labels(parser, args.labels, "labels")
+    n, nq = raw.shape[0], ranking.shape[0]
+    if n_db is not None and n_db != n:
+        parser.error(f"{args.labels} has {n} labels but the rankings are over {n_db} "
+                     "database items")
+    if ranking.size and ranking.max() >= n:
+        parser.error(f"rankings hold database ids up to {ranking.max()} but there are only "
+                     f"{n} labels")
+    if args.query_labels is not None:
+        db_labels, q_labels = _codes(raw, _read_labels(parser, args.query_labels, "query labels"))
+        self_ids = None
+    elif qids is not None:
+        (db_labels,) = _codes(raw)
+        q_labels, self_ids = db_labels[qids], qids
+    else:
+        parser.error("these rankings come from external queries: pass --query-labels "
+                     "(one label per query)")
+    if q_labels.shape[0] != nq:
+        parser.error(f"{q_labels.shape[0]} query labels for {nq} ranked queries")
+    return db_labels, q_labels, self_ids
+
+
+def _whole_collection_scores(args, parser, ranking, labels, self_ids, excluded, result, lines):
+    """--bullseye and --ukbench: every item a query, the query counted in its own ranking."""
+    from .evaluation import bullseye_score, ukbench_score
+
+    n, top = labels.shape[0], ranking.shape[1]
+    wanted = [(flag, t) for flag, on, t in (("--bullseye", args.bullseye, args.bullseye_top),
+                                            ("--ukbench", args.ukbench, 4)) if on]
+    for flag, t in wanted:
+        if self_ids is None or ranking.shape[0] != n or not np.array_equal(self_ids, np.arange(n)):
+            parser.error(f"{flag} needs every database item as a query (`{PROG} rank --items`)")
+        if excluded:
+            parser.error(f"{flag} counts the query in its own ranking: rank without "
+                         "--exclude-self")
+        if top < t:
+            parser.error(f"{flag} needs the top {t} results, the rankings keep {top}")
+    try:
+        if args.bullseye:
+            be = bullseye_score(ranking, labels, top=args.bullseye_top)
+            result["bullseye"] = 100 * be
+            lines.append(f"bull's-eye (top {args.bullseye_top}) {100 * be:6.2f}")
+        if args.ukbench:
+            ns = ukbench_score(ranking, labels, top=4)
+            result["N-S"] = ns
+            lines.append(f"N-S (same label in the top 4, query included; 0-4) {ns:.3f}")
+    except ValueError as exc:
+        parser.error(_msg(exc))
+
+
+def _evaluate_labels(args, parser, ranking, n_db, qids, excluded, ks, result) -> list[str]:
+    from .evaluation import mean_average_precision, precision_at_k, recall_at_k
+
+    labels, q_labels, self_ids = _label_lists(args, parser, ranking, n_db, qids)
+    n, (nq, top) = labels.shape[0], ranking.shape
+    _check_ks_fit(parser, ks, n - (1 if self_ids is not None else 0))
+    positives, junk = [], []
+    for q in range(nq):
+        pos = np.flatnonzero(labels == q_labels[q])
+        if self_ids is not None:
+            pos = pos[pos != self_ids[q]]
+        positives.append(pos)
+        junk.append([] if self_ids is None else [int(self_ids[q])])
+    try:
+        res = mean_average_precision(ranking, positives, junk, ks=ks, n_db=n)
+        prec = precision_at_k(ranking, positives, junk, ks=ks, n_db=n)
+        rec = recall_at_k(ranking, positives, junk, ks=ks, n_db=n)
+    except ValueError as exc:
+        parser.error(_msg(exc))
+    fields, line = _figure_lines(res, ks)
+    result.update(fields, protocol="labels")
+    result.update({f"P@{k}": 100 * v for k, v in prec.items()})
+    result.update({f"R@{k}": 100 * v for k, v in rec.items()})
+    lines = [line, "  ".join(f"P@{k} {100 * prec[k]:6.2f}" for k in ks) + "  "
+             + "  ".join(f"R@{k} {100 * rec[k]:6.2f}" for k in ks)]
+    _whole_collection_scores(args, parser, ranking, labels, self_ids, excluded, result, lines)
+    print(f"label protocol, {nq} queries, {result['method']} (%; mAP, mP@k, P@k, R@k ignore "
+          "the query itself):")
+    if top < n:
+        print(f"  note: rankings keep the top {top} of {n}; positives beyond count as misses")
+    return lines
 
 
 def cmd_evaluate(args, parser) -> int:
-    from .evaluation import bullseye_score, classic_map, mean_average_precision, revisited_map
-
-    ranking, n_db, qids, method = _load_rankings(parser, args.rankings)
+    ranking, n_db, qids, method, excluded = _load_rankings(parser, args.rankings)
     nq, top = ranking.shape
     ks = tuple(sorted(set(args.ks)))
     result = {"rankings": str(args.rankings), "method": method, "n_queries": nq, "top": top}
     if args.gnd is not None:
-        if args.bullseye:
-            parser.error("--bullseye applies to --labels (MPEG-7), not to --gnd")
-        from .data import load_gnd
-        p = _input_file(parser, args.gnd, "ground truth")
-        try:
-            gt = load_gnd(p)
-        except _LOAD_ERRORS as exc:
-            parser.error(f"cannot read ground truth {args.gnd}: {_msg(exc)}")
-        if gt.n_queries != nq:
-            parser.error(f"rankings have {nq} queries but {args.gnd} has {gt.n_queries}; "
-                         "rank the benchmark's queries in ground-truth order")
-        if n_db is not None and n_db != gt.n_db:
-            parser.error(f"rankings are over {n_db} database items but {args.gnd} lists "
-                         f"{gt.n_db} images")
-        try:
-            if gt.protocol == "revisited":
-                res = revisited_map(ranking, gt, ks=ks, n_db=n_db)
-                result["protocol"] = "revisited"
-                result.update({s: {"mAP": 100 * res[s].map,
-                                   **{f"mP@{k}": 100 * v for k, v in res[s].mp.items()}}
-                               for s in ("easy", "medium", "hard")})
-                lines = [f"{s:>6}: mAP {100 * res[s].map:6.2f}  " + "  ".join(
-                    f"mP@{k} {100 * v:6.2f}" for k, v in res[s].mp.items())
-                    for s in ("easy", "medium", "hard")]
-            else:
-                res = classic_map(ranking, gt, ks=ks, n_db=n_db)
-                result["protocol"] = "classic"
-                result.update({"mAP": 100 * res.map,
-                               **{f"mP@{k}": 100 * v for k, v in res.mp.items()}})
-                lines = [f"mAP {100 * res.map:6.2f}  " + "  ".join(
-                    f"mP@{k} {100 * v:6.2f}" for k, v in res.mp.items())]
-        except ValueError as exc:
-            parser.error(_msg(exc))
-        print(f"{result['protocol']} protocol, {nq} queries, {method} (%):")
+        lines = _evaluate_gnd(args, parser, ranking, n_db, ks, result)
     else:
-        raw = _read_labels(parser, args.labels, "labels")
-        n = raw.shape[0]
-        if n_db is not None and n_db != n:
-            parser.error(f"{args.labels} has {n} labels but the rankings are over {n_db} "
-                         "database items")
-        if ranking.size and ranking.max() >= n:
-            parser.error(f"rankings hold database ids up to {ranking.max()} but there are only "
-                         f"{n} labels")
-        if args.query_labels is not None:
-            db_labels, q_labels = _codes(raw, _read_labels(parser, args.query_labels,
-                                                           "query labels"))
-            self_ids = None
-        elif qids is not None:
-            (db_labels,) = _codes(raw)
-            q_labels, self_ids = db_labels[qids], qids
-        else:
-            parser.error("these rankings come from external queries: pass --query-labels "
-                         "(one label per query)")
-        labels = db_labels
-        if q_labels.shape[0] != nq:
-            parser.error(f"{q_labels.shape[0]} query labels for {nq} ranked queries")
-        positives, junk = [], []
-        for q in range(nq):
-            pos = np.flatnonzero(db_labels == q_labels[q])
-            if self_ids is not None:
-                pos = pos[pos != self_ids[q]]
-            positives.append(pos)
-            junk.append([] if self_ids is None else [int(self_ids[q])])
-        try:
-            res = mean_average_precision(ranking, positives, junk, ks=ks, n_db=n)
-        except ValueError as exc:
-            parser.error(_msg(exc))
-        result["protocol"] = "labels"
-        result.update({"mAP": 100 * res.map, **{f"mP@{k}": 100 * v for k, v in res.mp.items()}})
-        lines = [f"mAP {100 * res.map:6.2f}  " + "  ".join(
-            f"mP@{k} {100 * v:6.2f}" for k, v in res.mp.items())]
-        if args.bullseye:
-            if self_ids is None or nq != n or not np.array_equal(self_ids, np.arange(n)):
-                parser.error("--bullseye needs every database item as a query "
-                             f"(`{PROG} rank --items`)")
-            if top < args.bullseye_top:
-                parser.error(f"--bullseye needs the top {args.bullseye_top} results, the "
-                             f"rankings keep {top}")
-            try:
-                be = bullseye_score(ranking, labels, top=args.bullseye_top)
-            except ValueError as exc:
-                parser.error(_msg(exc))
-            result["bullseye"] = 100 * be
-            lines.append(f"bull's-eye (top {args.bullseye_top}) {100 * be:6.2f}")
-        print(f"label protocol, {nq} queries, {method} (%; the query itself is ignored):")
-        if top < n:
-            print(f"  note: rankings keep the top {top} of {n}; positives beyond count as misses")
+        lines = _evaluate_labels(args, parser, ranking, n_db, qids, excluded, ks, result)
     for line in lines:
         print("  " + line)
     if args.output is not None:
@@ -500,17 +729,11 @@ def cmd_evaluate(args, parser) -> int:
 
 
 # ----------------------------------------------------------------------------- parser
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROG, description=__doc__.split("\n\n")[0] + "\n\n" + "\n".join(
-            __doc__.split("\n\n")[1].splitlines()),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=f"Run `{PROG} <command> --help` for the options of a command.")
-    from . import __version__
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="<command>")
+class _RawFormatter(_Formatter, argparse.RawDescriptionHelpFormatter):
+    """`_Formatter` that keeps the description's line breaks."""
 
-    # extract
+
+def _add_extract_parser(sub):
     e = sub.add_parser("extract", formatter_class=_Formatter,
                        help="image folder -> descriptors .npz (CNN + pooling)",
                        description="Extract one global descriptor per image of a folder with a "
@@ -526,36 +749,91 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-size", type=_positive_int, default=None,
                    help="resize so the longer side is this many pixels (without it: keep the size)")
     e.add_argument("--batch-size", type=_positive_int, default=8, help="images per jitted batch")
-    e.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning")
+    e.add_argument("--skip-bad", action="store_true",
+                   help="skip unreadable images, one warning line each")
 
-    # graph
+
+_K_HELP = ("graph neighbours; without it k = round(n^(1/3) / 2), at least 3, at most 50 "
+           "(3 up to ~340 items, 6 for 1400, 50 at a million: Iscen et al.'s k = 50 suits "
+           "large collections, not a small folder); a k large for n is warned about")
+
+
+def _add_graph_parser(sub):
     g = sub.add_parser("graph", formatter_class=_Formatter,
                        help="descriptors -> kNN affinity graph .npz",
                        description="Build the kNN affinity graph A_ij = max(<x_i, x_j>, 0)^gamma "
                                    "over the k nearest neighbours (mutual pairs only by default; "
                                    "Iscen et al., CVPR 2017). Writes indices int32[n, K] and "
                                    "weights float32[n, K] (padded neighbour lists, unnormalised) "
-                                   "with k, gamma, mutual, method.")
+                                   "with k, gamma, mutual, method. Warns when the graph splits "
+                                   "into components too small for diffusion to help.")
     g.set_defaults(_parser=g)
     g.add_argument("descriptors", help="descriptors .npy / .npz / revisitop .mat (d x n)")
     g.add_argument("-o", "--output", required=True, help="graph file to write (.npz)")
     g.add_argument("--key", default=None,
                    help="array inside an .npz / .mat (by default the only one, else X)")
-    g.add_argument("--k", type=_positive_int, default=50, help="neighbours per node")
+    g.add_argument("--k", type=_positive_int, default=None, help=_K_HELP)
     g.add_argument("--gamma", type=_finite_float, default=3.0, help="similarity exponent")
     g.add_argument("--mutual", action=argparse.BooleanOptionalAction, default=True,
                    help="keep reciprocal neighbour pairs only")
     g.add_argument("--method", default="exact", choices=("exact", "nndescent"),
                    help="exact blocked search, or approximate pynndescent for large n")
 
-    # rank
-    r = sub.add_parser("rank", formatter_class=_Formatter,
-                       help="descriptors + queries -> top-N rankings .npz",
-                       description="Rank the database for each query with kNN search, diffusion "
-                                   "(manifold ranking by CG; full or truncated), alpha query "
-                                   "expansion, or DBA + alpha-QE. Writes ranking int32[nq, N] "
-                                   "(best first), scores float32[nq, N], n_db and, with --items, "
-                                   "query_ids.")
+
+_RANK_DESCRIPTION = """\
+Rank the database for each query with one of
+  knn        kNN search (inner product),
+  diffusion  manifold ranking on the kNN graph, (I - alpha W) x = y by CG (full or
+             truncated) or by the exact inverse per connected component,
+  fsr        fast spectral ranking (Iscen et al., CVPR 2018): diffusion through the
+             graph's top --rank eigenpairs,
+  alpha-qe   alpha query expansion,
+  dba-qe     database-side augmentation + alpha-QE.
+The graph methods (diffusion, fsr) take a saved graph (--graph) or build one.
+The items a graph method never reaches (outside the query's graph component: score 0
+for diffusion, below 1e-4 of the query's best for fsr) follow the reached ones in
+similarity order; their stored scores are the method's.
+
+With --items every database item is a query and stays in its own ranking (usually,
+not always, first: diffusion may rank a neighbour above it); --exclude-self drops it.
+
+Writes ranking int32[nq, N] (best first), scores float32[nq, N], n_db, exclude_self
+and, with --items, query_ids."""
+
+
+def _add_graph_method_options(r):
+    """The options of the graph methods (diffusion, fsr) of `rank`."""
+    dg = r.add_argument_group("graph options (diffusion, fsr)")
+    dg.add_argument("--graph", default=None,
+                    help="graph .npz from `graph` (its k is used); without it the graph is "
+                         "built with --k/--gamma/--mutual")
+    dg.add_argument("--k", type=_positive_int, default=None, help=_K_HELP)
+    dg.add_argument("--gamma", type=_finite_float, default=3.0, help="similarity exponent")
+    dg.add_argument("--mutual", action=argparse.BooleanOptionalAction, default=True,
+                    help="reciprocal kNN graph")
+    dg.add_argument("--graph-method", default="exact", choices=("exact", "nndescent"),
+                    help="graph neighbour search")
+    dg.add_argument("--query-k", type=_positive_int, default=None,
+                    help="database neighbours forming an out-of-graph query (default min(10, k))")
+    dg.add_argument("--alpha", type=_finite_float, default=0.99, help="diffusion alpha in (0, 1)")
+    dg_d = r.add_argument_group("diffusion options")
+    dg_d.add_argument("--tol", type=_finite_float, default=1e-6, help="CG relative residual")
+    dg_d.add_argument("--max-iter", type=_positive_int, default=20, help="CG steps at most")
+    dg_d.add_argument("--truncate", type=_positive_int, default=None,
+                      help="truncated diffusion on each query's top-T shortlist (default: the "
+                           "full solve up to 100,000 items, else T = 2000)")
+    dg_d.add_argument("--solver", default="cg", choices=("cg", "inverse", "auto"),
+                      help="cg: conjugate gradient per batch; inverse: the exact (I - alpha W)^-1, "
+                           "computed once, one dense block per connected component (components "
+                           "up to ~20,000 nodes); auto: inverse when the components are small, "
+                           "else cg")
+
+
+def _add_rank_parser(sub):
+    r = sub.add_parser("rank", formatter_class=_RawFormatter,
+                       help="descriptors + queries -> top-N rankings .npz (kNN, diffusion, "
+                            "FSR, alpha-QE, DBA+QE)",
+                       description=_RANK_DESCRIPTION)
     r.set_defaults(_parser=r)
     r.add_argument("descriptors", help="database descriptors .npy / .npz / .mat")
     r.add_argument("-o", "--output", required=True, help="rankings file to write (.npz)")
@@ -564,7 +842,10 @@ def build_parser() -> argparse.ArgumentParser:
     q = r.add_mutually_exclusive_group(required=True)
     q.add_argument("--queries", help="query descriptors file (may be the same .mat, Q is used)")
     q.add_argument("--items", action="store_true",
-                   help="every database item is a query (it stays in its own ranking)")
+                   help="every database item is a query (it stays in its own ranking unless "
+                        "--exclude-self)")
+    r.add_argument("--exclude-self", action="store_true",
+                   help="with --items: drop each query from its own ranking")
     r.add_argument("--queries-key", default=None,
                    help="array inside the queries .npz / .mat (by default the only one, else Q)")
     r.add_argument("--method", default="diffusion", choices=RANK_METHODS, help="ranking method")
@@ -572,29 +853,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="results kept per query, or 'all' (exact mAP needs the full ranking; "
                         f"by default {_DEFAULT_TOP}, at most the database size)")
     r.add_argument("--batch-size", type=_positive_int, default=256, help="queries per jitted batch")
-    dg = r.add_argument_group("diffusion options")
-    dg.add_argument("--graph", default=None,
-                    help="graph .npz from `graph` (without it the graph is built with --k/--gamma/--mutual)")
-    dg.add_argument("--k", type=_positive_int, default=50, help="graph neighbours")
-    dg.add_argument("--gamma", type=_finite_float, default=3.0, help="similarity exponent")
-    dg.add_argument("--mutual", action=argparse.BooleanOptionalAction, default=True,
-                    help="reciprocal kNN graph")
-    dg.add_argument("--graph-method", default="exact", choices=("exact", "nndescent"),
-                    help="graph neighbour search")
-    dg.add_argument("--query-k", type=_positive_int, default=10,
-                    help="database neighbours forming an out-of-graph query")
-    dg.add_argument("--alpha", type=_finite_float, default=0.99, help="diffusion alpha in (0, 1)")
-    dg.add_argument("--tol", type=_finite_float, default=1e-6, help="CG relative residual")
-    dg.add_argument("--max-iter", type=_positive_int, default=20, help="CG steps at most")
-    dg.add_argument("--truncate", type=_positive_int, default=None,
-                    help="truncated diffusion on each query's top-T shortlist")
-    dg.add_argument("--solver", default="cg", choices=("cg", "inverse", "auto"),
-                    help="cg: conjugate gradient per batch; inverse: the exact (I - alpha W)^-1, "
-                         "computed once, one dense block per connected component (components "
-                         "up to ~20,000 nodes); auto: inverse when the components are small, "
-                         "else cg")
-    fg = r.add_argument_group("fast spectral ranking options (fsr; also uses the graph options)")
-    fg.add_argument("--rank", type=_positive_int, default=400, help="eigenpairs kept (r)")
+    _add_graph_method_options(r)
+    fg = r.add_argument_group("fast spectral ranking options (fsr; with the graph options)")
+    fg.add_argument("--rank", type=_positive_int, default=None,
+                    help="eigenpairs kept, r (default min(400, n): exact when n <= 400)")
     fg.add_argument("--fsr-mode", default="approx", choices=("rank_r", "approx"),
                     help="FSR.rank-r or FSR.approx")
     qg = r.add_argument_group("query expansion options (alpha-qe, dba-qe)")
@@ -604,14 +866,35 @@ def build_parser() -> argparse.ArgumentParser:
                     help="weight exponent: w = max(s, 0)^alpha (0 = average QE)")
     qg.add_argument("--dba-n", type=_positive_int, default=10, help="DBA neighbours (dba-qe)")
 
-    # evaluate
-    v = sub.add_parser("evaluate", formatter_class=_Formatter,
-                       help="rankings + ground truth -> mAP, mP@k (, bull's-eye)",
-                       description="Evaluate rankings. --gnd: Revisited Oxford/Paris (Easy / "
-                                   "Medium / Hard) or classic Oxford/Paris, detected from the "
-                                   "file. --labels: label mAP and mP@k (same label = positive, "
-                                   "the query item itself ignored); --bullseye adds the MPEG-7 "
-                                   "bull's-eye score.")
+
+_EVALUATE_DESCRIPTION = """\
+Evaluate rankings against ground truth.
+  --gnd     Revisited Oxford/Paris (Easy / Medium / Hard) or classic Oxford/Paris,
+            detected from the file.
+  --labels  a labelled collection: same label = positive; with `rank --items`
+            rankings the query itself is ignored (neither positive nor a rank).
+
+Figures (percent, means over the queries that have a positive):
+  mAP         mean average precision: the area under the precision/recall curve
+              (Oxford AP, trapezoidal), junk deleted from the ranking first.
+  mP@k        revisitop's mean precision at k: precision at min(k, position of the
+              last positive retrieved), so a query with fewer than k positives can
+              still reach 100.
+  P@k         (--labels) plain precision at k: positives among the first k
+              results / k; a query with 3 positives has at most P@4 = 75.
+  R@k         (--labels) recall at k: positives among the first k / the query's
+              positives.
+  bull's-eye  (--bullseye, MPEG-7) same-label items among the first 40 results,
+              the query included, / the sum of class sizes.
+  N-S         (--ukbench, UKBench) mean number of same-label images among the first
+              4 results, the query included: 0 to 4 (not a percentage).
+Cut-offs k (--ks) may not exceed the database size."""
+
+
+def _add_evaluate_parser(sub):
+    v = sub.add_parser("evaluate", formatter_class=_RawFormatter,
+                       help="rankings + ground truth -> mAP, mP@k, P@k, R@k (, bull's-eye, N-S)",
+                       description=_EVALUATE_DESCRIPTION)
     v.set_defaults(_parser=v)
     v.add_argument("rankings", help="rankings .npz from `rank`")
     gt = v.add_mutually_exclusive_group(required=True)
@@ -622,10 +905,26 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--bullseye", action="store_true",
                    help="also the bull's-eye score (needs `rank --items`, top >= 40)")
     v.add_argument("--bullseye-top", type=_positive_int, default=40, help=argparse.SUPPRESS)
+    v.add_argument("--ukbench", action="store_true",
+                   help="also the UKBench N-S score (needs `rank --items`, top >= 4)")
     v.add_argument("--ks", type=_positive_int, nargs="+", default=[1, 5, 10],
-                   help="cut-offs of mP@k")
+                   help="cut-offs of mP@k, P@k and R@k")
     v.add_argument("-o", "--output", default=None, help="also write the results as .json")
 
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG, description=__doc__.split("\n\n")[0] + "\n\n" + "\n".join(
+            __doc__.split("\n\n")[1].splitlines()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"Run `{PROG} <command> --help` for the options of a command.")
+    from . import __version__
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="<command>")
+    _add_extract_parser(sub)
+    _add_graph_parser(sub)
+    _add_rank_parser(sub)
+    _add_evaluate_parser(sub)
     # demo (dispatched before parsing, see main)
     sub.add_parser("demo", add_help=False,
                    help="kNN vs diffusion on a real data set (retrieval_jax.demo; "
@@ -646,7 +945,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "demo":
         from . import demo
-        demo.main(argv[1:])
+        demo.main(argv[1:], prog=f"{PROG} demo")
         return 0
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -102,8 +102,10 @@ def _print_table(dataset, n, rows):
         print(f"| {r['method']:<32} | {r['mAP']:6.2f} | {r['mP@10']:6.2f} | {r['build_s']:8.2f} | {r['search_s']:8.2f} |")
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None, prog: str | None = None):
+    """Run the demo on ``argv``; ``prog`` names it in the usage line (`retrieval-jax demo`)."""
+    p = argparse.ArgumentParser(prog=prog or "python -m retrieval_jax.demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="digits", choices=["digits", "coil20", "mpeg7"])
     p.add_argument("--k", type=int, default=10, help="graph neighbours (default 10)")
     p.add_argument("--out", default="results/demo", help="output folder for results.csv and queries.png")

@@ -68,11 +68,14 @@ def test_graph_rank_evaluate_round_trip(digits, capsys):
     run(["evaluate", d / "diff.npz", "--labels", d / "labels.npy", "--ks", 10,
          "-o", d / "diff.json"])
     got = json.loads((d / "diff.json").read_text())
-    # the same pipeline in-process
-    state = DIFFUSION.build(data.X, DiffusionConfig(k=10, max_iter=50))
+    # the same pipeline in-process; the items diffusion never reaches (score 0) follow
+    # the reached ones in similarity order
+    state = DIFFUSION.build(data.X, DiffusionConfig(k=10, query_k=10, max_iter=50))
     ids = np.arange(N)
-    ref = _label_protocol(ranking_from_scores(np.asarray(DIFFUSION.search_items(state, ids))),
-                          data.labels)
+    s = np.asarray(DIFFUSION.search_items(state, ids))
+    sims = data.X @ data.X.T
+    key = np.where(s > 0, s / s.max(axis=1, keepdims=True), sims / np.abs(sims).max(1, keepdims=True) - 2)
+    ref = _label_protocol(ranking_from_scores(key), data.labels)
     assert got["mAP"] == pytest.approx(100 * ref.map, abs=0.05)
     assert got["mP@10"] == pytest.approx(100 * ref.mp[10], abs=0.05)
     with np.load(d / "diff.npz") as r:
@@ -185,7 +188,8 @@ def test_demo_subcommand_forwards_arguments(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["demo", "--help"])
     assert exc.value.code == 0
-    assert "--dataset" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "--dataset" in out and out.startswith("usage: retrieval-jax demo ")
 
 
 def test_bad_arguments(digits, tmp_path, capsys):
@@ -215,12 +219,20 @@ def test_bad_arguments(digits, tmp_path, capsys):
         (["rank", X, "--items", "--queries", X, "-o", out], "not allowed with"),
         (["rank", X, "--items", "--method", "pagerank", "-o", out], "invalid choice"),
         (["rank", X, "--items", "--method", "knn", "--graph", g, "-o", out],
-         "--graph is used by --method diffusion only"),
+         "--graph is used by the graph methods (diffusion, fsr) only"),
         (["rank", X, "--items", "--alpha", 1.5, "-o", out], "alpha must lie strictly between"),
         (["rank", X, "--items", "--method", "alpha-qe", "--qe-alpha", -1, "-o", out],
          "alpha must be a finite exponent >= 0"),
         (["rank", X, "--items", "--method", "alpha-qe", "--qe-n", N, "-o", out],
-         f"choose AlphaQEConfig.n <= {N - 1}"),
+         f"choose --qe-n <= {N - 1}"),
+        (["rank", X, "--items", "--method", "dba-qe", "--dba-n", N, "-o", out],
+         f"choose --dba-n <= {N - 1}"),
+        (["rank", X, "--queries", X, "--query-k", N + 1, "-o", out],
+         f"--query-k {N + 1} exceeds the {N} database items"),
+        (["rank", X, "--items", "--method", "fsr", "--rank", N + 1, "-o", out],
+         f"--rank {N + 1} exceeds"),
+        (["rank", X, "--queries", X, "--exclude-self", "-o", out], "--exclude-self goes with --items"),
+        (["rank", X, "--items", "--exclude-self", "--top", N, "-o", out], "less the query"),
         (["rank", X, "--items", "--method", "dba-qe", "--dba-n", 0, "-o", out],
          "expected a positive integer"),
         (["rank", X, "--items", "--top", 5000, "-o", out], "exceeds the database size"),
@@ -231,9 +243,10 @@ def test_bad_arguments(digits, tmp_path, capsys):
          f"has 20 nodes but {N} were expected"),
         (["rank", X, "--items", "--graph", X, "-o", out], "cannot read graph"),
         (["rank", X, "--items", "--graph", g, "--truncate", 5, "-o", out],
-         "truncate = 5 must be at least query_k = 10"),
-        (["rank", X, "--items", "--k", 3000, "-o", out], "k = 3000 exceeds"),
-        (["rank", X, "--key", "Z", "--items", "-o", out], "key='Z' does not apply"),
+         "--truncate = 5 must be at least --query-k = 10"),
+        (["rank", X, "--items", "--k", 3000, "-o", out], "--k 3000 exceeds"),
+        (["rank", X, "--key", "Z", "--items", "-o", out], "--key 'Z' does not apply"),
+        (["rank", X, "--queries", X, "--queries-key", "Z", "-o", out], "--queries-key 'Z'"),
         (["evaluate", tmp_path / "none.npz", "--labels", lab], "does not exist"),
         (["evaluate", d / "graph.npz", "--labels", lab], "no 'ranking' array"),
         (["evaluate", d / "diff.npz"], "one of the arguments --gnd --labels is required"),
@@ -243,10 +256,13 @@ def test_bad_arguments(digits, tmp_path, capsys):
         (["evaluate", tmp_path / "ext.npz", "--labels", lab, "--query-labels", lab],
          f"{N} query labels for 20 ranked queries"),
         (["evaluate", d / "diff.npz", "--labels", lab, "--ks", 0], "expected a positive integer"),
+        (["evaluate", d / "diff.npz", "--labels", lab, "--ks", 5, N], f"--ks {N} exceeds the {N - 1}"),
+        (["evaluate", d / "diff.npz", "--labels", lab, "--ukbench", "--query-labels", lab],
+         "--ukbench needs every database item"),
         (["evaluate", d / "diff.npz", "--labels", lab, "-o", tmp_path / "r.txt"],
          "should end in .json"),
         (["evaluate", d / "diff.npz", "--gnd", lab], "cannot read ground truth"),
-        (["evaluate", d / "diff.npz", "--gnd", lab, "--bullseye"], "--bullseye applies"),
+        (["evaluate", d / "diff.npz", "--gnd", lab, "--bullseye"], "--bullseye and --ukbench apply"),
         (["extract", tmp_path / "no_such_folder", "-o", out], "does not exist"),
         (["extract", tmp_path, "-o", out, "--max-size", -3], "expected a positive integer"),
         (["extract", tmp_path, "-o", out, "--model", "resnet"], "invalid choice"),

@@ -457,3 +457,46 @@ def test_other_entry_points_validate():
         bullseye_score(RANK4, LABELS4, top=0)
     with pytest.raises(TypeError, match="integer indices"):
         mean_average_precision(np.array([[True, False]]), [[0]])
+
+
+# ---------------------------------------------------------------------------
+# precision@k, recall@k, UKBench N-S (hand-computed)
+# ---------------------------------------------------------------------------
+
+def test_precision_and_recall_at_k_by_hand():
+    from retrieval_jax.evaluation import precision_at_k, recall_at_k
+
+    ranking = np.array([[0, 1, 2, 3, 4], [1, 0, 3, 2, 4]])
+    positives = [[1, 2, 4], [0]]
+    junk = [[0], [1]]                 # each query is junk: deleted before counting
+    # q0 after junk removal: 1 2 3 4 -> hits at k=1,2,3,4: 1 2 2 3
+    # q1 after junk removal: 0 3 2 4 -> hits 1 1 1 1
+    p = precision_at_k(ranking, positives, junk, ks=(1, 2, 3, 4))
+    assert p == pytest.approx({1: 1.0, 2: (1 + 0.5) / 2, 3: (2 / 3 + 1 / 3) / 2, 4: (3 / 4 + 1 / 4) / 2})
+    r = recall_at_k(ranking, positives, junk, ks=(1, 2, 4))
+    assert r == pytest.approx({1: (1 / 3 + 1) / 2, 2: (2 / 3 + 1) / 2, 4: 1.0})
+    # revisitop's mP@k differs: precision at min(k, last positive) can reach 1
+    mp = mean_average_precision(ranking, positives, junk, ks=(4,)).mp[4]
+    assert mp == pytest.approx((3 / 4 + 1.0) / 2) and p[4] == pytest.approx(0.5)
+    # a query with no positive is left out; truncated rankings count the rest as misses
+    p = precision_at_k(ranking[:, :2], [[1], []], None, ks=(2,), n_db=5)
+    assert p == pytest.approx({2: 0.5})
+    with pytest.raises(ValueError, match="k = 6 exceeds the 5 database items"):
+        precision_at_k(ranking, positives, junk, ks=(6,))
+    with pytest.raises(ValueError, match="no query has any positive"):
+        recall_at_k(ranking, [[], []], None, ks=(1,))
+
+
+def test_ukbench_score_by_hand():
+    from retrieval_jax.evaluation import ukbench_score
+
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    good = np.array([[q] + [i for i in range(8) if i != q] for q in range(8)])
+    ranking = np.array([np.r_[np.flatnonzero(labels == labels[q]),
+                              np.flatnonzero(labels != labels[q])] for q in range(8)])
+    assert ukbench_score(ranking, labels) == pytest.approx(4.0)
+    # rows "q, then the others in index order", the query counted: q0..q3 see 0-3 (4 each),
+    # q4 sees 4, 0, 1, 2 (1 each for q4..q7): (4 * 4 + 4 * 1) / 8
+    assert ukbench_score(good, labels) == pytest.approx(2.5)
+    with pytest.raises(ValueError, match="needs the top 4"):
+        ukbench_score(ranking[:, :3], labels)

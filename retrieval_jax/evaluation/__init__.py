@@ -1,4 +1,5 @@
-"""Retrieval evaluation on the host: Oxford AP, Revisited Oxford/Paris, label mAP, bull's-eye.
+"""Retrieval evaluation on the host: Oxford AP, Revisited Oxford/Paris, label mAP,
+precision / recall@k, bull's-eye, UKBench N-S.
 
 Rankings are integer arrays [n_queries, m] of database indices, best first; all
 scores are fractions in [0, 1].
@@ -11,7 +12,10 @@ from .metrics import (
     classic_map,
     label_map,
     mean_average_precision,
+    precision_at_k,
+    recall_at_k,
     revisited_map,
+    ukbench_score,
 )
 
 __all__ = [
@@ -22,5 +26,8 @@ __all__ = [
     "classic_map",
     "label_map",
     "mean_average_precision",
+    "precision_at_k",
+    "recall_at_k",
     "revisited_map",
+    "ukbench_score",
 ]

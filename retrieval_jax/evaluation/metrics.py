@@ -40,7 +40,10 @@ __all__ = [
     "classic_map",
     "label_map",
     "mean_average_precision",
+    "precision_at_k",
+    "recall_at_k",
     "revisited_map",
+    "ukbench_score",
 ]
 
 _NEG, _POS, _JUNK = 0, 1, 2
@@ -229,8 +232,8 @@ def _evaluate_lists(ranking: np.ndarray, n_db: int, positives: Sequence[np.ndarr
     for start in range(0, nq, block):
         stop = min(nq, start + block)
         table = np.zeros((stop - start, n_db), np.int8)
-        # Junk first, positives second: an index listed in both counts as a positive,
-        # as in the revisitop reference code.
+        # Junk first, positives second: an index listed in both counts as a positive
+        # (revisitop's code would delete it as junk; see `average_precision`).
         for lists, code in ((junk, _JUNK), (positives, _POS)):
             part = lists[start:stop]
             lens = [p.size for p in part]
@@ -339,7 +342,10 @@ def average_precision(ranking_row, positives, junk=(), *, n_db: int | None = Non
       positives: int[p] indices of the relevant items. ``n_pos`` is the number of
         distinct positives; those absent from ``ranking_row`` count as misses.
       junk: int[q] indices to ignore (deleted from the ranking). An index that is
-        both positive and junk counts as positive (as in the revisitop code).
+        both positive and junk counts here as a *positive*: a relevant image is never
+        discarded. The revisitop reference code (``compute_ap`` after ``np.in1d``)
+        deletes it as junk instead, so on such ground truth the two can differ; the
+        published Revisited Oxford / Paris files list no index in both.
       n_db: database size for range checks; defaults to the largest index seen + 1
         (at least the length of ``ranking_row``).
 
@@ -558,3 +564,111 @@ def bullseye_score(ranking, labels, top: int = 40) -> float:
     counts = np.bincount(codes_of)
     hits = (codes_of[head] == codes_of[:, None]).sum()
     return float(hits / counts[codes_of].sum())
+
+
+def _hits_at_k(ranking, positives, junk, ks, n_db):
+    """(hits int[nq, len(ks)], n_pos int[nq], ks): positives among the first k results.
+
+    Junk is deleted from the ranking first, so "the first k" are the first k non-junk
+    results (with the query as junk: the first k results after the query).
+    """
+    r, n_db = _check_ranking(ranking, n_db)
+    ks = _check_ks(ks)
+    for k in ks:
+        if k > n_db:
+            raise ValueError(f"k = {k} exceeds the {n_db} database items; choose k <= {n_db}")
+    nq = r.shape[0]
+    if len(positives) != nq:
+        raise ValueError(f"positives has {len(positives)} entries but ranking has {nq} rows")
+    if junk is None:
+        junk = [()] * nq
+    if len(junk) != nq:
+        raise ValueError(f"junk has {len(junk)} entries but ranking has {nq} rows")
+    pos = [_check_index_list(p, n_db, f"positives[{i}]") for i, p in enumerate(positives)]
+    jnk = [_check_index_list(p, n_db, f"junk[{i}]") for i, p in enumerate(junk)]
+    hits = np.zeros((nq, len(ks)), np.int64)
+    n_pos = np.array([p.size for p in pos], np.int64)
+    block = max(1, _BLOCK_CELLS // max(n_db, 1))
+    for start in range(0, nq, block):
+        stop = min(nq, start + block)
+        table = np.zeros((stop - start, n_db), np.int8)
+        for lists, code in ((jnk, _JUNK), (pos, _POS)):
+            part = lists[start:stop]
+            lens = [x.size for x in part]
+            if sum(lens):
+                table[np.repeat(np.arange(stop - start), lens), np.concatenate(part)] = code
+        codes = np.take_along_axis(table, r[start:stop], axis=1)
+        place = np.cumsum(codes != _JUNK, axis=1)          # 1-based position after junk removal
+        for t, k in enumerate(ks):
+            hits[start:stop, t] = ((codes == _POS) & (place <= k)).sum(axis=1)
+    return hits, n_pos, ks
+
+
+def precision_at_k(ranking, positives: Sequence, junk: Sequence | None = None, ks=(1, 5, 10), *,
+                   n_db: int | None = None) -> dict:
+    """Mean precision@k: positives among the first k results, divided by k.
+
+    Unlike revisitop's mP@k (`MapResult.mp`, precision at min(k, position of the last
+    positive)), this is the plain textbook figure: a query with 3 positives has at most
+    precision@4 = 3/4. Junk is deleted from the ranking first (pass the query itself as
+    junk to exclude it). Queries without positives are left out of the mean.
+
+    Args:
+      ranking: int[n_queries, m] database indices, best first; results beyond m count as
+        misses.
+      positives, junk: per-query index lists (as in `mean_average_precision`).
+      ks: cut-offs, each at most the database size.
+      n_db: database size; defaults to m.
+
+    Returns:
+      {k: mean precision@k} as fractions in [0, 1].
+    """
+    hits, n_pos, ks = _hits_at_k(ranking, positives, junk, ks, n_db)
+    valid = n_pos > 0
+    if not valid.any():
+        raise ValueError("no query has any positive; precision@k is undefined")
+    return {k: float((hits[valid, t] / k).mean()) for t, k in enumerate(ks)}
+
+
+def recall_at_k(ranking, positives: Sequence, junk: Sequence | None = None, ks=(1, 5, 10), *,
+                n_db: int | None = None) -> dict:
+    """Mean recall@k: positives among the first k results, divided by the query's positives.
+
+    Same conventions as `precision_at_k` (junk deleted first, queries without positives
+    left out).
+
+    Returns:
+      {k: mean recall@k} as fractions in [0, 1].
+    """
+    hits, n_pos, ks = _hits_at_k(ranking, positives, junk, ks, n_db)
+    valid = n_pos > 0
+    if not valid.any():
+        raise ValueError("no query has any positive; recall@k is undefined")
+    return {k: float((hits[valid, t] / n_pos[valid]).mean()) for t, k in enumerate(ks)}
+
+
+def ukbench_score(ranking, labels, top: int = 4) -> float:
+    """UKBench N-S score (Nister & Stewenius, CVPR 2006): same-group images in the top 4.
+
+    Every image is a query; the score is the mean over queries of the number of images of
+    the query's group among its first ``top`` results, *the query itself included* (it is
+    normally its own first result). On UKBench (groups of 4) it lies in [0, 4], 4 being
+    perfect.
+
+    Args:
+      ranking: int[n, m], m >= top, indices into the same collection, best first; row q
+        ranks the whole collection for item q, the query included.
+      labels: [n] group labels.
+      top: results inspected (4 in the protocol).
+
+    Returns:
+      The mean count, a float in [0, top] (not a fraction).
+    """
+    _checks.check_positive_int(top, "top")
+    r, n = _check_ranking(ranking, None if np.ndim(ranking) != 2 else np.shape(ranking)[0])
+    codes_of = _check_labels(labels, r.shape[0])
+    if r.shape[1] < top:
+        raise ValueError(f"ranking has only {r.shape[1]} columns; the N-S score needs the top "
+                         f"{top} results of every query")
+    head = r[:, :top]
+    return float((codes_of[head] == codes_of[:, None]).sum(axis=1).mean())
