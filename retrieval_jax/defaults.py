@@ -6,25 +6,27 @@ times. A folder of a few dozen photos, a few per object, is another regime: with
 56 images every node links to nearly every other, diffusion spreads over the whole
 database and ranks by centrality (measured: 22 mAP where kNN search scores 79). The rules
 here are the ones the command line applies, measured on labelled folders built from
-COIL-20 and MPEG-7 with EfficientNet-Lite0 + GeM descriptors (``rank --items``, label
-mAP, the query excluded, the items diffusion cannot reach ranked after the others by
-similarity):
+COIL-20 and MPEG-7 (``graph`` + ``rank --items``, label mAP with the query excluded, the
+items diffusion cannot reach ranked after the others by similarity; EfficientNet-Lite0 +
+GeM descriptors unless marked "pixels"):
 
-=====================  ====  ======  ============  ===================
-folder                 n     kNN     diffusion at  default_k(n)
-=====================  ====  ======  ============  ===================
-COIL 14 objects x 4    56    79.2    k=3 78.2      3 (warned: small components)
-MPEG-7 12 classes x 4  48    97.6    k=3 100.0     3
-COIL 20 x 8            160   86.0    k=4 84.8      4 (warned)
-MPEG-7 60 x 4          240   71.8    k=3 71.6      5 -> 3 (warned)
-MPEG-7 20 x 20         364   90.8    k=7 95.6      6
-COIL 20 x 24           480   91.6    k=7 99.3      7
-COIL-20 (pixels)       1440  61.5    k=10 89.5     10
-MPEG-7 (pixels)        1400  55.6    k=10 60.5     10
-=====================  ====  ======  ============  ===================
+=========================  ====  =====  ======================  ===========================
+folder                     n     kNN    diffusion, default k    note
+=========================  ====  =====  ======================  ===========================
+MPEG-7 12 classes x 4      48    97.6   k=3: 100.0
+COIL-20 14 objects x 4     56    79.2   k=3: 78.2               warned (components of 4.5)
+COIL-20 20 x 8             160   86.0   k=3: 85.3               warned
+MPEG-7 60 x 4              240   71.8   k=3: 71.6               warned (components of 5.2)
+MPEG-7 20 x 20             364   90.8   k=4: 93.0
+COIL-20 20 x 24            480   91.6   k=4: 99.6
+COIL-20, pixels            1440  61.5   k=5: 98.7, k=7: 95.8    the rule gives 6
+MPEG-7, pixels             1400  55.6   k=5: 58.4, k=7: 59.6    the rule gives 6
+=========================  ====  =====  ======================  ===========================
 
-Diffusion gains where each object has many images linked in chains; with four images an
-object it can only match kNN search, and `graph_warnings` says so.
+The old default k = 50 gave 22.5 / 43.6 / 33.0 / 76.1 / 65.0 mAP on the COIL-20 x 4,
+COIL-20 x 8, MPEG-7 x 4, MPEG-7 x 20 and COIL-20 x 24 folders. Diffusion gains where each
+object has many images linked in chains; with four images an object it can at best match
+kNN search, and `graph_warnings` says so from the graph alone (its components).
 """
 from __future__ import annotations
 
