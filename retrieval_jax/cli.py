@@ -314,7 +314,7 @@ def _check_sizes(args, parser, n: int) -> None:
             parser.error(f"--query-k {args.query_k} exceeds the {n} database items")
         if m == "fsr" and args.rank is not None and args.rank > n:
             parser.error(f"--rank {args.rank} exceeds the {n} database items (at most n "
-                         "eigenpairs); choose --rank <= {n} or leave it out")
+                         f"eigenpairs); choose --rank <= {n} or leave it out")
         if m == "diffusion" and args.truncate is not None and args.truncate > n:
             parser.error(f"--truncate {args.truncate} exceeds the {n} database items")
 
