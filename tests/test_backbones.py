@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from retrieval_jax.features import backbones as bb
-from retrieval_jax.features import resnet_vgg as rv
-from retrieval_jax.features import torch_pickle as tp
+from retrieval_jax.backbones import efficientnet_lite as bb
+from retrieval_jax.backbones import resnet_vgg as rv
+from retrieval_jax.backbones import torch_pickle as tp
 
 CAT = {281, 282, 283, 285, 287}      # tabby, tiger cat, Persian, Egyptian cat, lynx
 CUP = {504, 967, 968}                # coffee mug, espresso, cup

@@ -26,8 +26,8 @@ import pytest
 
 from retrieval_jax.data import clean_stale_temps, load_descriptors, load_gnd, read_npz
 from retrieval_jax.data.io import atomic_write
-from retrieval_jax.features import torch_pickle as tp
-from retrieval_jax.features import train
+from retrieval_jax.backbones import torch_pickle as tp
+from retrieval_jax.training import checkpoints
 from retrieval_jax.graph import knn_graph, load_graph, save_graph
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,14 +99,14 @@ def _same_tree(a, b):
 def test_checkpoint_truncated_or_bit_flipped_raises_value_error(tmp_path, write_fn):
     good = tmp_path / "good.npz"
     tree = _tree()
-    train.save_checkpoint(good, tree, write_fn=write_fn)
+    checkpoints.save_checkpoint(good, tree, write_fn=write_fn)
     data = good.read_bytes()
     bad = tmp_path / "bad.npz"
     errors = 0
     for label, corrupt in _corruptions(data, seed=1):
         bad.write_bytes(corrupt)
         try:
-            back = train.load_checkpoint(bad)
+            back = checkpoints.load_checkpoint(bad)
         except ValueError as exc:
             assert str(bad) in str(exc), (label, exc)
             errors += 1
@@ -114,7 +114,7 @@ def test_checkpoint_truncated_or_bit_flipped_raises_value_error(tmp_path, write_
         except Exception as exc:  # noqa: BLE001
             pytest.fail(f"{label}: {type(exc).__name__} escaped: {exc}")
         # a flip in a field nothing reads (a timestamp) may leave the content intact
-        assert _same_tree(back, train.load_checkpoint(good)), f"{label} loaded different data"
+        assert _same_tree(back, checkpoints.load_checkpoint(good)), f"{label} loaded different data"
     assert errors > 100
 
 
@@ -143,7 +143,7 @@ def _checkpoint_with_meta(path, meta, **arrays):
 def test_checkpoint_malformed_metadata_raises_value_error(tmp_path, meta):
     path = _checkpoint_with_meta(tmp_path / "m.npz", meta)
     with pytest.raises(ValueError, match="m.npz"):
-        train.load_checkpoint(path)
+        checkpoints.load_checkpoint(path)
 
 
 def test_checkpoint_prefix_paths_and_missing_file(tmp_path):
@@ -152,9 +152,9 @@ def test_checkpoint_prefix_paths_and_missing_file(tmp_path):
         {"name": "['v']", "path": [["d", "w"], ["d", "v"]], "dtype": "float32"}]}))
     path = _checkpoint_with_meta(tmp_path / "p.npz", meta, **{"['v']": np.zeros(1, np.float32)})
     with pytest.raises(ValueError, match="p.npz"):
-        train.load_checkpoint(path)
+        checkpoints.load_checkpoint(path)
     with pytest.raises(FileNotFoundError):
-        train.load_checkpoint(tmp_path / "missing.npz")
+        checkpoints.load_checkpoint(tmp_path / "missing.npz")
 
 
 def test_graph_truncated_or_bit_flipped_raises_value_error(tmp_path):
@@ -195,7 +195,7 @@ def test_npz_header_declaring_a_huge_array_is_refused_without_allocating(tmp_pat
     path = _npz_with_header(tmp_path / "huge.npz", (100_000, 10_000), compress=compress)
     _assert_refused(read_npz, path, match="declares shape")
     _assert_refused(load_graph, path)
-    _assert_refused(train.load_checkpoint, path)
+    _assert_refused(checkpoints.load_checkpoint, path)
     _assert_refused(lambda p: load_descriptors(p, key="indices"), path)
 
 
@@ -244,7 +244,7 @@ def test_save_torch_zip_failure_keeps_old_file_and_leaves_no_temp(tmp_path, monk
 _SLOW_WRITER = textwrap.dedent("""
     import sys, time, zipfile
     import numpy as np
-    from retrieval_jax.features import torch_pickle as tp
+    from retrieval_jax.backbones import torch_pickle as tp
 
     real = zipfile.ZipFile.writestr
 

@@ -7,8 +7,9 @@ import numpy as np
 import optax
 import pytest
 
-from retrieval_jax.features import losses, train
-from retrieval_jax.features.pooling import l2_normalize
+from retrieval_jax.descriptors.pooling import l2_normalize
+from retrieval_jax.training import checkpoints, losses
+from retrieval_jax.training import step as train_step
 
 
 # ----------------------------------------------------------------------------- losses
@@ -132,8 +133,8 @@ def test_triplet_training_with_mined_negatives_raises_map():
     params = {"w": jnp.asarray(rng.normal(size=(64, 16)) / 8.0, jnp.float32),
               "b": jnp.zeros((16,), jnp.float32)}
     optimizer = optax.adam(1e-2)
-    step = train.make_train_step(embed_fn, train.triplet_objective(margin=0.2), optimizer)
-    state = train.TrainState.create(params, optimizer)
+    step = train_step.make_train_step(embed_fn, train_step.triplet_objective(margin=0.2), optimizer)
+    state = train_step.TrainState.create(params, optimizer)
     embed = jax.jit(embed_fn)
     before = _map_score(embed(params, Xte), yte)
 
@@ -159,7 +160,7 @@ def test_train_step_contrastive_and_errors():
         return feats @ params
 
     opt = optax.sgd(0.1)
-    step = train.make_train_step(embed_fn, train.contrastive_objective(margin=1.0), opt)
+    step = train_step.make_train_step(embed_fn, train_step.contrastive_objective(margin=1.0), opt)
     params = jnp.eye(3, dtype=jnp.float32)
     batch = {"a": jnp.eye(3), "b": jnp.eye(3)[::-1], "target": jnp.array([1, 0, 1])}
     p1, _, l1 = step(params, opt.init(params), batch)
@@ -168,9 +169,9 @@ def test_train_step_contrastive_and_errors():
     np.testing.assert_allclose(l1, ref(params), rtol=1e-6)
     np.testing.assert_allclose(p1, params - 0.1 * jax.grad(ref)(params), rtol=1e-6, atol=1e-7)
     with pytest.raises(TypeError, match="embed_fn"):
-        train.make_train_step(None, train.contrastive_objective(), opt)
+        train_step.make_train_step(None, train_step.contrastive_objective(), opt)
     with pytest.raises(TypeError, match="optax"):
-        train.make_train_step(embed_fn, train.contrastive_objective(), object())
+        train_step.make_train_step(embed_fn, train_step.contrastive_objective(), object())
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -179,7 +180,7 @@ def _state():
               "p": jnp.float32(3.0), "layers": [jnp.zeros(2), jnp.full((1,), 7, jnp.int32)],
               "half": jnp.ones((2,), jnp.bfloat16)}
     opt = optax.adam(1e-3)
-    return train.TrainState.create(params, opt)
+    return train_step.TrainState.create(params, opt)
 
 
 def _assert_tree_equal(a, b):
@@ -194,37 +195,37 @@ def _assert_tree_equal(a, b):
 def test_checkpoint_round_trip(tmp_path):
     state = _state()
     path = tmp_path / "ckpt.npz"
-    train.save_checkpoint(path, state)
-    _assert_tree_equal(train.load_checkpoint(path, target=state), state)
+    checkpoints.save_checkpoint(path, state)
+    _assert_tree_equal(checkpoints.load_checkpoint(path, target=state), state)
     with np.load(path) as data:
         assert "['dense']['w']" not in data.files  # TrainState fields are attributes
         assert ".params['dense']['w']" in data.files
     # without a target: nested dicts/lists along the key paths
-    raw = train.load_checkpoint(path)
+    raw = checkpoints.load_checkpoint(path)
     np.testing.assert_array_equal(raw["params"]["dense"]["w"], state.params["dense"]["w"])
     assert isinstance(raw["params"]["layers"], list) and raw["params"]["layers"][1].dtype == jnp.int32
     assert raw["params"]["half"].dtype == jnp.bfloat16
     # structure mismatch is reported
     with pytest.raises(ValueError, match="does not match"):
-        train.load_checkpoint(path, target={"w": jnp.zeros(2)})
-    wrong = train.TrainState.create({**state.params, "p": jnp.zeros(2)}, optax.adam(1e-3))
+        checkpoints.load_checkpoint(path, target={"w": jnp.zeros(2)})
+    wrong = train_step.TrainState.create({**state.params, "p": jnp.zeros(2)}, optax.adam(1e-3))
     with pytest.raises(ValueError, match="shape"):
-        train.load_checkpoint(path, target=wrong)
+        checkpoints.load_checkpoint(path, target=wrong)
 
 
 def test_checkpoint_crash_keeps_previous(tmp_path):
     path = tmp_path / "ckpt.npz"
     old = {"w": jnp.arange(4.0)}
-    train.save_checkpoint(path, old)
+    checkpoints.save_checkpoint(path, old)
 
     def crashing_write(f, arrays):
         f.write(b"PK\x03\x04 partial garbage")
         raise RuntimeError("simulated crash mid-write")
 
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train.save_checkpoint(path, {"w": jnp.zeros(4)}, write_fn=crashing_write)
-    _assert_tree_equal(train.load_checkpoint(path, target=old), old)
+        checkpoints.save_checkpoint(path, {"w": jnp.zeros(4)}, write_fn=crashing_write)
+    _assert_tree_equal(checkpoints.load_checkpoint(path, target=old), old)
     assert sorted(os.listdir(tmp_path)) == ["ckpt.npz"]  # no temp file left behind
     # a later successful save replaces it
-    train.save_checkpoint(path, {"w": jnp.ones(4)}, write_fn=lambda f, a: np.savez_compressed(f, **a))
-    np.testing.assert_array_equal(train.load_checkpoint(path)["w"], np.ones(4))
+    checkpoints.save_checkpoint(path, {"w": jnp.ones(4)}, write_fn=lambda f, a: np.savez_compressed(f, **a))
+    np.testing.assert_array_equal(checkpoints.load_checkpoint(path)["w"], np.ones(4))

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import _checks
-from .._checks import check_mask
+from ..descriptors.pooling import check_mask
 from ..graph import knn
 
 __all__ = ["gmp_weights", "pool_region_scores", "query_region_similarity", "query_region_knn"]

@@ -37,8 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..data.io import atomic_write
-from .backbones import Backbone
-from .pooling import crow_weights, l2_normalize
+from ..backbones.base import Backbone
+from ..descriptors.pooling import crow_weights, l2_normalize
 
 __all__ = ["similarity_gradient", "similarity_saliency", "feature_saliency", "save_overlay",
            "unit_range"]

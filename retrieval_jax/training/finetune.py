@@ -6,7 +6,8 @@ runs on a CPU in seconds:
 
 1. the backbone (EfficientNet-Lite0, ImageNet weights) is frozen and its last
    conv feature maps ``A [N, H', W', C]`` are computed once
-   (:func:`coil20_feature_maps`, :func:`backbone_feature_maps`);
+   (:func:`retrieval_jax.data.feature_maps.coil20_feature_maps`,
+   :func:`retrieval_jax.backbones.surgery.backbone_feature_maps`);
 2. the descriptor of an image is
 
        g_c(p) = ( mean_{h,w} max(A[h, w, c], eps)^p )^(1/p)        (GeM, learnable p)
@@ -26,7 +27,8 @@ runs on a CPU in seconds:
        A = relu6( B K + c ),   K = K_conv diag(gamma / sqrt(var + eps)),
                                c = beta - mu gamma / sqrt(var + eps),
 
-   which reproduces ``backbone.features`` exactly at step 0 (`conv_head_params`);
+   which reproduces ``backbone.features`` exactly at step 0
+   (:func:`retrieval_jax.backbones.surgery.conv_head_params`);
 3. the parameters ``theta = (p, W, b[, K, c])`` are trained with optax (Adam) on the
    triplet loss (Schroff et al., CVPR 2015)
 
@@ -38,7 +40,7 @@ runs on a CPU in seconds:
    the *current* descriptors, re-mined every ``mine_every`` steps (Radenovic et
    al. re-mine once per epoch).
 
-The optimisation step is :func:`retrieval_jax.features.train.make_train_step`
+The optimisation step is :func:`retrieval_jax.training.step.make_train_step`
 (one XLA computation per step); batch sampling and mining are jitted as well,
 so the host loop only dispatches work (no device -> host transfer until the end).
 """
@@ -53,134 +55,17 @@ import numpy as np
 import optax
 
 from .. import _checks
+from ..backbones.surgery import check_lite, pre_head_maps
+from ..descriptors.pooling import gem, l2_normalize
+from .checkpoints import load_checkpoint, save_checkpoint
 from .losses import mine_hard_negatives
-from .pooling import gem, l2_normalize
-from .train import (TrainState, contrastive_objective, load_checkpoint, make_train_step,
-                    save_checkpoint, triplet_objective)
+from .step import TrainState, contrastive_objective, make_train_step, triplet_objective
 
 __all__ = [
-    "init_head", "conv_head_params", "embed_with_head", "finetune_head", "load_head",
-    "head_model", "apply_conv_head",
-    "backbone_feature_maps", "coil20_feature_maps", "grey_to_rgb",
+    "init_head", "embed_with_head", "finetune_head", "load_head", "head_model", "apply_conv_head",
 ]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
-
-
-# ----------------------------------------------------------------------------- feature maps
-def grey_to_rgb(images) -> np.ndarray:
-    """Grey ``[N, H, W]`` (or ``[N, H, W, 1]``) -> RGB ``[N, H, W, 3]`` by replication."""
-    a = np.asarray(images)
-    if a.ndim == 4 and a.shape[-1] == 1:
-        a = a[..., 0]
-    if a.ndim == 4 and a.shape[-1] == 3:
-        return a
-    if a.ndim != 3:
-        raise ValueError(f"images must be grey [N, H, W] or RGB [N, H, W, 3], got shape {a.shape}")
-    return np.repeat(a[..., None], 3, axis=-1)
-
-
-def backbone_feature_maps(backbone, images, *, size: int | None = None,
-                          batch_size: int = 64, pre_head: bool = False) -> np.ndarray:
-    """Frozen last-conv feature maps of a batch of images, computed once.
-
-    Args:
-      backbone: a :class:`~retrieval_jax.features.backbones.Backbone`.
-      images: uint8 or float ``[N, H, W]`` (grey, replicated to RGB) or ``[N, H, W, 3]``
-        in ``[0, 1]`` (floats) / ``[0, 255]`` (uint8).
-      size: optional square side to resize to first (bilinear, ``jax.image.resize``).
-      batch_size: images per ``backbone.features`` call; the last batch is padded to
-        this size so only one shape is ever compiled.
-      pre_head: return the input of the last conv block instead (EfficientNet-Lite:
-        ``[N, H', W', 320]``), for fine-tuning that block with `conv_head_params`.
-    Returns:
-      float32 ``[N, H', W', C]`` (host array).
-    """
-    if pre_head:
-        _check_lite(backbone)
-    rgb = grey_to_rgb(images)
-    n = rgb.shape[0]
-    if n == 0:
-        raise ValueError("no images")
-    batch_size = int(min(batch_size, n))
-    out = []
-    for start in range(0, n, batch_size):
-        chunk = rgb[start:start + batch_size]
-        m = chunk.shape[0]
-        if m < batch_size:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - m, axis=0)])
-        x = _prepare(jnp.asarray(chunk), size=size)
-        if pre_head:
-            f = _pre_head(backbone.graphdef, backbone.state, x, mean=backbone.mean,
-                          std=backbone.std)
-        else:
-            f = backbone.features(x)
-        out.append(np.asarray(f, dtype=np.float32)[:m])
-    return np.concatenate(out, axis=0)
-
-
-def _check_lite(backbone):
-    module = backbone.module()
-    if not all(hasattr(module, a) for a in ("conv_stem", "blocks", "conv_head", "bn1")):
-        raise ValueError(f"pre-head maps / conv-head fine-tuning need an EfficientNet-Lite "
-                         f"backbone, got {backbone!r}")
-    return module
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "mean", "std"))
-def _pre_head(graphdef, state, x, *, mean, std):
-    """EfficientNet-Lite up to (not including) the last 1x1 conv block."""
-    from flax import nnx
-    from .backbones import _relu6
-    model = nnx.merge(graphdef, state)
-    x = (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
-    x = _relu6(model.bn0(model.conv_stem(x.astype(model.dtype))))
-    for block in model.blocks:
-        x = block(x)
-    return x
-
-
-def conv_head_params(backbone) -> dict:
-    """The last conv block of an EfficientNet-Lite with batch norm folded in.
-
-    relu6(BN(conv_1x1(x))) = relu6(x K + c) with K = K_conv * s, c = beta - mu * s,
-    s = gamma / sqrt(var + eps) (inference statistics).
-
-    Returns {"conv_kernel": float32[C_in, C], "conv_bias": float32[C]}.
-    """
-    module = _check_lite(backbone)
-    kernel = jnp.asarray(module.conv_head.kernel[...], jnp.float32)[0, 0]   # [C_in, C]
-    bn = module.bn1
-    s = jnp.asarray(bn.scale[...], jnp.float32) * jax.lax.rsqrt(
-        jnp.asarray(bn.var[...], jnp.float32) + jnp.float32(bn.epsilon))
-    c = jnp.asarray(bn.bias[...], jnp.float32) - jnp.asarray(bn.mean[...], jnp.float32) * s
-    return {"conv_kernel": kernel * s, "conv_bias": c}
-
-
-@functools.partial(jax.jit, static_argnames=("size",))
-def _prepare(x, *, size):
-    x = x.astype(jnp.float32) / (jnp.float32(255.0) if x.dtype == jnp.uint8 else jnp.float32(1.0))
-    if size is not None and (x.shape[1], x.shape[2]) != (size, size):
-        x = jax.image.resize(x, (x.shape[0], size, size, x.shape[3]), "linear", antialias=True)
-    return jnp.clip(x, 0.0, 1.0)
-
-
-def coil20_feature_maps(root=None, *, size: int = 128, backbone=None, batch_size: int = 64,
-                        pre_head: bool = False):
-    """COIL-20 (grey 128 x 128) -> RGB (resized to ``size``) -> frozen EfficientNet-Lite0 maps.
-
-    Returns ``(feature_maps float32[1440, H', W', C], dataset)``, ``dataset`` being
-    the :func:`~retrieval_jax.data.load_coil20` result at native resolution (with
-    ``images``). ``H' = ceil(size / 32)``; C = 1280, or 320 with ``pre_head``.
-    """
-    from ..data import load_coil20
-    from .backbones import load_efficientnet_lite
-
-    data = load_coil20(root, size=128, images=True)
-    backbone = load_efficientnet_lite("lite0") if backbone is None else backbone
-    maps = backbone_feature_maps(backbone, data.images, size=None if size == 128 else size,
-                                 batch_size=batch_size, pre_head=pre_head)
-    return maps, data
 
 
 # ----------------------------------------------------------------------------- the head
@@ -345,6 +230,24 @@ def finetune_head(feature_maps, labels, *, steps: int = 200, lr: float = 1e-3,
       (the loss and p *before* each update, so ``history["loss"][0]`` is the loss of
       the ImageNet GeM descriptor).
     """
+    x, y = _check_training_set(feature_maps, labels, loss=loss, steps=steps, batch=batch,
+                               negatives=negatives, mine_every=mine_every)
+    params = _initial_params(x, dim=dim, conv_head=conv_head, init_params=init_params)
+    optimizer = _head_optimizer(params, train, lr=lr, p_lr_scale=p_lr_scale,
+                                weight_decay=weight_decay)
+    objective = triplet_objective(margin) if loss == "triplet" else contrastive_objective(margin)
+    train_step = make_train_step(_embed, objective, optimizer)
+    state = TrainState.create(params, optimizer)
+    state, history = _train_loop(state, train_step, x, jnp.asarray(y, jnp.int32), steps=int(steps),
+                                 seed=seed, loss=loss, batch=int(batch), negatives=int(negatives),
+                                 mine_every=mine_every)
+    if checkpoint is not None:
+        save_checkpoint(checkpoint, state)
+    return state.params, history
+
+
+def _check_training_set(feature_maps, labels, *, loss, steps, batch, negatives, mine_every):
+    """(float32 maps, int labels) after checking the arguments of `finetune_head`."""
     x = _check_maps(feature_maps).astype(jnp.float32)
     y = np.asarray(labels)
     if y.shape != (x.shape[0],):
@@ -363,44 +266,51 @@ def finetune_head(feature_maps, labels, *, steps: int = 200, lr: float = 1e-3,
         raise ValueError(f"negatives = {negatives} must be < N = {n}")
     if len(np.unique(y)) < 2:
         raise ValueError("need at least two classes to mine negatives")
+    return x, y
 
+
+def _initial_params(x, *, dim, conv_head, init_params) -> dict:
+    """`init_head` parameters, or ``init_params`` as float32 arrays."""
     if init_params is None:
-        params = init_head(x, dim=dim, conv_head=conv_head)
-    else:
-        params = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), dict(init_params))
+        return init_head(x, dim=dim, conv_head=conv_head)
+    return jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), dict(init_params))
+
+
+_GROUPS = {"p": "p", "proj": "whiten", "bias": "whiten", "conv_kernel": "conv", "conv_bias": "conv"}
+
+
+def _head_optimizer(params, train, *, lr, p_lr_scale, weight_decay):
+    """Adam (AdamW with ``weight_decay``) on the trained groups, p at ``lr * p_lr_scale``,
+    the groups not in ``train`` frozen."""
     has_conv = "conv_kernel" in params
     train = (("p", "conv") if has_conv else ("p", "whiten")) if train is None else tuple(train)
     unknown = set(train) - {"p", "whiten", "conv"}
     if unknown or ("conv" in train and not has_conv):
         raise ValueError(f"train must be a subset of ('p', 'whiten', 'conv') ('conv' needs "
                          f"conv_head), got {train!r}")
-    group = {"p": "p", "proj": "whiten", "bias": "whiten", "conv_kernel": "conv",
-             "conv_bias": "conv"}
     main = optax.adamw(lr, weight_decay=weight_decay) if weight_decay else optax.adam(lr)
     transforms = {"p": optax.adam(lr * p_lr_scale), "whiten": main, "conv": main}
     transforms = {g: (t if g in train else optax.set_to_zero()) for g, t in transforms.items()}
-    optimizer = optax.multi_transform(transforms, {k: group[k] for k in params})
-    objective = triplet_objective(margin) if loss == "triplet" else contrastive_objective(margin)
-    train_step = make_train_step(_embed, objective, optimizer)
-    state = TrainState.create(params, optimizer)
+    return optax.multi_transform(transforms, {k: _GROUPS[k] for k in params})
 
-    labels_d = jnp.asarray(y, jnp.int32)
+
+def _train_loop(state, train_step, x, labels, *, steps, seed, loss, batch, negatives, mine_every):
+    """``steps`` updates, re-mining the hard negatives every ``mine_every`` steps:
+    (final state, {"loss": float32[steps], "p": float32[steps]})."""
     key = jax.random.PRNGKey(seed)
     losses, ps = [], []
     neg_idx = neg_ok = None
-    for step in range(int(steps)):
+    for step in range(steps):
         if step % mine_every == 0:
-            neg_idx, neg_ok = _mine_all(state.params, x, labels_d, num=int(negatives))
+            neg_idx, neg_ok = _mine_all(state.params, x, labels, num=negatives)
         key, sub = jax.random.split(key)
-        b = _sample(sub, x, labels_d, neg_idx, neg_ok, batch=int(batch), loss=loss)
+        b = _sample(sub, x, labels, neg_idx, neg_ok, batch=batch, loss=loss)
         ps.append(state.params["p"])
         state, value = state.apply(train_step, b)
         losses.append(value)
     history = {"loss": np.asarray(jax.device_get(jnp.stack(losses)), np.float32),
                "p": np.asarray(jax.device_get(jnp.stack(ps)), np.float32)}
-    if checkpoint is not None:
-        save_checkpoint(checkpoint, state)
-    return state.params, history
+    return state, history
 
 
 class _HeadFeatures:
@@ -414,7 +324,7 @@ class _HeadFeatures:
         if "conv_kernel" not in self.params:
             return b.features(images)
         x = images.astype(jnp.float32)
-        pre = _pre_head(b.graphdef, b.state, x, mean=b.mean, std=b.std)
+        pre = pre_head_maps(b.graphdef, b.state, x, mean=b.mean, std=b.std)
         return _conv(self.params, pre.astype(jnp.float32))
 
 
@@ -433,10 +343,10 @@ class _HeadPooling:
 def head_model(backbone, params) -> tuple:
     """(features_fn, pooling_fn) with l2(pooling_fn(features_fn(images))) the fine-tuned
     descriptor of images [B, H, W, 3] in [0, 1] (end to end, differentiable), e.g. for
-    `retrieval_jax.features.saliency.similarity_saliency(features_fn, pooling_fn, ...)`.
+    `retrieval_jax.explanation.saliency.similarity_saliency(features_fn, pooling_fn, ...)`.
     Build it once per ``params`` (the pair is a static jit argument there)."""
     if "conv_kernel" in params:
-        _check_lite(backbone)
+        check_lite(backbone)
     return _HeadFeatures(backbone, params), _HeadPooling(params)
 
 

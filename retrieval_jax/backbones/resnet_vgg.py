@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .backbones import Backbone, _check_dtype, load_state_into, torch_leaf
+from .base import Backbone, check_dtype, load_state_into, torch_leaf
 from .torch_pickle import load_torch_state_dict
 
 __all__ = ["ResNet", "VGG16", "from_state_dict", "IMAGENET_MEAN", "IMAGENET_STD"]
@@ -245,7 +245,7 @@ def from_state_dict(state_dict, *, arch: str | None = None, dtype=jnp.float32) -
     Raises ``KeyError`` naming missing keys and ``ValueError`` on shape mismatches
     or unused keys. The classifier is loaded when its keys are present.
     """
-    dtype = _check_dtype(dtype)
+    dtype = check_dtype(dtype)
     if isinstance(state_dict, (str, os.PathLike)):
         state_dict = load_torch_state_dict(state_dict)
     if not isinstance(state_dict, Mapping):

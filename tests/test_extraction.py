@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retrieval_jax.features import extraction as ex
+from retrieval_jax.descriptors import extraction as ex
 
 SIZES = [(40, 56), (64, 48), (33, 70), (50, 50), (72, 30), (45, 61)]
 
@@ -168,7 +168,7 @@ def test_array_inputs_and_validation(model):
 
 
 def test_real_backbone_end_to_end():
-    from retrieval_jax.features import backbones as bb
+    from retrieval_jax.backbones import efficientnet_lite as bb
     try:
         lite0 = bb.load_efficientnet_lite("lite0")
     except (ImportError, FileNotFoundError) as exc:

@@ -312,7 +312,7 @@ def extract(images, model, pooling: Callable | None = None, *, batch_size: int =
         of ``[H, W, 3]`` arrays (uint8, or float in ``[0, 1]``; grey ``[H, W]`` is
         replicated to RGB).
       model: an object with ``features(images [B, H, W, 3]) -> [B, H', W', C]`` that is
-        a JAX pytree (e.g. a :class:`~retrieval_jax.features.backbones.Backbone`);
+        a JAX pytree (e.g. a :class:`~retrieval_jax.backbones.base.Backbone`);
         ``model.feature_shape(h, w)`` gives the valid map size (else it is traced),
         and ``model.mean`` (if present) is the padding colour.
       pooling: ``pooling(fmap [B, H', W', C], mask=bool[B, H', W']) -> [B, D]``; a pooling
@@ -336,6 +336,51 @@ def extract(images, model, pooling: Callable | None = None, *, batch_size: int =
 
     Returns :class:`Extracted` ``(descriptors [N, D] float32, names, skipped)``.
     """
+    scales, pooling = _check_options(model, pooling, batch_size=batch_size, max_size=max_size,
+                                     scales=scales, multiple=multiple)
+    use_mask = _accepts_mask(pooling)
+    stride = int(getattr(model, "stride", 1) or 1)
+    bucket = math.lcm(int(multiple), stride) if (use_mask and multiple > 1) else 1
+    normalize = bool(normalize) or len(scales) > 1
+
+    sources, total, names = _sources(images)
+    config = _cache_config(model, pooling, max_size=max_size, scales=scales, bucket=bucket,
+                           normalize=normalize)
+    if cache is not None:
+        cache = _check_cache_path(cache)
+        if os.path.exists(cache):
+            cached = _read_cache(cache, config, names)
+            if cached is not None:
+                return cached
+
+    batches = _Batches(model, pooling, batch_size=batch_size, bucket=bucket, use_mask=use_mask)
+    kept_names: list[str] = []
+    skipped: list[str] = []
+    bar = _progress(sources, desc="extract", total=total, enable=progress)
+    for name, src in bar:
+        img = _read_source(name, src, skip_bad=skip_bad)
+        if img is None:
+            skipped.append(name)
+            continue
+        batches.add_image(len(kept_names), name, img, scales=scales, max_size=max_size)
+        kept_names.append(name)
+    batches.flush()
+
+    result = _finish(batches.sums, kept_names, skipped, normalize=normalize)
+    if cache is not None:
+        _write_npz_atomic(cache, descriptors=result.descriptors,
+                          names=np.asarray(result.names, dtype=str),
+                          skipped=np.asarray(result.skipped, dtype=str),
+                          config=np.asarray(config))
+    return result
+
+
+# ---------------------------------------------------------------------------
+# The steps of extract
+# ---------------------------------------------------------------------------
+
+def _check_options(model, pooling, *, batch_size, max_size, scales, multiple):
+    """Validate the options of `extract`; returns (scales as a float tuple, pooling)."""
     _checks.check_positive_int(batch_size, "batch_size")
     if max_size is not None and (not isinstance(max_size, (int, np.integer))
                                  or isinstance(max_size, bool) or max_size < 1):
@@ -350,85 +395,96 @@ def extract(images, model, pooling: Callable | None = None, *, batch_size: int =
     pooling = gem if pooling is None else pooling
     if not callable(pooling):
         raise TypeError(f"pooling must be callable, got {type(pooling).__name__}")
+    return scales, pooling
 
-    use_mask = _accepts_mask(pooling)
-    stride = int(getattr(model, "stride", 1) or 1)
-    bucket = math.lcm(int(multiple), stride) if (use_mask and multiple > 1) else 1
-    normalize = bool(normalize) or len(scales) > 1
-    feature_shape = _feature_shape_fn(model)
-    pad_value = np.asarray(getattr(model, "mean", (0.0, 0.0, 0.0)), np.float32).reshape(-1)
-    pad_value = np.broadcast_to(pad_value, (3,)).astype(np.float32)
 
-    sources, total, names = _sources(images)
-    config = json.dumps({"version": _CACHE_VERSION, "model": _describe(model),
-                         "pooling": _describe(pooling), "max_size": max_size,
-                         "scales": scales, "bucket": bucket, "normalize": normalize},
-                        sort_keys=True)
-    if cache is not None:
-        cache = os.fspath(cache)
-        if not cache.endswith(".npz"):
-            raise ValueError(f"cache must be an .npz path, got {cache}")
-        if os.path.exists(cache):
-            cached = _read_cache(cache, config, names)
-            if cached is not None:
-                return cached
+def _cache_config(model, pooling, *, max_size, scales, bucket, normalize) -> str:
+    """The settings a cache must have been built with, as a JSON string."""
+    return json.dumps({"version": _CACHE_VERSION, "model": _describe(model),
+                       "pooling": _describe(pooling), "max_size": max_size,
+                       "scales": scales, "bucket": bucket, "normalize": normalize},
+                      sort_keys=True)
 
-    static, dynamic = _partition((model, pooling))
-    pending: dict[tuple[int, int], list] = {}
-    sums: dict[int, np.ndarray] = {}
-    kept_names: list[str] = []
-    skipped: list[str] = []
 
-    def run(shape, items):
+def _check_cache_path(cache) -> str:
+    cache = os.fspath(cache)
+    if not cache.endswith(".npz"):
+        raise ValueError(f"cache must be an .npz path, got {cache}")
+    return cache
+
+
+def _read_source(name: str, src, *, skip_bad: bool) -> np.ndarray | None:
+    """One image as an array; None for an unreadable file with ``skip_bad`` (with a warning)."""
+    if not isinstance(src, str):
+        return _as_image(src, name)
+    try:
+        return load_image(src)
+    except (ImageReadError, FileNotFoundError) as exc:
+        if not skip_bad:
+            raise
+        warnings.warn(f"skipping unreadable image: {exc}", stacklevel=3)
+        return None
+
+
+class _Batches:
+    """Resized images queued per padded shape, described ``batch_size`` at a time by one
+    jitted call; ``sums[idx]`` is the sum over scales of the descriptors of image ``idx``."""
+
+    def __init__(self, model, pooling, *, batch_size: int, bucket: int, use_mask: bool):
+        self.static, self.dynamic = _partition((model, pooling))
+        self.batch_size, self.bucket, self.use_mask = batch_size, bucket, use_mask
+        self.feature_shape = _feature_shape_fn(model)
+        pad_value = np.asarray(getattr(model, "mean", (0.0, 0.0, 0.0)), np.float32).reshape(-1)
+        self.pad_value = np.broadcast_to(pad_value, (3,)).astype(np.float32)
+        self.pending: dict[tuple[int, int], list] = {}
+        self.sums: dict[int, np.ndarray] = {}
+
+    def add_image(self, idx: int, name: str, img: np.ndarray, *, scales, max_size) -> None:
+        """Queue image ``idx`` at every scale, running each queue that fills up."""
+        bucket = self.bucket
+        for s in scales:
+            h, w = _target_size(img.shape[0], img.shape[1], max_size, s)
+            if self.use_mask:
+                vh, vw = self.feature_shape(h, w)
+                if vh < 1 or vw < 1:
+                    raise ValueError(f"image {name} is too small for the model at scale {s:g}: "
+                                     f"{h}x{w} px gives a {vh}x{vw} feature map")
+            resized = _resize(img, h, w)
+            shape = (-(-h // bucket) * bucket, -(-w // bucket) * bucket)
+            queue = self.pending.setdefault(shape, [])
+            queue.append((idx, resized))
+            if len(queue) == self.batch_size:
+                self._run(shape, queue)
+                del self.pending[shape]
+
+    def flush(self) -> None:
+        """Run the partly filled queues."""
+        for shape, queue in list(self.pending.items()):
+            self._run(shape, queue)
+        self.pending.clear()
+
+    def _run(self, shape, items) -> None:
         hb, wb = shape
+        use_mask, feature_shape = self.use_mask, self.feature_shape
         fh, fw = feature_shape(hb, wb) if use_mask else (None, None)
-        batch = np.empty((batch_size, hb, wb, 3), np.float32)
-        batch[...] = pad_value
-        mask = np.zeros((batch_size, fh or 1, fw or 1), np.bool_)
+        batch = np.empty((self.batch_size, hb, wb, 3), np.float32)
+        batch[...] = self.pad_value
+        mask = np.zeros((self.batch_size, fh or 1, fw or 1), np.bool_)
         for j, (_, img) in enumerate(items):
             batch[j, :img.shape[0], :img.shape[1]] = img
             if use_mask:
                 vh, vw = feature_shape(img.shape[0], img.shape[1])
                 mask[j, :vh, :vw] = True
         mask[len(items):] = True  # dummy rows: keep the pooling finite
-        out = np.asarray(_describe_batch(static, dynamic, jnp.asarray(batch), jnp.asarray(mask),
-                                         use_mask=use_mask))
+        out = np.asarray(_describe_batch(self.static, self.dynamic, jnp.asarray(batch),
+                                         jnp.asarray(mask), use_mask=use_mask))
+        sums = self.sums
         for j, (idx, _) in enumerate(items):
             sums[idx] = out[j] if idx not in sums else sums[idx] + out[j]
 
-    bar = _progress(sources, desc="extract", total=total, enable=progress)
-    for name, src in bar:
-        if isinstance(src, str):
-            try:
-                img = load_image(src)
-            except (ImageReadError, FileNotFoundError) as exc:
-                if not skip_bad:
-                    raise
-                warnings.warn(f"skipping unreadable image: {exc}", stacklevel=2)
-                skipped.append(name)
-                continue
-        else:
-            img = _as_image(src, name)
-        idx = len(kept_names)
-        kept_names.append(name)
-        for s in scales:
-            h, w = _target_size(img.shape[0], img.shape[1], max_size, s)
-            if use_mask:
-                vh, vw = feature_shape(h, w)
-                if vh < 1 or vw < 1:
-                    raise ValueError(f"image {name} is too small for the model at scale {s:g}: "
-                                     f"{h}x{w} px gives a {vh}x{vw} feature map")
-            resized = _resize(img, h, w)
-            shape = (-(-h // bucket) * bucket, -(-w // bucket) * bucket)
-            queue = pending.setdefault(shape, [])
-            queue.append((idx, resized))
-            if len(queue) == batch_size:
-                run(shape, queue)
-                del pending[shape]
-    for shape, queue in list(pending.items()):
-        run(shape, queue)
-    pending.clear()
 
+def _finish(sums: dict, kept_names: list, skipped: list, *, normalize: bool) -> Extracted:
+    """Stack the per-image sums (checked finite, L2-normalised if asked) into `Extracted`."""
     if not kept_names:
         raise ValueError("no readable images: every file was skipped" if skipped
                          else "no images given")
@@ -439,10 +495,4 @@ def extract(images, model, pooling: Callable | None = None, *, batch_size: int =
     if normalize:
         norms = np.linalg.norm(desc, axis=1, keepdims=True)
         desc = desc / np.maximum(norms, np.float32(1e-12))
-    result = Extracted(desc, tuple(kept_names), tuple(skipped))
-    if cache is not None:
-        _write_npz_atomic(cache, descriptors=result.descriptors,
-                          names=np.asarray(result.names, dtype=str),
-                          skipped=np.asarray(result.skipped, dtype=str),
-                          config=np.asarray(config))
-    return result
+    return Extracted(desc, tuple(kept_names), tuple(skipped))

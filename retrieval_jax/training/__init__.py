@@ -1,0 +1,21 @@
+"""Descriptor learning: losses, the train step, checkpoints, fine-tuning a head.
+
+- :mod:`.losses`: contrastive and triplet losses, hard-negative mining;
+- :mod:`.step`: :class:`TrainState` and the jitted optax :func:`make_train_step`;
+- :mod:`.checkpoints`: atomic ``.npz`` checkpoints of any pytree;
+- :mod:`.finetune`: a GeM + whitening head (and the last conv block) on frozen maps.
+"""
+from . import checkpoints, finetune, losses, step
+from .checkpoints import load_checkpoint, save_checkpoint
+from .finetune import (apply_conv_head, embed_with_head, finetune_head, head_model, init_head,
+                       load_head)
+from .losses import contrastive_loss, mine_hard_negatives, triplet_loss
+from .step import TrainState, contrastive_objective, make_train_step, triplet_objective
+
+__all__ = [
+    "checkpoints", "finetune", "losses", "step",
+    "load_checkpoint", "save_checkpoint",
+    "apply_conv_head", "embed_with_head", "finetune_head", "head_model", "init_head", "load_head",
+    "contrastive_loss", "mine_hard_negatives", "triplet_loss",
+    "TrainState", "contrastive_objective", "make_train_step", "triplet_objective",
+]
