@@ -1,4 +1,12 @@
-"""Descriptors from CNN feature maps: pooling, whitening, fine-tuning, regional search.
+"""Compatibility package (kept for one release): its modules moved by job.
+
+backbones, resnet_vgg, torch_pickle -> :mod:`retrieval_jax.backbones`; extract (now
+``extraction``), pooling, whitening -> :mod:`retrieval_jax.descriptors`; losses, train
+(now ``step`` and ``checkpoints``), finetune -> :mod:`retrieval_jax.training` (the
+EfficientNet surgery to :mod:`retrieval_jax.backbones.surgery`, the COIL-20 maps to
+:mod:`retrieval_jax.data.feature_maps`); saliency -> :mod:`retrieval_jax.explanation`;
+regional -> :mod:`retrieval_jax.diffusion.regional`. Every name importable from here
+before still is (``retrieval_jax.features.<old module>`` included).
 """
 from . import (backbones, extract as extraction, finetune, losses, pooling, regional, resnet_vgg, saliency,
                torch_pickle, train, whitening)
