@@ -353,7 +353,12 @@ def deflated_solve(matvec, b, pre: AggregationPreconditioner, alpha, *, tol, max
     b_norm = jnp.linalg.norm(b, axis=0)
     c0 = q_coarse(b)
     r0 = b - pre.times_mp(c0, alpha)                       # y - M Q y
-    res = preconditioned_cg(lambda v: deflate(matvec(v)), r0, tol=tol, max_iter=max_iter, b_norm=b_norm)
+    # CG on the subspace P^T v = 0, where P_D M is symmetric positive definite: the
+    # orthogonal projector I - P P^T as the "preconditioner" removes the rounding errors
+    # that would otherwise drift into range(P) (the null space of P_D M) and make the
+    # float32 recurrence diverge once the residual nears 1e-5.
+    res = preconditioned_cg(lambda v: deflate(matvec(v)), r0, precondition=lambda v: v - pre.prolong(pre.restrict(v)),
+                            tol=tol, max_iter=max_iter, b_norm=b_norm)
     u = res.x
     x = pre.prolong(c0) + u - pre.prolong(q_coarse(matvec(u)))  # Q y + (I - Q M) u
     return CGResult(x, res.iterations, res.residual)
