@@ -323,11 +323,12 @@ def _graph_sizes(args, n: int, k: int) -> dict:
     """query_k, truncate (diffusion) and rank (fsr): the user's, else the `defaults` rules."""
     from . import defaults
 
-    chosen, out = [], {}
-    out["query_k"] = args.query_k
+    chosen, flags = [], []
+    out = {"query_k": args.query_k}
     if args.query_k is None:
         out["query_k"] = defaults.default_query_k(k, n)
         chosen.append(f"query_k = {out['query_k']} (min(10, k))")
+        flags.append("--query-k")
     if args.method == "diffusion":
         out["truncate"] = args.truncate
         if args.truncate is None and args.solver == "cg":
@@ -335,15 +336,16 @@ def _graph_sizes(args, n: int, k: int) -> dict:
             if out["truncate"] is not None:
                 out["truncate"] = max(out["truncate"], out["query_k"])
                 chosen.append(f"truncate = {out['truncate']} (n > 100,000)")
+                flags.append("--truncate")
     else:
         out["rank"] = args.rank
         if args.rank is None:
             out["rank"] = defaults.default_rank(n)
             chosen.append(f"rank = {out['rank']} (min(400, n))")
+            flags.append("--rank")
     if chosen:
-        print(f"{PROG} rank: {', '.join(chosen)}, chosen for {n} items (set them with "
-              f"--query-k" + (", --truncate" if args.method == "diffusion" else ", --rank")
-              + ")", file=sys.stderr)
+        print(f"{PROG} rank: {', '.join(chosen)}, chosen for {n} items (set "
+              f"{'them' if len(flags) > 1 else 'it'} with {', '.join(flags)})", file=sys.stderr)
     return out
 
 
@@ -384,6 +386,9 @@ def _build_state(args, parser, X):
             parser.error(_flag_words(_msg(exc)))
     if args.graph is not None:
         graph, k = _load_graph(parser, args.graph, n)
+        if args.k is not None and args.k != k:
+            _warn("rank", f"--k {args.k} is ignored: the graph {args.graph} was built with "
+                          f"k = {k}")
         if k is None or k < 1:
             from .defaults import default_k
             k = default_k(n)

@@ -120,6 +120,11 @@ def test_large_k_is_warned_and_the_issue_recipe_is_explained(tmp_path, capsys):
     run(["graph", tmp_path / "desc.npy", "-o", tmp_path / "g.npz", "--k", 50])
     err = capsys.readouterr().err
     assert "warning: k = 50 is large for 56 items" in err and "--k" in err
+    run(["rank", tmp_path / "desc.npy", "--items", "--graph", tmp_path / "g.npz", "--k", 3,
+         "-o", tmp_path / "r.npz"])
+    err = capsys.readouterr().err
+    assert "--k 3 is ignored: the graph" in err and "built with k = 50" in err
+    assert "query_k = 10 (min(10, k)), chosen for 56 items (set it with --query-k)" in err
 
 
 def test_items_exclude_self_and_ukbench(tmp_path, capsys):

@@ -17,7 +17,7 @@ source it was run from (``metadata.retrieval_jax.source_sha256``); a cell edited
 re-running the notebook fails `test_stored_outputs_are_not_stale`. To re-execute and store
 them (a few minutes on a CPU):
 
-    .venv/bin/python tests/test_notebooks.py [quickstart spectral finetuning]
+    .venv/bin/python tests/test_notebooks.py [NAME ...]     (default: the STORED three)
 """
 import hashlib
 import json
@@ -207,7 +207,7 @@ def store(names=None) -> None:
     """
     import tempfile
 
-    paths = [COLAB / f"{n}.ipynb" for n in names] if names else NOTEBOOKS
+    paths = [COLAB / f"{n}.ipynb" for n in names] if names else STORED
     env = {"RETRIEVAL_JAX_NO_PROGRESS": "1", "PYDEVD_DISABLE_FILE_VALIDATION": "1",
            "RETRIEVAL_JAX_REPO": str(REPO)}
     for key in ("RETRIEVAL_JAX_NB_QUICK", "RETRIEVAL_JAX_NB_RESULTS", "MPLBACKEND"):
@@ -218,12 +218,13 @@ def store(names=None) -> None:
         with tempfile.TemporaryDirectory() as work:
             client = nbclient.NotebookClient(nb, km=_kernel_manager(Path(work) / "_kernelspec"),
                                              timeout=3 * TIMEOUT, kernel_name=KERNEL,
-                                             allow_errors=False,
+                                             allow_errors=False, record_timing=False,
                                              resources={"metadata": {"path": work}})
             t0 = time.perf_counter()
             client.execute()
         for cell in nb.cells:
             if cell.cell_type == "code":
+                cell.metadata.pop("execution", None)      # timestamps: noise in a review
                 cell.metadata["retrieval_jax"] = {"source_sha256": _source_sha(cell)}
         nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python",
                                      "name": "python3"}
