@@ -33,7 +33,7 @@ test: $(DEV)
 	RETRIEVAL_JAX_NO_PROGRESS=1 $(PY) -m pytest -q -n 2 --dist loadfile tests
 
 bench: $(RUNTIME)
-	$(PY) experiments/bench_diffusion.py --coil20
+	$(PY) -m experiments.bench_diffusion --coil20
 
 clean:
 	rm -rf $(VENV) results .pytest_cache

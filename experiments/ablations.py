@@ -1,6 +1,6 @@
 """Ablations of diffusion: alpha, graph k, gamma and truncation T, one PNG plot each.
 
-    python experiments/ablations.py [--quick] [--out results/ablations]
+    python -m experiments.ablations [--quick] [--out results/ablations]
                                     [--datasets digits coil20 mpeg7] [--params alpha k]
 
 For each parameter, converged diffusion (``DIFFUSION``, solver "auto": the exact
@@ -19,19 +19,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from retrieval_jax.diffusion import ranking_from_scores
+from retrieval_jax.methods import DIFFUSION, FSR, DiffusionConfig, FsrConfig
 
-import reproduce  # noqa: E402
-from retrieval_jax.data import atomic_write  # noqa: E402
-from retrieval_jax.diffusion import ranking_from_scores  # noqa: E402
-from retrieval_jax.methods import DIFFUSION, FSR, DiffusionConfig, FsrConfig  # noqa: E402
+from experiments import reproduce
+from experiments.common import (LABEL_DATASETS, available_label_datasets, load_label_dataset,
+                                pyplot, save_figure, versions, write_csv, write_json)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,11 +92,7 @@ def sweep(param: str, ab: Ablation, name: str, data, settings, *, quick: bool, l
 
 
 def plot(path: Path, param: str, ab: Ablation, records) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = pyplot().subplots(figsize=(5, 3.5))
     for ds in dict.fromkeys(r["dataset"] for r in records):
         rs = [r for r in records if r["dataset"] == ds]
         ax.plot([r["value"] for r in rs], [r["mAP"] for r in rs], marker="o", label=ds)
@@ -113,18 +108,17 @@ def plot(path: Path, param: str, ab: Ablation, records) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def run(out="results/ablations", *, quick: bool = False, datasets=None, params=None,
         data_dir=None, log=print):
     settings = reproduce.QUICK if quick else reproduce.FULL
-    names = list(datasets) if datasets else reproduce.available_label_datasets(data_dir)
+    names = list(datasets) if datasets else available_label_datasets(data_dir)
     params = list(params) if params else list(ABLATIONS)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    loaded = {name: reproduce.load_label_dataset(name, data_dir) for name in names}
+    loaded = {name: load_label_dataset(name, data_dir) for name in names}
     records = []
     for param in params:
         ab = ABLATIONS[param]
@@ -136,16 +130,16 @@ def run(out="results/ablations", *, quick: bool = False, datasets=None, params=N
             plot(out / f"{param}.png", param, ab, recs)
             log(f"wrote {out / f'{param}.png'}")
         records += recs
-    reproduce.write_csv(out / "ablations.csv", records,
-                        ("param", "value", "dataset", "mAP", "mP@10", "n_queries", "seconds"))
+    write_csv(out / "ablations.csv", records,
+              ("param", "value", "dataset", "mAP", "mP@10", "n_queries", "seconds"),
+              float_format="{:.4f}")
     config = {"command": sys.argv, "quick": quick, "datasets": names,
               "settings": dataclasses.asdict(settings),
               "params": {p: list(ABLATIONS[p].quick_values if quick else ABLATIONS[p].values)
                          for p in params},
               "base_config": dataclasses.asdict(_diff(settings)),
-              "versions": reproduce._versions()}
-    atomic_write(out / "config.json",
-                 lambda f: f.write((json.dumps(config, indent=2, default=str) + "\n").encode()))
+              "versions": versions()}
+    write_json(out / "config.json", config)
     log(f"wrote {out / 'ablations.csv'}, {out / 'config.json'}")
     return records
 
@@ -156,7 +150,7 @@ def main(argv=None):
     p.add_argument("--out", default="results/ablations", help="output folder")
     p.add_argument("--quick", action="store_true",
                    help="2 values per parameter, every 4th item a query, CG <= 200 steps")
-    p.add_argument("--datasets", nargs="+", choices=reproduce.LABEL_DATASETS, default=None,
+    p.add_argument("--datasets", nargs="+", choices=LABEL_DATASETS, default=None,
                    help="label data sets (default: digits and every one found)")
     p.add_argument("--params", nargs="+", choices=list(ABLATIONS), default=None,
                    help="parameters to sweep (default: all)")

@@ -1,6 +1,6 @@
 """Diffusion speed: batched JAX CG vs the routes a researcher would otherwise use.
 
-    python experiments/bench_diffusion.py [--sizes 5000 100000] [--out experiments/results/bench]
+    python -m experiments.bench_diffusion [--sizes 5000 100000] [--out experiments/results/bench]
 
 For each size, one mutual kNN graph (k = 50, gamma = 3, W = D^-1/2 A D^-1/2) over
 synthetic clustered descriptors, and out-of-graph queries (y = top-10 neighbours,
@@ -31,7 +31,6 @@ warm-up (JAX compilation excluded and reported separately).
 from __future__ import annotations
 
 import argparse
-import resource
 import time
 from pathlib import Path
 
@@ -43,40 +42,16 @@ import scipy.sparse.linalg as sla
 
 from retrieval_jax.diffusion import (diffuse, diffusion_inverse, indicator_vectors, query_vectors,
                                      ranking_from_scores, truncated_diffuse)
-from retrieval_jax.data.io import atomic_write, write_csv
 from retrieval_jax.evaluation import mean_average_precision
 from retrieval_jax.graph import knn, knn_graph, normalize
 
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def clustered(n, d, n_clusters, seed, noise=1.0):
-    rng = np.random.default_rng(seed)
-    centers = rng.normal(size=(n_clusters, d))
-    # points along short random curves around each centre: a manifold per class
-    labels = rng.integers(0, n_clusters, n)
-    t = rng.uniform(-1, 1, size=(n, 1))
-    dirs = rng.normal(size=(n_clusters, d))
-    x = centers[labels] + 1.5 * t * dirs[labels] + noise * rng.normal(size=(n, d))
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    return x.astype(np.float32), labels
+from experiments.common import clustered, process_peak_rss_mb, pyplot, save_figure, timed, write_csv
 
 
 def label_map_queries(scores, q_labels, db_labels):
     ranking = ranking_from_scores(scores)
     positives = [np.flatnonzero(db_labels == l) for l in q_labels]
     return 100 * mean_average_precision(ranking, positives, ks=(10,)).map
-
-
-def timed(fn, repeat):
-    out, times = None, []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return out, float(np.median(times))
 
 
 _weighted_rows = jax.jit(lambda inv, weights, idx: inv.weighted_rows(weights, idx))
@@ -175,7 +150,7 @@ def run_routes(w, y, evaluate, *, alpha, tol, max_iter, repeat, splu, inverse, s
         add("scipy splu (factorisation included)", t_ex / nq, ex)
     for mi, label in [(max_iter, f"jax diffuse, batched CG (max_iter {max_iter})"),
                       (5000, "jax diffuse, batched CG (to tol)")]:
-        rss0 = peak_rss_mb()
+        rss0 = process_peak_rss_mb()
         t = time.perf_counter()
         jax.block_until_ready(diffuse(w, y, alpha=alpha, tol=tol, max_iter=mi))
         t_first = time.perf_counter() - t
@@ -183,7 +158,7 @@ def run_routes(w, y, evaluate, *, alpha, tol, max_iter, repeat, splu, inverse, s
             diffuse(w, y, alpha=alpha, tol=tol, max_iter=mi, return_info=True)), repeat)
         add(label, t_j / nq, np.asarray(scores),
             f"first call {t_first:.2f}s; CG steps max {int(np.max(info.iterations))}; "
-            f"peak rss +{peak_rss_mb() - rss0:.0f} MB")
+            f"peak rss +{process_peak_rss_mb() - rss0:.0f} MB")
     if inverse:
         inverse_rows(jax.block_until_ready(diffusion_inverse(w, alpha)))  # compile
         inv, t_inv = timed(lambda: jax.block_until_ready(diffusion_inverse(w, alpha)), repeat)
@@ -210,7 +185,7 @@ def report(header, rows, extra):
         r.update(extra)
         r["vs_scipy_cg"] = base / r["ms_per_query"]
         r["vs_fastest_scipy"] = fastest_scipy / r["ms_per_query"]
-    print(f"\n{header}; peak rss {peak_rss_mb():.0f} MB")
+    print(f"\n{header}; peak rss {process_peak_rss_mb():.0f} MB")
     print(f"| {'route':<48} | {'ms/query':>9} | {'vs cg loop':>10} | {'vs best scipy':>13} | {'mAP':>6} | note")
     for r in rows:
         print(f"| {r['route']:<48} | {r['ms_per_query']:9.3f} | {r['vs_scipy_cg']:9.1f}x | "
@@ -282,17 +257,14 @@ def main(argv=None):
         all_rows += rows
         if layout_rows is None:
             layout_rows = bench_layouts(w)
-    write_csv(out / "diffusion_speed.csv", all_rows, columns=list(dict.fromkeys(k for r in all_rows for k in r)))
+    write_csv(out / "diffusion_speed.csv", all_rows)
     _plot(out / "diffusion_speed.png", all_rows)
     print(f"\nwrote {out / 'diffusion_speed.csv'} and {out / 'diffusion_speed.png'}")
 
 
 def _plot(path, rows):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     blocks = list(dict.fromkeys((r["block"], r["n"]) for r in rows))
-    fig, axes = plt.subplots(1, len(blocks), figsize=(6 * len(blocks), 4), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(blocks), figsize=(6 * len(blocks), 4), squeeze=False)
     for ax, (block, n) in zip(axes[0], blocks):
         rs = [r for r in rows if (r["block"], r["n"]) == (block, n) and np.isfinite(r["ms_per_query"])]
         ax.barh([r["route"] for r in rs], [r["ms_per_query"] for r in rs], color="tab:blue")
@@ -302,8 +274,7 @@ def _plot(path, rows):
         ax.set_xlabel("ms per query (log)")
         ax.set_title(f"{block}, n = {n}")
     fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 if __name__ == "__main__":

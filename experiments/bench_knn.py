@@ -1,9 +1,9 @@
 """kNN-graph construction speed: JAX exact search vs the routes a researcher would otherwise use.
 
-    python experiments/bench_knn.py [--sizes 20000 100000] [--d 256] [--k 50]
+    python -m experiments.bench_knn [--sizes 20000 100000] [--d 256] [--k 50]
         [--sklearn-max N] [--no-nndescent] [--quick] [--out experiments/results/knn]
 
-For each n, synthetic clustered unit vectors (``bench_diffusion.clustered``: n / 100
+For each n, synthetic clustered unit vectors (``common.clustered``: n / 100
 curved clusters, L2-normalised), and the k nearest neighbours of every item among
 the others by inner product (self excluded), by every route in the same process:
 
@@ -49,23 +49,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import sys
-import time
 from pathlib import Path
 
+import jax
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from retrieval_jax.graph import Graph, affinity_matrix, knn, knn_graph
+from retrieval_jax.graph.faiss_backend import faiss_available, faiss_knn
 
-import jax  # noqa: E402
-
-from bench_diffusion import clustered  # noqa: E402
-from retrieval_jax.data.io import atomic_write, write_csv  # noqa: E402
-from retrieval_jax.graph import Graph, affinity_matrix, knn, knn_graph  # noqa: E402
-from retrieval_jax.graph.faiss_backend import faiss_available, faiss_knn  # noqa: E402
+from experiments.common import (clustered, process_peak_rss_mb, pyplot, save_figure,
+                                timed_with_peak, write_csv)
 
 GAMMA = 3.0
 NUMPY_BLOCK = 1024
@@ -77,54 +71,7 @@ FAISS_FLAT = "faiss IndexFlatIP search k + 1, self dropped"
 FAISS_KNN = "retrieval_jax faiss_knn (IndexFlatIP backend)"
 FAISS_GRAPH = "faiss_knn + affinity_matrix (mutual graph)"
 
-
-
-_PEAKS_BEFORE_RESETS = [0.0]
 _NNDESCENT_RUN: list = []  # sizes at which pynndescent ran (its first call compiles once per process)
-
-
-def process_peak_rss_mb() -> float:
-    """Peak resident memory of the whole process so far, across `reset_peak_rss` calls."""
-    return max(max(_PEAKS_BEFORE_RESETS), peak_rss_mb(),
-               resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark of this process (Linux >= 4.0); False where not possible."""
-    _PEAKS_BEFORE_RESETS.append(peak_rss_mb())
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory since the last `reset_peak_rss` (VmHWM), else of the process."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def timed(fn, repeat: int = 1):
-    """(output of the last call, (median wall-clock seconds of ``repeat`` calls, peak RSS MB)).
-
-    The peak-RSS mark is reset first, so the peak is the route's own (data and the
-    arrays alive from earlier routes included).
-    """
-    out, times = None, []
-    reset_peak_rss()
-    for _ in range(max(1, repeat)):
-        t = time.perf_counter()
-        out = jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t)
-    return out, (float(np.median(times)), peak_rss_mb())
 
 
 # --------------------------------------------------------------------------- routes
@@ -213,7 +160,7 @@ def bench_size(n: int, d: int, k: int, *, repeat: int, sklearn_max: int, nndesce
                      "recall_at_k": recall, "edge_recall": e_recall, "peak_rss_mb": peak_mb,
                      "note": note})
 
-    (true_s, true_i), t_np = timed(lambda: numpy_knn(X, k), repeat)
+    (true_s, true_i), t_np = timed_with_peak(lambda: numpy_knn(X, k), repeat)
     add(f"numpy blocked matmul + argpartition ({NUMPY_BLOCK} rows)", "exact", t_np,
         recall_at_k(true_i, true_i, k))
     exact_pattern = affinity_matrix(true_s, true_i, n, gamma=GAMMA, mutual=True)
@@ -221,7 +168,7 @@ def bench_size(n: int, d: int, k: int, *, repeat: int, sklearn_max: int, nndesce
 
     if n <= sklearn_max:
         import sklearn.neighbors  # noqa: F401  (imported outside the timing)
-        sk, t_sk = timed(lambda: sklearn_knn(X, k), repeat)
+        sk, t_sk = timed_with_peak(lambda: sklearn_knn(X, k), repeat)
         add("sklearn NearestNeighbors brute cosine", "exact", t_sk, recall_at_k(sk, true_i, k))
     else:
         print(f"  (sklearn skipped: n = {n} > --sklearn-max {sklearn_max})")
@@ -229,11 +176,11 @@ def bench_size(n: int, d: int, k: int, *, repeat: int, sklearn_max: int, nndesce
     def jknn():
         return tuple(np.asarray(a) for a in knn(X, X, k, exclude_self=True, show_progress=False))
 
-    (_, ji), t_first = timed(jknn, 1)
+    (_, ji), t_first = timed_with_peak(jknn, 1)
     add("jax knn, first call (compile included)", "exact", t_first, recall_at_k(ji, true_i, k))
-    (_, ji), t_warm = timed(jknn, repeat)
+    (_, ji), t_warm = timed_with_peak(jknn, repeat)
     add(JAX_KNN, "exact", t_warm, recall_at_k(ji, true_i, k))
-    g, t_g = timed(lambda: knn_graph(X, k, gamma=GAMMA, mutual=True, method="exact",
+    g, t_g = timed_with_peak(lambda: knn_graph(X, k, gamma=GAMMA, mutual=True, method="exact",
                                      show_progress=False), repeat)
     add(JAX_GRAPH, "exact", t_g, e_recall=edge_recall(g, exact_pattern),
         note=f"{g.to_scipy().nnz} directed edges, max degree {g.max_degree}")
@@ -241,11 +188,11 @@ def bench_size(n: int, d: int, k: int, *, repeat: int, sklearn_max: int, nndesce
     if faiss and faiss_available():
         import faiss as faiss_module  # imported outside the timing
         threads = f"{faiss_module.omp_get_max_threads()} OpenMP threads"
-        fi, t_f = timed(lambda: faiss_flat_ip(X, k), repeat)
+        fi, t_f = timed_with_peak(lambda: faiss_flat_ip(X, k), repeat)
         add(FAISS_FLAT, "exact", t_f, recall_at_k(fi, true_i, k), note=threads)
-        (_, fi), t_fk = timed(lambda: faiss_knn(X, X, k, exclude_self=True, show_progress=False), repeat)
+        (_, fi), t_fk = timed_with_peak(lambda: faiss_knn(X, X, k, exclude_self=True, show_progress=False), repeat)
         add(FAISS_KNN, "exact", t_fk, recall_at_k(fi, true_i, k), note=threads)
-        g, t_fg = timed(lambda: faiss_graph(X, k), repeat)
+        g, t_fg = timed_with_peak(lambda: faiss_graph(X, k), repeat)
         add(FAISS_GRAPH, "exact", t_fg, e_recall=edge_recall(g, exact_pattern),
             note=f"{g.to_scipy().nnz} directed edges, max degree {g.max_degree}")
     elif faiss:
@@ -253,16 +200,16 @@ def bench_size(n: int, d: int, k: int, *, repeat: int, sklearn_max: int, nndesce
 
     if nndescent:
         import pynndescent  # noqa: F401  (numba and pynndescent imported outside the timing)
-        pi, t_p1 = timed(lambda: pynndescent_knn(X, k), 1)
+        pi, t_p1 = timed_with_peak(lambda: pynndescent_knn(X, k), 1)
         cache = os.environ.get("NUMBA_CACHE_DIR") or "numba's default (pynndescent/__pycache__)"
         note = (f"first call of the process, numba on-disk cache {cache}" if not _NNDESCENT_RUN
                 else "numba's code already compiled by an earlier size in this process")
         _NNDESCENT_RUN.append(n)
         add("pynndescent NNDescent, first call (numba compile)", "approx", t_p1, recall_at_k(pi, true_i, k),
             note=note)
-        pi, t_p2 = timed(lambda: pynndescent_knn(X, k), 1)
+        pi, t_p2 = timed_with_peak(lambda: pynndescent_knn(X, k), 1)
         add("pynndescent NNDescent, second call", "approx", t_p2, recall_at_k(pi, true_i, k))
-        g, t_gn = timed(lambda: knn_graph(X, k, gamma=GAMMA, mutual=True, method="nndescent",
+        g, t_gn = timed_with_peak(lambda: knn_graph(X, k, gamma=GAMMA, mutual=True, method="nndescent",
                                           show_progress=False), 1)
         add("jax knn_graph nndescent (mutual graph)", "approx", t_gn,
             e_recall=edge_recall(g, exact_pattern), note=f"{g.to_scipy().nnz} directed edges")
@@ -291,11 +238,8 @@ def report(n, d, k, rows, exact_edges):
 
 
 def _plot(path, rows):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     sizes = list(dict.fromkeys(r["n"] for r in rows))
-    fig, axes = plt.subplots(1, len(sizes), figsize=(7 * len(sizes), 4), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(sizes), figsize=(7 * len(sizes), 4), squeeze=False)
     for ax, n in zip(axes[0], sizes):
         rs = [r for r in rows if r["n"] == n]
         colors = ["tab:orange" if r["route"].startswith("jax") else
@@ -315,8 +259,7 @@ def _plot(path, rows):
         lo, hi = ax.get_xlim()
         ax.set_xlim(lo, hi * 30)
     fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def main(argv=None) -> int:

@@ -22,8 +22,8 @@
    GFLOP/s, and next to it the GFLOP/s of a float32 ``jnp.dot`` of two 2048 x 2048
    matrices timed in the same run.
 
-    python experiments/features_benchmark.py                # full: 2840 images, 224 px
-    python experiments/features_benchmark.py --quick        # 10 classes per dataset, 128 px
+    python -m experiments.features_benchmark                # full: 2840 images, 224 px
+    python -m experiments.features_benchmark --quick        # 10 classes per dataset, 128 px
 
 Writes results.csv, timing.csv, results.md and features_benchmark.png into --out
 (default experiments/results/features); descriptors are cached in --out/cache.
@@ -32,56 +32,30 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from retrieval_jax.backbones import efficientnet_lite_config, load_efficientnet_lite
+from retrieval_jax.descriptors import extract, gem, l2_normalize, mac, rmac
+from retrieval_jax.diffusion import ranking_from_scores
+from retrieval_jax.evaluation import bullseye_score, label_map
+from retrieval_jax.methods import DIFFUSION, KNN_SEARCH, DiffusionConfig
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+from experiments.common import (IMAGE_DATASETS, RESULTS, load_image_dataset, pyplot, save_figure,
+                                timed, write_csv, write_text)
 
-from retrieval_jax.data import atomic_write, load_coil20, load_mpeg7, write_csv  # noqa: E402
-from retrieval_jax.diffusion import ranking_from_scores  # noqa: E402
-from retrieval_jax.evaluation import bullseye_score, label_map  # noqa: E402
-from retrieval_jax.features import extract, gem, l2_normalize, load_efficientnet_lite, mac, rmac  # noqa: E402
-from retrieval_jax.features.backbones import efficientnet_lite_config  # noqa: E402
-from retrieval_jax.methods import DIFFUSION, KNN_SEARCH, DiffusionConfig  # noqa: E402
-
-DEFAULT_OUT = REPO / "experiments" / "results" / "features"
-DATASETS = ("coil20", "mpeg7")
+DEFAULT_OUT = RESULTS / "features"
+DATASETS = IMAGE_DATASETS
 POOLINGS = ("GeM", "MAC", "R-MAC")
 C = 1280  # EfficientNet-Lite head channels
 QUICK = dict(classes=10, per_class=10, size=128)
 
 
-# ----------------------------------------------------------------------------- data
-def load_dataset(name: str, size: int, classes: int | None = None, per_class: int | None = None):
-    """(grey uint8 images [n, size, size], labels int[n], protocol) of COIL-20 or MPEG-7.
-
-    ``classes`` keeps the first classes, ``per_class`` an evenly spaced subset of each
-    class (e.g. every 7th COIL pose), for quick runs.
-    """
-    loader = {"coil20": load_coil20, "mpeg7": load_mpeg7}[name]
-    ds = loader(size=size, images=True)
-    labels = np.asarray(ds.labels)
-    keep = np.ones(len(labels), bool)
-    if classes is not None:
-        keep &= labels < classes
-    if per_class is not None:
-        for c in np.unique(labels[keep]):
-            members = np.flatnonzero(labels == c)
-            pick = members[np.linspace(0, len(members) - 1, per_class).round().astype(int)]
-            drop = np.setdiff1d(members, pick)
-            keep[drop] = False
-    idx = np.flatnonzero(keep)
-    protocol = "mAP" if name == "coil20" else "bull's-eye"
-    return ds.images[idx], labels[idx], protocol
-
-
+# ----------------------------------------------------------------------------- evaluation
 def evaluate(scores, labels, protocol: str) -> float:
     """Label mAP (self excluded) or bull's-eye (top = 2 x class size, self counted)."""
     n = scores.shape[0]
@@ -111,7 +85,8 @@ def gem_mac_rmac(x, mask=None):
 
 
 # the extract cache fingerprints the pooling by module + name: keep it the same whether
-# this file runs as a script (__main__) or is imported (tests)
+# this module runs with ``python -m`` (__main__) or is imported (tests), and as it was
+# when experiments were scripts (caches stay valid)
 gem_mac_rmac.__module__ = "features_benchmark"
 
 
@@ -129,14 +104,9 @@ def describe(images, model, scales, cache: Path, batch_size: int = 16):
 
 # ----------------------------------------------------------------------------- speed
 def _median_seconds(fn, reps: int, min_seconds: float = 0.0) -> float:
-    fn()  # warm-up (compile)
-    times = []
-    start = time.perf_counter()
-    while len(times) < reps or time.perf_counter() - start < min_seconds:
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+    """Median seconds of ``fn()`` after one untimed warm-up call (compilation)."""
+    fn()
+    return timed(fn, reps, min_seconds=min_seconds)[1]
 
 
 def analytic_flops(size: int, variant: str = "lite0") -> float:
@@ -227,13 +197,9 @@ def markdown(rows: list[dict], timing: dict, extract_ips: dict, scales, args) ->
 
 
 def plot(rows: list[dict], timing: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     descs = list(dict.fromkeys(r["descriptor"] for r in rows))
     val = {(r["dataset"], r["descriptor"], r["method"]): r["score"] for r in rows}
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2), gridspec_kw={"width_ratios": [3, 3, 1.6]})
+    fig, axes = pyplot().subplots(1, 3, figsize=(14, 4.2), gridspec_kw={"width_ratios": [3, 3, 1.6]})
     xs = np.arange(len(descs))
     for ax, ds, title in zip(axes, DATASETS, ("COIL-20: label mAP (%)", "MPEG-7: bull's-eye (%)")):
         for j, (m, colour) in enumerate((("kNN", "tab:grey"), ("diffusion", "tab:blue"))):
@@ -252,8 +218,7 @@ def plot(rows: list[dict], timing: dict, path: Path) -> None:
                   fontsize=8)
     ax.set_title(f"GFLOP/s (ratio {timing['ratio']:.2f})")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 # ----------------------------------------------------------------------------- main
@@ -283,7 +248,7 @@ def main(argv=None) -> int:
                              tuple(args.scales) != (1.0,) else [])
     rows, extract_ips, first_images = [], {}, None
     for name in args.datasets:
-        images, labels, protocol = load_dataset(name, args.size, **sub)
+        images, labels, protocol = load_image_dataset(name, args.size, **sub)
         first_images = images if first_images is None else first_images
         for scales in scale_sets:
             stag = "+".join(f"{s:g}" for s in scales)
@@ -312,8 +277,7 @@ def main(argv=None) -> int:
     write_csv(out / "results.csv", rows)
     write_csv(out / "timing.csv", [{k: (round(v, 4) if isinstance(v, float) else v)
                                      for k, v in timing.items()}])
-    md = markdown(rows, timing, extract_ips, scale_sets, args)
-    atomic_write(out / "results.md", lambda f: f.write(md.encode()))
+    write_text(out / "results.md", markdown(rows, timing, extract_ips, scale_sets, args))
     plot(rows, timing, out / "features_benchmark.png")
     print(f"wrote {out}/results.csv, timing.csv, results.md, features_benchmark.png")
     return 0

@@ -1,9 +1,9 @@
 """Fine-tuning EfficientNet-Lite0 GeM descriptors on COIL-20 objects 1-10, tested on 11-20.
 
-    python experiments/finetune_coil20.py [--out experiments/results/finetune]
+    python -m experiments.finetune_coil20 [--out experiments/results/finetune]
         [--sizes 48 128] [--steps 200] [--seed 0] [--data ../shared/data/coil20] [--quick]
 
-Recipe (`retrieval_jax.features.finetune`, after Radenovic, Tolias & Chum, TPAMI
+Recipe (`retrieval_jax.training.finetune`, after Radenovic, Tolias & Chum, TPAMI
 2018): frozen ImageNet EfficientNet-Lite0 up to its last conv block, features of
 the 1440 grey images (replicated to RGB, resized to each ``--sizes`` side) computed
 once; then triplet loss (margin 0.3, 5 hard negatives per anchor re-mined every 20
@@ -27,9 +27,6 @@ About 3 minutes on 2 busy CPU cores.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
-import json
 import os
 import sys
 import time
@@ -37,21 +34,18 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from retrieval_jax.data import atomic_write, load_coil20  # noqa: E402
-from retrieval_jax.diffusion import ranking_from_scores  # noqa: E402
-from retrieval_jax.evaluation import label_map  # noqa: E402
-from retrieval_jax.features import load_efficientnet_lite  # noqa: E402
-from retrieval_jax.features.finetune import (apply_conv_head, backbone_feature_maps,  # noqa: E402
-                                             conv_head_params, embed_with_head, finetune_head, head_model,
+from retrieval_jax.backbones import backbone_feature_maps, conv_head_params, load_efficientnet_lite
+from retrieval_jax.data import load_coil20
+from retrieval_jax.diffusion import ranking_from_scores
+from retrieval_jax.evaluation import label_map
+from retrieval_jax.explanation.saliency import feature_saliency, save_overlay, similarity_saliency
+from retrieval_jax.methods import DIFFUSION, KNN_SEARCH, DiffusionConfig, KnnConfig
+from retrieval_jax.training.finetune import (apply_conv_head, embed_with_head, finetune_head, head_model,
                                              init_head)
-from retrieval_jax.features.saliency import (feature_saliency, save_overlay,  # noqa: E402
-                                             similarity_saliency)
-from retrieval_jax.methods import DIFFUSION, KNN_SEARCH, DiffusionConfig, KnnConfig  # noqa: E402
 
-DEFAULT_OUT = REPO / "experiments" / "results" / "finetune"
+from experiments.common import REPO, RESULTS, save_figure, write_csv, write_json
+
+DEFAULT_OUT = RESULTS / "finetune"
 DIFFUSION_K = (5, 10)
 HEADS = ("imagenet", "whiten", "conv")
 
@@ -75,14 +69,6 @@ def search_maps(desc, labels, diffusion_k=DIFFUSION_K) -> dict[str, float]:
     return out
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
-
-
 def _plot_curves(path: Path, histories: dict) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -104,9 +90,7 @@ def _plot_curves(path: Path, histories: dict) -> None:
     ax_l.legend(fontsize=7)
     ax_l.set_title("COIL-20 objects 1-10, hard negatives", fontsize=9)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write(path, lambda f: f.write(buf.getvalue()))
+    save_figure(fig, path, dpi=110)
 
 
 def _saliency_figures(out: Path, backbone, images, params_ft, desc0, desc1, labels,
@@ -208,13 +192,13 @@ def main(argv=None) -> int:
             saliency_files = _saliency_figures(args.out, backbone, data.images[test],
                                                params_conv, descs["imagenet"], descs["conv"],
                                                y_test, args.pairs)
-    _write_csv(args.out / "results.csv", rows)
+    write_csv(args.out / "results.csv", rows)
     _plot_curves(args.out / "training_curve.png", histories)
     config = {"sizes": args.sizes, "steps": args.steps, "seed": args.seed, "lr": 1e-3, "margin": 0.3,
               "batch": 32, "negatives": 5, "mine_every": 20, "diffusion_k": list(DIFFUSION_K),
               "train_objects": "1-10", "test_objects": "11-20", "saliency": saliency_files,
               "seconds": round(time.time() - t_start, 1)}
-    atomic_write(args.out / "config.json", lambda f: f.write(json.dumps(config, indent=2).encode()))
+    write_json(args.out / "config.json", config)
     print(f"wrote {args.out} in {time.time() - t_start:.0f}s")
     return 0
 

@@ -1,6 +1,6 @@
 """Offline diffusion (Yang et al., AAAI 2019) on COIL-20, beside exact diffusion.
 
-    python experiments/offline_diffusion.py [--data-dir DIR] [--out results/offline_diffusion] [--quick]
+    python -m experiments.offline_diffusion [--data-dir DIR] [--out results/offline_diffusion] [--quick]
 
 COIL-20 (``../shared/data/coil20`` or ``$RETRIEVAL_JAX_DATA``), 32x32 pixels,
 L2-normalised; mutual kNN graph k = 5, gamma 3, alpha 0.99; every item queries the
@@ -27,20 +27,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import resource
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import reproduce  # noqa: E402
-from retrieval_jax.data import atomic_write  # noqa: E402
-from retrieval_jax.diffusion import ranking_from_scores  # noqa: E402
-from retrieval_jax.methods import DIFFUSION, DiffusionConfig  # noqa: E402
-from retrieval_jax.methods.offline_diffusion import OFFLINE_DIFFUSION, OfflineDiffusionConfig  # noqa: E402
+from retrieval_jax.diffusion import ranking_from_scores
+from retrieval_jax.methods import DIFFUSION, DiffusionConfig
+from retrieval_jax.methods.offline_diffusion import OFFLINE_DIFFUSION, OfflineDiffusionConfig
+
+from experiments import reproduce
+from experiments.common import (block, load_label_dataset, process_peak_rss_mb, pyplot,
+                                save_figure, versions, write_csv, write_json)
 
 K, T = 5, 1000
 TARGET, TARGET_TOL = 94.1, 0.3
@@ -84,7 +83,7 @@ def argsort_ranking(scores, qids):
 def evaluate(name, method, cfg, X, labels, qids, *, log=print):
     t0 = time.perf_counter()
     state = method.build(X, cfg)
-    reproduce._block(state)
+    block(state)
     t1 = time.perf_counter()
     method.search_items(state, qids[:8]).block_until_ready()  # compile outside the timing
     t2 = time.perf_counter()
@@ -106,11 +105,7 @@ def evaluate(name, method, cfg, X, labels, qids, *, log=print):
 
 
 def plot(path: Path, records, exact_map: float) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig, ax = pyplot().subplots(figsize=(5.5, 3.8))
     for score in ("cosine", "direct"):
         rs = sorted((r for r in records if r["score"] == score), key=lambda r: r["top_l"])
         ax.plot([r["rows_MB"] for r in rs], [r["mAP"] for r in rs], marker="o", label=f"offline, {score}")
@@ -126,12 +121,11 @@ def plot(path: Path, records, exact_map: float) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def run(out="results/offline_diffusion", *, data_dir=None, quick: bool = False, log=print):
-    data = reproduce.load_label_dataset("coil20", data_dir)
+    data = load_label_dataset("coil20", data_dir)
     X, labels = data.X, np.asarray(data.labels)
     qids = np.arange(X.shape[0], dtype=np.int32)
     log(f"COIL-20: {X.shape[0]} items, d = {X.shape[1]}, k = {K}, T = {T}, every item a query")
@@ -141,18 +135,18 @@ def run(out="results/offline_diffusion", *, data_dir=None, quick: bool = False, 
     exact = next(r for r in records if r["method"].startswith("diffusion, exact"))["mAP"]
     cosine = records[0]["mAP"]
     ok = cosine >= TARGET - TARGET_TOL
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = process_peak_rss_mb()
     log(f"\ncosine {cosine:.2f}  direct {records[1]['mAP']:.2f}  exact diffusion {exact:.2f}  "
         f"(target {TARGET} +- {TARGET_TOL}: {'reached' if ok else 'MISSED'}; fyang93's code on these images: 95.71)"
         f"\npeak resident memory of this process {peak_mb:.0f} MB")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    reproduce.write_csv(out / "offline_diffusion.csv", records + sweep, COLUMNS)
+    write_csv(out / "offline_diffusion.csv", records + sweep, COLUMNS, float_format="{:.4f}")
     plot(out / "top_l.png", sweep, exact)
     config = {"command": sys.argv, "quick": quick, "k": K, "truncate": T, "target": TARGET,
               "rows": [[n, m.name, dataclasses.asdict(c)] for n, m, c in rows(quick) + top_l_rows(quick)],
-              "peak_rss_MB": peak_mb, "versions": reproduce._versions()}
-    atomic_write(out / "config.json", lambda f: f.write((json.dumps(config, indent=2, default=str) + "\n").encode()))
+              "peak_rss_MB": peak_mb, "versions": versions()}
+    write_json(out / "config.json", config)
     log(f"wrote {out / 'offline_diffusion.csv'}, {out / 'top_l.png'}, {out / 'config.json'}")
     return records + sweep
 

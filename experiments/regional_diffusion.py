@@ -33,8 +33,8 @@ Protocols: COIL-20 label mAP, every image a query, itself excluded from its rank
 (``ranking_from_scores(scores, exclude=ids)``); MPEG-7 bull's-eye (top 2 x class
 size, the query counted).
 
-    python experiments/regional_diffusion.py            # full: 1440 + 1400 images, 224 px
-    python experiments/regional_diffusion.py --quick    # 10 classes x 10 images, 128 px
+    python -m experiments.regional_diffusion            # full: 1440 + 1400 images, 224 px
+    python -m experiments.regional_diffusion --quick    # 10 classes x 10 images, 128 px
 
 Writes regional.csv, regional.md and regional_diffusion.png into --out (default
 experiments/results/regional); region descriptors are cached in --out/cache.
@@ -42,28 +42,25 @@ experiments/results/regional); region descriptors are cached in --out/cache.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from retrieval_jax.backbones import load_efficientnet_lite
+from retrieval_jax.descriptors import (apply_whitening, extract, gem, l2_normalize,
+                                       learn_pca_whitening, rmac_boxes, rmac_regions)
+from retrieval_jax.diffusion import diffuse
+from retrieval_jax.diffusion.regional import (gmp_weights, pool_region_scores, query_region_knn,
+                                              query_region_similarity)
+from retrieval_jax.graph import knn_graph, normalize
 
-import jax.numpy as jnp  # noqa: E402
+from experiments import features_benchmark as fb
+from experiments.common import (IMAGE_DATASETS, RESULTS, load_image_dataset, pyplot, save_figure,
+                                write_csv, write_text)
 
-import features_benchmark as fb  # noqa: E402
-from retrieval_jax.data import atomic_write, write_csv  # noqa: E402
-from retrieval_jax.diffusion import diffuse  # noqa: E402
-from retrieval_jax.features import (apply_whitening, extract, gem, gmp_weights, l2_normalize,  # noqa: E402
-                                    learn_pca_whitening, load_efficientnet_lite,
-                                    pool_region_scores, query_region_knn,
-                                    query_region_similarity, rmac_boxes, rmac_regions)
-from retrieval_jax.graph import knn_graph, normalize  # noqa: E402
-
-DEFAULT_OUT = REPO / "experiments" / "results" / "regional"
+DEFAULT_OUT = RESULTS / "regional"
 C = fb.C
 LEVELS = 3
 
@@ -156,7 +153,7 @@ def fb_progress(iterable, desc):
 
 # ----------------------------------------------------------------------------- experiment
 def run_dataset(name: str, model, args, sub: dict, tag: str) -> tuple[list[dict], dict]:
-    images, labels, protocol = fb.load_dataset(name, args.size, **sub)
+    images, labels, protocol = load_image_dataset(name, args.size, **sub)
     cache = args.out / "cache" / f"{name}_{tag}_{args.size}px_regions.npz"
     desc = whiten(regional_descriptors(images, model, args.size, cache, args.batch_size),
                   args.dim, args.shrinkage)
@@ -195,12 +192,8 @@ def label_of(row) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
-    fig, axes = plt.subplots(1, len(datasets), figsize=(6.5 * len(datasets), 4.4), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(datasets), figsize=(6.5 * len(datasets), 4.4), squeeze=False)
     for ax, ds in zip(axes[0], datasets):
         sel = [r for r in rows if r["dataset"] == ds]
         colours = ["tab:grey" if r["method"] == "kNN" else "tab:blue"
@@ -212,8 +205,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_ylim(0, 105)
         ax.set_title(f"{ds} (n = {sel[0]['n']}): {sel[0]['protocol']} (%)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def markdown(rows: list[dict], infos: list[dict], args) -> str:
@@ -242,7 +234,7 @@ def main(argv=None) -> int:
                         help=f"{fb.QUICK['classes']} classes x {fb.QUICK['per_class']} images "
                              f"per dataset at {fb.QUICK['size']} px")
     parser.add_argument("--size", type=int, default=None, help="input side in px (default 224)")
-    parser.add_argument("--datasets", nargs="+", default=list(fb.DATASETS), choices=fb.DATASETS)
+    parser.add_argument("--datasets", nargs="+", default=list(IMAGE_DATASETS), choices=IMAGE_DATASETS)
     parser.add_argument("--dim", type=int, default=256, help="PCA-whitening dimension")
     parser.add_argument("--shrinkage", type=float, default=0.9,
                         help="covariance shrinkage of the whitening (0 = plain PCA whitening)")
@@ -268,8 +260,7 @@ def main(argv=None) -> int:
         rows += r
         infos.append(info)
     write_csv(args.out / "regional.csv", rows)
-    md = markdown(rows, infos, args)
-    atomic_write(args.out / "regional.md", lambda f: f.write(md.encode()))
+    write_text(args.out / "regional.md", markdown(rows, infos, args))
     plot(rows, args.out / "regional_diffusion.png")
     print(f"wrote {args.out}/regional.csv, regional.md, regional_diffusion.png")
     return 0

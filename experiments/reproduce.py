@@ -1,6 +1,6 @@
 """Reproduce the results table: kNN search, alpha-QE, DBA + alpha-QE and diffusion, per data set.
 
-    python experiments/reproduce.py [--quick] [--out results/reproduce]
+    python -m experiments.reproduce [--quick] [--out results/reproduce]
                                     [--datasets digits coil20 mpeg7]
                                     [--roxford DESCRIPTORS.mat --gnd gnd_roxford5k.pkl]
 
@@ -24,23 +24,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from retrieval_jax.data import io as data_io
-from retrieval_jax.data import (atomic_write, default_data_dir, load_coil20, load_descriptors,
-                                load_digits, load_gnd, load_mpeg7)
+from retrieval_jax.data import load_descriptors, load_gnd
 from retrieval_jax.diffusion import ranking_from_scores
 from retrieval_jax.evaluation import bullseye_score, mean_average_precision, revisited_map
 from retrieval_jax.methods import DIFFUSION, FSR, KNN_SEARCH, DiffusionConfig, FsrConfig, KnnConfig
 from retrieval_jax.query_expansion import ALPHA_QE, DBA_ALPHA_QE, AlphaQEConfig, DbaQEConfig
 
-LABEL_DATASETS = ("digits", "coil20", "mpeg7")
+from experiments.common import (LABEL_DATASETS, available_label_datasets, block,
+                                load_label_dataset, versions, write_csv, write_json, write_text)
+
 COLUMNS = ("dataset", "method", "mAP", "mP@10", "bullseye", "mAP_easy", "mAP_medium", "mAP_hard",
            "mP@10_medium", "n_items", "n_queries", "build_s", "search_s")
 
@@ -88,44 +86,15 @@ def table_rows(s: Settings, n: int):
     ]
 
 
-# ----------------------------------------------------------------------------- data
-def available_label_datasets(data_dir=None) -> list[str]:
-    """digits, plus coil20 / mpeg7 when their folders exist."""
-    names = ["digits"]
-    try:
-        root = Path(data_dir) if data_dir is not None else default_data_dir()
-    except FileNotFoundError:
-        return names
-    names += [n for n in ("coil20", "mpeg7") if (root / n).is_dir()]
-    return names
-
-
-def load_label_dataset(name: str, data_dir=None, *, images: bool = False):
-    if name == "digits":
-        return load_digits(images=images)
-    root = None if data_dir is None else Path(data_dir) / name
-    if name == "coil20":
-        return load_coil20(root, images=images)
-    if name == "mpeg7":
-        return load_mpeg7(root, images=images)
-    raise ValueError(f"unknown data set {name!r}; choose from {LABEL_DATASETS}")
-
-
 # ----------------------------------------------------------------------------- evaluation
 def _timed_scores(method, cfg, X, search_arg, *, items: bool):
     t0 = time.perf_counter()
     state = method.build(X, cfg)
-    _block(state)
+    block(state)
     t1 = time.perf_counter()
     fn = method.search_items if items else method.search
     scores = np.asarray(fn(state, search_arg))
     return scores, t1 - t0, time.perf_counter() - t1
-
-
-def _block(tree):
-    import jax
-    jax.tree_util.tree_map(lambda x: x.block_until_ready() if hasattr(x, "block_until_ready")
-                           else x, tree)
 
 
 def label_scores(ranking_self_excluded, labels, query_ids, ks=(10,)):
@@ -211,10 +180,6 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def write_csv(path: Path, records, columns=COLUMNS) -> None:
-    data_io.write_csv(path, records, columns, float_format="{:.4f}")
-
-
 def markdown(records) -> str:
     lines = ["# Results", ""]
     for ds in dict.fromkeys(r["dataset"] for r in records):
@@ -241,17 +206,9 @@ def markdown(records) -> str:
 
 def write_outputs(out: Path, records, config: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    write_csv(out / "results.csv", records)
-    md = markdown(records)
-    atomic_write(out / "results.md", lambda f: f.write(md.encode()))
-    atomic_write(out / "config.json",
-                 lambda f: f.write((json.dumps(config, indent=2, default=str) + "\n").encode()))
-
-
-def _versions() -> dict:
-    import jax
-    return {"python": platform.python_version(), "jax": jax.__version__,
-            "numpy": np.__version__, "backend": jax.default_backend()}
+    write_csv(out / "results.csv", records, COLUMNS, float_format="{:.4f}")
+    write_text(out / "results.md", markdown(records))
+    write_json(out / "config.json", config)
 
 
 # ----------------------------------------------------------------------------- main
@@ -277,7 +234,7 @@ def run(out="results/reproduce", *, quick: bool = False, datasets=None, data_dir
         configs[name] = {"settings": dataclasses.asdict(lm), "descriptors": str(roxford),
                          "gnd": str(gnd), "rows": [[row, m.name, _config_dict(m, c)]
                                                    for row, m, c in table_rows(lm, X.shape[0])]}
-    config = {"command": sys.argv, "quick": quick, "datasets": configs, "versions": _versions()}
+    config = {"command": sys.argv, "quick": quick, "datasets": configs, "versions": versions()}
     out = Path(out)
     write_outputs(out, records, config)
     log(f"\n{markdown(records)}\nwrote {out / 'results.csv'}, {out / 'results.md'}, "

@@ -1,6 +1,6 @@
 """A page of ranked results: queries with their top results before and after diffusion.
 
-    python experiments/results_page.py [--dataset digits|coil20|mpeg7] [--out results/page]
+    python -m experiments.results_page [--dataset digits|coil20|mpeg7] [--out results/page]
                                        [--queries 6] [--top 8] [--select improved|random]
 
 Every shown query has two rows: plain kNN search (before) and diffusion (after,
@@ -20,14 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from retrieval_jax.diffusion import ranking_from_scores
+from retrieval_jax.evaluation import label_map
+from retrieval_jax.evaluation.figures import ranked_results_figure
+from retrieval_jax.methods import DIFFUSION, KNN_SEARCH, DiffusionConfig, KnnConfig
 
-import reproduce  # noqa: E402
-from retrieval_jax.data import atomic_write  # noqa: E402
-from retrieval_jax.diffusion import ranking_from_scores  # noqa: E402
-from retrieval_jax.evaluation import label_map  # noqa: E402
-from retrieval_jax.evaluation.figures import ranked_results_figure  # noqa: E402
-from retrieval_jax.methods import DIFFUSION, KNN_SEARCH, DiffusionConfig, KnnConfig  # noqa: E402
+from experiments.common import LABEL_DATASETS, load_label_dataset, write_text
 
 BEFORE_AFTER = (("kNN search", KNN_SEARCH, KnnConfig()),
                 ("diffusion", DIFFUSION, DiffusionConfig(k=10, max_iter=1000)))
@@ -80,12 +78,12 @@ class as the query, <span style="color:red">red</span> = another class.</p>
 </table>
 </body></html>
 """
-    atomic_write(path, lambda f: f.write(text.encode()))
+    write_text(path, text)
 
 
 def run(dataset="digits", out="results/page", *, n_queries: int = 6, top: int = 8,
         select: str = "improved", seed: int = 0, data_dir=None, log=print):
-    data = reproduce.load_label_dataset(dataset, data_dir, images=True)
+    data = load_label_dataset(dataset, data_dir, images=True)
     labels = np.asarray(data.labels)
     named = rankings(data.X)
     aps, maps = {}, {}
@@ -107,7 +105,7 @@ def run(dataset="digits", out="results/page", *, n_queries: int = 6, top: int = 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="digits", choices=reproduce.LABEL_DATASETS)
+    p.add_argument("--dataset", default="digits", choices=LABEL_DATASETS)
     p.add_argument("--out", default="results/page", help="output folder")
     p.add_argument("--queries", type=int, default=6, help="queries shown")
     p.add_argument("--top", type=int, default=8, help="results shown per query")

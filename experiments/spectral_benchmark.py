@@ -1,6 +1,6 @@
 """Fast Spectral Ranking benchmark (Iscen et al., CVPR 2018): issue 3.
 
-    python experiments/spectral_benchmark.py [--quick] [--sizes 5000,20000,50000]
+    python -m experiments.spectral_benchmark [--quick] [--sizes 5000,20000,50000]
         [--ranks 10,25,...] [--out experiments/results/spectral]
 
 Four parts, each measured in one process (routes interleaved, medians reported):
@@ -29,7 +29,7 @@ Four parts, each measured in one process (routes interleaved, medians reported):
 3. Offline seconds (``offline.csv``, ``offline.png``): ``graph_eigenpairs``
    (thick-restart Lanczos, float32, jitted) against ``scipy.sparse.linalg.eigsh``
    (ARPACK, float64, which="LA") for the same r, on synthetic clustered descriptors
-   (``bench_diffusion.clustered``: d = 64, n / 100 curved clusters) with a k = 50
+   (``common.clustered``: d = 64, n / 100 curved clusters) with a k = 50
    mutual graph. Lanczos is timed on its first call (compilation included) and,
    where n <= --warm-max, again with another start key (warm). Accuracy: the max
    relative eigenvalue error against eigsh, the max residual |W u - l u| and the
@@ -48,33 +48,26 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import sys
 import time
 import warnings
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import scipy.sparse as sp
+import scipy.sparse.linalg as sla
+from scipy.sparse.csgraph import connected_components
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import scipy.sparse as sp  # noqa: E402
-import scipy.sparse.linalg as sla  # noqa: E402
-from scipy.sparse.csgraph import connected_components  # noqa: E402
-
-from bench_diffusion import clustered  # noqa: E402
-from retrieval_jax.data.io import atomic_write  # noqa: E402
-from retrieval_jax.diffusion import (diffuse, diffusion_inverse, indicator_vectors,  # noqa: E402
-                                     ranking_from_scores)
-from retrieval_jax.evaluation import bullseye_score, label_map  # noqa: E402
-from retrieval_jax.graph import knn_graph, normalize  # noqa: E402
-from retrieval_jax.spectral import (fast_spectral_ranking, fast_spectral_ranking_sparse,  # noqa: E402
+from retrieval_jax.diffusion import diffuse, diffusion_inverse, indicator_vectors, ranking_from_scores
+from retrieval_jax.evaluation import bullseye_score, label_map
+from retrieval_jax.graph import knn_graph, normalize
+from retrieval_jax.spectral import (fast_spectral_ranking, fast_spectral_ranking_sparse,
                                     graph_eigenpairs, heat_kernel_filter,
                                     regularized_laplacian_filter, spectral_embedding)
+
+from experiments.common import RESULTS, clustered, pyplot, save_figure, timed, write_csv
 
 DATASETS = {"coil20": 5, "mpeg7": 15}  # name -> graph k
 FULL = dict(ranks="10,25,50,75,100,150,200,300,400", sizes="5000,20000,50000",
@@ -112,29 +105,6 @@ def _num(v):
         except ValueError:
             pass
     return {"True": True, "False": False}.get(v, v)
-
-
-def timed(fn):
-    t = time.perf_counter()
-    out = jax.block_until_ready(fn())
-    return out, time.perf_counter() - t
-
-
-def write_csv(path: Path, rows: list):
-    def write(f):
-        s = io.StringIO()
-        fields = list(dict.fromkeys(k for r in rows for k in r))
-        w = csv.DictWriter(s, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
-        f.write(s.getvalue().encode())
-    atomic_write(path, write)
-
-
-def save_fig(fig, path: Path):
-    import matplotlib.pyplot as plt
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
-    plt.close(fig)
 
 
 def _fsr_items(emb, n: int):
@@ -369,9 +339,7 @@ def frequency_experiment(graph, alpha: float, t_heat: float, query: int, rows: l
 
 # --------------------------------------------------------------------------- plots
 def plot_maps(out: Path, map_rows: list):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     paths = []
     for name in dict.fromkeys(r["dataset"] for r in map_rows):
         rows = [r for r in map_rows if r["dataset"] == name]
@@ -393,15 +361,13 @@ def plot_maps(out: Path, map_rows: list):
             ax.legend(fontsize=8, loc="lower right")
         fig.tight_layout()
         path = out / f"map_vs_rank_{name}.png"
-        save_fig(fig, path)
+        save_figure(fig, path, dpi=110)
         paths.append(path)
     return paths
 
 
 def plot_online(out: Path, rows: list):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.5))
     labels = [f"{r['dataset']} {r['route']} (r={r['r']})" if r["route"] != "cg_batched"
               else f"{r['dataset']} CG batched [{r['mode']} block]" for r in rows]
@@ -415,13 +381,11 @@ def plot_online(out: Path, rows: list):
     ax.invert_yaxis()
     ax.set_title("FSR vs batched CG at the smallest r within 1 mAP point of CG")
     fig.tight_layout()
-    save_fig(fig, out / "online.png")
+    save_figure(fig, out / "online.png", dpi=110)
 
 
 def plot_offline(out: Path, rows: list):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     ax = axes[0]
     n0 = rows[0]["n"]
@@ -452,13 +416,11 @@ def plot_offline(out: Path, rows: list):
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    save_fig(fig, out / "offline.png")
+    save_figure(fig, out / "offline.png", dpi=110)
 
 
 def plot_frequency(out: Path, lam, energy, h, alpha, t_heat, query, comp_size):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.6), sharey=True)
     names = {"regularized_laplacian": f"regularised Laplacian, alpha = {alpha}",
              "heat_kernel": f"heat kernel, t = {t_heat}"}
@@ -485,13 +447,13 @@ def plot_frequency(out: Path, lam, energy, h, alpha, t_heat, query, comp_size):
         ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="lower left")
     axes[0].set_ylabel("energy per eigenvalue (log)")
     fig.tight_layout()
-    save_fig(fig, out / "frequency_response.png")
+    save_figure(fig, out / "frequency_response.png", dpi=110)
 
 
 # --------------------------------------------------------------------------- main
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(REPO / "experiments" / "results" / "spectral"))
+    p.add_argument("--out", default=str(RESULTS / "spectral"))
     p.add_argument("--quick", action="store_true", help="small run for the tests (< 1 minute)")
     p.add_argument("--ranks", help="ranks r of the mAP sweep (comma separated)")
     p.add_argument("--sizes", help="n of the offline eigenpair timing (comma separated; '' to skip)")

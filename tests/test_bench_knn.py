@@ -1,4 +1,4 @@
-"""experiments/bench_knn.py --quick (n = 2000, d = 32, k = 10, no pynndescent) into a tmp dir.
+"""experiments.bench_knn --quick (n = 2000, d = 32, k = 10, no pynndescent) into a tmp dir.
 
 Every route of the quick mode writes a CSV row with a positive time, the exact JAX
 and faiss routes (faiss when installed) find the numpy neighbours (recall >= 0.99,
@@ -6,16 +6,11 @@ ties aside), and the PNG opens.
 No timing is asserted.
 """
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
 from conftest import assert_valid_png, read_csv
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-
-import bench_knn  # noqa: E402
+from experiments import bench_knn
 
 QUICK_ROUTES = {
     "numpy blocked matmul + argpartition (1024 rows)",

@@ -1,6 +1,8 @@
-"""experiments/reproduce.py, ablations.py and results_page.py in --quick mode on digits."""
+"""experiments.reproduce, .ablations and .results_page in --quick mode on digits; every
+experiment runs as ``python -m experiments.NAME`` from the repository root."""
 import json
 import pickle
+import subprocess
 import sys
 from pathlib import Path
 
@@ -8,16 +10,12 @@ import numpy as np
 import pytest
 import scipy.io
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+from conftest import REPO, assert_valid_png, read_csv
+from experiments import ablations, reproduce, results_page
 
-from conftest import assert_valid_png, read_csv  # noqa: E402
-import ablations  # noqa: E402
-import reproduce  # noqa: E402
-import results_page  # noqa: E402
-
-
-
-
+EXPERIMENTS = ("ablations", "bench_diffusion", "bench_knn", "features_benchmark", "finetune_coil20",
+               "offline_diffusion", "regional_diffusion", "reproduce", "results_page",
+               "spectral_benchmark")
 
 
 def _toy_landmarks(d: Path):
@@ -97,3 +95,34 @@ def test_results_page(tmp_path):
     assert_valid_png(out / "results_page.png")
     html = (out / "index.html").read_text()
     assert '<img src="results_page.png"' in html and html.count("<tr>") == 4
+
+
+# ----------------------------------------------------------------------------- as modules
+def test_experiments_edit_no_sys_path():
+    for name in EXPERIMENTS + ("common",):
+        source = (REPO / "experiments" / f"{name}.py").read_text()
+        assert "sys.path.insert" not in source and "sys.path.append" not in source, name
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_runs_as_a_module(name):
+    """``python -m experiments.NAME --help`` from the repository root, nothing on sys.path."""
+    out = subprocess.run([sys.executable, "-m", f"experiments.{name}", "--help"], cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("usage:") and "--help" in out.stdout
+
+
+def test_common_helpers(tmp_path):
+    from experiments import common
+    calls = []
+    out, seconds = common.timed(lambda: calls.append(1) or len(calls), repeat=3)
+    assert out == 3 and len(calls) == 3 and seconds >= 0
+    _, (seconds, peak) = common.timed_with_peak(lambda: None)
+    assert seconds >= 0 and peak > 0 and common.process_peak_rss_mb() >= peak
+    path = common.write_csv(tmp_path / "t.csv", [{"a": 1, "b": 0.5}, {"a": 2, "c": "x"}],
+                            float_format="{:.2f}")
+    assert read_csv(path) == [{"a": "1", "b": "0.50", "c": ""}, {"a": "2", "b": "", "c": "x"}]
+    x, labels = common.clustered(50, 8, 5, seed=0)
+    assert x.shape == (50, 8) and labels.shape == (50,)
+    assert np.allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)

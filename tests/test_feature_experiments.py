@@ -1,26 +1,18 @@
-"""experiments/features_benchmark.py and regional_diffusion.py in --quick mode on real images.
+"""experiments.features_benchmark and .regional_diffusion in --quick mode on real images.
 
 Both run once per module (10 classes x 10 images of COIL-20 and of MPEG-7 at 128 px,
 EfficientNet-Lite0 descriptors cached in the module's tmp dir), then the outputs are
 checked: CSV columns and rows, scores in range and plausible, GFLOP/s sane against the
 matmul peak, PNGs readable, and regional diffusion beating global kNN.
 """
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conftest import assert_valid_png, read_csv, require_data
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-
-import features_benchmark as fb  # noqa: E402
-import regional_diffusion as rd  # noqa: E402
-
-
-
-
+from experiments import common
+from experiments import features_benchmark as fb
+from experiments import regional_diffusion as rd
 
 
 def _need_data():
@@ -111,7 +103,7 @@ def test_regional_diffusion_beats_global_knn(regional_out):
 def test_gmp_equals_max_with_one_region(regional_out):
     """With one region per image, GMP weights are 1 / (1 + lambda): scores are max pooling's
     scaled by a constant, so the rankings coincide (on the real cached regions)."""
-    images, labels, _ = fb.load_dataset("coil20", 128, **{k: fb.QUICK[k]
+    images, labels, _ = common.load_image_dataset("coil20", 128, **{k: fb.QUICK[k]
                                                           for k in ("classes", "per_class")})
     model = fb.load_efficientnet_lite("lite0")
     desc = rd.regional_descriptors(images, model, 128,

@@ -273,10 +273,7 @@ def test_coil20_reaches_the_published_code(tmp_path):
     """COIL-20 32x32, k = 5, T = 1000, every item a query: cosine scoring reaches fyang93/diffusion's
     94.1 (PEERS.md). On this loader's images their code itself scores 95.71; we match it."""
     root = require_data("coil20")
-    import sys
-    from conftest import REPO
-    sys.path.insert(0, str(REPO / "experiments"))
-    import reproduce
+    from experiments import reproduce
     from retrieval_jax.data import load_coil20
 
     t0 = time.perf_counter()

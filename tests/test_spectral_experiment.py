@@ -1,4 +1,4 @@
-"""experiments/spectral_benchmark.py --quick on the real COIL-20 and MPEG-7 (issue 3).
+"""experiments.spectral_benchmark --quick on the real COIL-20 and MPEG-7 (issue 3).
 
 One run per module (about 45 s on 2 cores) into a tmp dir; then: every CSV has the
 expected rows and sane values, every PNG opens, and the substance - at the largest
@@ -7,17 +7,12 @@ online FSR beats batched CG, Lanczos agrees with ARPACK.
 """
 import csv
 import math
-import sys
-from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from conftest import require_data
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-
-import spectral_benchmark as sb  # noqa: E402
+from experiments import spectral_benchmark as sb
 
 QUICK_RANKS = [int(r) for r in sb.QUICK["ranks"].split(",")]
 

@@ -1,0 +1,195 @@
+"""Helpers shared by the experiments: timing, peak memory, data, CSV / JSON / PNG output.
+
+Every experiment runs from the repository root as ``python -m experiments.NAME``
+(no ``sys.path`` edits); outputs are written atomically.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+
+from retrieval_jax.data import (atomic_write, default_data_dir, load_coil20, load_digits,
+                                load_mpeg7)
+from retrieval_jax.data import io as data_io
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "experiments" / "results"
+
+
+# ----------------------------------------------------------------------------- timing
+def block(tree):
+    """Wait for every JAX array in ``tree`` (other leaves pass through); returns ``tree``."""
+    import jax
+    return jax.block_until_ready(tree)
+
+
+def timed(fn, repeat: int = 1, *, min_seconds: float = 0.0):
+    """(output of the last call, median wall-clock seconds of the calls of ``fn()``).
+
+    ``fn`` is called ``repeat`` times, and again until ``min_seconds`` have passed.
+    Each call's output is waited for (``jax.block_until_ready``), so asynchronous
+    dispatch is timed to completion.
+    """
+    out, times = None, []
+    repeat = max(1, int(repeat))
+    start = time.perf_counter()
+    while len(times) < repeat or time.perf_counter() - start < min_seconds:
+        t = time.perf_counter()
+        out = block(fn())
+        times.append(time.perf_counter() - t)
+    return out, float(np.median(times))
+
+
+def timed_with_peak(fn, repeat: int = 1):
+    """(output, (median seconds, peak RSS MB)) as `timed`, the peak-RSS mark reset first,
+    so the peak is the call's own (data and arrays alive from before included)."""
+    reset_peak_rss()
+    out, seconds = timed(fn, repeat)
+    return out, (seconds, peak_rss_mb())
+
+
+# ----------------------------------------------------------------------------- peak memory
+_PEAKS_BEFORE_RESETS = [0.0]
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory since the last `reset_peak_rss` (VmHWM), else of the process."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark of this process (Linux >= 4.0); False where not possible."""
+    _PEAKS_BEFORE_RESETS.append(peak_rss_mb())
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def process_peak_rss_mb() -> float:
+    """Peak resident memory of the whole process so far, across `reset_peak_rss` calls."""
+    return max(max(_PEAKS_BEFORE_RESETS), peak_rss_mb(),
+               resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
+
+
+# ----------------------------------------------------------------------------- data
+LABEL_DATASETS = ("digits", "coil20", "mpeg7")
+IMAGE_DATASETS = ("coil20", "mpeg7")
+
+
+def clustered(n, d, n_clusters, seed, noise=1.0):
+    """Synthetic unit descriptors [n, d] float32 on short random curves around
+    ``n_clusters`` centres (a manifold per class), and their labels int[n]."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(n_clusters, d))
+    # points along short random curves around each centre: a manifold per class
+    labels = rng.integers(0, n_clusters, n)
+    t = rng.uniform(-1, 1, size=(n, 1))
+    dirs = rng.normal(size=(n_clusters, d))
+    x = centers[labels] + 1.5 * t * dirs[labels] + noise * rng.normal(size=(n, d))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(np.float32), labels
+
+
+def available_label_datasets(data_dir=None) -> list[str]:
+    """digits, plus coil20 / mpeg7 when their folders exist."""
+    names = ["digits"]
+    try:
+        root = Path(data_dir) if data_dir is not None else default_data_dir()
+    except FileNotFoundError:
+        return names
+    names += [n for n in ("coil20", "mpeg7") if (root / n).is_dir()]
+    return names
+
+
+def load_label_dataset(name: str, data_dir=None, *, images: bool = False):
+    """digits, COIL-20 or MPEG-7 (descriptors and labels; ``images`` too if asked)."""
+    if name == "digits":
+        return load_digits(images=images)
+    root = None if data_dir is None else Path(data_dir) / name
+    if name == "coil20":
+        return load_coil20(root, images=images)
+    if name == "mpeg7":
+        return load_mpeg7(root, images=images)
+    raise ValueError(f"unknown data set {name!r}; choose from {LABEL_DATASETS}")
+
+
+def load_image_dataset(name: str, size: int, classes: int | None = None,
+                       per_class: int | None = None):
+    """(grey uint8 images [n, size, size], labels int[n], protocol) of COIL-20 or MPEG-7.
+
+    ``classes`` keeps the first classes, ``per_class`` an evenly spaced subset of each
+    class (e.g. every 7th COIL pose), for quick runs.
+    """
+    loader = {"coil20": load_coil20, "mpeg7": load_mpeg7}[name]
+    ds = loader(size=size, images=True)
+    labels = np.asarray(ds.labels)
+    keep = np.ones(len(labels), bool)
+    if classes is not None:
+        keep &= labels < classes
+    if per_class is not None:
+        for c in np.unique(labels[keep]):
+            members = np.flatnonzero(labels == c)
+            pick = members[np.linspace(0, len(members) - 1, per_class).round().astype(int)]
+            drop = np.setdiff1d(members, pick)
+            keep[drop] = False
+    idx = np.flatnonzero(keep)
+    protocol = "mAP" if name == "coil20" else "bull's-eye"
+    return ds.images[idx], labels[idx], protocol
+
+
+# ----------------------------------------------------------------------------- output
+def write_csv(path, rows, columns=None, *, float_format: str | None = None) -> Path:
+    """Rows (dicts) as CSV, atomically; ``columns`` default to every key in row order."""
+    rows = list(rows)
+    if columns is None:
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+    return data_io.write_csv(path, rows, columns, float_format=float_format)
+
+
+def write_text(path, text: str) -> Path:
+    """``text`` (UTF-8) into ``path``, atomically."""
+    data = text.encode()
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def write_json(path, obj) -> Path:
+    """``obj`` as indented JSON (non-JSON values as ``str``), atomically."""
+    return write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path, *, dpi: int = 100) -> Path:
+    """``fig`` as a PNG, atomically, then closed."""
+    import matplotlib.pyplot as plt
+    out = atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
+    plt.close(fig)
+    return out
+
+
+def versions() -> dict:
+    """Python, JAX and NumPy versions and the JAX backend, for a run's config."""
+    import jax
+    return {"python": platform.python_version(), "jax": jax.__version__,
+            "numpy": np.__version__, "backend": jax.default_backend()}
