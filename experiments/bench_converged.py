@@ -1,0 +1,321 @@
+"""The converged ranking (CG to tol 1e-6) at scale: scipy cg loop vs batched CG vs two-level CG.
+
+    python experiments/bench_converged.py [--n 100000] [--d 64] [--k 50] [--queries 500]
+        [--repeat 3] [--out results/bench_converged] [--quick]
+
+One mutual kNN graph (k = 50, similarity^3, W = D^-1/2 A D^-1/2) over synthetic
+clustered descriptors (points on short random curves around n / 100 centres, unit
+norm, as ``experiments/bench_diffusion.py``), out-of-graph queries from the same
+distribution with y = their top-10 database similarities cubed, alpha = 0.99. Every
+route solves (I - alpha W) x = y to the relative residual tol = 1e-6:
+
+* ``scipy cg loop``: ``scipy.sparse.linalg.cg`` once per query on the float64 CSR
+  matrix (rtol = tol), timed on --scipy-queries queries;
+* ``jax batched CG``: `solve` with `CG(tol, 5000)`, all queries at once, jitted;
+* ``jax two-level CG (deflation)`` / ``(additive)``: `PreconditionedCG` (aggregation
+  coarse space, `retrieval_jax.diffusion.preconditioned`), its offline setup timed apart.
+
+Each route is timed alone (warm-up call first, then --repeat calls; a 2 s pause
+between routes, so that BLAS threads spinning after one route do not slow the next),
+in --rounds rounds; medians over all calls with the min-max spread. Agreement: per
+query, the top-100 overlap with the scipy ranking and the max relative score
+difference ||x - x_scipy||_inf / ||x_scipy||_inf, over the queries scipy solved; the
+true relative residual ||y - M x|| / ||y|| of every route in float64.
+
+Bandwidth: one product W @ X (X [n, B], B = the batch) in float32 and with bfloat16
+operands (float32 accumulation), against the machine's copy bandwidth measured in the
+same run (a 512 MB array copy, read + write counted). Two byte counts for the product:
+"streamed" = indices + weights + X once + the output (the least any product moves),
+"gathered" = indices + weights + every gathered row of X + the output (no cache reuse).
+
+Writes ``bench_converged.csv`` (one row per route), ``bandwidth.csv`` and
+``bench_converged.png`` under --out. --quick: n = 3000, d = 32, k = 10, 40 queries,
+two repeats (used by tests/test_bench_converged.py).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import scipy.sparse as sp  # noqa: E402
+import scipy.sparse.linalg as sla  # noqa: E402
+from scipy.sparse.csgraph import connected_components  # noqa: E402
+
+from retrieval_jax.data.io import atomic_write, write_csv  # noqa: E402
+from retrieval_jax.diffusion import CG, diffusion_operator, query_vectors, solve  # noqa: E402
+from retrieval_jax.diffusion.preconditioned import PreconditionedCG  # noqa: E402
+from retrieval_jax.graph import knn, knn_graph, normalize  # noqa: E402
+from retrieval_jax.graph.core import NormalizedGraph  # noqa: E402
+
+PAUSE_S = 2.0
+
+
+def clustered(n, d, n_clusters, seed, noise=1.0):
+    """Unit vectors on short random curves around ``n_clusters`` centres, and their labels."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(n_clusters, d))
+    labels = rng.integers(0, n_clusters, n)
+    t = rng.uniform(-1, 1, size=(n, 1))
+    dirs = rng.normal(size=(n_clusters, d))
+    x = centers[labels] + 1.5 * t * dirs[labels] + noise * rng.normal(size=(n, d))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(np.float32), labels
+
+
+def build(n, d, k, nq, cache: Path | None):
+    """The normalised graph and the queries' (similarities, ids) of their top 10; cached as npz."""
+    if cache is not None and cache.is_file():
+        f = np.load(cache)
+        graph = NormalizedGraph(indices=jnp.asarray(f["indices"]), weights=jnp.asarray(f["weights"]))
+        return graph, f["qs"][:nq], f["qi"][:nq], 0.0
+    x, _ = clustered(n + nq, d, max(10, n // 100), seed=n)
+    db, q = x[:n], x[n:]
+    t = time.perf_counter()
+    try:
+        import faiss  # noqa: F401
+        method = "faiss"
+    except ImportError:
+        method = "exact"
+    graph = normalize(knn_graph(db, k, gamma=3.0, mutual=True, method=method if n > 20000 else "exact"))
+    jax.block_until_ready(graph.weights)
+    t_graph = time.perf_counter() - t
+    s, i = knn(q, db, 10)
+    s, i = np.asarray(s), np.asarray(i)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(cache, indices=np.asarray(graph.indices), weights=np.asarray(graph.weights), qs=s, qi=i)
+    return graph, s, i, t_graph
+
+
+def timed_block(fn, repeat):
+    """Warm-up call, then ``repeat`` timed calls: (last output, seconds list)."""
+    out = fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t)
+    return out, times
+
+
+def copy_bandwidth(nbytes=2 ** 29, repeat=5):
+    """Bytes/s of a large array copy (read + write counted), numpy."""
+    a = np.ones(nbytes // 4, np.float32)
+    b = np.empty_like(a)
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        np.copyto(b, a)
+        times.append(time.perf_counter() - t)
+    return 2 * a.nbytes / float(np.median(times)), 2 * a.nbytes / min(times)
+
+
+def product_bandwidth(graph, b, repeat):
+    """One W @ X, X [n, b], float32 and bfloat16 operands: rows of seconds and bytes/s."""
+    n, kk = graph.indices.shape
+    x32 = jnp.asarray(np.random.default_rng(0).normal(size=(n, b)).astype(np.float32))
+    rows = []
+    for name, dtype in (("float32", jnp.float32), ("bfloat16 operands, float32 accumulation", jnp.bfloat16)):
+        w = graph.weights.astype(dtype)
+        x = x32.astype(dtype)
+
+        @jax.jit
+        def product(idx, w, x):
+            def body(k, acc):
+                return acc + w[:, k, None].astype(jnp.float32) * x[idx[:, k]].astype(jnp.float32)
+            return jax.lax.fori_loop(0, idx.shape[1], body, jnp.zeros((n, b), jnp.float32), unroll=8)
+        _, times = timed_block(lambda: jax.block_until_ready(product(graph.indices, w, x)), repeat)
+        sec = float(np.median(times))
+        item = np.dtype(dtype).itemsize
+        streamed = n * kk * (4 + item) + n * b * item + n * b * 4
+        gathered = n * kk * (4 + item) + n * kk * b * item + n * b * 4
+        rows.append({"product": name, "n": n, "K": kk, "B": b, "ms": 1e3 * sec,
+                     "ms_min": 1e3 * min(times), "ms_max": 1e3 * max(times),
+                     "streamed_GBps": streamed / sec / 1e9, "gathered_GBps": gathered / sec / 1e9})
+    return rows
+
+
+def top_overlap(a, b, top):
+    ta = np.argpartition(-a, top, axis=1)[:, :top]
+    tb = np.argpartition(-b, top, axis=1)[:, :top]
+    return np.array([len(np.intersect1d(x, y)) / top for x, y in zip(ta, tb)])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=100000)
+    p.add_argument("--d", type=int, default=64)
+    p.add_argument("--k", type=int, default=50)
+    p.add_argument("--queries", type=int, default=500)
+    p.add_argument("--scipy-queries", type=int, default=50, help="queries the scipy loop is timed on")
+    p.add_argument("--alpha", type=float, default=0.99)
+    p.add_argument("--tol", type=float, default=1e-6)
+    p.add_argument("--max-coarse", type=int, default=2048)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--modes", default="deflation,additive")
+    p.add_argument("--cache", default=None, help="npz file caching the graph and the queries")
+    p.add_argument("--out", default=str(REPO / "results" / "bench_converged"))
+    p.add_argument("--quick", action="store_true", help="n = 3000, d = 32, k = 10, 40 queries, 2 repeats")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.n, args.d, args.k, args.queries, args.scipy_queries = 3000, 32, 10, 40, 20
+        args.repeat, args.rounds, args.max_coarse = 2, 1, 256
+    global PAUSE_S
+    if args.quick:
+        PAUSE_S = 0.2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    n, nq = args.n, args.queries
+
+    graph, qs, qi, t_graph = build(n, args.d, args.k, nq, Path(args.cache) if args.cache else None)
+    wsp = graph.to_scipy().astype(np.float64)
+    ncomp, comp = connected_components(wsp, directed=False)
+    sizes = np.bincount(comp)
+    y = query_vectors(jnp.asarray(qs), jnp.asarray(qi, jnp.int32), n, gamma=3.0)
+    yn = np.asarray(y, np.float64)
+    m = (sp.identity(n, format="csr") - args.alpha * wsp).tocsr()
+    op = diffusion_operator(graph, args.alpha)
+    print(f"n = {n}, d = {args.d}, k = {args.k}, {nq} queries, nnz = {wsp.nnz}, max degree {graph.max_degree}, "
+          f"{ncomp} components (largest {sizes.max()}), graph {t_graph:.0f}s; alpha {args.alpha}, tol {args.tol:g}",
+          flush=True)
+
+    # ---------------------------------------------------------------- routes
+    nsc = min(args.scipy_queries, nq)
+
+    def scipy_loop():
+        xs, its = np.zeros((nsc, n)), np.zeros(nsc, int)
+        for r in range(nsc):
+            count = [0]
+
+            def cb(_):
+                count[0] += 1
+            xs[r], _ = sla.cg(m, yn[r], rtol=args.tol, maxiter=10 * n, callback=cb)
+            its[r] = count[0]
+        return xs, its
+
+    routes = {"jax batched CG": (CG(args.tol, 5000), None)}
+    setup = {"jax batched CG": 0.0, "scipy cg loop": 0.0}
+    for mode in [m_ for m_ in args.modes.split(",") if m_]:
+        solver = PreconditionedCG(args.tol, 1000, args.max_coarse, mode)
+        t = time.perf_counter()
+        state = solver.init(op)
+        jax.block_until_ready(state)
+        key = f"jax two-level CG ({mode})"
+        setup[key] = time.perf_counter() - t
+        routes[key] = (solver, state)
+        print(f"{key}: setup {setup[key]:.2f}s, {state.num_aggregates} aggregates, "
+              f"members {state.members.shape[1]}, W P width {state.wp_ids.shape[1]}, "
+              f"{state.nbytes() / 2 ** 20:.0f} MB", flush=True)
+
+    times = {key: [] for key in list(routes) + ["scipy cg loop"]}
+    outs, first = {}, {}
+    for rnd in range(args.rounds):
+        for key, (solver, state) in routes.items():
+            def run(solver=solver, state=state):
+                sol = solve(op, y, solver, state)
+                return jax.block_until_ready(sol)
+            if rnd == 0:
+                t = time.perf_counter()
+                run()
+                first[key] = time.perf_counter() - t
+            outs[key], ts = timed_block(run, args.repeat)
+            times[key] += [t / nq for t in ts]
+            time.sleep(PAUSE_S)
+        time.sleep(PAUSE_S)
+        t = time.perf_counter()
+        outs["scipy cg loop"] = scipy_loop()
+        times["scipy cg loop"].append((time.perf_counter() - t) / nsc)
+        for _ in range(max(1, args.repeat - 2)):
+            t = time.perf_counter()
+            scipy_loop()
+            times["scipy cg loop"].append((time.perf_counter() - t) / nsc)
+        time.sleep(PAUSE_S)
+
+    # ---------------------------------------------------------------- agreement and report
+    ref, ref_its = outs["scipy cg loop"]
+    ynorm = np.linalg.norm(yn, axis=1)
+    base = float(np.median(times["scipy cg loop"]))
+    rows = []
+    for key in times:
+        if key == "scipy cg loop":
+            x, its = ref, ref_its
+        else:
+            sol = outs[key]
+            x = np.asarray(sol.scores, np.float64)
+            its = np.asarray(sol.iterations)
+        true_res = np.linalg.norm(yn[:len(x)].T - m @ x.T, axis=0) / ynorm[:len(x)]
+        xs = x[:nsc]
+        over = top_overlap(xs, ref, 100)
+        rel = np.abs(xs - ref).max(axis=1) / np.abs(ref).max(axis=1)
+        ts = np.asarray(times[key])
+        med = float(np.median(ts))
+        rows.append({"route": key, "n": n, "d": args.d, "k": args.k, "queries": nsc if key == "scipy cg loop" else nq,
+                     "components": ncomp, "largest_component": int(sizes.max()),
+                     "iterations_median": float(np.median(its)), "iterations_max": int(np.max(its)),
+                     "ms_per_query": 1e3 * med, "ms_min": 1e3 * float(ts.min()), "ms_max": 1e3 * float(ts.max()),
+                     "runs": len(ts), "vs_scipy": base / med,
+                     "vs_scipy_min": float(np.min(times["scipy cg loop"])) / float(ts.max()),
+                     "vs_scipy_max": float(np.max(times["scipy cg loop"])) / float(ts.min()),
+                     "setup_s": setup[key], "first_call_s": first.get(key, float("nan")),
+                     "top100_overlap_min": float(over.min()), "top100_overlap_mean": float(over.mean()),
+                     "max_rel_diff_vs_scipy": float(rel.max()), "true_residual_max": float(true_res.max())})
+    print(f"\n| {'route':<32} | its med/max | ms/query (min-max) | vs scipy (range) | setup s | top-100 overlap "
+          f"| max rel diff | true residual |")
+    for r in rows:
+        print(f"| {r['route']:<32} | {r['iterations_median']:5.0f}/{r['iterations_max']:<5d} | "
+              f"{r['ms_per_query']:8.2f} ({r['ms_min']:.2f}-{r['ms_max']:.2f}) | {r['vs_scipy']:5.1f}x "
+              f"({r['vs_scipy_min']:.1f}-{r['vs_scipy_max']:.1f}) | {r['setup_s']:7.2f} | "
+              f"{r['top100_overlap_min']:.3f} | {r['max_rel_diff_vs_scipy']:.1e} | {r['true_residual_max']:.1e} |")
+
+    time.sleep(PAUSE_S)
+    bw = product_bandwidth(graph, nq, max(3, args.repeat))
+    copy_med, copy_best = copy_bandwidth(2 ** 24 if args.quick else 2 ** 29)
+    print(f"\ncopy bandwidth (512 MB array copy, read + write): {copy_med / 1e9:.1f} GB/s median, "
+          f"{copy_best / 1e9:.1f} GB/s best")
+    for r in bw:
+        r["copy_GBps"] = copy_med / 1e9
+        r["streamed_vs_copy"] = r["streamed_GBps"] / r["copy_GBps"]
+        r["gathered_vs_copy"] = r["gathered_GBps"] / r["copy_GBps"]
+        print(f"W @ X [{n}, {r['B']}] {r['product']:<42} {r['ms']:8.1f} ms ({r['ms_min']:.1f}-{r['ms_max']:.1f}): "
+              f"streamed {r['streamed_GBps']:.1f} GB/s ({r['streamed_vs_copy']:.2f} of copy), "
+              f"gathered {r['gathered_GBps']:.1f} GB/s ({r['gathered_vs_copy']:.2f} of copy)")
+    write_csv(out / "bench_converged.csv", rows)
+    write_csv(out / "bandwidth.csv", bw)
+    plot(out / "bench_converged.png", rows, n)
+    print(f"\nwrote {out / 'bench_converged.csv'}, {out / 'bandwidth.csv'}, {out / 'bench_converged.png'}")
+    return 0
+
+
+def plot(path, rows, n):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 0.6 * len(rows) + 1.5))
+    med = np.array([r["ms_per_query"] for r in rows])
+    err = np.array([[r["ms_per_query"] - r["ms_min"] for r in rows], [r["ms_max"] - r["ms_per_query"] for r in rows]])
+    ax.barh([r["route"] for r in rows], med, xerr=err, color=["tab:gray" if "scipy" in r["route"] else "tab:blue"
+                                                                for r in rows])
+    for j, r in enumerate(rows):
+        ax.text(r["ms_per_query"], j, f"  {r['ms_per_query']:.1f} ms, x{r['vs_scipy']:.1f}, "
+                                      f"{r['iterations_max']} steps", va="center", fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("ms per query (log), median and min-max")
+    ax.set_title(f"converged diffusion (tol 1e-6), n = {n}")
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
