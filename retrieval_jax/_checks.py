@@ -10,12 +10,14 @@ import numpy as np
 
 
 def is_traced(*values) -> bool:
-    """True if any of ``values`` is a JAX tracer (we are inside jit, vmap or grad).
+    """True if the values of any of ``values`` cannot be read here: a JAX tracer (we are
+    inside jit, vmap or grad), or an array spanning devices of other processes.
 
-    Under a trace only what is static (shapes, dtypes) can be checked; values are left
-    alone and checked by the caller's own non-traced entry point.
+    Then only what is static (shapes, dtypes) can be checked; values are left alone and
+    checked by the caller's own non-traced (or single-process) entry point.
     """
-    return any(isinstance(v, jax.core.Tracer) for v in values)
+    return any(isinstance(v, jax.core.Tracer)
+               or (isinstance(v, jax.Array) and not v.is_fully_addressable) for v in values)
 
 
 def check_traced_scalar(value, name: str):
@@ -129,3 +131,31 @@ def _as_float(value, name: str) -> float:
         return float(value)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}") from exc
+
+
+def check_node_ids(ids, n: int, name: str = "ids") -> None:
+    """Integer node ids in [0, n): never cast from floats, never clamped. Values are checked
+    only when concrete; under a trace the dtype is."""
+    dtype = getattr(ids, "dtype", None)
+    if dtype is None or not np.issubdtype(dtype, np.integer):
+        raise TypeError(f"{name} must be integer node ids, got dtype {dtype} (no silent cast)")
+    if not is_traced(ids):
+        i = np.asarray(ids)
+        if i.size and (i.min() < 0 or i.max() >= n):
+            raise ValueError(f"{name} must lie in [0, {n}), got range [{i.min()}, {i.max()}]")
+
+
+def check_knn_args(queries, database, k, exclude_self: bool):
+    """Validated (queries, database, k) of an exact kNN search (host side)."""
+    q = as_matrix(queries, "queries")
+    db = as_matrix(database, "database")
+    check_same_dim(q, db, "queries", "database")
+    n = db.shape[0]
+    if exclude_self:
+        if q.shape[0] != n:
+            raise ValueError("exclude_self=True means the queries are the database, "
+                             f"but got {q.shape[0]} queries for {n} database items")
+        k = check_k(k, n - 1, what="other database items")
+    else:
+        k = check_k(k, n)
+    return q, db, k

@@ -104,3 +104,17 @@ def test_search_pads_batches_to_bucket_sizes():
         np.testing.assert_allclose(np.asarray(out), db[:nq] @ db.T, rtol=1e-5, atol=1e-5)
     assert _knn_search._cache_size() - before <= 2          # buckets 8 and 16, not 16 programs
     assert [bucket_size(n) for n in (1, 8, 9, 100)] == [8, 8, 16, 128]
+
+
+def test_a_nan_right_hand_side_gives_nan_not_zero(small):
+    import jax
+    _, w = small
+    y = np.zeros((2, 100), np.float32)
+    y[0, 0] = 1.0
+    y[1, 0] = np.nan
+    from retrieval_jax.diffusion import cg_diffusion
+    res = cg_diffusion(w, jnp.asarray(y), 0.9, 1e-6, 50)
+    assert np.isfinite(np.asarray(res.x[:, 0])).all() and np.isnan(np.asarray(res.x[:, 1])).all()
+    # a NaN cotangent reaching the backward solve propagates instead of vanishing
+    g = jax.grad(lambda v: jnp.sum(jnp.nan * diffuse(w, v, tol=1e-6, max_iter=50)))(jnp.asarray(y[:1]))
+    assert np.isnan(np.asarray(g)).all()

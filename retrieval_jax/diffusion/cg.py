@@ -86,7 +86,11 @@ def conjugate_gradient(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, *
 
     init = (x, r, p, rs, jnp.int32(0), jnp.zeros((nb,), jnp.int32))
     x, r, p, rs, _, its = jax.lax.while_loop(cond, body, init)
+    # a non-finite right-hand side (e.g. a NaN cotangent in a backward pass) gives a NaN
+    # solution, never a silent zero: its residual test would otherwise read as converged
+    x = jnp.where(jnp.isfinite(b_norm), x, jnp.nan)
     res = jnp.where(b_norm > 0, jnp.sqrt(rs) / jnp.where(b_norm > 0, b_norm, 1), 0).astype(dtype)
+    res = jnp.where(jnp.isfinite(b_norm), res, jnp.nan)
     if squeeze:
         return CGResult(x[:, 0], its[0], res[0])
     return CGResult(x, its, res)

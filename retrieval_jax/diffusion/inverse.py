@@ -69,7 +69,7 @@ class DiffusionInverse:
         indices = jnp.asarray(indices)
         if weights.ndim != 2 or indices.shape != weights.shape:
             raise ValueError(f"weights and indices must both be [q, k], got {weights.shape} and {indices.shape}")
-        _check_ids(indices, self.num_nodes, "indices")
+        _checks.check_node_ids(indices, self.num_nodes, "indices")
         q, k = weights.shape
         rows_q = jnp.arange(q)
         parts = []
@@ -94,22 +94,12 @@ class DiffusionInverse:
     def rows(self, ids: jax.Array) -> jax.Array:
         """Rows inv[ids, :], float32[len(ids), n]: the exact diffusion of database items."""
         ids = jnp.asarray(ids)
-        _check_ids(ids, self.num_nodes, "ids")
+        _checks.check_node_ids(ids, self.num_nodes, "ids")
         return self.weighted_rows(jnp.ones(ids.shape + (1,), self.blocks[0].dtype), ids[:, None])
 
     def todense(self) -> jax.Array:
         """The full float32[n, n] inverse (for tests and small graphs)."""
         return self.rows(jnp.arange(self.num_nodes, dtype=jnp.int32))
-
-
-def _check_ids(ids, n: int, name: str) -> None:
-    """Integer node ids in [0, n) (values checked only when concrete: no clamping, no cast)."""
-    if not jnp.issubdtype(ids.dtype, jnp.integer):
-        raise TypeError(f"{name} must be integer node ids, got dtype {ids.dtype}")
-    if not _checks.is_traced(ids):
-        i = np.asarray(ids)
-        if i.size and (i.min() < 0 or i.max() >= n):
-            raise ValueError(f"{name} must lie in [0, {n}), got range [{i.min()}, {i.max()}]")
 
 
 class InversePlan(NamedTuple):

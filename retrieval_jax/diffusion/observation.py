@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +18,6 @@ import numpy as np
 
 from .. import _checks
 from ..graph.affinity import similarity_power
-from .solve import warn_empty_observations
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["weights", "indices"],
@@ -58,12 +58,7 @@ def observe_neighbours(similarities, indices, n: int, *, gamma=3.0) -> SparseObs
     sims, idx = jnp.asarray(similarities), jnp.asarray(indices)
     if sims.ndim != 2 or sims.shape != idx.shape:
         raise ValueError(f"similarities and indices must both be [n_queries, k], got {sims.shape} and {idx.shape}")
-    if not jnp.issubdtype(idx.dtype, jnp.integer):
-        raise TypeError(f"indices must be integer node ids, got dtype {idx.dtype} (no silent cast)")
-    if not _checks.is_traced(idx):
-        i = np.asarray(idx)
-        if i.size and (i.min() < 0 or i.max() >= n):
-            raise ValueError(f"indices must lie in [0, {n}), got range [{i.min()}, {i.max()}]")
+    _checks.check_node_ids(idx, n, "indices")
     if not _checks.is_traced(sims):
         if not np.isfinite(np.asarray(sims)).all():
             raise ValueError("similarities contain NaN or inf")
@@ -79,11 +74,17 @@ def observe_items(ids, n: int) -> SparseObservation:
     ids = jnp.asarray(ids)
     if ids.ndim != 1:
         raise ValueError(f"ids must be a 1-D array of node ids, got shape {ids.shape}")
-    if not jnp.issubdtype(ids.dtype, jnp.integer):
-        raise TypeError(f"ids must be integer node ids, got dtype {ids.dtype} (no silent cast)")
-    if not _checks.is_traced(ids):
-        i = np.asarray(ids)
-        if i.size and (i.min() < 0 or i.max() >= n):
-            raise ValueError(f"ids must lie in [0, {n}), got range [{i.min()}, {i.max()}]")
+    _checks.check_node_ids(ids, n, "ids")
     return SparseObservation(weights=jnp.ones(ids.shape + (1,), jnp.float32),
                              indices=ids.astype(jnp.int32)[:, None], num_nodes=n)
+
+
+def warn_empty_observations(similarities: np.ndarray) -> None:
+    """Warn when a query's k similarities are all <= 0: its y is 0, so are its scores, and
+    its ranking is the database order. Host side (concrete similarities only)."""
+    if similarities.size and similarities.ndim == 2:
+        empty = np.flatnonzero((similarities <= 0).all(axis=1))
+        if empty.size:
+            warnings.warn(f"{empty.size} query(ies) (first: {empty[0]}) have no positive similarity among their "
+                          f"{similarities.shape[1]} nearest items, so y = 0 and every score is 0 (the ranking "
+                          "is the database order); check the descriptors or raise query_k", stacklevel=3)

@@ -23,6 +23,7 @@ import numpy as np
 from .. import _checks
 from ..graph.core import Graph
 from .cg import CGResult, conjugate_gradient
+from .observation import observe_items, observe_neighbours
 from .operator import check_normalized
 
 
@@ -48,56 +49,12 @@ def query_vectors(similarities, indices, n: int, *, gamma: float = 3.0) -> jax.A
     Returns:
       float32[nq, n].
     """
-    _checks.check_gamma(gamma)
-    similarities = jnp.asarray(similarities)
-    indices = jnp.asarray(indices)
-    if similarities.ndim != 2 or similarities.shape != indices.shape:
-        raise ValueError("similarities and indices must both be [n_queries, k], got "
-                         f"{similarities.shape} and {indices.shape}")
-    if not jnp.issubdtype(indices.dtype, jnp.integer):
-        raise TypeError(f"indices must be integer database ids, got dtype {indices.dtype} (no silent cast)")
-    if not _checks.is_traced(indices):
-        idx = np.asarray(indices)
-        if idx.size and (idx.min() < 0 or idx.max() >= n):
-            raise ValueError(f"indices must lie in [0, {n}), got range [{idx.min()}, {idx.max()}]")
-    if not _checks.is_traced(similarities):
-        if not np.isfinite(np.asarray(similarities)).all():
-            raise ValueError("similarities contain NaN or inf")
-        warn_empty_observations(np.asarray(similarities))
-    return _query_vectors(similarities.astype(jnp.float32), indices.astype(jnp.int32), n, gamma)
-
-
-def warn_empty_observations(similarities: np.ndarray) -> None:
-    """Warn when a query's k similarities are all <= 0: its y is 0, so are its scores, and
-    its ranking is the database order. Host side (concrete similarities only)."""
-    if similarities.size and similarities.ndim == 2:
-        empty = np.flatnonzero((similarities <= 0).all(axis=1))
-        if empty.size:
-            warnings.warn(f"{empty.size} query(ies) (first: {empty[0]}) have no positive similarity among their "
-                          f"{similarities.shape[1]} nearest items, so y = 0 and every score is 0 (the ranking "
-                          "is the database order); check the descriptors or raise query_k", stacklevel=3)
-
-
-@functools.partial(jax.jit, static_argnums=(2,))
-def _query_vectors(sims, idx, n, gamma):
-    vals = jnp.maximum(sims, 0.0) ** gamma
-    rows = jnp.arange(sims.shape[0])[:, None]
-    return jnp.zeros((sims.shape[0], n), jnp.float32).at[rows, idx].add(vals)
+    return observe_neighbours(similarities, indices, n, gamma=gamma).todense()
 
 
 def indicator_vectors(items, n: int) -> jax.Array:
-    """y for queries that are database items: y[q] = e_{items[q]}, float32[nq, n]."""
-    items = jnp.asarray(items)
-    if not jnp.issubdtype(items.dtype, jnp.integer):
-        raise TypeError(f"items must be integer database ids, got dtype {items.dtype} (no silent cast)")
-    items = items.astype(jnp.int32)
-    if items.ndim != 1:
-        raise ValueError(f"items must be a 1-D array of database ids, got shape {items.shape}")
-    if not isinstance(items, jax.core.Tracer):
-        it = np.asarray(items)
-        if it.size and (it.min() < 0 or it.max() >= n):
-            raise ValueError(f"item ids must lie in [0, {n}), got range [{it.min()}, {it.max()}]")
-    return jax.nn.one_hot(items, n, dtype=jnp.float32)
+    """y for queries that are database items: y[q] = e_{items[q]}, float32[nq, n] (integer ids in [0, n))."""
+    return observe_items(items, n).todense()
 
 
 def _check_graph_y(graph: Graph, y):

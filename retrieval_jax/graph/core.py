@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sp
 
+from .. import _checks
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +72,7 @@ class Graph:
 
     def check_overflow(self) -> "Graph":
         """The graph itself, or a ValueError if edges overflowed its capacity (host side)."""
-        if self.overflow is None or isinstance(self.overflow, jax.core.Tracer):
+        if self.overflow is None or _checks.is_traced(self.overflow):
             return self
         lost = int(np.max(np.asarray(self.overflow)))
         if lost:

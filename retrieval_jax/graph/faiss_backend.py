@@ -80,17 +80,8 @@ def faiss_knn(queries, database, k: int, *, exclude_self: bool = False, chunk_si
     Raises:
       ImportError: faiss is not installed (``pip install faiss-cpu``).
     """
-    q = _checks.as_matrix(queries, "queries")
-    db = _checks.as_matrix(database, "database")
-    _checks.check_same_dim(q, db, "queries", "database")
+    q, db, k = _checks.check_knn_args(queries, database, k, exclude_self)
     n = db.shape[0]
-    if exclude_self:
-        if q.shape[0] != n:
-            raise ValueError("exclude_self=True means the queries are the database, "
-                             f"but got {q.shape[0]} queries for {n} database items")
-        k = _checks.check_k(k, n - 1, what="other database items")
-    else:
-        k = _checks.check_k(k, n)
     chunk_size = _checks.check_positive_int(chunk_size, "chunk_size")
     if num_threads is not None:
         num_threads = _checks.check_positive_int(num_threads, "num_threads")

@@ -100,17 +100,8 @@ def knn(queries, database, k: int, *, exclude_self: bool = False, block_size: in
                           block_size=block_size)
     block_size = _checks.check_positive_int(block_size, "block_size")
     chunk_size = _checks.check_positive_int(chunk_size, "chunk_size")
-    q = _checks.as_matrix(queries, "queries")
-    db = _checks.as_matrix(database, "database")
-    _checks.check_same_dim(q, db, "queries", "database")
+    q, db, k = _checks.check_knn_args(queries, database, k, exclude_self)
     n = db.shape[0]
-    if exclude_self:
-        if q.shape[0] != n:
-            raise ValueError("exclude_self=True means the queries are the database, "
-                             f"but got {q.shape[0]} queries for {n} database items")
-        _checks.check_k(k, n - 1, what="other database items")
-    else:
-        _checks.check_k(k, n)
     nq = q.shape[0]
     block = int(min(block_size, nq))
     chunk = int(min(chunk_size, -(-nq // block) * block))

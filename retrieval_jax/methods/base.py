@@ -50,7 +50,7 @@ def check_config(config, config_type: type, method: str):
 
 def check_queries(state, queries):
     """Validated float32[nq, d] queries for a state holding ``database`` [n, d]."""
-    if isinstance(queries, jax.core.Tracer):
+    if _checks.is_traced(queries):
         return queries
     q = _checks.as_matrix(queries, "queries")
     if q.shape[1] != state.database.shape[1]:
@@ -61,7 +61,7 @@ def check_queries(state, queries):
 
 def check_items(state, ids):
     """Validated int32[nq] database ids in [0, n) (integer dtype only: no silent cast)."""
-    if isinstance(ids, jax.core.Tracer):
+    if _checks.is_traced(ids):
         return ids
     ids = np.asarray(ids)
     n = state.database.shape[0]
@@ -89,7 +89,7 @@ def padded(fn: Callable[[Any, jax.Array], jax.Array]) -> Callable[[Any, jax.Arra
     batch passes through unchanged (its size is already fixed by the caller).
     """
     def run(state, batch):
-        if isinstance(batch, jax.core.Tracer) or batch.shape[0] == 0:
+        if _checks.is_traced(batch) or batch.shape[0] == 0:
             return fn(state, batch)
         nq = batch.shape[0]
         size = bucket_size(nq)

@@ -228,7 +228,7 @@ def _lanczos_jit(operand, labels, sizes, key, tol, *, op, n: int, r: int, m: int
 
 # --------------------------------------------------------------------------- helpers
 def _is_tracer(x) -> bool:
-    return isinstance(x, jax.core.Tracer)
+    return _checks.is_traced(x)
 
 
 def _check_r(r, n: int, *, allow_n: bool = False) -> int:
