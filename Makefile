@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 RUNTIME := $(VENV)/.installed-runtime
 DEV := $(VENV)/.installed-dev
 
-.PHONY: demo test install install-dev bench clean
+.PHONY: demo test lint install install-dev bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ install-dev: $(DEV)
 
 demo: $(RUNTIME)
 	$(PY) -m retrieval_jax.demo --out results/demo
+
+lint: $(DEV)
+	$(VENV)/bin/ruff check .
 
 test: $(DEV)
 	RETRIEVAL_JAX_NO_PROGRESS=1 $(PY) -m pytest -q -n 2 --dist loadfile tests

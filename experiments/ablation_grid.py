@@ -219,7 +219,8 @@ def run(out="results/ablation_grid", *, quick: bool = False, repeats: int | None
     labels = np.asarray(data.labels)[keep]
     n = X.shape[0]
     qids = np.arange(0, n, s.query_stride, dtype=np.int32)
-    log(f"COIL-20: {n} items{' (every %d-th)' % s.item_stride if s.item_stride > 1 else ''}, {qids.size} queries, k = {s.k}, tol = {s.tol}, max_iter = {s.max_iter}")
+    stride = f" (every {s.item_stride}-th)" if s.item_stride > 1 else ""
+    log(f"COIL-20: {n} items{stride}, {qids.size} queries, k = {s.k}, tol = {s.tol}, max_iter = {s.max_iter}")
     cells_d, cells_f = diffusion_cells(s), fsr_cells(s)
     routes = {
         "diffusion": (cells_d, lambda: loop_diffusion(X, qids, s), lambda: grid_diffusion(X, qids, s)),

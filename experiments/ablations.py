@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from retrieval_jax.diffusion import ranking_from_scores
-from retrieval_jax.methods import DIFFUSION, FSR, DiffusionConfig, FsrConfig
+from retrieval_jax.methods import DIFFUSION, FSR, OFFLINE_DIFFUSION, DiffusionConfig, FsrConfig, OfflineDiffusionConfig
 
 from experiments import reproduce
 from experiments.common import (LABEL_DATASETS, available_label_datasets, load_label_dataset,
@@ -65,6 +65,10 @@ ABLATIONS = {
     "rank": Ablation((25, 50, 100, 200, 400), (25, 200), FSR,
                      lambda s, v: FsrConfig(k=s.k, query_k=s.query_k, rank=v, mode="approx"),
                      log_x=True, label="FSR rank r (approx)"),
+    "offline_top_l": Ablation((25, 50, 100, 200, 500), (50, 200), OFFLINE_DIFFUSION,
+                              lambda s, v: OfflineDiffusionConfig(k=s.k, query_k=s.query_k,
+                                                                  truncate=min(s.truncate, 500), top_l=v),
+                              log_x=True, label="offline rows kept L"),
 }
 
 

@@ -34,7 +34,8 @@ the others by inner product (self excluded), by every route in the same process:
 Reported per route: wall-clock seconds (median of --repeat for the warm routes;
 first calls are timed once), the ratio t(numpy) / t(route) (> 1: faster than
 numpy), the ratio t(jax knn, warm) / t(route) (> 1: faster than the JAX kernel;
-for the graph routes, t(jax knn_graph exact) / t(route)), recall@k against the numpy neighbours (mean over rows of |found & true| / k;
+for the graph routes, t(jax knn_graph exact) / t(route)), recall@k against the numpy neighbours
+(mean over rows of |found & true| / k;
 ties in similarity aside, exact routes give 1), and for the ``knn_graph`` routes
 the edge recall: the fraction of the edges of the exact mutual graph (built from
 the numpy neighbours by ``affinity_matrix``) present in the route's graph. Also
@@ -285,7 +286,8 @@ def main(argv=None) -> int:
                                nndescent=not args.no_nndescent, faiss=not args.no_faiss)
     write_csv(out / "knn_speed.csv", all_rows, columns=COLUMNS)
     _plot(out / "knn_speed.png", all_rows)
-    print(f"\nprocess peak rss {process_peak_rss_mb():.0f} MB; wrote {out / 'knn_speed.csv'} and {out / 'knn_speed.png'}")
+    print(f"\nprocess peak rss {process_peak_rss_mb():.0f} MB; "
+          f"wrote {out / 'knn_speed.csv'} and {out / 'knn_speed.png'}")
     return 0
 
 

@@ -33,8 +33,9 @@ import numpy as np
 from retrieval_jax.data import load_descriptors, load_gnd
 from retrieval_jax.diffusion import ranking_from_scores
 from retrieval_jax.evaluation import bullseye_score, mean_average_precision, revisited_map
-from retrieval_jax.methods import DIFFUSION, FSR, KNN_SEARCH, DiffusionConfig, FsrConfig, KnnConfig
-from retrieval_jax.query_expansion import ALPHA_QE, DBA_ALPHA_QE, AlphaQEConfig, DbaQEConfig
+from retrieval_jax.methods import (ALPHA_QE, DBA_ALPHA_QE, DIFFUSION, FSR, KNN_SEARCH, OFFLINE_DIFFUSION,
+                                   AlphaQEConfig, DbaQEConfig, DiffusionConfig, FsrConfig, KnnConfig,
+                                   OfflineDiffusionConfig)
 
 from experiments.common import (LABEL_DATASETS, available_label_datasets, block,
                                 load_label_dataset, versions, write_csv, write_json, write_text)
@@ -83,6 +84,10 @@ def table_rows(s: Settings, n: int):
          DiffusionConfig(k=s.k, query_k=s.query_k, solver="inverse")),
         (f"FSR rank-r (r={r})", FSR, FsrConfig(k=s.k, query_k=s.query_k, rank=r, mode="rank_r")),
         (f"FSR approx (r={r})", FSR, FsrConfig(k=s.k, query_k=s.query_k, rank=r, mode="approx")),
+        (f"offline diffusion, cosine T={T}", OFFLINE_DIFFUSION,
+         OfflineDiffusionConfig(k=s.k, query_k=s.query_k, truncate=T, score="cosine")),
+        (f"offline diffusion, direct T={T}", OFFLINE_DIFFUSION,
+         OfflineDiffusionConfig(k=s.k, query_k=s.query_k, truncate=T, score="direct")),
     ]
 
 

@@ -78,6 +78,9 @@ CG_TOL, CG_MAX_ITER = 1e-6, 5000
 
 
 # --------------------------------------------------------------------------- helpers
+_ROUTE_LABELS = {"exact": "exact diffusion (splu)", "cg": "CG diffusion (tol 1e-6)", "knn": "plain kNN"}
+
+
 def load(name: str):
     from retrieval_jax.data import load_coil20, load_mpeg7
     data = {"coil20": load_coil20, "mpeg7": load_mpeg7}[name](size=32)
@@ -304,7 +307,8 @@ def offline_experiment(n: int, ranks, k: int, warm_max: int, rows: list):
                          lanczos_warm_runs=" ".join(f"{t:.2f}" for t in warm_s), ratio_first_vs_eigsh=first / t_eigsh,
                          ratio_warm_vs_eigsh=warm / t_eigsh, max_rel_eig_err=rel, max_residual=res,
                          max_orth_err=orth, lanczos_converged=conv, lambda_r=float(ref[-1])))
-        print(f"  r={r:4d} lanczos {first:7.2f}s (1st, incl. compile) {warm:7.2f}s (warm, median)  eigsh {t_eigsh:7.2f}s (median)"
+        print(f"  r={r:4d} lanczos {first:7.2f}s (1st, incl. compile) {warm:7.2f}s (warm, median)  "
+              f"eigsh {t_eigsh:7.2f}s (median)"
               f"  lanczos/eigsh {best / t_eigsh:5.2f}  rel.err {rel:.1e} residual {res:.1e} orth {orth:.1e}"
               f"{'' if conv else '  NOT CONVERGED'}", flush=True)
 
@@ -352,11 +356,13 @@ def plot_maps(out: Path, map_rows: list):
             for method, ls, color in (("exact", "-", "k"), ("cg", "--", "tab:red"), ("knn", ":", "k")):
                 val = next(r[key] for r in rows if r["method"] == method)
                 ax.axhline(val, ls=ls, color=color, lw=1.2,
-                           label=f"{ {'exact': 'exact diffusion (splu)', 'cg': 'CG diffusion (tol 1e-6)', 'knn': 'plain kNN'}[method]} {val:.1f}")
+                           label=f"{_ROUTE_LABELS[method]} {val:.1f}")
             ax.set_xscale("log")
             ax.set_xlabel("rank r (eigenpairs kept)")
             ax.set_ylabel(label)
-            ax.set_title(f"{name} (n = {rows[0]['n']}, k = {rows[0]['k']}, alpha = {rows[0]['alpha']}): {label.split(' (')[0]}")
+            head = rows[0]
+            ax.set_title(f"{name} (n = {head['n']}, k = {head['k']}, alpha = {head['alpha']}): "
+                         f"{label.split(' (')[0]}")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8, loc="lower right")
         fig.tight_layout()
@@ -510,7 +516,8 @@ def main(argv=None):
                 if int(r["n"]) not in sizes]
     for n in sorted(sizes):
         offline_experiment(n, timing_ranks if n <= 5000 else [large_rank], args.k_offline, warm_max, offline_rows)
-        write_csv(out / "offline.csv", sorted(kept + offline_rows, key=lambda r: (r["n"], r["r"])))  # after every size: a long run keeps what it measured
+        # after every size: a long run keeps what it measured
+        write_csv(out / "offline.csv", sorted(kept + offline_rows, key=lambda r: (r["n"], r["r"])))
     if offline_rows:
         plot_offline(out, sorted(kept + offline_rows, key=lambda r: (r["n"], r["r"])))
     print(f"\nwrote {sorted(f.name for f in out.iterdir() if f.is_file() and not f.name.startswith('.'))} "

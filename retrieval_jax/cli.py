@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 PROG = "retrieval-jax"
-RANK_METHODS = ("knn", "diffusion", "fsr", "alpha-qe", "dba-qe")
+RANK_METHODS = ("knn", "diffusion", "fsr", "offline-diffusion", "alpha-qe", "dba-qe")
 _DEFAULT_TOP = 1000
 _LOAD_ERRORS = (FileNotFoundError, KeyError, ValueError, TypeError, OSError)
 
@@ -275,7 +275,7 @@ def _load_graph(parser, path: str, n: int):
 
 
 # ----------------------------------------------------------------------------- rank
-GRAPH_METHODS = ("diffusion", "fsr")
+GRAPH_METHODS = ("diffusion", "fsr", "offline-diffusion")
 # Python names in library messages -> the flag the user typed
 _FLAG_WORDS = [
     (re.compile(r"DbaQEConfig\.dba_n\b"), "--dba-n"),
@@ -315,7 +315,7 @@ def _check_sizes(args, parser, n: int) -> None:
         if m == "fsr" and args.rank is not None and args.rank > n:
             parser.error(f"--rank {args.rank} exceeds the {n} database items (at most n "
                          f"eigenpairs); choose --rank <= {n} or leave it out")
-        if m == "diffusion" and args.truncate is not None and args.truncate > n:
+        if m in ("diffusion", "offline-diffusion") and args.truncate is not None and args.truncate > n:
             parser.error(f"--truncate {args.truncate} exceeds the {n} database items")
 
 
@@ -337,6 +337,12 @@ def _graph_sizes(args, n: int, k: int) -> dict:
                 out["truncate"] = max(out["truncate"], out["query_k"])
                 chosen.append(f"truncate = {out['truncate']} (n > 100,000)")
                 flags.append("--truncate")
+    elif args.method == "offline-diffusion":
+        out["truncate"] = args.truncate
+        if args.truncate is None:
+            out["truncate"] = max(min(1000, n), out["query_k"])
+            chosen.append(f"truncate = {out['truncate']} (min(1000, n))")
+            flags.append("--truncate")
     else:
         out["rank"] = args.rank
         if args.rank is None:
@@ -350,7 +356,8 @@ def _graph_sizes(args, n: int, k: int) -> dict:
 
 
 def _rank_config(args, parser, k: int | None = None, sizes: dict | None = None):
-    from .methods import METHODS, AlphaQEConfig, DbaQEConfig, DiffusionConfig, FsrConfig, KnnConfig
+    from .methods import (METHODS, AlphaQEConfig, DbaQEConfig, DiffusionConfig, FsrConfig, KnnConfig,
+                          OfflineDiffusionConfig)
 
     m = args.method
     try:
@@ -366,6 +373,11 @@ def _rank_config(args, parser, k: int | None = None, sizes: dict | None = None):
                 k=k, query_k=sizes["query_k"], alpha=args.alpha, gamma=args.gamma,
                 mutual=args.mutual, graph_method=args.graph_method, rank=sizes["rank"],
                 mode=args.fsr_mode)
+        if m == "offline-diffusion":
+            return METHODS["offline-diffusion"], OfflineDiffusionConfig(
+                k=k, query_k=sizes["query_k"], truncate=sizes["truncate"], score=args.score,
+                alpha=args.alpha, gamma=args.gamma, top_l=args.top_l, tol=args.tol,
+                max_iter=args.max_iter, mutual=args.mutual, graph_method=args.graph_method)
         if m == "alpha-qe":
             return METHODS["alpha-qe"], AlphaQEConfig(n=args.qe_n, alpha=args.qe_alpha)
         return METHODS["dba-qe"], DbaQEConfig(dba_n=args.dba_n, qe_n=args.qe_n, alpha=args.qe_alpha)
@@ -375,7 +387,7 @@ def _rank_config(args, parser, k: int | None = None, sizes: dict | None = None):
 
 def _build_state(args, parser, X):
     """(method, config, state): graph methods get their graph from --graph or build it here."""
-    from .methods import diffusion_state_from_graph, fsr_state_from_graph
+    from .methods import diffusion_state_from_graph, fsr_state_from_graph, offline_diffusion_state_from_graph
 
     n = X.shape[0]
     if args.method not in GRAPH_METHODS:
@@ -402,7 +414,8 @@ def _build_state(args, parser, X):
             parser.error(_flag_words(_msg(exc)))
     _graph_diagnostics("rank", graph)
     method, cfg = _rank_config(args, parser, k, _graph_sizes(args, n, k))
-    from_graph = diffusion_state_from_graph if args.method == "diffusion" else fsr_state_from_graph
+    from_graph = {"diffusion": diffusion_state_from_graph, "fsr": fsr_state_from_graph,
+                  "offline-diffusion": offline_diffusion_state_from_graph}[args.method]
     try:
         return method, cfg, from_graph(X, graph, cfg)
     except (ValueError, TypeError) as exc:
@@ -411,7 +424,7 @@ def _build_state(args, parser, X):
 
 # Graph methods: scores at most this fraction of the query's best count as "not reached"
 # (diffusion: exactly 0 outside the query's component; FSR: eigenbasis noise ~1e-5 there).
-_UNREACHED = {"diffusion": 0.0, "fsr": 1e-4}
+_UNREACHED = {"diffusion": 0.0, "fsr": 1e-4, "offline-diffusion": 0.0}
 
 
 @functools.lru_cache(maxsize=None)
@@ -827,6 +840,11 @@ def _add_graph_method_options(r):
     dg_d.add_argument("--truncate", type=_positive_int, default=None,
                       help="truncated diffusion on each query's top-T shortlist (default: the "
                            "full solve up to 100,000 items, else T = 2000)")
+    dg_d.add_argument("--score", default="cosine", choices=("direct", "cosine"),
+                      help="offline-diffusion: direct (the query's neighbours' offline rows, weighted) "
+                           "or cosine (between the query's row and the database rows)")
+    dg_d.add_argument("--top-l", type=_positive_int, default=None,
+                      help="offline-diffusion: entries kept per offline row (default: all T)")
     dg_d.add_argument("--solver", default="cg", choices=("cg", "inverse", "auto"),
                       help="cg: conjugate gradient per batch; inverse: the exact (I - alpha W)^-1, "
                            "computed once, one dense block per connected component (components "
@@ -837,7 +855,7 @@ def _add_graph_method_options(r):
 def _add_rank_parser(sub):
     r = sub.add_parser("rank", formatter_class=_RawFormatter,
                        help="descriptors + queries -> top-N rankings .npz (kNN, diffusion, "
-                            "FSR, alpha-QE, DBA+QE)",
+                            "FSR, offline diffusion, alpha-QE, DBA+QE)",
                        description=_RANK_DESCRIPTION)
     r.set_defaults(_parser=r)
     r.add_argument("descriptors", help="database descriptors .npy / .npz / .mat")

@@ -99,7 +99,8 @@ def _print_table(dataset, n, rows):
     print(f"| {'method':<32} | {'mAP':>6} | {'mP@10':>6} | {'build s':>8} | {'search s':>8} |")
     print(f"|{'-' * 34}|{'-' * 8}|{'-' * 8}|{'-' * 10}|{'-' * 10}|")
     for r in rows:
-        print(f"| {r['method']:<32} | {r['mAP']:6.2f} | {r['mP@10']:6.2f} | {r['build_s']:8.2f} | {r['search_s']:8.2f} |")
+        print(f"| {r['method']:<32} | {r['mAP']:6.2f} | {r['mP@10']:6.2f} "
+              f"| {r['build_s']:8.2f} | {r['search_s']:8.2f} |")
 
 
 def main(argv=None, prog: str | None = None):

@@ -9,7 +9,6 @@ builds' mAP in every cell.
 """
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest

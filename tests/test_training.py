@@ -165,7 +165,8 @@ def test_train_step_contrastive_and_errors():
     batch = {"a": jnp.eye(3), "b": jnp.eye(3)[::-1], "target": jnp.array([1, 0, 1])}
     p1, _, l1 = step(params, opt.init(params), batch)
     # independent check of one SGD step: loss and update from jax.grad of the plain loss
-    ref = lambda p: losses.contrastive_loss(batch["a"] @ p, batch["b"] @ p, batch["target"], 1.0)
+    def ref(p):
+        return losses.contrastive_loss(batch["a"] @ p, batch["b"] @ p, batch["target"], 1.0)
     np.testing.assert_allclose(l1, ref(params), rtol=1e-6)
     np.testing.assert_allclose(p1, params - 0.1 * jax.grad(ref)(params), rtol=1e-6, atol=1e-7)
     with pytest.raises(TypeError, match="embed_fn"):

@@ -9,17 +9,20 @@
 """
 from .cg import CGResult, conjugate_gradient
 from .inverse import DiffusionInverse, InversePlan, diffusion_inverse, plan_inverse
-from .offline import OfflineRows, cosine_scores, direct_scores, load_offline, offline_rows, save_offline
+from .offline import (OfflineRows, cosine_scores, direct_scores, load_offline, offline_rows,
+                      save_offline)
 from .observation import SparseObservation, observe_items, observe_neighbours
 from .operator import DiffusionOperator, check_normalized, diffusion_operator
-from .solve import (DiffusionInfo, cg_diffusion, cg_truncated_diffusion, diffuse, indicator_vectors, katz_centrality, query_vectors,
+from .solve import (DiffusionInfo, cg_diffusion, cg_truncated_diffusion, diffuse, indicator_vectors,
+                    katz_centrality, query_vectors,
                     ranking_from_scores, solve_spd, top_n, truncated_diffuse)
 from .solvers import (AUTO_INVERSE_MAX_BYTES, AUTO_INVERSE_MAX_NODES, CG, SOLVERS, Auto, AutoState, ExactInverse,
                       Solution, Spectral, solve)
 
 __all__ = ["AUTO_INVERSE_MAX_BYTES", "AUTO_INVERSE_MAX_NODES", "Auto", "AutoState", "CG", "CGResult",
            "DiffusionInfo", "DiffusionInverse", "DiffusionOperator", "ExactInverse", "InversePlan", "SOLVERS",
-           "Solution", "SparseObservation", "Spectral", "cg_diffusion", "cg_truncated_diffusion", "check_normalized", "conjugate_gradient", "diffuse",
+           "Solution", "SparseObservation", "Spectral", "cg_diffusion", "cg_truncated_diffusion",
+           "check_normalized", "conjugate_gradient", "diffuse",
            "diffusion_inverse", "diffusion_operator", "indicator_vectors", "katz_centrality", "observe_items",
            "observe_neighbours", "OfflineRows", "cosine_scores", "direct_scores", "load_offline", "offline_rows",
            "save_offline", "plan_inverse", "query_vectors", "ranking_from_scores", "solve", "solve_spd",

@@ -13,7 +13,6 @@ which we solve as (I - alpha W) x = y (the same ranking; x differs by the scale
 from __future__ import annotations
 
 import functools
-import warnings
 from typing import NamedTuple
 
 import jax

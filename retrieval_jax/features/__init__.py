@@ -25,7 +25,8 @@ from .train import (TrainState, contrastive_objective, load_checkpoint, make_tra
 from .whitening import Whitening, apply_whitening, learn_pca_whitening
 
 __all__ = [
-    "backbones", "extraction", "finetune", "saliency", "losses", "pooling", "regional", "resnet_vgg", "torch_pickle", "train",
+    "backbones", "extraction", "finetune", "saliency", "losses", "pooling", "regional", "resnet_vgg", "torch_pickle",
+    "train",
     "whitening",
     "Backbone", "efficientnet_lite_from_state_dict", "load_efficientnet_lite",
     "Extracted", "ImageReadError", "extract", "load_image",

@@ -1,8 +1,9 @@
-"""kNN graphs: exact and approximate neighbour search, affinities, normalisation."""
-from .affinity import affinity_graph, similarity_power, union_capacity
+"""kNN graphs: exact and approximate neighbour search, affinities on device, normalisation."""
+from .affinity import affinity_graph, reciprocal_partners, similarity_power, union_capacity
 from .core import Graph, NormalizedGraph
 from .io import load_graph, save_graph
 from .knn import affinity_matrix, connected_components, isolated_nodes, knn, knn_graph, knn_traced, normalize
 
-__all__ = ["Graph", "NormalizedGraph", "affinity_graph", "knn_traced", "similarity_power", "union_capacity", "affinity_matrix", "connected_components", "isolated_nodes", "knn", "knn_graph", "load_graph", "normalize",
-           "save_graph"]
+__all__ = ["Graph", "NormalizedGraph", "affinity_graph", "affinity_matrix", "connected_components",
+           "isolated_nodes", "knn", "knn_graph", "knn_traced", "load_graph", "normalize", "reciprocal_partners",
+           "save_graph", "similarity_power", "union_capacity"]

@@ -81,7 +81,6 @@ def faiss_knn(queries, database, k: int, *, exclude_self: bool = False, chunk_si
       ImportError: faiss is not installed (``pip install faiss-cpu``).
     """
     q, db, k = _checks.check_knn_args(queries, database, k, exclude_self)
-    n = db.shape[0]
     chunk_size = _checks.check_positive_int(chunk_size, "chunk_size")
     if num_threads is not None:
         num_threads = _checks.check_positive_int(num_threads, "num_threads")

@@ -6,7 +6,6 @@ only for reciprocal (mutual) pairs, and W = D^-1/2 A D^-1/2 (Zhou et al., NIPS 2
 """
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -101,7 +100,6 @@ def knn(queries, database, k: int, *, exclude_self: bool = False, block_size: in
     block_size = _checks.check_positive_int(block_size, "block_size")
     chunk_size = _checks.check_positive_int(chunk_size, "chunk_size")
     q, db, k = _checks.check_knn_args(queries, database, k, exclude_self)
-    n = db.shape[0]
     nq = q.shape[0]
     block = int(min(block_size, nq))
     chunk = int(min(chunk_size, -(-nq // block) * block))

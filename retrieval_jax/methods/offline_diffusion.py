@@ -117,7 +117,8 @@ def _build(database, config: OfflineDiffusionConfig = OfflineDiffusionConfig(), 
     return offline_diffusion_state_from_graph(db, graph, config, show_progress=show_progress)
 
 
-def offline_diffusion_state_from_graph(database, graph: Graph, config: OfflineDiffusionConfig = OfflineDiffusionConfig(),
+def offline_diffusion_state_from_graph(database, graph: Graph,
+                                       config: OfflineDiffusionConfig = OfflineDiffusionConfig(),
                                        *, normalized: bool = False,
                                        show_progress: bool | None = None) -> OfflineDiffusionState:
     """An `OfflineDiffusionState` on a graph built elsewhere (``normalized``: it is W already)."""
@@ -136,7 +137,8 @@ def offline_diffusion_state_from_graph(database, graph: Graph, config: OfflineDi
 
 
 def offline_diffusion_state_from_rows(database, rows: OfflineRows,
-                                      config: OfflineDiffusionConfig = OfflineDiffusionConfig()) -> OfflineDiffusionState:
+                                      config: OfflineDiffusionConfig = OfflineDiffusionConfig()
+                                      ) -> OfflineDiffusionState:
     """An `OfflineDiffusionState` from saved rows (`retrieval_jax.diffusion.offline.load_offline`)."""
     check_config(config, OfflineDiffusionConfig, "offline-diffusion")
     db = _checks.as_matrix(database, "database")
