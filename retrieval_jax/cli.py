@@ -109,11 +109,8 @@ def _array_names(path: Path) -> list[str]:
     suffix = path.suffix.lower()
     names = []
     if suffix == ".npz":
-        with np.load(path, allow_pickle=False) as npz:
-            for name in npz.files:
-                a = npz[name]
-                if a.ndim == 2 and a.dtype.kind in "fiu":
-                    names.append(name)
+        from .data import read_npz
+        names = [name for name, a in sorted(read_npz(path).items()) if a.ndim == 2 and a.dtype.kind in "fiu"]
     elif suffix == ".mat":
         import scipy.io
         names = [name for name, shape, cls in scipy.io.whosmat(path)
@@ -540,12 +537,12 @@ def _read_labels(parser, path: str, what: str) -> np.ndarray:
         if p.suffix.lower() == ".npy":
             lab = np.load(p, allow_pickle=False)
         elif p.suffix.lower() == ".npz":
-            with np.load(p, allow_pickle=False) as npz:
-                key = "labels" if "labels" in npz.files else (npz.files[0] if len(npz.files) == 1
-                                                              else None)
-                if key is None:
-                    raise KeyError(f"it holds {npz.files}; name the array 'labels'")
-                lab = npz[key]
+            from .data import read_npz
+            arrays = read_npz(p)
+            key = "labels" if "labels" in arrays else (next(iter(arrays)) if len(arrays) == 1 else None)
+            if key is None:
+                raise KeyError(f"it holds {sorted(arrays)}; name the array 'labels'")
+            lab = arrays[key]
         else:
             lines = [ln.strip() for ln in p.read_text().splitlines()]
             lab = np.asarray([ln.split(",")[-1].strip() for ln in lines if ln])
@@ -577,15 +574,16 @@ def _codes(*label_arrays) -> list[np.ndarray]:
 def _load_rankings(parser, path: str):
     p = _input_file(parser, path, "rankings")
     try:
-        with np.load(p, allow_pickle=False) as npz:
-            if "ranking" not in npz.files:
-                raise KeyError(f"it has no 'ranking' array (found {npz.files}); write it with "
-                               f"`{PROG} rank`")
-            ranking = npz["ranking"]
-            n_db = int(npz["n_db"]) if "n_db" in npz.files else None
-            qids = npz["query_ids"] if "query_ids" in npz.files else None
-            method = str(npz["method"]) if "method" in npz.files else "?"
-            excluded = bool(npz["exclude_self"]) if "exclude_self" in npz.files else False
+        from .data import read_npz
+        npz = read_npz(p)
+        if "ranking" not in npz:
+            raise KeyError(f"it has no 'ranking' array (found {sorted(npz)}); write it with "
+                           f"`{PROG} rank`")
+        ranking = npz["ranking"]
+        n_db = int(npz["n_db"]) if "n_db" in npz else None
+        qids = npz.get("query_ids")
+        method = str(npz["method"]) if "method" in npz else "?"
+        excluded = bool(npz["exclude_self"]) if "exclude_self" in npz else False
     except _LOAD_ERRORS as exc:
         parser.error(f"cannot read rankings {path}: {_msg(exc)}")
     if ranking.ndim != 2 or ranking.dtype.kind not in "iu":
@@ -794,7 +792,7 @@ def _add_graph_parser(sub):
     g.add_argument("--gamma", type=_finite_float, default=3.0, help="similarity exponent")
     g.add_argument("--mutual", action=argparse.BooleanOptionalAction, default=True,
                    help="keep reciprocal neighbour pairs only")
-    g.add_argument("--method", default="exact", choices=("exact", "nndescent"),
+    g.add_argument("--method", default="exact", choices=("exact", "nndescent", "faiss"),
                    help="exact blocked search, or approximate pynndescent for large n")
 
 
@@ -829,7 +827,7 @@ def _add_graph_method_options(r):
     dg.add_argument("--gamma", type=_finite_float, default=3.0, help="similarity exponent")
     dg.add_argument("--mutual", action=argparse.BooleanOptionalAction, default=True,
                     help="reciprocal kNN graph")
-    dg.add_argument("--graph-method", default="exact", choices=("exact", "nndescent"),
+    dg.add_argument("--graph-method", default="exact", choices=("exact", "nndescent", "faiss"),
                     help="graph neighbour search")
     dg.add_argument("--query-k", type=_positive_int, default=None,
                     help="database neighbours forming an out-of-graph query (default min(10, k))")

@@ -160,6 +160,10 @@ def affinity_matrix(sims, idx, n: int, *, gamma: float = 3.0, mutual: bool = Tru
     return a.tocsr()
 
 
+# the neighbour searches of knn_graph on concrete arrays
+SEARCH_METHODS = ("exact", "nndescent", "faiss")
+
+
 def knn_graph(X, k: int = 50, *, gamma: float = 3.0, mutual: bool = True, method: str = "exact",
               max_degree: int | None = None, seed: int = 0, show_progress: bool | None = None) -> Graph:
     """kNN affinity graph over the rows of X (not normalised; see `normalize`).
@@ -199,8 +203,8 @@ def knn_graph(X, k: int = 50, *, gamma: float = 3.0, mutual: bool = True, method
       ValueError: bad sizes or values, or (concrete route) a ``max_degree`` smaller than
         the widest row.
     """
-    if method not in ("exact", "nndescent", "faiss"):
-        raise ValueError(f"method must be 'exact', 'nndescent' or 'faiss', got {method!r}")
+    if method not in SEARCH_METHODS:
+        raise ValueError(f"method must be one of {SEARCH_METHODS}, got {method!r}")
     gamma = _checks.check_gamma(gamma)
     if max_degree is not None:
         max_degree = _checks.check_positive_int(max_degree, "max_degree")

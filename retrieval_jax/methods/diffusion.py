@@ -14,7 +14,7 @@ from ..diffusion.inverse import DiffusionInverse, diffusion_inverse, plan_invers
 from ..diffusion import CG, DiffusionOperator, ExactInverse, SparseObservation, cg_truncated_diffusion
 from ..graph.core import Graph
 from ..graph.affinity import similarity_power
-from ..graph.knn import knn_graph, normalize
+from ..graph.knn import SEARCH_METHODS, knn_graph, normalize
 from .base import check_config, make_method, similarities as _similarities
 
 from ..diffusion.solvers import AUTO_INVERSE_MAX_BYTES, AUTO_INVERSE_MAX_NODES  # solver="auto" thresholds
@@ -65,8 +65,8 @@ class DiffusionConfig:
             _checks.check_positive_int(getattr(self, name), f"DiffusionConfig.{name}")
         if self.truncate is not None and (not isinstance(self.truncate, (int, np.integer)) or self.truncate < 1):
             raise ValueError(f"DiffusionConfig.truncate must be None or a positive int, got {self.truncate!r}")
-        if self.graph_method not in ("exact", "nndescent"):
-            raise ValueError(f"graph_method must be 'exact' or 'nndescent', got {self.graph_method!r}")
+        if self.graph_method not in SEARCH_METHODS:
+            raise ValueError(f"graph_method must be one of {SEARCH_METHODS}, got {self.graph_method!r}")
         if self.solver not in ("cg", "inverse", "auto"):
             raise ValueError(f"solver must be 'cg', 'inverse' or 'auto', got {self.solver!r}")
         if self.solver in ("inverse", "auto") and self.truncate is not None:

@@ -26,6 +26,7 @@ from .. import _checks
 from ..diffusion.offline import OfflineRows, cosine_scores, direct_scores, offline_rows, unit_rows
 from ..graph import knn_graph, normalize
 from ..graph.core import Graph
+from ..graph.knn import SEARCH_METHODS
 from .base import check_config, make_method, similarities as _similarities
 
 SCORES = ("direct", "cosine")
@@ -78,8 +79,8 @@ class OfflineDiffusionConfig:
                                  f"{self.truncate}: a row has at most T non-zeros")
         if self.score not in SCORES:
             raise ValueError(f"OfflineDiffusionConfig.score must be 'direct' or 'cosine', got {self.score!r}")
-        if self.graph_method not in ("exact", "nndescent"):
-            raise ValueError(f"graph_method must be 'exact' or 'nndescent', got {self.graph_method!r}")
+        if self.graph_method not in SEARCH_METHODS:
+            raise ValueError(f"graph_method must be one of {SEARCH_METHODS}, got {self.graph_method!r}")
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["database", "rows", "unit"],
