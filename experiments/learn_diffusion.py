@@ -182,8 +182,13 @@ def component_ceiling(Z, labels, s: Settings, gamma: float, metric: str):
 
 
 # ----------------------------------------------------------------------------- the model
+# alpha = ALPHA_MAX sigmoid(a) stays below 1: at alpha = 1 (a saturated float32 sigmoid)
+# I - alpha W is singular, CG diverges and the step's gradient is NaN
+ALPHA_MAX = 0.9995
+
+
 def unpack(params):
-    alpha = jax.nn.sigmoid(params["a"])
+    alpha = ALPHA_MAX * jax.nn.sigmoid(params["a"])
     gamma = jax.nn.softplus(params["g"])
     P = jnp.eye(params["D"].shape[0], dtype=params["D"].dtype) + params["D"]
     return alpha, gamma, P
@@ -219,7 +224,8 @@ def listwise_loss(S, labels_onehot, temperature):
 
 
 def init_params(d, s: Settings):
-    return {"a": jnp.asarray(np.log(s.alpha0 / (1 - s.alpha0)), jnp.float32),
+    a0 = s.alpha0 / ALPHA_MAX
+    return {"a": jnp.asarray(np.log(a0 / (1 - a0)), jnp.float32),
             "g": jnp.asarray(np.log(np.expm1(s.gamma0)), jnp.float32),
             "D": jnp.zeros((d, d), jnp.float32)}
 

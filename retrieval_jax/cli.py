@@ -248,9 +248,11 @@ def cmd_graph(args, parser) -> int:
         parser.error(_msg(exc))
     save_graph(out, g, k=np.int64(k), gamma=np.float64(args.gamma), mutual=np.bool_(args.mutual),
                method=np.asarray(args.method), n=np.int64(n))
+    from .graph import isolated_nodes
+
     idx, w = np.asarray(g.indices), np.asarray(g.weights)
     edges = int((w != 0).sum())
-    isolated = int(((w != 0).sum(axis=1) == 0).sum())
+    isolated = int(isolated_nodes(g).size)
     print(f"wrote {out}: {n} nodes, k = {k}, {edges} directed edges, max degree {idx.shape[1]}, "
           f"{isolated} isolated nodes")
     _graph_diagnostics("graph", g)

@@ -500,3 +500,16 @@ def test_ukbench_score_by_hand():
     assert ukbench_score(good, labels) == pytest.approx(2.5)
     with pytest.raises(ValueError, match="needs the top 4"):
         ukbench_score(ranking[:, :3], labels)
+
+
+def test_label_map_with_ks_is_the_same_record_as_the_list_protocol():
+    from retrieval_jax.evaluation import MapResult, label_map, mean_average_precision
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 4, size=30)
+    ranking = np.stack([rng.permutation(30) for _ in range(30)])
+    res = label_map(ranking, labels, ks=(1, 5))
+    assert isinstance(res, MapResult) and res.map == pytest.approx(label_map(ranking, labels))
+    # the same protocol spelled as positive / junk lists: same label positive, the query junk
+    pos = [np.flatnonzero((labels == labels[q]) & (np.arange(30) != q)) for q in range(30)]
+    ref = mean_average_precision(ranking, pos, [[q] for q in range(30)], ks=(1, 5))
+    assert res.map == pytest.approx(ref.map) and res.mp == pytest.approx(ref.mp)

@@ -11,6 +11,7 @@ from .cg import CGResult, conjugate_gradient
 from .inverse import DiffusionInverse, InversePlan, diffusion_inverse, plan_inverse
 from .offline import (OfflineRows, cosine_scores, direct_scores, load_offline, offline_rows,
                       save_offline)
+from .preconditioned import AggregationPreconditioner, PreconditionedCG, aggregation_preconditioner, preconditioned_cg
 from .observation import SparseObservation, observe_items, observe_neighbours
 from .operator import DiffusionOperator, check_normalized, diffusion_operator
 from .solve import (DiffusionInfo, cg_diffusion, cg_truncated_diffusion, diffuse, indicator_vectors,
@@ -19,7 +20,8 @@ from .solve import (DiffusionInfo, cg_diffusion, cg_truncated_diffusion, diffuse
 from .solvers import (AUTO_INVERSE_MAX_BYTES, AUTO_INVERSE_MAX_NODES, CG, SOLVERS, Auto, AutoState, ExactInverse,
                       Solution, Spectral, solve)
 
-__all__ = ["AUTO_INVERSE_MAX_BYTES", "AUTO_INVERSE_MAX_NODES", "Auto", "AutoState", "CG", "CGResult",
+__all__ = ["AggregationPreconditioner", "PreconditionedCG", "aggregation_preconditioner", "preconditioned_cg",
+           "AUTO_INVERSE_MAX_BYTES", "AUTO_INVERSE_MAX_NODES", "Auto", "AutoState", "CG", "CGResult",
            "DiffusionInfo", "DiffusionInverse", "DiffusionOperator", "ExactInverse", "InversePlan", "SOLVERS",
            "Solution", "SparseObservation", "Spectral", "cg_diffusion", "cg_truncated_diffusion",
            "check_normalized", "conjugate_gradient", "diffuse",

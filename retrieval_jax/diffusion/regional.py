@@ -19,13 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._precision import HIGHEST as _HIGHEST
 from .. import _checks
 from ..descriptors.pooling import check_mask
 from ..graph import knn
 
 __all__ = ["gmp_weights", "pool_region_scores", "query_region_similarity", "query_region_knn"]
 
-_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def _check_regions(regions, mask):

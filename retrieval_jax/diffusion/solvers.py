@@ -49,6 +49,7 @@ from .cg import CGResult
 from .inverse import DiffusionInverse, diffusion_inverse, plan_inverse
 from .observation import SparseObservation
 from .operator import DiffusionOperator
+from .preconditioned import PreconditionedCG
 from .solve import solve_spd
 
 # Auto picks the exact inverse when every component has at most this many nodes (a
@@ -241,7 +242,7 @@ class Auto:
 
 
 # ----------------------------------------------------------------------------- solve
-SOLVERS = {"cg": CG, "inverse": ExactInverse, "spectral": Spectral, "auto": Auto}
+SOLVERS = {"cg": CG, "pcg": PreconditionedCG, "inverse": ExactInverse, "spectral": Spectral, "auto": Auto}
 
 
 def solve(operator: DiffusionOperator, y, solver=None, state=None) -> Solution:

@@ -486,7 +486,7 @@ def _default_n_db(ranking, n_db, gt_n):
     return max(width, gt_n)
 
 
-def label_map(ranking, labels, exclude_self: bool = True, *, return_aps: bool = False):
+def label_map(ranking, labels, exclude_self: bool = True, *, return_aps: bool = False, ks=None):
     """Label mAP: every item of a labelled collection is a query.
 
     Query q's positives are the items with ``labels[q]``. With ``exclude_self``
@@ -501,15 +501,21 @@ def label_map(ranking, labels, exclude_self: bool = True, *, return_aps: bool = 
       labels: [n] class labels (any dtype; NaN rejected).
       exclude_self: see above (the COIL-20 protocol: True).
       return_aps: also return the per-query APs (float64[n], NaN if left out).
+      ks: cut-offs k; when given, the result is a `MapResult` (mAP, mP@k, per-query AP
+        and precision@k), the same record as `revisited_map` and
+        `mean_average_precision` return.
 
     Returns:
-      mAP as a float in [0, 1] (and the per-query APs if ``return_aps``).
+      mAP as a float in [0, 1] (and the per-query APs if ``return_aps``), or a
+      `MapResult` when ``ks`` is given.
     """
     r, n = _check_ranking(ranking, None if np.ndim(ranking) != 2 else np.shape(ranking)[0])
     codes_of = _check_labels(labels, r.shape[0])
     counts = np.bincount(codes_of)
     n_pos = counts[codes_of] - (1 if exclude_self else 0)
+    cut = () if ks is None else _check_ks(ks)
     ap = np.empty(n, np.float64)
+    prec = np.empty((n, len(cut)), np.float64)
     block = max(1, _BLOCK_CELLS // n)
     for start in range(0, n, block):
         stop = min(n, start + block)
@@ -518,7 +524,9 @@ def label_map(ranking, labels, exclude_self: bool = True, *, return_aps: bool = 
         codes = same.astype(np.int8)  # _POS where same label
         if exclude_self:
             codes[rows == np.arange(start, stop)[:, None]] = _JUNK
-        ap[start:stop], _ = _ap_prec_from_codes(codes, n_pos[start:stop], ())
+        ap[start:stop], prec[start:stop] = _ap_prec_from_codes(codes, n_pos[start:stop], cut)
+    if ks is not None:
+        return _summarise(ap, prec, cut, "any class (every class is a singleton)")
     if np.isnan(ap).all():
         raise ValueError("no query has a positive (every class is a singleton); "
                          "label mAP is undefined")

@@ -12,12 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sp
 
+from .._precision import HIGHEST as _HIGHEST
 from .. import _checks
 from .._progress import progress
 from .affinity import affinity_graph, reciprocal_partners, union_capacity
 from .core import Graph, NormalizedGraph
 
-_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def knn_traced(queries, database, k: int, *, exclude_self: bool = False, block_size: int = 256):

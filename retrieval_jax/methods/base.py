@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._precision import HIGHEST
 from .. import _checks
 
-HIGHEST = jax.lax.Precision.HIGHEST
 
 
 class Method(NamedTuple):

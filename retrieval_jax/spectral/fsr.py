@@ -28,11 +28,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._precision import HIGHEST as _HI
 from .. import _checks
 from ..graph.affinity import similarity_power
 from .lanczos import Eigenpairs, graph_eigenpairs
 
-_HI = jax.lax.Precision.HIGHEST
 
 
 @jax.tree_util.register_dataclass

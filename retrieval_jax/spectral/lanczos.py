@@ -40,9 +40,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..graph.knn import connected_components
+from .._precision import HIGHEST as _HI
 from .. import _checks
 
-_HI = jax.lax.Precision.HIGHEST
 
 
 class Eigenpairs(NamedTuple):
@@ -67,8 +68,8 @@ class _UserOp:
 
 
 def _graph_matvec(graph, x):
-    """y = W x for the padded neighbour lists (elementwise, exact on every backend)."""
-    return jnp.sum(graph.weights.astype(x.dtype) * x[graph.indices], axis=1)
+    """y = W x (`Graph.matvec`, in the (operator, vector) form the Lanczos loop takes)."""
+    return graph.matvec(x)
 
 
 class _State(NamedTuple):
@@ -397,7 +398,7 @@ def _dense_eigenpairs(graph, *, r: int) -> Eigenpairs:
     return Eigenpairs(values=values[::-1][:r], vectors=vectors[:, ::-1][:, :r])
 
 
-def _component_plan(mat, *, small_size: int, max_blocks: int):
+def _component_plan(comp: np.ndarray, *, small_size: int, max_blocks: int):
     """Split nodes by connected component.
 
     Components of at most ``small_size`` nodes are solved exactly by a batched dense
@@ -406,9 +407,7 @@ def _component_plan(mat, *, small_size: int, max_blocks: int):
     Returns (small_components, labels int32[n], sizes int32[c]) where small nodes carry
     the label of a disabled block (size 0).
     """
-    from scipy.sparse.csgraph import connected_components
-
-    ncomp, comp = connected_components(mat, directed=False)
+    ncomp = int(comp.max(initial=-1)) + 1
     sizes = np.bincount(comp, minlength=ncomp)
     is_small = sizes <= small_size
     order = np.argsort(-sizes, kind="stable")
@@ -538,7 +537,7 @@ def graph_eigenpairs(graph, r: int, *, method: str = "auto", num_iter: int | Non
                     max_restarts=max_restarts, labels=np.zeros(n, np.int32), sizes=np.array([n]))
     if max_blocks is None:
         max_blocks = max(2, min(2 ** 24 // (m * m), 2 ** 31 // (m ** 3)))
-    small, labels, sizes = _component_plan(mat, small_size=int(small_component),
+    small, labels, sizes = _component_plan(connected_components(graph), small_size=int(small_component),
                                            max_blocks=int(max_blocks))
     n_large = int(sizes.sum())
     pairs_l = None

@@ -54,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from .._precision import HIGHEST as _HIGHEST
 from .. import _checks
 from ..backbones.surgery import check_lite, pre_head_maps
 from ..descriptors.pooling import gem, l2_normalize
@@ -65,7 +66,6 @@ __all__ = [
     "init_head", "embed_with_head", "finetune_head", "load_head", "head_model", "apply_conv_head",
 ]
 
-_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 # ----------------------------------------------------------------------------- the head

@@ -15,11 +15,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from .._precision import HIGHEST as _HIGHEST
 from .. import _checks
 
 __all__ = ["contrastive_loss", "triplet_loss", "mine_hard_negatives"]
 
-_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def _f32(x) -> jax.Array:
