@@ -1,6 +1,6 @@
 """The converged ranking (CG to tol 1e-6) at scale: scipy cg loop vs batched CG vs two-level CG.
 
-    python experiments/bench_converged.py [--n 100000] [--d 64] [--k 50] [--queries 500]
+    python -m experiments.bench_converged [--n 100000] [--d 64] [--k 50] [--queries 500]
         [--repeat 3] [--out results/bench_converged] [--quick]
 
 One mutual kNN graph (k = 50, similarity^3, W = D^-1/2 A D^-1/2) over synthetic
@@ -35,41 +35,26 @@ two repeats (used by tests/test_bench_converged.py).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import jax
+import jax.numpy as jnp
+import scipy.sparse as sp
+import scipy.sparse.linalg as sla
+from scipy.sparse.csgraph import connected_components
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import scipy.sparse as sp  # noqa: E402
-import scipy.sparse.linalg as sla  # noqa: E402
-from scipy.sparse.csgraph import connected_components  # noqa: E402
+from retrieval_jax.data.io import atomic_write, write_csv
+from retrieval_jax.diffusion import CG, diffusion_operator, query_vectors, solve
+from retrieval_jax.diffusion.preconditioned import PreconditionedCG
+from retrieval_jax.graph import knn, knn_graph, normalize
+from retrieval_jax.graph.core import NormalizedGraph
 
-from retrieval_jax.data.io import atomic_write, write_csv  # noqa: E402
-from retrieval_jax.diffusion import CG, diffusion_operator, query_vectors, solve  # noqa: E402
-from retrieval_jax.diffusion.preconditioned import PreconditionedCG  # noqa: E402
-from retrieval_jax.graph import knn, knn_graph, normalize  # noqa: E402
-from retrieval_jax.graph.core import NormalizedGraph  # noqa: E402
+from .common import REPO, clustered
 
 PAUSE_S = 2.0
-
-
-def clustered(n, d, n_clusters, seed, noise=1.0):
-    """Unit vectors on short random curves around ``n_clusters`` centres, and their labels."""
-    rng = np.random.default_rng(seed)
-    centers = rng.normal(size=(n_clusters, d))
-    labels = rng.integers(0, n_clusters, n)
-    t = rng.uniform(-1, 1, size=(n, 1))
-    dirs = rng.normal(size=(n_clusters, d))
-    x = centers[labels] + 1.5 * t * dirs[labels] + noise * rng.normal(size=(n, d))
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    return x.astype(np.float32), labels
 
 
 def build(n, d, k, nq, cache: Path | None):
@@ -318,4 +303,4 @@ def plot(path, rows, n):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -215,7 +215,10 @@ def listwise_loss(S, labels_onehot, temperature):
     n = S.shape[0]
     eye = jnp.eye(n, dtype=bool)
     S = jnp.where(eye, 0.0, S)                     # never -inf: its gradient would be NaN
-    S = S / jnp.maximum(jnp.max(S, axis=1, keepdims=True), 1e-30)
+    # for a query the mutual graph leaves isolated, max S = 0: a floor like 1e-30 makes
+    # d(S / m)/dm = -S / m^2 overflow float32 (0 * inf = NaN); divide by 1 there instead
+    scale = jnp.max(S, axis=1, keepdims=True)
+    S = S / jnp.where(scale > 0, scale, 1.0)
     logits = jnp.where(eye, -1e4, S / temperature)
     logp = jax.nn.log_softmax(logits, axis=1)
     pos = (labels_onehot @ labels_onehot.T > 0) & ~eye

@@ -1,14 +1,9 @@
 """experiments/bench_converged.py --quick into a tmp dir: every route writes a row, all reach the
 scipy ranking (top-100 overlap, small score difference), the bandwidth rows and the PNG exist.
 No timing is asserted."""
-import sys
-from pathlib import Path
-
 from conftest import assert_valid_png, read_csv
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-
-import bench_converged  # noqa: E402
+from experiments import bench_converged
 
 
 def test_quick(tmp_path):

@@ -72,6 +72,24 @@ def check_items(state, ids):
     return jnp.asarray(ids, jnp.int32)
 
 
+def check_database_graph(database, graph):
+    """(database float32[n, d], graph) for a state built on a graph made elsewhere: a `Graph`
+    with one node per database item, and the k of a graph build (< n) checked by the caller."""
+    from ..graph.core import Graph
+
+    db = _checks.as_matrix(database, "database")
+    if not isinstance(graph, Graph):
+        raise TypeError(f"graph must be a retrieval_jax.graph.Graph, got {type(graph).__name__}")
+    if graph.num_nodes != db.shape[0]:
+        raise ValueError(f"the graph has {graph.num_nodes} nodes but the database has {db.shape[0]} items")
+    return db, graph
+
+
+def check_graph_k(k, n: int) -> int:
+    """The graph's k for n database items: 1 <= k < n."""
+    return _checks.check_k(k, n - 1, name="k", what="other database items (graph k must be < n)")
+
+
 def similarities(state, queries):
     """Inner products <q, x_j> of queries [nq, d] with the state's database [n, d]: [nq, n]."""
     return jnp.matmul(queries.astype(jnp.float32), state.database.T, precision=HIGHEST)

@@ -15,7 +15,7 @@ from ..diffusion import CG, DiffusionOperator, ExactInverse, SparseObservation, 
 from ..graph.core import Graph
 from ..graph.affinity import similarity_power
 from ..graph.knn import SEARCH_METHODS, knn_graph, normalize
-from .base import check_config, make_method, similarities as _similarities
+from .base import check_database_graph, check_graph_k, check_config, make_method, similarities as _similarities
 
 from ..diffusion.solvers import AUTO_INVERSE_MAX_BYTES, AUTO_INVERSE_MAX_NODES  # solver="auto" thresholds
 
@@ -139,7 +139,7 @@ def _diffusion_build(database, config: DiffusionConfig = DiffusionConfig(), *,
     check_config(config, DiffusionConfig, "diffusion")
     db = _checks.as_matrix(database, "database")
     n = db.shape[0]
-    _checks.check_k(config.k, n - 1, name="k", what="other database items (graph k must be < n)")
+    check_graph_k(config.k, n)
     _check_query_sizes(config, n)
     graph = knn_graph(db, config.k, gamma=config.gamma, mutual=config.mutual,
                       method=config.graph_method, show_progress=show_progress)
@@ -162,11 +162,7 @@ def diffusion_state_from_graph(database, graph: Graph, config: DiffusionConfig =
     ``graph`` is the affinity A (normalised here) or, with ``normalized=True``, W itself.
     ``config.k`` and the graph options are then informative only.
     """
-    db = _checks.as_matrix(database, "database")
-    if not isinstance(graph, Graph):
-        raise TypeError(f"graph must be a retrieval_jax.graph.Graph, got {type(graph).__name__}")
-    if graph.num_nodes != db.shape[0]:
-        raise ValueError(f"the graph has {graph.num_nodes} nodes but the database has {db.shape[0]} items")
+    db, graph = check_database_graph(database, graph)
     _check_query_sizes(config, db.shape[0])
     w = graph if normalized else normalize(graph)
     plan = plan_inverse(w) if config.solver in ("inverse", "auto") else None

@@ -14,7 +14,7 @@ from ..graph.knn import knn_graph, normalize
 from ..spectral import heat_kernel_filter, regularized_laplacian_filter, spectral_embedding
 from ..graph.affinity import similarity_power
 from ..spectral import fsr_scores_sparse
-from .base import check_config, make_method, similarities as _similarities
+from .base import check_database_graph, check_graph_k, check_config, make_method, similarities as _similarities
 from .diffusion import DiffusionConfig
 
 
@@ -73,7 +73,7 @@ def _fsr_build(database, config: FsrConfig = FsrConfig(), *, show_progress: bool
     check_config(config, FsrConfig, "fsr")
     db = _checks.as_matrix(database, "database")
     n = db.shape[0]
-    _checks.check_k(config.k, n - 1, name="k", what="other database items (graph k must be < n)")
+    check_graph_k(config.k, n)
     _checks.check_k(config.query_k, n, name="query_k")
     _checks.check_k(config.rank, n, name="rank", what="database items (rank must be <= n)")
     graph = knn_graph(db, config.k, gamma=config.gamma, mutual=config.mutual,
@@ -89,12 +89,8 @@ def fsr_state_from_graph(database, graph: Graph, config: FsrConfig = FsrConfig()
     ``config.k`` and the graph options are then informative only.
     """
     check_config(config, FsrConfig, "fsr")
-    db = _checks.as_matrix(database, "database")
-    if not isinstance(graph, Graph):
-        raise TypeError(f"graph must be a retrieval_jax.graph.Graph, got {type(graph).__name__}")
+    db, graph = check_database_graph(database, graph)
     n = db.shape[0]
-    if graph.num_nodes != n:
-        raise ValueError(f"the graph has {graph.num_nodes} nodes but the database has {n} items")
     _checks.check_k(config.query_k, n, name="query_k")
     _checks.check_k(config.rank, n, name="rank", what="database items (rank must be <= n)")
     w = graph if normalized else normalize(graph)

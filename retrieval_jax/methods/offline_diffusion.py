@@ -27,7 +27,7 @@ from ..diffusion.offline import OfflineRows, cosine_scores, direct_scores, offli
 from ..graph import knn_graph, normalize
 from ..graph.core import Graph
 from ..graph.knn import SEARCH_METHODS
-from .base import check_config, make_method, similarities as _similarities
+from .base import check_database_graph, check_graph_k, check_config, make_method, similarities as _similarities
 
 SCORES = ("direct", "cosine")
 
@@ -111,7 +111,7 @@ def _build(database, config: OfflineDiffusionConfig = OfflineDiffusionConfig(), 
     check_config(config, OfflineDiffusionConfig, "offline-diffusion")
     db = _checks.as_matrix(database, "database")
     n = db.shape[0]
-    _checks.check_k(config.k, n - 1, name="k", what="other database items (graph k must be < n)")
+    check_graph_k(config.k, n)
     _check_sizes(config, n)
     graph = knn_graph(db, config.k, gamma=config.gamma, mutual=config.mutual, method=config.graph_method,
                       show_progress=show_progress)
@@ -124,11 +124,7 @@ def offline_diffusion_state_from_graph(database, graph: Graph,
                                        show_progress: bool | None = None) -> OfflineDiffusionState:
     """An `OfflineDiffusionState` on a graph built elsewhere (``normalized``: it is W already)."""
     check_config(config, OfflineDiffusionConfig, "offline-diffusion")
-    db = _checks.as_matrix(database, "database")
-    if not isinstance(graph, Graph):
-        raise TypeError(f"graph must be a retrieval_jax.graph.Graph, got {type(graph).__name__}")
-    if graph.num_nodes != db.shape[0]:
-        raise ValueError(f"the graph has {graph.num_nodes} nodes but the database has {db.shape[0]} items")
+    db, graph = check_database_graph(database, graph)
     _check_sizes(config, db.shape[0])
     w = graph if normalized else normalize(graph)
     rows = offline_rows(w, db, config.truncate, alpha=config.alpha, tol=config.tol, max_iter=config.max_iter,
