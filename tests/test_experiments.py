@@ -43,7 +43,7 @@ def test_reproduce_quick(tmp_path, capsys):
                            "--gnd", str(tmp_path / "gnd_toy5k.pkl")]) == 0
     rows = read_csv(out / "results.csv")
     digits = {r["method"]: r for r in rows if r["dataset"] == "digits"}
-    assert len(digits) == len(reproduce.table_rows(reproduce.QUICK, 1797)) == 9
+    assert len(digits) == len(reproduce.table_rows(reproduce.QUICK, 1797)) == 11
     m = {name.split(" (")[0]: float(r["mAP"]) for name, r in digits.items()}
     assert m["diffusion, CG 20 steps"] > m["kNN search"] + 10
     assert m["diffusion, CG to tol 1e-6"] > m["kNN search"] + 10
@@ -52,9 +52,10 @@ def test_reproduce_quick(tmp_path, capsys):
     exact = m["diffusion, exact"]
     assert abs(exact - m["diffusion, CG to tol 1e-6"]) < 0.05  # CG converged = exact solve
     assert abs(m["FSR approx"] - exact) < 1.0  # FSR at r = 100 within 1 point of the exact ranking
+    assert m["offline diffusion, cosine T=200"] > m["kNN search"] + 5
     assert all(r["n_queries"] == "450" and r["bullseye"] == "" for r in digits.values())
     toy = [r for r in rows if r["dataset"] == "toy5k"]
-    assert len(toy) == 9 and all(0 < float(r["mAP_medium"]) <= 100 for r in toy)
+    assert len(toy) == 11 and all(0 < float(r["mAP_medium"]) <= 100 for r in toy)
     md = (out / "results.md").read_text()
     assert "## digits" in md and "## toy5k" in md and "| kNN search |" in md
     cfg = json.loads((out / "config.json").read_text())

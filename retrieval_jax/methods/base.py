@@ -23,6 +23,7 @@ import numpy as np
 
 from .._precision import HIGHEST
 from .. import _checks
+from ..graph.core import Graph
 
 
 
@@ -75,8 +76,6 @@ def check_items(state, ids):
 def check_database_graph(database, graph):
     """(database float32[n, d], graph) for a state built on a graph made elsewhere: a `Graph`
     with one node per database item, and the k of a graph build (< n) checked by the caller."""
-    from ..graph.core import Graph
-
     db = _checks.as_matrix(database, "database")
     if not isinstance(graph, Graph):
         raise TypeError(f"graph must be a retrieval_jax.graph.Graph, got {type(graph).__name__}")

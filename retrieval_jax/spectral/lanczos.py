@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..graph.core import Graph
 from ..graph.knn import connected_components
 from .._precision import HIGHEST as _HI
 from .. import _checks
@@ -516,8 +517,6 @@ def graph_eigenpairs(graph, r: int, *, method: str = "auto", num_iter: int | Non
     Returns:
       ``Eigenpairs(values float[r] descending, vectors float[n, r])``.
     """
-    from ..graph.core import Graph
-
     if not isinstance(graph, Graph):
         raise TypeError(f"graph must be a retrieval_jax.graph.Graph, got {type(graph).__name__}")
     n = graph.num_nodes
