@@ -40,3 +40,33 @@ def test_readme_api_example_runs():
     exec(compile(_readme_api_snippet(), "README.md", "exec"), scope)
     assert scope["scores"].shape == (5, 600)
     assert np.isfinite(np.asarray(scope["scores"])).all()
+
+
+def _readme_block(heading: str) -> str:
+    text = (Path(REPO) / "README.md").read_text()
+    block = text.split(heading, 1)[1]
+    return re.search(r"```python\n(.*?)```", block, re.S).group(1)
+
+
+def test_readme_composable_example_matches_diffuse():
+    import jax.numpy as jnp
+
+    from retrieval_jax.diffusion import diffuse, indicator_vectors
+    from retrieval_jax.graph import knn_graph, normalize
+    rng = np.random.default_rng(1)
+    centers = rng.normal(size=(5, 12))
+    X = centers[rng.integers(0, 5, 300)] + 0.3 * rng.normal(size=(300, 12))
+    X = (X / np.linalg.norm(X, axis=1, keepdims=True)).astype(np.float32)
+    scope = {"X": X}
+    exec(compile(_readme_block("### jit, vmap and grad through the graph and the diffusion"), "README.md", "exec"),
+         scope)
+    y = indicator_vectors(np.arange(3), 300)
+    # the last S is the vmap over gamma: its gamma = 3 row is the plain call
+    ref = diffuse(normalize(knn_graph(X, 10, gamma=3.0)), y)
+    np.testing.assert_allclose(np.asarray(scope["S"][1]), np.asarray(ref), rtol=1e-4, atol=1e-6)
+    w = normalize(knn_graph(X, 10, gamma=3.0, mutual=True))
+    np.testing.assert_allclose(scope["W"].to_dense(), w.to_dense(), rtol=1e-5, atol=1e-7)  # same W, other layout
+    f = lambda a: float(diffuse(w, y, alpha=a, tol=1e-7, max_iter=1000)[0, 7])  # noqa: E731
+    fd = (f(0.9 + 1e-3) - f(0.9 - 1e-3)) / 2e-3
+    assert abs(float(scope["ga"]) - fd) < 2e-2 * abs(fd)
+    assert scope["gX"].shape == X.shape and bool(jnp.isfinite(scope["gX"]).all())
