@@ -37,15 +37,16 @@ from pathlib import Path
 
 import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+import jax
+import jax.numpy as jnp
 
-from retrieval_jax.data import atomic_write, default_data_dir, load_coil20, write_csv  # noqa: E402
-from retrieval_jax.diffusion import diffuse, ranking_from_scores  # noqa: E402
-from retrieval_jax.evaluation import mean_average_precision  # noqa: E402
-from retrieval_jax.graph import knn_graph, normalize  # noqa: E402
-from retrieval_jax.methods import DIFFUSION, FSR, DiffusionConfig, FsrConfig  # noqa: E402
-from retrieval_jax.spectral import (fast_spectral_ranking, filter_embedding, heat_kernel_filter,  # noqa: E402
+from retrieval_jax.data import atomic_write, default_data_dir, load_coil20, write_csv
+from retrieval_jax.diffusion import diffuse, ranking_from_scores
+from retrieval_jax.evaluation import mean_average_precision
+from retrieval_jax.graph import knn_graph, normalize
+from retrieval_jax.methods import DIFFUSION, FSR, DiffusionConfig, FsrConfig
+from experiments.common import SCORE_RTOL
+from retrieval_jax.spectral import (fast_spectral_ranking, filter_embedding, heat_kernel_filter,
                                     regularized_laplacian_filter, spectral_embedding)
 
 
@@ -106,7 +107,7 @@ def fsr_grid(embedding, y, alphas, ts, *, mode: str):
 # ----------------------------------------------------------------------------- helpers
 def label_map_of(scores, labels, qids) -> float:
     """Label mAP of the queries ``qids`` (items themselves ignored), as a fraction."""
-    ranking = ranking_from_scores(np.asarray(scores), exclude=qids)
+    ranking = ranking_from_scores(np.asarray(scores), exclude=qids, rtol=SCORE_RTOL)
     positives = [np.flatnonzero((labels == labels[q]) & (np.arange(labels.size) != q)) for q in qids]
     return mean_average_precision(ranking, positives, [[int(q)] for q in qids]).map
 

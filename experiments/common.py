@@ -21,6 +21,13 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "experiments" / "results"
 
 
+# Scores within this fraction of a row's largest score count as 0 when routes are
+# compared (``ranking_from_scores(rtol=)``): the items outside the query's graph
+# component get exactly 0 from diffusion, but a float32 spectral route leaves ~1e-8
+# noise there whose signs would order that tail differently for every route.
+SCORE_RTOL = 1e-6
+
+
 # ----------------------------------------------------------------------------- timing
 def block(tree):
     """Wait for every JAX array in ``tree`` (other leaves pass through); returns ``tree``."""

@@ -57,20 +57,16 @@ from pathlib import Path
 
 import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
+import jax
+import jax.numpy as jnp
+import optax
 
-if __package__:                      # python -m experiments.learn_diffusion
-    from . import ablation_grid
-else:                                # python experiments/learn_diffusion.py, or imported by path
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import ablation_grid  # noqa: E402
-from retrieval_jax._progress import progress  # noqa: E402
-from retrieval_jax.data import atomic_write, default_data_dir, load_mpeg7, write_csv  # noqa: E402
-from retrieval_jax.diffusion import diffuse, ranking_from_scores  # noqa: E402
-from retrieval_jax.evaluation import bullseye_score, label_map  # noqa: E402
-from retrieval_jax.graph import connected_components, knn_graph, normalize  # noqa: E402
+from experiments import ablation_grid
+from retrieval_jax._progress import progress
+from retrieval_jax.data import atomic_write, default_data_dir, load_mpeg7, write_csv
+from retrieval_jax.diffusion import diffuse, ranking_from_scores
+from retrieval_jax.evaluation import bullseye_score, label_map
+from retrieval_jax.graph import connected_components, knn_graph, normalize
 
 
 @dataclasses.dataclass(frozen=True)

@@ -111,6 +111,37 @@ def test_rankings():
         ranking_from_scores(np.array([[np.nan, 1.0]]))
 
 
+def test_ranking_rtol_zeroes_the_noise_tail():
+    s = np.array([[1e-9, -2e-9, 0.5, 1.0, 0.2]])
+    # without rtol the noise's sign orders the tail (items 0 and 1 swap when it flips)
+    np.testing.assert_array_equal(ranking_from_scores(s), [[3, 2, 4, 0, 1]])
+    np.testing.assert_array_equal(ranking_from_scores(-s), [[1, 0, 4, 2, 3]])
+    # with rtol the tail is ranked by index; scores above the floor keep their order
+    np.testing.assert_array_equal(ranking_from_scores(-s, rtol=1e-6), [[0, 1, 4, 2, 3]])
+    np.testing.assert_array_equal(ranking_from_scores(s, rtol=0.3), [[3, 2, 0, 1, 4]])
+    np.testing.assert_array_equal(ranking_from_scores(np.zeros((1, 3)), rtol=1e-6), [[0, 1, 2]])
+    for bad in (-1e-3, 1.0, np.nan):
+        with pytest.raises(ValueError, match="rtol"):
+            ranking_from_scores(s, rtol=bad)
+
+
+def test_ranking_rtol_makes_a_float32_spectral_route_rank_as_the_float64_solve():
+    # clusters apart: a mutual kNN graph with several components, where the exact scores
+    # outside the query's component are 0; the full-rank spectral route in float32,
+    # U h(L) U^T y with dense U, leaves noise there (CG keeps those zeros exact)
+    x, _ = _clusters(3, n=160, c=8)
+    g = normalize(knn_graph(x, 4))
+    n, alpha = g.num_nodes, 0.9
+    ids = np.arange(0, n, 7)
+    lam, u = jnp.linalg.eigh(jnp.asarray(g.to_dense(), jnp.float32))
+    spectral = np.asarray((u / (1 - alpha * lam)) @ u[ids].T).T
+    exact = np.linalg.solve(np.eye(n) - alpha * np.asarray(g.to_dense(), np.float64), np.eye(n)[:, ids]).T
+    exact[np.abs(exact) < 1e-12] = 0.0  # float64 elimination: the other components' scores are 0
+    assert (exact == 0).mean() > 0.5 and (spectral[exact == 0] != 0).mean() > 0.5
+    ref = ranking_from_scores(exact)
+    assert (ranking_from_scores(spectral) != ref).any()  # the noise reorders the tail
+    np.testing.assert_array_equal(ranking_from_scores(spectral, rtol=1e-5), ref)
+
 def test_bad_input():
     x, _ = _clusters(5, n=40)
     w = normalize(knn_graph(x, 5))

@@ -13,9 +13,9 @@ import scipy.io
 from conftest import REPO, assert_valid_png, read_csv
 from experiments import ablations, reproduce, results_page
 
-EXPERIMENTS = ("ablations", "bench_diffusion", "bench_knn", "features_benchmark", "finetune_coil20",
-               "offline_diffusion", "regional_diffusion", "reproduce", "results_page",
-               "spectral_benchmark")
+EXPERIMENTS = ("ablation_grid", "ablations", "bench_converged", "bench_diffusion", "bench_knn",
+               "features_benchmark", "finetune_coil20", "learn_diffusion", "offline_diffusion",
+               "regional_diffusion", "reproduce", "results_page", "spectral_benchmark")
 
 
 def _toy_landmarks(d: Path):

@@ -8,20 +8,18 @@ kNN graph, ``label_map``), and that the grid's one vmapped program gives the loo
 builds' mAP in every cell.
 """
 import json
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import REPO, assert_valid_png, read_csv, require_data
+from conftest import assert_valid_png, read_csv, require_data
 
-sys.path.insert(0, str(REPO / "experiments"))
 
 
 @pytest.fixture(scope="module")
 def learned(tmp_path_factory):
     require_data("coil20")
-    import learn_diffusion
+    from experiments import learn_diffusion
     out = tmp_path_factory.mktemp("learn_diffusion")
     learn_diffusion.main(["--quick", "--out", str(out)])
     return out
@@ -30,7 +28,7 @@ def learned(tmp_path_factory):
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory):
     require_data("coil20")
-    import ablation_grid
+    from experiments import ablation_grid
     out = tmp_path_factory.mktemp("ablation_grid")
     ablation_grid.main(["--quick", "--out", str(out)])
     return out
