@@ -99,7 +99,8 @@ def shard_graph(graph: Graph, mesh: Mesh, axis_name: str = AXIS) -> Graph:
     """Place the rows of ``graph`` (the node axis) across the mesh."""
     _check_divisible(graph.num_nodes, mesh, "the graph", axis_name)
     rows = NamedSharding(mesh, P(axis_name, None))
-    return Graph(indices=jax.device_put(graph.indices, rows), weights=jax.device_put(graph.weights, rows))
+    return type(graph)(indices=jax.device_put(graph.indices, rows), weights=jax.device_put(graph.weights, rows),
+                       overflow=graph.overflow)
 
 
 # --------------------------------------------------------------------------- several processes

@@ -265,15 +265,20 @@ def _wrap_npz_error(exc: Exception, path) -> ValueError | None:
     return ValueError(f"{path} is not a readable .npz archive ({type(exc).__name__}: {exc})")
 
 
-def npz_names(path) -> list[str]:
-    """The array names in an ``.npz`` archive, sorted; ValueError naming the file if unreadable."""
+def _open_npz_or_fail(path):
+    """`_open_npz`, with an unreadable archive turned into the ValueError naming the file."""
     try:
-        zf, members = _open_npz(path)
+        return _open_npz(path)
     except Exception as exc:
         wrapped = _wrap_npz_error(exc, path)
         if wrapped is None:
             raise
         raise wrapped from exc
+
+
+def npz_names(path) -> list[str]:
+    """The array names in an ``.npz`` archive, sorted; ValueError naming the file if unreadable."""
+    zf, members = _open_npz_or_fail(path)
     zf.close()
     return sorted(members)
 
@@ -295,13 +300,7 @@ def read_npz(path, names=None) -> dict[str, np.ndarray]:
     Returns:
       ``{name: ndarray}`` in the order of ``names`` (archive order by default).
     """
-    try:
-        zf, members = _open_npz(path)
-    except Exception as exc:
-        wrapped = _wrap_npz_error(exc, path)
-        if wrapped is None:
-            raise
-        raise wrapped from exc
+    zf, members = _open_npz_or_fail(path)
     with zf:
         if names is None:
             names = list(members)

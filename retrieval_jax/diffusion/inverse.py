@@ -228,8 +228,7 @@ def diffusion_inverse(graph: Graph, alpha: float = 0.99, *, max_nodes: int = 20_
     position_dev = jnp.asarray(position)
     blocks = tuple(_invert_blocks(graph, jnp.asarray(nodes, jnp.int32), position_dev, alpha)
                    for nodes in plan.groups)
-    traced = _checks.is_traced(alpha, graph.weights)
-    if not traced and not _checks.is_traced(*blocks) and not all(np.isfinite(np.asarray(b)).all() for b in blocks):
+    if not _checks.is_traced(*blocks) and not all(np.isfinite(np.asarray(b)).all() for b in blocks):
         raise ValueError(
             "I - alpha W is not positive definite (its Cholesky factorisation failed): pass the "
             "normalised graph W = normalize(A), symmetric with spectrum in [-1, 1], not the affinity A")

@@ -78,7 +78,7 @@ class Solution:
     route: str
 
 
-def _dense(y, n: int) -> jax.Array:
+def _dense(y) -> jax.Array:
     """y as a dense [nq, n] right-hand side."""
     return y.todense() if isinstance(y, SparseObservation) else y
 
@@ -107,7 +107,7 @@ class CG:
         return None
 
     def run(self, operator: DiffusionOperator, state, y):
-        b = _dense(y, operator.num_nodes).T                 # node axis first: [n, nq]
+        b = _dense(y).T                 # node axis first: [n, nq]
         res: CGResult = solve_spd(operator.mv, b, tol=self.tol, max_iter=self.max_iter)
         return res.x.T, res.iterations, res.residual
 

@@ -221,13 +221,24 @@ def _ap_prec_from_codes(codes: np.ndarray, n_pos: np.ndarray, ks: tuple[int, ...
     return ap, prec
 
 
-def _evaluate_lists(ranking: np.ndarray, n_db: int, positives: Sequence[np.ndarray],
-                    junk: Sequence[np.ndarray], ks: tuple[int, ...]):
-    """AP / precision for per-query positive and junk index lists (validated, unique)."""
-    nq, m = ranking.shape
-    ap = np.empty(nq, np.float64)
-    prec = np.empty((nq, len(ks)), np.float64)
-    n_pos = np.array([p.size for p in positives], np.int64)
+def _check_lists(positives: Sequence, junk: Sequence | None, nq: int, n_db: int):
+    """Validated (positives, junk) index lists, one per query (junk None: none)."""
+    if len(positives) != nq:
+        raise ValueError(f"positives has {len(positives)} entries but ranking has {nq} rows")
+    if junk is None:
+        junk = [()] * nq
+    if len(junk) != nq:
+        raise ValueError(f"junk has {len(junk)} entries but ranking has {nq} rows")
+    pos = [_check_index_list(p, n_db, f"positives[{i}]") for i, p in enumerate(positives)]
+    jnk = [_check_index_list(p, n_db, f"junk[{i}]") for i, p in enumerate(junk)]
+    return pos, jnk
+
+
+def _list_blocks(ranking: np.ndarray, n_db: int, positives: Sequence[np.ndarray],
+                 junk: Sequence[np.ndarray]):
+    """Yield (start, stop, codes int8[stop - start, m]): the relevance code of every ranked
+    item, a block of queries at a time (at most ``_BLOCK_CELLS`` table cells)."""
+    nq = ranking.shape[0]
     block = max(1, _BLOCK_CELLS // max(n_db, 1))
     for start in range(0, nq, block):
         stop = min(nq, start + block)
@@ -240,7 +251,17 @@ def _evaluate_lists(ranking: np.ndarray, n_db: int, positives: Sequence[np.ndarr
             if sum(lens):
                 rows = np.repeat(np.arange(stop - start), lens)
                 table[rows, np.concatenate(part)] = code
-        codes = np.take_along_axis(table, ranking[start:stop], axis=1)
+        yield start, stop, np.take_along_axis(table, ranking[start:stop], axis=1)
+
+
+def _evaluate_lists(ranking: np.ndarray, n_db: int, positives: Sequence[np.ndarray],
+                    junk: Sequence[np.ndarray], ks: tuple[int, ...]):
+    """AP / precision for per-query positive and junk index lists (validated, unique)."""
+    nq = ranking.shape[0]
+    ap = np.empty(nq, np.float64)
+    prec = np.empty((nq, len(ks)), np.float64)
+    n_pos = np.array([p.size for p in positives], np.int64)
+    for start, stop, codes in _list_blocks(ranking, n_db, positives, junk):
         ap[start:stop], prec[start:stop] = _ap_prec_from_codes(codes, n_pos[start:stop], ks)
     return ap, prec
 
@@ -381,15 +402,7 @@ def mean_average_precision(ranking, positives: Sequence, junk: Sequence | None =
     """
     r, n_db = _check_ranking(ranking, n_db)
     ks = _check_ks(ks)
-    nq = r.shape[0]
-    if len(positives) != nq:
-        raise ValueError(f"positives has {len(positives)} entries but ranking has {nq} rows")
-    if junk is None:
-        junk = [()] * nq
-    if len(junk) != nq:
-        raise ValueError(f"junk has {len(junk)} entries but ranking has {nq} rows")
-    pos = [_check_index_list(p, n_db, f"positives[{i}]") for i, p in enumerate(positives)]
-    jnk = [_check_index_list(p, n_db, f"junk[{i}]") for i, p in enumerate(junk)]
+    pos, jnk = _check_lists(positives, junk, r.shape[0], n_db)
     ap, prec = _evaluate_lists(r, n_db, pos, jnk, ks)
     return _summarise(ap, prec, ks, "any query")
 
@@ -586,26 +599,10 @@ def _hits_at_k(ranking, positives, junk, ks, n_db):
         if k > n_db:
             raise ValueError(f"k = {k} exceeds the {n_db} database items; choose k <= {n_db}")
     nq = r.shape[0]
-    if len(positives) != nq:
-        raise ValueError(f"positives has {len(positives)} entries but ranking has {nq} rows")
-    if junk is None:
-        junk = [()] * nq
-    if len(junk) != nq:
-        raise ValueError(f"junk has {len(junk)} entries but ranking has {nq} rows")
-    pos = [_check_index_list(p, n_db, f"positives[{i}]") for i, p in enumerate(positives)]
-    jnk = [_check_index_list(p, n_db, f"junk[{i}]") for i, p in enumerate(junk)]
+    pos, jnk = _check_lists(positives, junk, nq, n_db)
     hits = np.zeros((nq, len(ks)), np.int64)
     n_pos = np.array([p.size for p in pos], np.int64)
-    block = max(1, _BLOCK_CELLS // max(n_db, 1))
-    for start in range(0, nq, block):
-        stop = min(nq, start + block)
-        table = np.zeros((stop - start, n_db), np.int8)
-        for lists, code in ((jnk, _JUNK), (pos, _POS)):
-            part = lists[start:stop]
-            lens = [x.size for x in part]
-            if sum(lens):
-                table[np.repeat(np.arange(stop - start), lens), np.concatenate(part)] = code
-        codes = np.take_along_axis(table, r[start:stop], axis=1)
+    for start, stop, codes in _list_blocks(r, n_db, pos, jnk):
         place = np.cumsum(codes != _JUNK, axis=1)          # 1-based position after junk removal
         for t, k in enumerate(ks):
             hits[start:stop, t] = ((codes == _POS) & (place <= k)).sum(axis=1)

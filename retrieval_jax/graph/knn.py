@@ -15,7 +15,7 @@ import scipy.sparse as sp
 from .._precision import HIGHEST as _HIGHEST
 from .. import _checks
 from .._progress import progress
-from .affinity import affinity_graph, reciprocal_partners, union_capacity
+from .affinity import affinity_graph, union_capacity
 from .core import Graph, NormalizedGraph
 
 
@@ -223,8 +223,9 @@ def knn_graph(X, k: int = 50, *, gamma: float = 3.0, mutual: bool = True, method
     idx_np = np.asarray(idx)
     if mutual:
         graph = affinity_graph(jnp.asarray(sims), jnp.asarray(idx_np), gamma, mutual=True)
-        # cut to the widest row: kept edges first, in each row's neighbour order
-        kept = _mutual_mask(idx_np)
+        # cut to the widest row: kept edges first, in each row's neighbour order (a slot
+        # without a reciprocal partner holds the node's own id, never a kNN neighbour)
+        kept = np.asarray(graph.indices) != np.arange(n)[:, None]
         order = np.argsort(~kept, axis=1, kind="stable")
         width = max(int(kept.sum(axis=1).max(initial=0)), 1)
         graph = _take_slots(graph, order[:, :width])
@@ -256,11 +257,6 @@ def _traced_knn_graph(X, k, gamma, mutual, method, max_degree):
         graph = affinity_graph(sims, idx, gamma, mutual=True)
         return graph if max_degree is None else _pad_slots(graph, max_degree)
     return affinity_graph(sims, idx, gamma, mutual=False, capacity=max_degree or 2 * int(k))
-
-
-def _mutual_mask(idx: np.ndarray) -> np.ndarray:
-    """bool[n, k]: idx[i, m] lists i back (a reciprocal pair), for concrete lists."""
-    return np.asarray(reciprocal_partners(jnp.asarray(idx, jnp.int32))).reshape(idx.shape) >= 0
 
 
 def _take_slots(graph: Graph, order: np.ndarray) -> Graph:

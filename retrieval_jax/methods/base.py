@@ -24,6 +24,7 @@ import numpy as np
 from .._precision import HIGHEST
 from .. import _checks
 from ..graph.core import Graph
+from ..graph.knn import knn_graph
 
 
 
@@ -82,6 +83,13 @@ def check_database_graph(database, graph):
     if graph.num_nodes != db.shape[0]:
         raise ValueError(f"the graph has {graph.num_nodes} nodes but the database has {db.shape[0]} items")
     return db, graph
+
+
+def config_graph(database, config, *, show_progress=None) -> Graph:
+    """The kNN affinity graph a graph method's config asks for (its k, gamma, mutual and
+    graph_method), over validated database descriptors."""
+    return knn_graph(database, config.k, gamma=config.gamma, mutual=config.mutual,
+                     method=config.graph_method, show_progress=show_progress)
 
 
 def check_graph_k(k, n: int) -> int:

@@ -14,8 +14,9 @@ from ..diffusion.inverse import DiffusionInverse, diffusion_inverse, plan_invers
 from ..diffusion import CG, DiffusionOperator, ExactInverse, SparseObservation, cg_truncated_diffusion
 from ..graph.core import Graph
 from ..graph.affinity import similarity_power
-from ..graph.knn import SEARCH_METHODS, knn_graph, normalize
-from .base import check_database_graph, check_graph_k, check_config, make_method, similarities as _similarities
+from ..graph.knn import SEARCH_METHODS, normalize
+from .base import check_config, check_database_graph, check_graph_k, config_graph, make_method
+from .base import similarities as _similarities
 
 from ..diffusion.solvers import AUTO_INVERSE_MAX_BYTES, AUTO_INVERSE_MAX_NODES  # solver="auto" thresholds
 
@@ -141,8 +142,7 @@ def _diffusion_build(database, config: DiffusionConfig = DiffusionConfig(), *,
     n = db.shape[0]
     check_graph_k(config.k, n)
     _check_query_sizes(config, n)
-    graph = knn_graph(db, config.k, gamma=config.gamma, mutual=config.mutual,
-                      method=config.graph_method, show_progress=show_progress)
+    graph = config_graph(db, config, show_progress=show_progress)
     return diffusion_state_from_graph(db, graph, config)
 
 

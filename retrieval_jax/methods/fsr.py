@@ -10,11 +10,12 @@ import jax.numpy as jnp
 
 from .. import _checks
 from ..graph.core import Graph
-from ..graph.knn import knn_graph, normalize
+from ..graph.knn import normalize
 from ..spectral import heat_kernel_filter, regularized_laplacian_filter, spectral_embedding
 from ..graph.affinity import similarity_power
 from ..spectral import fsr_scores_sparse
-from .base import check_database_graph, check_graph_k, check_config, make_method, similarities as _similarities
+from .base import check_config, check_database_graph, check_graph_k, config_graph, make_method
+from .base import similarities as _similarities
 from .diffusion import DiffusionConfig
 
 
@@ -76,8 +77,7 @@ def _fsr_build(database, config: FsrConfig = FsrConfig(), *, show_progress: bool
     check_graph_k(config.k, n)
     _checks.check_k(config.query_k, n, name="query_k")
     _checks.check_k(config.rank, n, name="rank", what="database items (rank must be <= n)")
-    graph = knn_graph(db, config.k, gamma=config.gamma, mutual=config.mutual,
-                      method=config.graph_method, show_progress=show_progress)
+    graph = config_graph(db, config, show_progress=show_progress)
     return fsr_state_from_graph(db, graph, config)
 
 

@@ -24,10 +24,11 @@ import jax.numpy as jnp
 
 from .. import _checks
 from ..diffusion.offline import OfflineRows, cosine_scores, direct_scores, offline_rows, unit_rows
-from ..graph import knn_graph, normalize
+from ..graph import normalize
 from ..graph.core import Graph
 from ..graph.knn import SEARCH_METHODS
-from .base import check_database_graph, check_graph_k, check_config, make_method, similarities as _similarities
+from .base import check_config, check_database_graph, check_graph_k, config_graph, make_method
+from .base import similarities as _similarities
 
 SCORES = ("direct", "cosine")
 
@@ -113,8 +114,7 @@ def _build(database, config: OfflineDiffusionConfig = OfflineDiffusionConfig(), 
     n = db.shape[0]
     check_graph_k(config.k, n)
     _check_sizes(config, n)
-    graph = knn_graph(db, config.k, gamma=config.gamma, mutual=config.mutual, method=config.graph_method,
-                      show_progress=show_progress)
+    graph = config_graph(db, config, show_progress=show_progress)
     return offline_diffusion_state_from_graph(db, graph, config, show_progress=show_progress)
 
 
