@@ -42,7 +42,7 @@ import jax.numpy as jnp
 
 from retrieval_jax.data import atomic_write, default_data_dir, load_coil20, write_csv
 from retrieval_jax.diffusion import diffuse, ranking_from_scores
-from retrieval_jax.evaluation import mean_average_precision
+from retrieval_jax.evaluation import label_map
 from retrieval_jax.graph import knn_graph, normalize
 from retrieval_jax.methods import DIFFUSION, FSR, DiffusionConfig, FsrConfig
 from experiments.common import SCORE_RTOL
@@ -108,8 +108,7 @@ def fsr_grid(embedding, y, alphas, ts, *, mode: str):
 def label_map_of(scores, labels, qids) -> float:
     """Label mAP of the queries ``qids`` (items themselves ignored), as a fraction."""
     ranking = ranking_from_scores(np.asarray(scores), exclude=qids, rtol=SCORE_RTOL)
-    positives = [np.flatnonzero((labels == labels[q]) & (np.arange(labels.size) != q)) for q in qids]
-    return mean_average_precision(ranking, positives, [[int(q)] for q in qids]).map
+    return label_map(ranking, labels, query_ids=qids)
 
 
 def load_coil(data_dir=None):

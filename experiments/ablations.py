@@ -17,7 +17,6 @@ log-scale x axis).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 import time
@@ -29,8 +28,8 @@ from retrieval_jax.diffusion import ranking_from_scores
 from retrieval_jax.methods import DIFFUSION, FSR, OFFLINE_DIFFUSION, DiffusionConfig, FsrConfig, OfflineDiffusionConfig
 
 from experiments import reproduce
-from experiments.common import (LABEL_DATASETS, available_label_datasets, load_label_dataset,
-                                pyplot, save_figure, versions, write_csv, write_json)
+from experiments.common import (available_label_datasets, label_experiment_parser, parse_experiment_args,
+                                load_label_dataset, pyplot, save_figure, versions, write_csv, write_json)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,19 +148,11 @@ def run(out="results/ablations", *, quick: bool = False, datasets=None, params=N
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="results/ablations", help="output folder")
-    p.add_argument("--quick", action="store_true",
-                   help="2 values per parameter, every 4th item a query, CG <= 200 steps")
-    p.add_argument("--datasets", nargs="+", choices=LABEL_DATASETS, default=None,
-                   help="label data sets (default: digits and every one found)")
+    p = label_experiment_parser(__doc__, out="results/ablations",
+                                quick="2 values per parameter, every 4th item a query, CG <= 200 steps")
     p.add_argument("--params", nargs="+", choices=list(ABLATIONS), default=None,
                    help="parameters to sweep (default: all)")
-    p.add_argument("--data-dir", default=None, help="folder holding coil20/ and mpeg7/")
-    args = p.parse_args(argv)
-    if args.data_dir is not None and not Path(args.data_dir).is_dir():
-        p.error(f"--data-dir {args.data_dir} is not a directory")
+    args = parse_experiment_args(p, argv)
     run(args.out, quick=args.quick, datasets=args.datasets, params=args.params,
         data_dir=args.data_dir)
     return 0

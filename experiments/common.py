@@ -28,6 +28,28 @@ RESULTS = REPO / "experiments" / "results"
 SCORE_RTOL = 1e-6
 
 
+# ----------------------------------------------------------------------------- command lines
+def label_experiment_parser(doc: str, *, out: str, quick: str):
+    """The flags of an experiment over the label data sets: --out, --quick (``quick``
+    says what it shrinks), --datasets and --data-dir. Parse with `parse_experiment_args`."""
+    import argparse
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=out, help="output folder")
+    p.add_argument("--quick", action="store_true", help=quick)
+    p.add_argument("--datasets", nargs="+", choices=LABEL_DATASETS, default=None,
+                   help="label data sets (default: digits and every one found in the data dir)")
+    p.add_argument("--data-dir", default=None, help="folder holding coil20/ and mpeg7/")
+    return p
+
+
+def parse_experiment_args(parser, argv):
+    """``parser.parse_args(argv)``, refusing a --data-dir that is not a directory."""
+    args = parser.parse_args(argv)
+    if getattr(args, "data_dir", None) is not None and not Path(args.data_dir).is_dir():
+        parser.error(f"--data-dir {args.data_dir} is not a directory")
+    return args
+
+
 # ----------------------------------------------------------------------------- timing
 def block(tree):
     """Wait for every JAX array in ``tree`` (other leaves pass through); returns ``tree``."""
@@ -185,6 +207,20 @@ def pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def label_axes(ax, *, xlabel: str, ylabel: str, title: str, xscale: str | None = None,
+               yscale: str | None = None, legend_size: int = 8) -> None:
+    """Axis labels, title, optional log scales, a light grid and the legend."""
+    if xscale:
+        ax.set_xscale(xscale)
+    if yscale:
+        ax.set_yscale(yscale)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
 
 
 def save_figure(fig, path, *, dpi: int = 100) -> Path:

@@ -222,16 +222,23 @@ def plot(rows: list[dict], timing: dict, path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- main
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+def image_experiment_parser(doc: str, *, out: Path, datasets) -> argparse.ArgumentParser:
+    """The flags of an experiment on CNN descriptors of the image data sets: --out,
+    --quick (the `QUICK` subset), --size and --datasets (choices ``datasets``)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=out)
     parser.add_argument("--quick", action="store_true",
                         help=f"{QUICK['classes']} classes x {QUICK['per_class']} images per "
                              f"dataset at {QUICK['size']} px (for tests)")
     parser.add_argument("--size", type=int, default=None, help="input side in px (default 224)")
+    parser.add_argument("--datasets", nargs="+", default=list(datasets), choices=datasets)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = image_experiment_parser(__doc__, out=DEFAULT_OUT, datasets=DATASETS)
     parser.add_argument("--scales", type=float, nargs="+", default=None,
                         help="extra runs at these scales (summed), e.g. 1 0.7071")
-    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
     parser.add_argument("--k", type=int, default=10, help="diffusion graph neighbours")
     parser.add_argument("--max-iter", type=int, default=500)
     parser.add_argument("--batch-size", type=int, default=16)

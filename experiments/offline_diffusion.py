@@ -38,7 +38,7 @@ from retrieval_jax.methods import DIFFUSION, DiffusionConfig
 from retrieval_jax.methods.offline_diffusion import OFFLINE_DIFFUSION, OfflineDiffusionConfig
 
 from experiments import reproduce
-from experiments.common import (block, load_label_dataset, process_peak_rss_mb, pyplot,
+from experiments.common import (block, label_axes, load_label_dataset, process_peak_rss_mb, pyplot,
                                 save_figure, versions, write_csv, write_json)
 
 K, T = 5, 1000
@@ -114,12 +114,8 @@ def plot(path: Path, records, exact_map: float) -> None:
                         textcoords="offset points")
     ax.axhline(exact_map, color="k", ls="--", lw=1, label="exact diffusion")
     ax.axhspan(TARGET - TARGET_TOL, TARGET + TARGET_TOL, color="tab:green", alpha=0.15, label="fyang93 94.1 +- 0.3")
-    ax.set_xscale("log")
-    ax.set_xlabel("offline index (MB: int32 ids + float32 values; cosine keeps a unit copy)")
-    ax.set_ylabel("mAP (%)")
-    ax.set_title(f"COIL-20, k = {K}, T = {T}: mAP vs kept row length L")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    label_axes(ax, xscale="log", xlabel="offline index (MB: int32 ids + float32 values; cosine keeps a unit copy)",
+               ylabel="mAP (%)", title=f"COIL-20, k = {K}, T = {T}: mAP vs kept row length L")
     fig.tight_layout()
     save_figure(fig, path, dpi=100)
 

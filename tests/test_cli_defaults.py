@@ -11,18 +11,10 @@ import pytest
 
 from retrieval_jax import cli, defaults
 from retrieval_jax.data import datasets
+from conftest import cli_fails, cli_run
 
 
-def run(argv):
-    assert cli.main([str(a) for a in argv]) == 0
-
-
-def fails(argv, capsys, match):
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        cli.main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert exc.value.code == 2 and match in err and "Traceback" not in err, err
+run, fails = cli_run, cli_fails
 
 
 # ----------------------------------------------------------------------------- the rules

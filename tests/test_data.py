@@ -251,17 +251,14 @@ def test_descriptor_errors(tmp_path, descs):
 
     # content that does not match the extension
     os.replace(tmp_path / "both.npz", tmp_path / "zip.npy")
-    with pytest.raises(ValueError, match="not a .npy file.*zip"):
-        load_descriptors(tmp_path / "zip.npy")
     os.replace(tmp_path / "x.npy", tmp_path / "arr.npz")
-    with pytest.raises(ValueError, match="not a .npz archive.*\\.npy array"):
-        load_descriptors(tmp_path / "arr.npz")
     (tmp_path / "text.mat").write_text("just text")
-    with pytest.raises(ValueError, match="not a readable MATLAB .mat"):
-        load_descriptors(tmp_path / "text.mat")
     (tmp_path / "x.csv").write_text("1,2")
-    with pytest.raises(ValueError, match="unknown descriptor format '.csv'"):
-        load_descriptors(tmp_path / "x.csv")
+    for name, match in [("zip.npy", "not a .npy file.*zip"), ("arr.npz", "not a .npz archive.*\\.npy array"),
+                        ("text.mat", "not a readable MATLAB .mat"),
+                        ("x.csv", "unknown descriptor format '.csv'")]:
+        with pytest.raises(ValueError, match=match):
+            load_descriptors(tmp_path / name)
 
 
 def test_save_descriptors_validates(tmp_path, descs):

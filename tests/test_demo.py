@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
-from conftest import REPO, assert_valid_png, read_csv
+from conftest import REPO, assert_valid_png, read_csv, unit_clusters
 from retrieval_jax import demo
 
 
@@ -23,21 +23,12 @@ def test_demo_on_digits(tmp_path, capsys):
     assert_valid_png(tmp_path / "queries.png", 300, 300)
 
 
-def _readme_api_snippet() -> str:
-    text = (Path(REPO) / "README.md").read_text()
-    block = text.split("## The API in one screen", 1)[1]
-    return re.search(r"```python\n(.*?)```", block, re.S).group(1)
-
-
 def test_readme_api_example_runs():
-    rng = np.random.default_rng(0)
-    centers = rng.normal(size=(6, 16))
-    X = centers[rng.integers(0, 6, 600)] + 0.3 * rng.normal(size=(600, 16))
-    X = (X / np.linalg.norm(X, axis=1, keepdims=True)).astype(np.float32)
+    X, _ = unit_clusters(0, 600, 16, 6, noise=0.3)
     Q = X[:5] + 0.01
     ids = np.arange(5)
     scope = {"X": X, "Q": Q, "ids": ids}
-    exec(compile(_readme_api_snippet(), "README.md", "exec"), scope)
+    exec(compile(_readme_block("## The API in one screen"), "README.md", "exec"), scope)
     assert scope["scores"].shape == (5, 600)
     assert np.isfinite(np.asarray(scope["scores"])).all()
 
@@ -53,10 +44,7 @@ def test_readme_composable_example_matches_diffuse():
 
     from retrieval_jax.diffusion import diffuse, indicator_vectors
     from retrieval_jax.graph import knn_graph, normalize
-    rng = np.random.default_rng(1)
-    centers = rng.normal(size=(5, 12))
-    X = centers[rng.integers(0, 5, 300)] + 0.3 * rng.normal(size=(300, 12))
-    X = (X / np.linalg.norm(X, axis=1, keepdims=True)).astype(np.float32)
+    X, _ = unit_clusters(1, 300, 12, 5, noise=0.3)
     scope = {"X": X}
     exec(compile(_readme_block("### jit, vmap and grad through the graph and the diffusion"), "README.md", "exec"),
          scope)

@@ -8,15 +8,11 @@ from hypothesis import given, settings, strategies as st
 from retrieval_jax.diffusion import (conjugate_gradient, diffuse, indicator_vectors, katz_centrality,
                                      query_vectors, ranking_from_scores, top_n, truncated_diffuse)
 from retrieval_jax.graph import knn, knn_graph, normalize
+from conftest import unit_clusters
 
 
 def _clusters(seed, n=200, d=12, c=5):
-    rng = np.random.default_rng(seed)
-    centers = rng.normal(size=(c, d))
-    labels = rng.integers(0, c, n)
-    x = centers[labels] + 0.4 * rng.normal(size=(n, d))
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    return x.astype(np.float32), labels
+    return unit_clusters(seed, n, d, c, noise=0.4)
 
 
 def _rel(a, b):

@@ -338,6 +338,25 @@ def test_label_map_hand_computed():
     assert label_map(RANK4, np.array(["cat", "cat", "dog", "dog"])) == pytest.approx(29 / 48)
 
 
+def test_label_map_query_ids_hand_computed():
+    # queries 1 and 3 of the same collection: their APs from the hand-computed set above
+    q = np.array([3, 1])
+    m, aps = label_map(RANK4[q], LABELS4, return_aps=True, query_ids=q)
+    np.testing.assert_allclose(aps, [1 / 6, 1.0], atol=1e-15)
+    assert m == pytest.approx((1 / 6 + 1) / 2)
+    res = label_map(RANK4[q], LABELS4, query_ids=q, ks=(1, 2))
+    np.testing.assert_allclose(res.aps, aps)
+    # a truncated ranking: positives beyond the cut are misses. Query 3, rows [3, 0], finds
+    # one of its 2 positives at the top: AP 1/2; query 1, rows [1, 0], finds both: AP 1
+    assert label_map(RANK4[q][:, :2], LABELS4, query_ids=q, exclude_self=False) == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="query_ids has 1 ids but the ranking has 2 rows"):
+        label_map(RANK4[q], LABELS4, query_ids=[1])
+    with pytest.raises(ValueError, match="query_ids"):
+        label_map(RANK4[q], LABELS4, query_ids=[1, 4])
+    with pytest.raises(ValueError, match="pass query_ids="):
+        label_map(np.array([[0, 1], [1, 0]]), LABELS4)
+
+
 def test_label_map_singletons_left_out():
     labels = np.array([0, 0, 1])
     ranking = np.array([[0, 1, 2], [1, 0, 2], [2, 0, 1]])

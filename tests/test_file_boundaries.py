@@ -75,6 +75,22 @@ def _corruptions(data: bytes, seed: int, n_cuts: int = 60, n_flips: int = 150):
         yield f"flip{i}@{pos}", bytes(flipped)
 
 
+def _load_corruptions(data: bytes, bad: Path, load, seed: int):
+    """Write each of `_corruptions` to ``bad`` and ``load`` it: a ValueError must name the
+    file (any other exception fails the test). (number refused, [(label, result)] loaded)."""
+    errors, loaded = 0, []
+    for label, corrupt in _corruptions(data, seed=seed):
+        bad.write_bytes(corrupt)
+        try:
+            loaded.append((label, load(bad)))
+        except ValueError as exc:
+            assert str(bad) in str(exc), (label, exc)
+            errors += 1
+        except Exception as exc:  # noqa: BLE001
+            pytest.fail(f"{label}: {type(exc).__name__} escaped: {exc}")
+    return errors, loaded
+
+
 # ---------------------------------------------------------------------------
 # 1. Truncated / corrupt checkpoints and graphs
 # ---------------------------------------------------------------------------
@@ -101,18 +117,8 @@ def test_checkpoint_truncated_or_bit_flipped_raises_value_error(tmp_path, write_
     tree = _tree()
     checkpoints.save_checkpoint(good, tree, write_fn=write_fn)
     data = good.read_bytes()
-    bad = tmp_path / "bad.npz"
-    errors = 0
-    for label, corrupt in _corruptions(data, seed=1):
-        bad.write_bytes(corrupt)
-        try:
-            back = checkpoints.load_checkpoint(bad)
-        except ValueError as exc:
-            assert str(bad) in str(exc), (label, exc)
-            errors += 1
-            continue
-        except Exception as exc:  # noqa: BLE001
-            pytest.fail(f"{label}: {type(exc).__name__} escaped: {exc}")
+    errors, loaded = _load_corruptions(data, tmp_path / "bad.npz", checkpoints.load_checkpoint, seed=1)
+    for label, back in loaded:
         # a flip in a field nothing reads (a timestamp) may leave the content intact
         assert _same_tree(back, checkpoints.load_checkpoint(good)), f"{label} loaded different data"
     assert errors > 100
@@ -162,18 +168,8 @@ def test_graph_truncated_or_bit_flipped_raises_value_error(tmp_path):
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     good = save_graph(tmp_path / "good.npz", knn_graph(x, 3), k=3)
     ref, _ = load_graph(good)
-    bad = tmp_path / "bad.npz"
-    errors = 0
-    for label, corrupt in _corruptions(good.read_bytes(), seed=2):
-        bad.write_bytes(corrupt)
-        try:
-            graph, _ = load_graph(bad)
-        except ValueError as exc:
-            assert str(bad) in str(exc), (label, exc)
-            errors += 1
-            continue
-        except Exception as exc:  # noqa: BLE001
-            pytest.fail(f"{label}: {type(exc).__name__} escaped: {exc}")
+    errors, loaded = _load_corruptions(good.read_bytes(), tmp_path / "bad.npz", load_graph, seed=2)
+    for label, (graph, _) in loaded:
         assert np.array_equal(np.asarray(graph.indices), np.asarray(ref.indices)), label
         assert np.array_equal(np.asarray(graph.weights), np.asarray(ref.weights)), label
     assert errors > 100

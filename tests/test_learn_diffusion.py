@@ -16,22 +16,24 @@ from conftest import assert_valid_png, read_csv, require_data
 
 
 
+def _quick_run(tmp_path_factory, module):
+    """``module.main(["--quick", "--out", tmp])`` on COIL-20; the output folder."""
+    require_data("coil20")
+    out = tmp_path_factory.mktemp(module.__name__.rsplit(".", 1)[-1])
+    module.main(["--quick", "--out", str(out)])
+    return out
+
+
 @pytest.fixture(scope="module")
 def learned(tmp_path_factory):
-    require_data("coil20")
     from experiments import learn_diffusion
-    out = tmp_path_factory.mktemp("learn_diffusion")
-    learn_diffusion.main(["--quick", "--out", str(out)])
-    return out
+    return _quick_run(tmp_path_factory, learn_diffusion)
 
 
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory):
-    require_data("coil20")
     from experiments import ablation_grid
-    out = tmp_path_factory.mktemp("ablation_grid")
-    ablation_grid.main(["--quick", "--out", str(out)])
-    return out
+    return _quick_run(tmp_path_factory, ablation_grid)
 
 
 def _summary(out):

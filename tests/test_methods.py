@@ -3,7 +3,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import require_data
+from conftest import require_data, unit_clusters
 from retrieval_jax.data import load_coil20
 from retrieval_jax.diffusion import diffuse, indicator_vectors, query_vectors, ranking_from_scores
 from retrieval_jax.evaluation import label_map
@@ -12,9 +12,7 @@ from retrieval_jax.methods import DIFFUSION, KNN_SEARCH, DiffusionConfig, Diffus
 
 
 def _clusters(seed, n=150, d=10, c=4):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(c, d))[rng.integers(0, c, n)] + 0.5 * rng.normal(size=(n, d))
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    return unit_clusters(seed, n, d, c, noise=0.5)[0]
 
 
 def test_search_matches_functional_pipeline():

@@ -112,7 +112,7 @@ def _scan(root: Path, pattern: re.Pattern, expected: int, name: str):
                                 f"(expected file names like {pattern.pattern})")
     if len(matches) != expected:
         warnings.warn(f"{root} holds {len(matches)} {name} images, the benchmark has {expected}; "
-                      "published scores will not be comparable", stacklevel=3)
+                      "published scores will not be comparable", stacklevel=4)
     return matches
 
 
@@ -148,6 +148,26 @@ def load_digits(*, images: bool = False) -> ImageDataset:
 _COIL = re.compile(r"^obj(\d+)__(\d+)\.png$", re.IGNORECASE)
 
 
+def _load_folder(root, default: str, size, images: bool, *, pattern, expected: int, title: str,
+                 label_of, number_of, class_name, pixels_of) -> ImageDataset:
+    """A labelled image folder: the files matching ``pattern`` sorted by (class, number),
+    labels indexing the sorted classes, ``pixels_of(image, size)`` -> uint8[size, size]."""
+    from PIL import Image
+
+    root = _resolve_root(root, default)
+    size = _check_size(size)
+    files = sorted(_scan(root, pattern, expected, title),
+                   key=lambda mp: (label_of(mp[0]), number_of(mp[0])))
+    classes = sorted({label_of(m) for m, _ in files})
+    code = {c: i for i, c in enumerate(classes)}
+    pixels = np.empty((len(files), size, size), np.uint8)
+    for i, (_, path) in enumerate(files):
+        with Image.open(path) as img:
+            pixels[i] = pixels_of(img, size)
+    labels = [code[label_of(m)] for m, _ in files]
+    return _dataset(pixels, labels, [class_name(c) for c in classes], [str(p) for _, p in files], images)
+
+
 def load_coil20(root=None, size: int = 32, *, images: bool = False) -> ImageDataset:
     """COIL-20 (Nene, Nayar & Murase, 1996): 20 objects x 72 poses, 128x128 grey.
 
@@ -163,21 +183,12 @@ def load_coil20(root=None, size: int = 32, *, images: bool = False) -> ImageData
     Returns:
       ``ImageDataset`` with X float32[1440, size*size], labels 0..19, paths.
     """
-    from PIL import Image
+    def pixels_of(img, size):
+        return np.asarray(_resize(img.convert("L"), size))
 
-    root = _resolve_root(root, "coil20")
-    size = _check_size(size)
-    files = sorted(_scan(root, _COIL, 1440, "COIL-20"),
-                   key=lambda mp: (int(mp[0].group(1)), int(mp[0].group(2))))
-    objects = sorted({int(m.group(1)) for m, _ in files})
-    code = {k: i for i, k in enumerate(objects)}
-    pixels = np.empty((len(files), size, size), np.uint8)
-    for i, (_, path) in enumerate(files):
-        with Image.open(path) as img:
-            pixels[i] = np.asarray(_resize(img.convert("L"), size))
-    labels = [code[int(m.group(1))] for m, _ in files]
-    return _dataset(pixels, labels, [f"obj{k}" for k in objects],
-                    [str(p) for _, p in files], images)
+    return _load_folder(root, "coil20", size, images, pattern=_COIL, expected=1440, title="COIL-20",
+                        label_of=lambda m: int(m.group(1)), number_of=lambda m: int(m.group(2)),
+                        class_name=lambda k: f"obj{k}", pixels_of=pixels_of)
 
 
 _MPEG7 = re.compile(r"^(.+)-(\d+)\.gif$", re.IGNORECASE)
@@ -201,20 +212,14 @@ def load_mpeg7(root=None, size: int = 32, *, images: bool = False) -> ImageDatas
     """
     from PIL import Image
 
-    root = _resolve_root(root, "mpeg7")
-    size = _check_size(size)
-    files = sorted(_scan(root, _MPEG7, 1400, "MPEG-7"),
-                   key=lambda mp: (mp[0].group(1), int(mp[0].group(2))))
-    classes = sorted({m.group(1) for m, _ in files})
-    code = {c: i for i, c in enumerate(classes)}
-    pixels = np.empty((len(files), size, size), np.uint8)
-    for i, (_, path) in enumerate(files):
-        with Image.open(path) as img:
-            grey = img.convert("L")
+    def pixels_of(img, size):  # pad with black to a centred square, then resize
+        grey = img.convert("L")
         w, h = grey.size
         side = max(w, h)
         square = Image.new("L", (side, side), 0)
         square.paste(grey, ((side - w) // 2, (side - h) // 2))
-        pixels[i] = np.asarray(_resize(square, size))
-    labels = [code[m.group(1)] for m, _ in files]
-    return _dataset(pixels, labels, classes, [str(p) for _, p in files], images)
+        return np.asarray(_resize(square, size))
+
+    return _load_folder(root, "mpeg7", size, images, pattern=_MPEG7, expected=1400, title="MPEG-7",
+                        label_of=lambda m: m.group(1), number_of=lambda m: int(m.group(2)),
+                        class_name=str, pixels_of=pixels_of)

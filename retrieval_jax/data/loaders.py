@@ -385,6 +385,81 @@ def _as_indices(x, what: str, path: Path, n_db: int, base: int) -> np.ndarray:
     return arr
 
 
+def _read_gnd_pickle(path: Path):
+    """The ground-truth pickle's content (restricted unpickler); every failure a ValueError."""
+    head = _head(path)
+
+    def looks_like():
+        kind = _sniff(head)
+        return f" (it looks like {kind})" if kind else ""
+
+    try:
+        return _load_pickle(path)
+    except ValueError as exc:  # from check_pickle / check_expansion, naming the file
+        if _sniff(head) and "not a valid pickle" in str(exc):
+            raise ValueError(f"{path} is not a valid pickle{looks_like()}: {exc.__cause__ or exc}") from exc
+        if str(path) in str(exc):
+            raise
+        raise ValueError(f"{path}: {exc}") from exc
+    except pickle.UnpicklingError as exc:
+        if "refusing" in str(exc):
+            raise ValueError(f"{path}: {exc}") from exc
+        raise ValueError(f"{path} is not a valid pickle{looks_like()}: {exc}") from exc
+    except (MemoryError, PermissionError):
+        raise
+    except Exception as exc:
+        raise ValueError(f"{path} is not a valid pickle{looks_like()}: {exc}") from exc
+
+
+def _read_gnd_file(path: Path) -> tuple[dict, int]:
+    """(dict with 'gnd', 'imlist', 'qimlist' and maybe 'qidx', index base: 0 pkl, 1 mat)."""
+    suffix = path.suffix.lower()
+    if suffix in (".pkl", ".pickle"):
+        data, base = _read_gnd_pickle(path), 0
+    elif suffix == ".mat":
+        data, base = _loadmat(path), 1
+    else:
+        raise ValueError(f"{path}: unknown ground-truth format {suffix!r}; expected .pkl or .mat")
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} should hold a dict with 'gnd', 'imlist', 'qimlist', "
+                         f"got {type(data).__name__}")
+    for key in ("gnd", "imlist", "qimlist"):
+        if key not in data:
+            raise KeyError(f"{path} has no key {key!r} (keys: {sorted(data)}); "
+                           "is this a benchmark ground-truth file?")
+    if suffix == ".mat":
+        data = _gnd_from_mat(data, path)
+    return data, base
+
+
+def _gnd_protocol(entry: dict, i: int, path: Path) -> str:
+    """'revisited' or 'classic', from the keys of the first query's entry."""
+    protocol = next((p for p, keys in _PROTOCOLS.items() if keys[0] in entry), None)
+    if protocol is None:
+        raise KeyError(f"{path}: gnd[{i}] has neither 'easy' (revisited) nor 'ok' "
+                       f"(classic) (keys: {sorted(entry)})")
+    return protocol
+
+
+def _gnd_entry(entry, i: int, protocol: str, path: Path, n_db: int, base: int) -> dict:
+    """One query's entry with its index lists checked and made 0-based int64."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"{path}: gnd[{i}] should be a dict, got {type(entry).__name__}")
+    for key in _PROTOCOLS[protocol]:
+        if key not in entry:
+            raise KeyError(f"{path}: gnd[{i}] has no key {key!r} (keys: {sorted(entry)}); "
+                           f"{protocol} ground truth needs {_PROTOCOLS[protocol]}")
+    out = {}
+    for key, value in entry.items():
+        if key in _INDEX_FIELDS:
+            out[key] = _as_indices(value, f"gnd[{i}][{key!r}]", path, n_db, base)
+        elif key == "bbx":
+            out[key] = np.asarray(value, np.float64).reshape(-1)
+        else:
+            out[key] = value
+    return out
+
+
 def load_gnd(path) -> GroundTruth:
     """Load a benchmark ground truth ``gnd_*.pkl`` or its ``gnd_*.mat`` twin.
 
@@ -404,47 +479,7 @@ def load_gnd(path) -> GroundTruth:
         protocol key) is missing.
     """
     path = _check_file(path)
-    suffix = path.suffix.lower()
-    if suffix in (".pkl", ".pickle"):
-        head = _head(path)
-        try:
-            data = _load_pickle(path)
-        except ValueError as exc:  # from check_pickle / check_expansion, naming the file
-            kind = _sniff(head)
-            if kind and "not a valid pickle" in str(exc):
-                raise ValueError(f"{path} is not a valid pickle (it looks like {kind}): "
-                                 f"{exc.__cause__ or exc}") from exc
-            if str(path) in str(exc):
-                raise
-            raise ValueError(f"{path}: {exc}") from exc
-        except pickle.UnpicklingError as exc:
-            if "refusing" in str(exc):
-                raise ValueError(f"{path}: {exc}") from exc
-            kind = _sniff(head)
-            raise ValueError(f"{path} is not a valid pickle"
-                             f"{' (it looks like ' + kind + ')' if kind else ''}: {exc}") from exc
-        except (MemoryError, PermissionError):
-            raise
-        except Exception as exc:
-            kind = _sniff(head)
-            raise ValueError(f"{path} is not a valid pickle"
-                             f"{' (it looks like ' + kind + ')' if kind else ''}: {exc}") from exc
-        base = 0
-    elif suffix == ".mat":
-        data = _loadmat(path)
-        base = 1
-    else:
-        raise ValueError(f"{path}: unknown ground-truth format {suffix!r}; expected .pkl or .mat")
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} should hold a dict with 'gnd', 'imlist', 'qimlist', "
-                         f"got {type(data).__name__}")
-    for key in ("gnd", "imlist", "qimlist"):
-        if key not in data:
-            raise KeyError(f"{path} has no key {key!r} (keys: {sorted(data)}); "
-                           "is this a benchmark ground-truth file?")
-    if suffix == ".mat":
-        data = _gnd_from_mat(data, path)
-
+    data, base = _read_gnd_file(path)
     imlist = tuple(str(s) for s in data["imlist"])
     qimlist = tuple(str(s) for s in data["qimlist"])
     n_db = len(imlist)
@@ -453,29 +488,10 @@ def load_gnd(path) -> GroundTruth:
         raise ValueError(f"{path}: 'gnd' has {len(raw)} queries but 'qimlist' has {len(qimlist)}")
     if not raw:
         raise ValueError(f"{path}: 'gnd' is empty")
-    protocol = None
-    gnd = []
-    for i, entry in enumerate(raw):
-        if not isinstance(entry, dict):
-            raise ValueError(f"{path}: gnd[{i}] should be a dict, got {type(entry).__name__}")
-        if protocol is None:
-            protocol = next((p for p, keys in _PROTOCOLS.items() if keys[0] in entry), None)
-            if protocol is None:
-                raise KeyError(f"{path}: gnd[{i}] has neither 'easy' (revisited) nor 'ok' "
-                               f"(classic) (keys: {sorted(entry)})")
-        for key in _PROTOCOLS[protocol]:
-            if key not in entry:
-                raise KeyError(f"{path}: gnd[{i}] has no key {key!r} (keys: {sorted(entry)}); "
-                               f"{protocol} ground truth needs {_PROTOCOLS[protocol]}")
-        out = {}
-        for key, value in entry.items():
-            if key in _INDEX_FIELDS:
-                out[key] = _as_indices(value, f"gnd[{i}][{key!r}]", path, n_db, base)
-            elif key == "bbx":
-                out[key] = np.asarray(value, np.float64).reshape(-1)
-            else:
-                out[key] = value
-        gnd.append(out)
+    if not isinstance(raw[0], dict):
+        raise ValueError(f"{path}: gnd[0] should be a dict, got {type(raw[0]).__name__}")
+    protocol = _gnd_protocol(raw[0], 0, path)
+    gnd = [_gnd_entry(entry, i, protocol, path, n_db, base) for i, entry in enumerate(raw)]
     qidx = None
     if data.get("qidx") is not None:
         qidx = _as_indices(data["qidx"], "'qidx'", path, n_db, base)

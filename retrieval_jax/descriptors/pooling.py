@@ -109,8 +109,7 @@ def mac(x, mask=None) -> jax.Array:
     Returns:
       float[B, C] (not normalised). An image with no valid position gives 0.
     """
-    x, mask = _check_map(x, mask)
-    return _mac(x, mask)
+    return _mac(*_check_map(x, mask))
 
 
 @jax.jit
@@ -130,8 +129,7 @@ def spoc(x, mask=None) -> jax.Array:
 
     Returns float[B, C].
     """
-    x, mask = _check_map(x, mask)
-    return _spoc(x, mask)
+    return _spoc(*_check_map(x, mask))
 
 
 @jax.jit

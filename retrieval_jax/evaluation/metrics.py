@@ -32,20 +32,6 @@ import numpy as np
 
 from .. import _checks
 
-__all__ = [
-    "MapResult",
-    "RevisitedResult",
-    "average_precision",
-    "bullseye_score",
-    "classic_map",
-    "label_map",
-    "mean_average_precision",
-    "precision_at_k",
-    "recall_at_k",
-    "revisited_map",
-    "ukbench_score",
-]
-
 _NEG, _POS, _JUNK = 0, 1, 2
 # Queries are processed in blocks of at most this many (query x database) cells,
 # so the temporaries stay around 100 MB even for a million-image database.
@@ -139,14 +125,17 @@ def _check_ks(ks) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _check_labels(labels, n: int, name: str = "labels") -> np.ndarray:
+def _check_labels(labels, n: int, name: str = "labels", *, every_item_a_query: bool = True) -> np.ndarray:
     """Labels as int codes 0..C-1 (any hashable dtype accepted); NaN rejected."""
     arr = np.asarray(labels)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be a 1-D array with one label per item, got shape {arr.shape}")
     if arr.shape[0] != n:
-        raise ValueError(f"{name} has {arr.shape[0]} entries but the ranking has {n} rows; "
-                         "every item of the collection is a query, so they must match")
+        if every_item_a_query:
+            raise ValueError(f"{name} has {arr.shape[0]} entries but the ranking has {n} rows; "
+                             "every item of the collection is a query, so they must match "
+                             "(for a subset of the items as queries pass query_ids=)")
+        raise ValueError(f"{name} has {arr.shape[0]} entries but the collection has {n} items")
     if np.issubdtype(arr.dtype, np.floating) and np.isnan(arr).any():
         raise ValueError(f"{name} has NaN (first at {int(np.flatnonzero(np.isnan(arr))[0])})")
     _, codes = np.unique(arr, return_inverse=True)
@@ -407,6 +396,18 @@ def mean_average_precision(ranking, positives: Sequence, junk: Sequence | None =
     return _summarise(ap, prec, ks, "any query")
 
 
+def _check_gnd_ranking(ranking, gnd, ks, n_db):
+    """(per-query ground-truth entries, checked ranking, database size, cut-offs) of a
+    benchmark evaluation; row i of the ranking must be query i of ``gnd``."""
+    entries, gt_n = _gnd_entries(gnd)
+    r, n_db = _check_ranking(ranking, _default_n_db(ranking, n_db, gt_n))
+    ks = _check_ks(ks)
+    if len(entries) != r.shape[0]:
+        raise ValueError(f"ranking has {r.shape[0]} rows but gnd has {len(entries)} queries; "
+                         "row i of the ranking must be query i of the ground truth")
+    return entries, r, n_db, ks
+
+
 def revisited_map(ranking, gnd, ks=(1, 5, 10), *, n_db: int | None = None) -> RevisitedResult:
     """Revisited Oxford / Paris evaluation (Radenovic et al., CVPR 2018).
 
@@ -437,12 +438,7 @@ def revisited_map(ranking, gnd, ks=(1, 5, 10), *, n_db: int | None = None) -> Re
     Returns:
       ``RevisitedResult`` with a ``MapResult`` (fractions in [0, 1]) per setting.
     """
-    entries, gt_n = _gnd_entries(gnd)
-    r, n_db = _check_ranking(ranking, _default_n_db(ranking, n_db, gt_n))
-    ks = _check_ks(ks)
-    if len(entries) != r.shape[0]:
-        raise ValueError(f"ranking has {r.shape[0]} rows but gnd has {len(entries)} queries; "
-                         "row i of the ranking must be query i of the ground truth")
+    entries, r, n_db, ks = _check_gnd_ranking(ranking, gnd, ks, n_db)
     easy, hard, junk = [], [], []
     for i, e in enumerate(entries):
         easy.append(_check_index_list(_get(e, "easy", i), n_db, f"gnd[{i}]['easy']"))
@@ -478,12 +474,7 @@ def classic_map(ranking, gnd, ks=(1, 5, 10), *, n_db: int | None = None) -> MapR
     Returns:
       ``MapResult`` with fractions in [0, 1].
     """
-    entries, gt_n = _gnd_entries(gnd)
-    r, n_db = _check_ranking(ranking, _default_n_db(ranking, n_db, gt_n))
-    ks = _check_ks(ks)
-    if len(entries) != r.shape[0]:
-        raise ValueError(f"ranking has {r.shape[0]} rows but gnd has {len(entries)} queries; "
-                         "row i of the ranking must be query i of the ground truth")
+    entries, r, n_db, ks = _check_gnd_ranking(ranking, gnd, ks, n_db)
     pos = [_check_index_list(_get(e, "ok", i), n_db, f"gnd[{i}]['ok']")
            for i, e in enumerate(entries)]
     jnk = [_check_index_list(_get(e, "junk", i, required=False), n_db, f"gnd[{i}]['junk']")
@@ -499,8 +490,9 @@ def _default_n_db(ranking, n_db, gt_n):
     return max(width, gt_n)
 
 
-def label_map(ranking, labels, exclude_self: bool = True, *, return_aps: bool = False, ks=None):
-    """Label mAP: every item of a labelled collection is a query.
+def label_map(ranking, labels, exclude_self: bool = True, *, return_aps: bool = False, ks=None,
+              query_ids=None):
+    """Label mAP: the queries are items of a labelled collection.
 
     Query q's positives are the items with ``labels[q]``. With ``exclude_self``
     the query itself is removed from its ranking (treated as junk, so it neither
@@ -509,34 +501,48 @@ def label_map(ranking, labels, exclude_self: bool = True, *, return_aps: bool = 
     Queries without positives (singleton classes) are left out of the mean.
 
     Args:
-      ranking: int[n, m] indices into the same collection, best first; row q
-        ranks the collection for query q. It may include q or not.
-      labels: [n] class labels (any dtype; NaN rejected).
+      ranking: int[nq, m] indices into the collection, best first. Without
+        ``query_ids`` every item is a query (nq = n) and row q ranks the collection
+        for item q; it may include q or not.
+      labels: [n] class labels of the collection (any dtype; NaN rejected).
       exclude_self: see above (the COIL-20 protocol: True).
-      return_aps: also return the per-query APs (float64[n], NaN if left out).
+      return_aps: also return the per-query APs (float64[nq], NaN if left out).
       ks: cut-offs k; when given, the result is a `MapResult` (mAP, mP@k, per-query AP
         and precision@k), the same record as `revisited_map` and
         `mean_average_precision` return.
+      query_ids: int[nq] the collection items the rows query (a subset of the items as
+        queries, e.g. every 4th); default: every item, in order.
 
     Returns:
       mAP as a float in [0, 1] (and the per-query APs if ``return_aps``), or a
       `MapResult` when ``ks`` is given.
     """
-    r, n = _check_ranking(ranking, None if np.ndim(ranking) != 2 else np.shape(ranking)[0])
-    codes_of = _check_labels(labels, r.shape[0])
+    if query_ids is None:
+        r, n = _check_ranking(ranking, None if np.ndim(ranking) != 2 else np.shape(ranking)[0])
+        codes_of = _check_labels(labels, r.shape[0])
+        qids = np.arange(r.shape[0])
+    else:
+        n = len(labels) if np.ndim(labels) == 1 else None
+        r, n = _check_ranking(ranking, n)
+        codes_of = _check_labels(labels, n, every_item_a_query=False)
+        qids = _as_index_array(query_ids, "query_ids", 1)
+        if qids.shape[0] != r.shape[0]:
+            raise ValueError(f"query_ids has {qids.shape[0]} ids but the ranking has {r.shape[0]} rows")
+        _check_range(qids, n, "query_ids")
     counts = np.bincount(codes_of)
-    n_pos = counts[codes_of] - (1 if exclude_self else 0)
+    n_pos = counts[codes_of[qids]] - (1 if exclude_self else 0)
     cut = () if ks is None else _check_ks(ks)
-    ap = np.empty(n, np.float64)
-    prec = np.empty((n, len(cut)), np.float64)
-    block = max(1, _BLOCK_CELLS // n)
-    for start in range(0, n, block):
-        stop = min(n, start + block)
+    nq = r.shape[0]
+    ap = np.empty(nq, np.float64)
+    prec = np.empty((nq, len(cut)), np.float64)
+    block = max(1, _BLOCK_CELLS // max(r.shape[1], 1))
+    for start in range(0, nq, block):
+        stop = min(nq, start + block)
         rows = r[start:stop]
-        same = codes_of[rows] == codes_of[start:stop, None]
+        same = codes_of[rows] == codes_of[qids[start:stop], None]
         codes = same.astype(np.int8)  # _POS where same label
         if exclude_self:
-            codes[rows == np.arange(start, stop)[:, None]] = _JUNK
+            codes[rows == qids[start:stop, None]] = _JUNK
         ap[start:stop], prec[start:stop] = _ap_prec_from_codes(codes, n_pos[start:stop], cut)
     if ks is not None:
         return _summarise(ap, prec, cut, "any class (every class is a singleton)")
@@ -545,6 +551,17 @@ def label_map(ranking, labels, exclude_self: bool = True, *, return_aps: bool = 
                          "label mAP is undefined")
     result = float(np.nanmean(ap))
     return (result, ap) if return_aps else result
+
+
+def _label_ranking_head(ranking, labels, top, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """(the first ``top`` columns of a checked every-item-a-query ranking, label codes)."""
+    _checks.check_positive_int(top, "top")
+    r, _ = _check_ranking(ranking, None if np.ndim(ranking) != 2 else np.shape(ranking)[0])
+    codes_of = _check_labels(labels, r.shape[0])
+    if r.shape[1] < top:
+        raise ValueError(f"ranking has only {r.shape[1]} columns; {what} needs the top "
+                         f"{top} results of every query")
+    return r[:, :top], codes_of
 
 
 def bullseye_score(ranking, labels, top: int = 40) -> float:
@@ -571,13 +588,8 @@ def bullseye_score(ranking, labels, top: int = 40) -> float:
       The score as a fraction in [0, 1] (1 = every class fully retrieved in the top
       ``top``; with classes larger than ``top`` the maximum is below 1).
     """
-    _checks.check_positive_int(top, "top")
-    r, n = _check_ranking(ranking, None if np.ndim(ranking) != 2 else np.shape(ranking)[0])
-    codes_of = _check_labels(labels, r.shape[0])
-    if r.shape[1] < top:
-        raise ValueError(f"ranking has only {r.shape[1]} columns; the bull's-eye test needs "
-                         f"the top {top} results of every query")
-    head = r[:, :top]
+    head, codes_of = _label_ranking_head(ranking, labels, top, "the bull's-eye test")
+    n = head.shape[0]
     if not (head == np.arange(n)[:, None]).any():
         raise ValueError(
             f"no query appears among its own top {top} results; the bull's-eye protocol "
@@ -609,6 +621,15 @@ def _hits_at_k(ranking, positives, junk, ks, n_db):
     return hits, n_pos, ks
 
 
+def _mean_at_k(ranking, positives, junk, ks, n_db, what: str, denominator) -> dict:
+    """{k: mean over the queries with a positive of hits@k / denominator(k, n_pos)}."""
+    hits, n_pos, ks = _hits_at_k(ranking, positives, junk, ks, n_db)
+    valid = n_pos > 0
+    if not valid.any():
+        raise ValueError(f"no query has any positive; {what} is undefined")
+    return {k: float((hits[valid, t] / denominator(k, n_pos[valid])).mean()) for t, k in enumerate(ks)}
+
+
 def precision_at_k(ranking, positives: Sequence, junk: Sequence | None = None, ks=(1, 5, 10), *,
                    n_db: int | None = None) -> dict:
     """Mean precision@k: positives among the first k results, divided by k.
@@ -628,11 +649,7 @@ def precision_at_k(ranking, positives: Sequence, junk: Sequence | None = None, k
     Returns:
       {k: mean precision@k} as fractions in [0, 1].
     """
-    hits, n_pos, ks = _hits_at_k(ranking, positives, junk, ks, n_db)
-    valid = n_pos > 0
-    if not valid.any():
-        raise ValueError("no query has any positive; precision@k is undefined")
-    return {k: float((hits[valid, t] / k).mean()) for t, k in enumerate(ks)}
+    return _mean_at_k(ranking, positives, junk, ks, n_db, "precision@k", lambda k, n_pos: k)
 
 
 def recall_at_k(ranking, positives: Sequence, junk: Sequence | None = None, ks=(1, 5, 10), *,
@@ -645,11 +662,7 @@ def recall_at_k(ranking, positives: Sequence, junk: Sequence | None = None, ks=(
     Returns:
       {k: mean recall@k} as fractions in [0, 1].
     """
-    hits, n_pos, ks = _hits_at_k(ranking, positives, junk, ks, n_db)
-    valid = n_pos > 0
-    if not valid.any():
-        raise ValueError("no query has any positive; recall@k is undefined")
-    return {k: float((hits[valid, t] / n_pos[valid]).mean()) for t, k in enumerate(ks)}
+    return _mean_at_k(ranking, positives, junk, ks, n_db, "recall@k", lambda k, n_pos: n_pos)
 
 
 def ukbench_score(ranking, labels, top: int = 4) -> float:
@@ -669,11 +682,5 @@ def ukbench_score(ranking, labels, top: int = 4) -> float:
     Returns:
       The mean count, a float in [0, top] (not a fraction).
     """
-    _checks.check_positive_int(top, "top")
-    r, n = _check_ranking(ranking, None if np.ndim(ranking) != 2 else np.shape(ranking)[0])
-    codes_of = _check_labels(labels, r.shape[0])
-    if r.shape[1] < top:
-        raise ValueError(f"ranking has only {r.shape[1]} columns; the N-S score needs the top "
-                         f"{top} results of every query")
-    head = r[:, :top]
+    head, codes_of = _label_ranking_head(ranking, labels, top, "the N-S score")
     return float((codes_of[head] == codes_of[:, None]).sum(axis=1).mean())

@@ -15,6 +15,7 @@ batches of varying size compiles a handful of programs, not one per size.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -40,6 +41,13 @@ class Method(NamedTuple):
     search: Callable[[Any, Any], jax.Array]
     search_items: Callable[[Any, Any], jax.Array]
     config_type: type | None = None
+
+
+def database_state(cls):
+    """Class decorator of a state that holds ``database`` (an array leaf) and its
+    ``config`` (static): a frozen dataclass registered as a pytree."""
+    cls = dataclasses.dataclass(frozen=True)(cls)
+    return jax.tree_util.register_dataclass(cls, data_fields=["database"], meta_fields=["config"])
 
 
 def check_config(config, config_type: type, method: str):
@@ -90,6 +98,26 @@ def config_graph(database, config, *, show_progress=None) -> Graph:
     graph_method), over validated database descriptors."""
     return knn_graph(database, config.k, gamma=config.gamma, mutual=config.mutual,
                      method=config.graph_method, show_progress=show_progress)
+
+
+def checked_database(database, config, config_type, method_name: str) -> jax.Array:
+    """A method's ``build`` inputs checked: ``config`` of ``config_type``, and the database
+    descriptors as a float32 device matrix [n, d] (finite, 2-D, non-empty)."""
+    check_config(config, config_type, method_name)
+    return jnp.asarray(_checks.as_matrix(database, "database"))
+
+
+def database_and_graph(database, config, config_type, method_name: str, check_sizes=None, *,
+                       show_progress=None) -> tuple[jax.Array, Graph]:
+    """The first half of a graph method's ``build``: the config checked (its type, the
+    graph's k < n, and ``check_sizes(config, n)`` for the method's own sizes), the
+    database as a float matrix [n, d] and its kNN graph (`config_graph`)."""
+    db = checked_database(database, config, config_type, method_name)
+    n = db.shape[0]
+    check_graph_k(config.k, n)
+    if check_sizes is not None:
+        check_sizes(config, n)
+    return db, config_graph(db, config, show_progress=show_progress)
 
 
 def check_graph_k(k, n: int) -> int:

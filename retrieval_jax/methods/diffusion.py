@@ -15,7 +15,7 @@ from ..diffusion import CG, DiffusionOperator, ExactInverse, SparseObservation, 
 from ..graph.core import Graph
 from ..graph.affinity import similarity_power
 from ..graph.knn import SEARCH_METHODS, normalize
-from .base import check_config, check_database_graph, check_graph_k, config_graph, make_method
+from .base import check_database_graph, database_and_graph, make_method
 from .base import similarities as _similarities
 
 from ..diffusion.solvers import AUTO_INVERSE_MAX_BYTES, AUTO_INVERSE_MAX_NODES  # solver="auto" thresholds
@@ -137,12 +137,8 @@ class DiffusionState:
 
 def _diffusion_build(database, config: DiffusionConfig = DiffusionConfig(), *,
                      show_progress: bool | None = None) -> DiffusionState:
-    check_config(config, DiffusionConfig, "diffusion")
-    db = _checks.as_matrix(database, "database")
-    n = db.shape[0]
-    check_graph_k(config.k, n)
-    _check_query_sizes(config, n)
-    graph = config_graph(db, config, show_progress=show_progress)
+    db, graph = database_and_graph(database, config, DiffusionConfig, "diffusion", _check_query_sizes,
+                                   show_progress=show_progress)
     return diffusion_state_from_graph(db, graph, config)
 
 

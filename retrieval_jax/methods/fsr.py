@@ -14,7 +14,7 @@ from ..graph.knn import normalize
 from ..spectral import heat_kernel_filter, regularized_laplacian_filter, spectral_embedding
 from ..graph.affinity import similarity_power
 from ..spectral import fsr_scores_sparse
-from .base import check_config, check_database_graph, check_graph_k, config_graph, make_method
+from .base import check_config, check_database_graph, database_and_graph, make_method
 from .base import similarities as _similarities
 from .diffusion import DiffusionConfig
 
@@ -71,14 +71,14 @@ class FsrState:
 
 
 def _fsr_build(database, config: FsrConfig = FsrConfig(), *, show_progress: bool | None = None) -> FsrState:
-    check_config(config, FsrConfig, "fsr")
-    db = _checks.as_matrix(database, "database")
-    n = db.shape[0]
-    check_graph_k(config.k, n)
+    db, graph = database_and_graph(database, config, FsrConfig, "fsr", _check_sizes,
+                                   show_progress=show_progress)
+    return fsr_state_from_graph(db, graph, config)
+
+
+def _check_sizes(config: FsrConfig, n: int) -> None:
     _checks.check_k(config.query_k, n, name="query_k")
     _checks.check_k(config.rank, n, name="rank", what="database items (rank must be <= n)")
-    graph = config_graph(db, config, show_progress=show_progress)
-    return fsr_state_from_graph(db, graph, config)
 
 
 def fsr_state_from_graph(database, graph: Graph, config: FsrConfig = FsrConfig(), *,

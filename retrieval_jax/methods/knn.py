@@ -2,13 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
-import jax.numpy as jnp
 
-from .. import _checks
-from .base import check_config, make_method, similarities
+from .base import checked_database, database_state, make_method, similarities
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,17 +13,14 @@ class KnnConfig:
     """Plain nearest-neighbour search by inner product (no parameters)."""
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["database"], meta_fields=["config"])
-@dataclasses.dataclass(frozen=True)
+@database_state
 class KnnState:
     database: jax.Array
     config: KnnConfig = KnnConfig()
 
 
 def _knn_build(database, config: KnnConfig = KnnConfig()) -> KnnState:
-    check_config(config, KnnConfig, "knn")
-    db = _checks.as_matrix(database, "database")
-    return KnnState(database=jnp.asarray(db), config=config)
+    return KnnState(database=checked_database(database, config, KnnConfig, "knn"), config=config)
 
 
 @jax.jit

@@ -27,7 +27,7 @@ from ..diffusion.offline import OfflineRows, cosine_scores, direct_scores, offli
 from ..graph import normalize
 from ..graph.core import Graph
 from ..graph.knn import SEARCH_METHODS
-from .base import check_config, check_database_graph, check_graph_k, config_graph, make_method
+from .base import check_config, check_database_graph, database_and_graph, make_method
 from .base import similarities as _similarities
 
 SCORES = ("direct", "cosine")
@@ -109,12 +109,8 @@ def _check_sizes(config: OfflineDiffusionConfig, n: int) -> None:
 
 def _build(database, config: OfflineDiffusionConfig = OfflineDiffusionConfig(), *,
            show_progress: bool | None = None) -> OfflineDiffusionState:
-    check_config(config, OfflineDiffusionConfig, "offline-diffusion")
-    db = _checks.as_matrix(database, "database")
-    n = db.shape[0]
-    check_graph_k(config.k, n)
-    _check_sizes(config, n)
-    graph = config_graph(db, config, show_progress=show_progress)
+    db, graph = database_and_graph(database, config, OfflineDiffusionConfig, "offline-diffusion",
+                                   _check_sizes, show_progress=show_progress)
     return offline_diffusion_state_from_graph(db, graph, config, show_progress=show_progress)
 
 

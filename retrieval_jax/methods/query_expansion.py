@@ -45,7 +45,7 @@ import jax.numpy as jnp
 from .. import _checks
 from ..graph.knn import knn
 from .base import HIGHEST as _HIGHEST
-from .base import make_method
+from .base import checked_database, database_state, make_method
 
 __all__ = [
     "ALPHA_QE", "AlphaQEConfig", "AlphaQEState", "DBA_ALPHA_QE", "DbaQEConfig", "DbaQEState",
@@ -190,9 +190,7 @@ class AlphaQEConfig:
         _check_alpha_exponent(self.alpha, "AlphaQEConfig.alpha")
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["database"],
-                   meta_fields=["config"])
-@dataclasses.dataclass(frozen=True)
+@database_state
 class AlphaQEState:
     """Database descriptors float32[N, d] and the (static) config."""
 
@@ -201,11 +199,9 @@ class AlphaQEState:
 
 
 def _qe_build(database, config: AlphaQEConfig = AlphaQEConfig()) -> AlphaQEState:
-    if not isinstance(config, AlphaQEConfig):
-        raise TypeError(f"ALPHA_QE.build needs an AlphaQEConfig, got {type(config).__name__}")
-    db = _checks.as_matrix(database, "database")
+    db = checked_database(database, config, AlphaQEConfig, "alpha-qe")
     _check_n(config.n, db.shape[0], "AlphaQEConfig.n")
-    return AlphaQEState(database=jnp.asarray(db), config=config)
+    return AlphaQEState(database=db, config=config)
 
 
 def _qe_scores(database, queries, n, alpha, exclude=None):
@@ -251,9 +247,7 @@ class DbaQEConfig:
         _check_alpha_exponent(self.alpha, "DbaQEConfig.alpha")
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["database"],
-                   meta_fields=["config"])
-@dataclasses.dataclass(frozen=True)
+@database_state
 class DbaQEState:
     """The augmented database float32[N, d] (rows L2-normalised) and the (static) config."""
 
@@ -263,9 +257,7 @@ class DbaQEState:
 
 def _dba_build(database, config: DbaQEConfig = DbaQEConfig(), *,
                show_progress: bool | None = None) -> DbaQEState:
-    if not isinstance(config, DbaQEConfig):
-        raise TypeError(f"DBA_ALPHA_QE.build needs a DbaQEConfig, got {type(config).__name__}")
-    db = _checks.as_matrix(database, "database")
+    db = checked_database(database, config, DbaQEConfig, "dba-qe")
     _check_n(config.dba_n, db.shape[0], "DbaQEConfig.dba_n")
     if config.qe_n:
         _check_n(config.qe_n, db.shape[0], "DbaQEConfig.qe_n")

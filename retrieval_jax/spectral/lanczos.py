@@ -85,154 +85,211 @@ class _State(NamedTuple):
     cycle: jax.Array      # int32
 
 
-@functools.partial(jax.jit, static_argnames=("op", "n", "r", "m", "keep", "num_blocks",
-                                             "max_restarts", "dtype"))
-def _lanczos_jit(operand, labels, sizes, key, tol, *, op, n: int, r: int, m: int, keep: int,
-                 num_blocks: int, max_restarts: int, dtype):
-    M, c = m, num_blocks
+# ---- inner products: one object for the global (c = 1) and the per-block case
+@dataclasses.dataclass(frozen=True)
+class _GlobalInner:
+    """Inner products of n-vectors over the whole space (one block: plain BLAS products)."""
+
+    n: int
+    num_blocks = 1
+
+    def segsum(self, x):        # [n] -> [1]
+        return jnp.sum(x)[None]
+
+    def bcast(self, v):         # [1] -> [n]
+        return jnp.broadcast_to(v[0], (self.n,))
+
+    def dots(self, V, w):       # V w: [1, rows]
+        return jnp.matmul(V, w, precision=_HI)[None]
+
+    def combine(self, V, h):    # sum_l h[0, l] V[l]: [n]
+        return jnp.matmul(h[0], V, precision=_HI)
+
+    def rotate(self, V, S):     # Y[i] = sum_l S[0, l, i] V[l]: [keep, n]
+        return jnp.matmul(S[0].T, V, precision=_HI)
+
+    def restrict(self, Y, blocks):  # vectors live in the whole space
+        return Y
+
+
+@dataclasses.dataclass(frozen=True)
+class _BlockInner:
+    """Inner products within each of c disjoint blocks (``labels[i]``: block of index i).
+
+    One Lanczos process per block runs in the same n-vectors; every reduction is a
+    per-block segment sum, so block b's vectors never mix with another block's.
+    """
+
+    labels: jax.Array
+    n: int
+    num_blocks: int
+
+    def segsum(self, x):        # [n] -> [c]
+        return jax.ops.segment_sum(x, self.labels, num_segments=self.num_blocks)
+
+    def bcast(self, v):         # [c] -> [n]
+        return v[self.labels]
+
+    def dots(self, V, w):       # per-block V w: [c, rows]
+        return jax.ops.segment_sum((V * w[None, :]).T, self.labels, num_segments=self.num_blocks)
+
+    def combine(self, V, h):    # sum_l h[block(i), l] V[l, i]: [n]
+        return jnp.einsum("ln,nl->n", V, h[self.labels], precision=_HI)
+
+    def rotate(self, V, S):     # Y[i, j] = sum_l S[block(j), l, i] V[l, j]: [keep, n]
+        def row(i, Y):
+            coef = S[:, :, i][self.labels]                                # [n, M]
+            return Y.at[i].set(jnp.einsum("jn,nj->n", V, coef, precision=_HI))
+        return jax.lax.fori_loop(0, S.shape[2], row, jnp.zeros((S.shape[2], self.n), V.dtype))
+
+    def restrict(self, Y, blocks):  # row i of Y belongs to block blocks[i]: zero elsewhere
+        return jnp.where(self.labels[None, :] == blocks[:, None], Y, 0.0)
+
+
+def _orth(inner, V, w):
+    """w - V^T (V w) within each block, and the coefficients V w [c, rows]."""
+    h = inner.dots(V, w)
+    return w - inner.combine(V, h), h
+
+
+def _norms(inner, w):
+    return jnp.sqrt(jnp.maximum(inner.segsum(w * w), 0.0))
+
+
+def _unit(inner, w):
+    nrm = _norms(inner, w)
+    return w / inner.bcast(jnp.where(nrm > 0, nrm, 1.0)), nrm
+
+
+# ---- the three steps of a thick-restart cycle
+def _expand(s: _State, start: int, key, *, op, operand, inner, sizes, dtype) -> _State:
+    """Lanczos steps j = start..M-1: basis row j+1 from A v_j, orthogonalised twice
+    (a third time on cancellation) against the whole basis; H[:, :, j] records the
+    coefficients. Breakdown (beta ~ 0, block exhausted or invariant) brings in a fresh
+    random vector orthogonal to the basis, or deactivates the row when the block is full."""
+    M = s.V.shape[0] - 1
+    n = s.V.shape[1]
     eps = float(jnp.finfo(dtype).eps)
-    tol_breakdown = 64.0 * eps
-    tol_fresh = 1e3 * eps
-    tol = jnp.asarray(tol, dtype)
-
-    # ---- per-block reductions (c == 1: plain BLAS products)
-    def segsum(x):  # [n] -> [c]
-        if c == 1:
-            return jnp.sum(x)[None]
-        return jax.ops.segment_sum(x, labels, num_segments=c)
-
-    def bcast(v):  # [c] -> [n]
-        if c == 1:
-            return jnp.broadcast_to(v[0], (n,))
-        return v[labels]
-
-    def dots(V, w):  # per-block V w: [c, M+1]
-        if c == 1:
-            return jnp.matmul(V, w, precision=_HI)[None]
-        return jax.ops.segment_sum((V * w[None, :]).T, labels, num_segments=c)
-
-    def combine(V, h):  # sum_l h[block(i), l] V[l, i]: [n]
-        if c == 1:
-            return jnp.matmul(h[0], V, precision=_HI)
-        return jnp.einsum("ln,nl->n", V, h[labels], precision=_HI)
-
-    def orth(V, w):
-        h = dots(V, w)
-        return w - combine(V, h), h
-
-    def norms(w):
-        return jnp.sqrt(jnp.maximum(segsum(w * w), 0.0))
-
-    def unit(w):
-        nrm = norms(w)
-        return w / bcast(jnp.where(nrm > 0, nrm, 1.0)), nrm
-
+    tol_breakdown, tol_fresh = 64.0 * eps, 1e3 * eps
     rows_M = jnp.arange(M + 1)
 
-    def step(j, s: _State, cycle_key):
+    def step(j, s: _State):
         V = s.V
         w = op(operand, V[j]).astype(dtype)
-        anorm = jnp.maximum(s.anorm, jnp.max(norms(w)))
-        w, h1 = orth(V, w)
-        n1 = norms(w)
-        w, h2 = orth(V, w)
+        anorm = jnp.maximum(s.anorm, jnp.max(_norms(inner, w)))
+        w, h1 = _orth(inner, V, w)
+        n1 = _norms(inner, w)
+        w, h2 = _orth(inner, V, w)
         H = s.H.at[:, :, j].set((h1 + h2)[:, :M])
-        beta = norms(w)
+        beta = _norms(inner, w)
         count = jnp.sum(s.active & (rows_M <= j)[None, :], axis=1)
         room = count < sizes
         ok = (beta > tol_breakdown * anorm) & room
-        q, _ = unit(w)
+        q, _ = _unit(inner, w)
         # third pass when the second one removed a large part (cancellation)
         q = jax.lax.cond(jnp.any(ok & (beta < 0.5 * n1)),
-                         lambda q: unit(orth(V, q)[0])[0], lambda q: q, q)
+                         lambda q: _unit(inner, _orth(inner, V, q)[0])[0], lambda q: q, q)
         need = (~ok) & room
 
         def fresh(_):
-            z = jax.random.normal(jax.random.fold_in(cycle_key, j), (n,), dtype)
-            z, _ = unit(z)
-            z = orth(V, orth(V, z)[0])[0]
-            return unit(z)
+            z = jax.random.normal(jax.random.fold_in(key, j), (n,), dtype)
+            z, _ = _unit(inner, z)
+            z = _orth(inner, V, _orth(inner, V, z)[0])[0]
+            return _unit(inner, z)
 
         z, zn = jax.lax.cond(jnp.any(need), fresh,
-                             lambda _: (jnp.zeros((n,), dtype), jnp.zeros((c,), dtype)), None)
+                             lambda _: (jnp.zeros((n,), dtype), jnp.zeros((inner.num_blocks,), dtype)),
+                             None)
         need = need & (zn > tol_fresh)
-        nxt = jnp.where(bcast(ok), q, jnp.where(bcast(need), z, 0.0))
+        nxt = jnp.where(inner.bcast(ok), q, jnp.where(inner.bcast(need), z, 0.0))
         return s._replace(V=V.at[j + 1].set(nxt), H=H,
                           active=s.active.at[:, j + 1].set(ok | need),
                           beta=jnp.where(ok, beta, 0.0).astype(dtype), anorm=anorm)
 
-    def run(start, s: _State, cycle_key):
-        return jax.lax.fori_loop(start, M, lambda j, st: step(j, st, cycle_key), s)
+    return jax.lax.fori_loop(start, M, step, s)
 
-    def rayleigh_ritz(s: _State):
-        H = jnp.triu(s.H)
-        H = H + jnp.swapaxes(jnp.triu(s.H, 1), 1, 2)
-        act = s.active[:, :M]
-        H = jnp.where(act[:, :, None] & act[:, None, :], H, 0.0)
-        sentinel = -(4.0 * s.anorm + 1.0)
-        H = H + jax.vmap(jnp.diag)(jnp.where(act, 0.0, sentinel).astype(dtype))
-        theta, S = jnp.linalg.eigh(H, symmetrize_input=False)
-        valid = jnp.sum(jnp.where(act[:, :, None], S * S, 0.0), axis=1) > 0.5
-        theta = jnp.where(valid, theta, -jnp.inf)
-        # convergence of the global top r
-        top, idx = jax.lax.top_k(theta.reshape(-1), r)
-        cs, ii = idx // M, idx % M
-        res = jnp.abs(s.beta[cs]) * jnp.abs(S[cs, M - 1, ii])
-        conv = jnp.all(jnp.isfinite(top)) & jnp.all(res <= tol * jnp.maximum(s.anorm, eps))
-        return s._replace(theta=theta, S=S, converged=conv)
 
-    def restart(s: _State):
-        order = jnp.argsort(-s.theta, axis=1)[:, :keep]                   # [c, keep]
-        theta_k = jnp.take_along_axis(s.theta, order, axis=1)
-        valid_k = jnp.isfinite(theta_k)
-        S_k = jnp.take_along_axis(s.S, order[:, None, :], axis=2)        # [c, M, keep]
-        if c == 1:
-            Y = jnp.matmul(S_k[0].T, s.V[:M], precision=_HI)             # [keep, n]
-        else:
-            def row(i, Y):
-                coef = S_k[:, :, i][labels]                              # [n, M]
-                return Y.at[i].set(jnp.einsum("jn,nj->n", s.V[:M], coef, precision=_HI))
-            Y = jax.lax.fori_loop(0, keep, row, jnp.zeros((keep, n), dtype))
-        V = jnp.zeros_like(s.V).at[:keep].set(Y).at[keep].set(s.V[M])
-        active = jnp.zeros_like(s.active).at[:, :keep].set(valid_k).at[:, keep].set(s.active[:, M])
-        diag = jnp.where(valid_k, theta_k, 0.0).astype(dtype)
-        H = jnp.zeros_like(s.H).at[:, jnp.arange(keep), jnp.arange(keep)].set(diag)
-        return s._replace(V=V, H=H, active=active)
+def _rayleigh_ritz(s: _State, *, r: int, tol, dtype) -> _State:
+    """Ritz pairs of each block's projected matrix H (eigh of [c, M, M]; inactive rows
+    get a sentinel below the spectrum) and whether the global top r have converged:
+    Lanczos residual |beta_M s_{M,i}| <= tol ||A||."""
+    M = s.H.shape[1]
+    eps = float(jnp.finfo(dtype).eps)
+    H = jnp.triu(s.H)
+    H = H + jnp.swapaxes(jnp.triu(s.H, 1), 1, 2)
+    act = s.active[:, :M]
+    H = jnp.where(act[:, :, None] & act[:, None, :], H, 0.0)
+    sentinel = -(4.0 * s.anorm + 1.0)
+    H = H + jax.vmap(jnp.diag)(jnp.where(act, 0.0, sentinel).astype(dtype))
+    theta, S = jnp.linalg.eigh(H, symmetrize_input=False)
+    valid = jnp.sum(jnp.where(act[:, :, None], S * S, 0.0), axis=1) > 0.5
+    theta = jnp.where(valid, theta, -jnp.inf)
+    top, idx = jax.lax.top_k(theta.reshape(-1), r)
+    cs, ii = idx // M, idx % M
+    res = jnp.abs(s.beta[cs]) * jnp.abs(S[cs, M - 1, ii])
+    conv = jnp.all(jnp.isfinite(top)) & jnp.all(res <= tol * jnp.maximum(s.anorm, eps))
+    return s._replace(theta=theta, S=S, converged=conv)
 
-    # ---- first cycle from one random unit vector per block
+
+def _restart(s: _State, *, inner, keep: int, dtype) -> _State:
+    """Thick restart (Wu & Simon 2000): keep each block's top ``keep`` Ritz vectors and
+    the residual direction; H restarts as diag(theta_kept)."""
+    M = s.H.shape[1]
+    order = jnp.argsort(-s.theta, axis=1)[:, :keep]                       # [c, keep]
+    theta_k = jnp.take_along_axis(s.theta, order, axis=1)
+    valid_k = jnp.isfinite(theta_k)
+    S_k = jnp.take_along_axis(s.S, order[:, None, :], axis=2)            # [c, M, keep]
+    Y = inner.rotate(s.V[:M], S_k)                                       # [keep, n]
+    V = jnp.zeros_like(s.V).at[:keep].set(Y).at[keep].set(s.V[M])
+    active = jnp.zeros_like(s.active).at[:, :keep].set(valid_k).at[:, keep].set(s.active[:, M])
+    diag = jnp.where(valid_k, theta_k, 0.0).astype(dtype)
+    H = jnp.zeros_like(s.H).at[:, jnp.arange(keep), jnp.arange(keep)].set(diag)
+    return s._replace(V=V, H=H, active=active)
+
+
+def _top_ritz_pairs(s: _State, *, inner, r: int) -> Eigenpairs:
+    """The global top r Ritz pairs over all blocks (NaN values where none exists)."""
+    M = s.H.shape[1]
+    top, idx = jax.lax.top_k(s.theta.reshape(-1), r)
+    cs, ii = idx // M, idx % M
+    Y = jnp.matmul(s.S[cs, :, ii], s.V[:M], precision=_HI)               # [r, n]
+    Y = inner.restrict(Y, cs)
+    return Eigenpairs(values=jnp.where(jnp.isfinite(top), top, jnp.nan), vectors=Y.T)
+
+
+@functools.partial(jax.jit, static_argnames=("op", "n", "r", "m", "keep", "num_blocks",
+                                             "max_restarts", "dtype"))
+def _lanczos_jit(operand, labels, sizes, key, tol, *, op, n: int, r: int, m: int, keep: int,
+                 num_blocks: int, max_restarts: int, dtype):
+    """Thick-restart Lanczos: a first cycle of m vectors, then restart / expand /
+    Rayleigh-Ritz until the top r converge or ``max_restarts`` cycles have run."""
+    M, c = m, num_blocks
+    tol = jnp.asarray(tol, dtype)
+    inner = _GlobalInner(n) if c == 1 else _BlockInner(labels, n, c)
+    expand = functools.partial(_expand, op=op, operand=operand, inner=inner, sizes=sizes, dtype=dtype)
+    rayleigh_ritz = functools.partial(_rayleigh_ritz, r=r, tol=tol, dtype=dtype)
+
+    # first cycle from one random unit vector per block
     z0 = jax.random.normal(jax.random.fold_in(key, 0), (n,), dtype)
-    v0, _ = unit(jnp.where(bcast(sizes > 0), z0, 0.0))
+    v0, _ = _unit(inner, jnp.where(inner.bcast(sizes > 0), z0, 0.0))
     s = _State(V=jnp.zeros((M + 1, n), dtype).at[0].set(v0),
                H=jnp.zeros((c, M, M), dtype),
                active=jnp.zeros((c, M + 1), bool).at[:, 0].set(sizes > 0),
                beta=jnp.zeros((c,), dtype), anorm=jnp.asarray(0.0, dtype),
                theta=jnp.full((c, M), -jnp.inf, dtype), S=jnp.zeros((c, M, M), dtype),
                converged=jnp.asarray(False), cycle=jnp.asarray(0, jnp.int32))
-    s = rayleigh_ritz(run(0, s, jax.random.fold_in(key, 1)))
+    s = rayleigh_ritz(expand(s, 0, jax.random.fold_in(key, 1)))
 
-    def body(s: _State):
-        cycle = s.cycle + 1
-        s = restart(s)
-        s = run(keep, s, jax.random.fold_in(key, cycle + 1))
-        return rayleigh_ritz(s)._replace(cycle=cycle)
+    def cycle(s: _State):
+        s = _restart(s, inner=inner, keep=keep, dtype=dtype)
+        s = expand(s, keep, jax.random.fold_in(key, s.cycle + 2))
+        return rayleigh_ritz(s)._replace(cycle=s.cycle + 1)
 
-    s = jax.lax.while_loop(lambda s: (~s.converged) & (s.cycle < max_restarts), body, s)
-
-    top, idx = jax.lax.top_k(s.theta.reshape(-1), r)
-    cs, ii = idx // M, idx % M
-    coef = s.S[cs, :, ii]                                                 # [r, M]
-    Y = jnp.matmul(coef, s.V[:M], precision=_HI)                          # [r, n]
-    if c > 1:
-        Y = jnp.where(labels[None, :] == cs[:, None], Y, 0.0)
-    values = jnp.where(jnp.isfinite(top), top, jnp.nan)
-    return Eigenpairs(values=values, vectors=Y.T), s.converged, s.cycle
+    s = jax.lax.while_loop(lambda s: (~s.converged) & (s.cycle < max_restarts), cycle, s)
+    return _top_ritz_pairs(s, inner=inner, r=r), s.converged, s.cycle
 
 
 # --------------------------------------------------------------------------- helpers
-def _is_tracer(x) -> bool:
-    return _checks.is_traced(x)
-
-
 def _check_r(r, n: int, *, allow_n: bool = False) -> int:
     if not _checks.is_int(r):
         raise TypeError(f"r must be an int, got {type(r).__name__}")
@@ -282,7 +339,7 @@ def _check_symmetric_probe(matvec, n: int, key, dtype) -> None:
     u = jax.random.normal(ku, (n,), dtype)
     v = jax.random.normal(kv, (n,), dtype)
     au, av = matvec(u), matvec(v)
-    if any(_is_tracer(a) for a in (au, av)):
+    if any(_checks.is_traced(a) for a in (au, av)):
         return
     au, av = np.asarray(au, np.float64), np.asarray(av, np.float64)
     if au.shape != (n,) or av.shape != (n,):
@@ -315,7 +372,7 @@ def _run(op, operand, n, r, *, num_iter, key, dtype, tol, max_restarts, labels, 
         operand, jnp.asarray(labels, jnp.int32), jnp.asarray(sizes, jnp.int32), key, tol,
         op=op, n=int(n), r=int(r), m=int(m), keep=int(keep), num_blocks=int(len(sizes)),
         max_restarts=int(max_restarts), dtype=dtype)
-    if not _is_tracer(converged) and not bool(converged):
+    if not _checks.is_traced(converged) and not bool(converged):
         warnings.warn(
             f"Lanczos did not reach tol = {tol:g} after {int(cycles)} restarts (n = {n}, r = {r}, "
             f"Krylov dimension {m}); increase num_iter or max_restarts", RuntimeWarning, stacklevel=3)
