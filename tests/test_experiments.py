@@ -13,7 +13,7 @@ import scipy.io
 from conftest import REPO, assert_valid_png, read_csv
 from experiments import ablations, reproduce, results_page
 
-EXPERIMENTS = ("ablation_grid", "ablations", "bench_converged", "bench_diffusion", "bench_knn",
+EXPERIMENTS = ("ablation_grid", "ablations", "bench_converged", "bench_diffusion", "bench_knn", "bench_million",
                "features_benchmark", "finetune_coil20", "learn_diffusion", "offline_diffusion",
                "regional_diffusion", "reproduce", "results_page", "spectral_benchmark")
 

@@ -88,6 +88,22 @@ def test_rows_chunking_and_batching_do_not_change_rows(X, state):
     assert info.nbytes == rows.nbytes and info.chunk_nbytes > 0
 
 
+def test_rows_of_some_items_equal_their_full_rows(X, reference):
+    w = normalize(knn_graph(X, K, gamma=GAMMA))
+    items = np.array([7, 0, N - 1, 7])
+    rows = offline_rows(w, X, T, alpha=ALPHA, tol=1e-7, max_iter=500, chunk_size=3, items=items)
+    assert rows.indices.shape == (4, T)
+    dense = np.zeros((4, N), np.float32)
+    np.put_along_axis(dense, np.asarray(rows.indices), np.asarray(rows.values), axis=1)
+    np.testing.assert_allclose(dense, reference[items], atol=2e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="items must lie in"):
+        offline_rows(w, X, T, items=np.array([N]))
+    with pytest.raises(TypeError, match="integer node ids"):
+        offline_rows(w, X, T, items=np.array([1.0]))
+    with pytest.raises(ValueError, match="empty"):
+        offline_rows(w, X, T, items=np.array([], np.int64))
+
+
 def test_top_l_keeps_the_largest_entries(X, reference):
     L = 6
     st = OFFLINE_DIFFUSION.build(X, cfg(top_l=L, score="direct"))

@@ -154,8 +154,8 @@ def _self_first(ids: np.ndarray, items: np.ndarray) -> np.ndarray:
 def offline_rows(graph: Graph, database, truncate: int, *, alpha: float = 0.99, tol: float = 1e-6,
                  max_iter: int = 20, top_l: int | None = None, chunk_size: int = 1024,
                  batch_size: int = 64, show_progress: bool | None = None,
-                 return_info: bool = False):
-    """Offline truncated diffusion rows for every database item.
+                 return_info: bool = False, items=None):
+    """Offline truncated diffusion rows for every database item (or for ``items``).
 
     Item i's shortlist S_i is itself followed by its T - 1 most similar database items
     (inner products of ``database`` rows, exact `knn`); it solves
@@ -171,9 +171,12 @@ def offline_rows(graph: Graph, database, truncate: int, *, alpha: float = 0.99, 
         and [c, T, K] subgraphs); a progress bar shows past 20 chunks.
       batch_size: subproblems solved side by side (``vmap``) inside a chunk.
       return_info: also return an `OfflineInfo`.
+      items: optional int[m] database ids: only their rows are computed (row r of the
+        result is item ``items[r]``'s), e.g. to time the offline step on a sample of a
+        large collection or to refresh part of an index.
 
     Returns:
-      `OfflineRows` ([n, L]) (and `OfflineInfo`).
+      `OfflineRows` ([n, L], or [m, L] with ``items``) (and `OfflineInfo`).
     """
     if not isinstance(graph, Graph):
         raise TypeError(f"graph must be a retrieval_jax.graph.Graph, got {type(graph).__name__}")
@@ -186,25 +189,36 @@ def offline_rows(graph: Graph, database, truncate: int, *, alpha: float = 0.99, 
     max_iter = _checks.check_positive_int(max_iter, "max_iter")
     t = _checks.check_k(truncate, n, name="truncate")
     top_l = t if top_l is None else _checks.check_k(top_l, t, name="top_l", what="shortlist items (top_l <= truncate)")
-    chunk = min(_checks.check_positive_int(chunk_size, "chunk_size"), n)
-    n_chunks = -(-n // chunk)
-    chunk = -(-n // n_chunks)  # equal chunks: the last one pads as little as possible
+    if items is None:
+        todo = np.arange(n)
+    else:
+        items = np.asarray(items)
+        _checks.check_node_ids(items, n, "items")
+        if items.ndim != 1:
+            raise ValueError(f"items must be a 1-D array of database ids, got shape {items.shape}")
+        todo = items.astype(np.int64)
+    total = todo.shape[0]
+    if total == 0:
+        raise ValueError("items is empty: no offline row to compute")
+    chunk = min(_checks.check_positive_int(chunk_size, "chunk_size"), total)
+    n_chunks = -(-total // chunk)
+    chunk = -(-total // n_chunks)  # equal chunks: the last one pads as little as possible
     batch = _checks.check_positive_int(batch_size, "batch_size")
 
     t0 = time.perf_counter()
     db_j = jnp.asarray(db)
-    ids_out = np.empty((n, top_l), np.int32)
-    vals_out = np.empty((n, top_l), np.float32)
-    its = np.empty((n,), np.int32)
-    resid = np.empty((n,), np.float32)
-    starts = range(0, n, chunk)
+    ids_out = np.empty((total, top_l), np.int32)
+    vals_out = np.empty((total, top_l), np.float32)
+    its = np.empty((total,), np.int32)
+    resid = np.empty((total,), np.float32)
+    starts = range(0, total, chunk)
     for start in progress(starts, desc="offline diffusion", total=len(starts), enable=show_progress):
-        items = np.arange(start, start + chunk) % n  # the last chunk wraps: one compiled shape
-        _, nn = knn(db_j[items], db_j, t, show_progress=False)
-        short = jnp.asarray(_self_first(np.asarray(nn), items))
+        ids = todo[np.arange(start, start + chunk) % total]  # the last chunk wraps: one compiled shape
+        _, nn = knn(db_j[ids], db_j, t, show_progress=False)
+        short = jnp.asarray(_self_first(np.asarray(nn), ids))
         i, v, it, r = _offline_chunk(graph, short, jnp.float32(alpha), jnp.float32(tol), max_iter=max_iter,
                                      batch_size=batch, top_l=top_l)
-        m = min(chunk, n - start)
+        m = min(chunk, total - start)
         ids_out[start:start + m] = np.asarray(i)[:m]
         vals_out[start:start + m] = np.asarray(v)[:m]
         its[start:start + m] = np.asarray(it)[:m]

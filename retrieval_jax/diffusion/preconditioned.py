@@ -20,7 +20,7 @@ residual ||y - M x|| / ||y|| <= tol of the returned x):
   Q = P (P^T M P)^-1 P^T and the projection P_D = I - M Q, CG runs on the positive
   semi-definite system P_D M u = P_D y and returns x = Q y + (I - Q M) u. Its residual
   P_D (y - M u) *is* y - M x, so stopping is decided on the true residual. Per step:
-  one product with M plus the cheap coarse work (a segment sum, an m x m matrix product
+  one product with M plus the cheap coarse work (segment sums, an m x m matrix product
   and a gather from the m coarse values); one more product with M at the end.
 * ``mode="additive"``: preconditioned CG with B^-1 = I + Q (an identity smoother, as
   diag(M) = 1, plus the additive coarse correction); symmetric positive definite.
@@ -56,7 +56,8 @@ MODES = ("deflation", "additive")
 # ----------------------------------------------------------------------------- batched PCG
 def preconditioned_cg(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, *,
                       precondition: Callable[[jax.Array], jax.Array] | None = None, tol=1e-6,
-                      max_iter: int = 100, b_norm: jax.Array | None = None) -> CGResult:
+                      max_iter: int = 100, b_norm: jax.Array | None = None,
+                      project: Callable[[jax.Array], jax.Array] | None = None) -> CGResult:
     """Preconditioned conjugate gradient on many right-hand sides, each stopping on its own.
 
     Solves A x = b, b [n, B] (node axis first), A symmetric positive (semi-)definite on
@@ -66,6 +67,8 @@ def preconditioned_cg(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, *,
     so the stopping rule is plain CG's); the ``lax.while_loop`` ends when every column
     has stopped or after ``max_iter`` steps. ``b_norm`` [B] replaces ||b|| in that rule
     (deflation solves a projected system but measures against the original y).
+    ``project`` (a projector onto the subspace the residual lives in, or None) is applied
+    to the residual after every update, so rounding cannot drift it out.
 
     Returns:
       `CGResult` (x [n, B], iterations int32[B], residual [B] = ||r|| / ||b||).
@@ -105,6 +108,8 @@ def preconditioned_cg(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, *,
         step = jnp.where(act & (pap > 0), rz / jnp.where(pap > 0, pap, 1), 0).astype(dtype)
         x = x + step * p
         r = r - step * ap
+        if project is not None:
+            r = project(r)
         z = pc(r)
         rz_new = jnp.sum(r * z, axis=0)
         rr_new = jnp.sum(r * r, axis=0)
@@ -135,7 +140,7 @@ class AggregationPreconditioner:
       aggregate: int32[n], the aggregate of each node.
       basis: float[n], P's one non-zero per row: sqrt(d_i) / sqrt(sum of d over i's aggregate).
       members: int32[m, L] the nodes of each aggregate, padded (padding has weight 0).
-      member_weights: float[m, L] P's entries at ``members`` (P^T r by L gathers).
+      member_weights: float[m, L] P's entries at ``members`` (the aggregates as lists, for inspection).
       wp_ids, wp_weights: int32/float[n, S], the rows of W P as padded lists (coarse ids).
       coarse_w: float[m, m], P^T W P (so P^T M P = I - alpha P^T W P).
       alpha: the alpha ``coarse_inverse`` was built for.
@@ -163,14 +168,10 @@ class AggregationPreconditioner:
 
     # --- pieces of Q = P (P^T M P)^-1 P^T and of M P, for x [n, B]
     def restrict(self, r: jax.Array) -> jax.Array:
-        """P^T r: [n, B] -> [m, B] (one gather per member slot)."""
-        w = self.member_weights.astype(r.dtype)
-        idx = self.members
-
-        def body(l, acc):
-            return acc + w[:, l, None] * r[idx[:, l]]
-        return jax.lax.fori_loop(0, idx.shape[1], body, jnp.zeros((idx.shape[0], r.shape[1]), r.dtype),
-                                 unroll=min(4, idx.shape[1]))
+        """P^T r: [n, B] -> [m, B] (one segment sum over the nodes: O(n B) whatever the
+        aggregates' sizes, where a gather per member slot costs m x the largest size)."""
+        return jax.ops.segment_sum(self.basis.astype(r.dtype)[:, None] * r, self.aggregate,
+                                   num_segments=self.num_aggregates)
 
     def prolong(self, c: jax.Array) -> jax.Array:
         """P c: [m, B] -> [n, B]."""
@@ -356,8 +357,11 @@ def deflated_solve(matvec, b, pre: AggregationPreconditioner, alpha, *, tol, max
     # CG on the subspace P^T v = 0, where P_D M is symmetric positive definite: the
     # orthogonal projector I - P P^T as the "preconditioner" removes the rounding errors
     # that would otherwise drift into range(P) (the null space of P_D M) and make the
-    # float32 recurrence diverge once the residual nears 1e-5.
-    res = preconditioned_cg(lambda v: deflate(matvec(v)), r0, precondition=lambda v: v - pre.prolong(pre.restrict(v)),
+    # float32 recurrence diverge once the residual nears 1e-5; the residual itself is
+    # projected back onto that subspace after every step as well (without it some node
+    # orders still diverged).
+    project = lambda v: v - pre.prolong(pre.restrict(v))  # noqa: E731  I - P P^T
+    res = preconditioned_cg(lambda v: deflate(matvec(v)), r0, precondition=project, project=project,
                             tol=tol, max_iter=max_iter, b_norm=b_norm)
     u = res.x
     x = pre.prolong(c0) + u - pre.prolong(q_coarse(matvec(u)))  # Q y + (I - Q M) u

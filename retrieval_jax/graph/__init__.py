@@ -3,7 +3,8 @@ from .affinity import affinity_graph, reciprocal_partners, similarity_power, uni
 from .core import Graph, NormalizedGraph
 from .io import load_graph, save_graph
 from .knn import affinity_matrix, connected_components, isolated_nodes, knn, knn_graph, knn_traced, normalize
+from .order import locality_order, permute_graph
 
 __all__ = ["Graph", "NormalizedGraph", "affinity_graph", "affinity_matrix", "connected_components",
-           "isolated_nodes", "knn", "knn_graph", "knn_traced", "load_graph", "normalize", "reciprocal_partners",
-           "save_graph", "similarity_power", "union_capacity"]
+           "isolated_nodes", "knn", "knn_graph", "knn_traced", "load_graph", "locality_order", "normalize",
+           "permute_graph", "reciprocal_partners", "save_graph", "similarity_power", "union_capacity"]

@@ -1,0 +1,293 @@
+"""The README's recipe at a million items, every route, on one 2-core machine.
+
+    python -m experiments.bench_million [--n 1000000] [--d 64] [--k 20] [--queries 100]
+        [--scipy-queries 10] [--truncate 1000] [--fsr-rank 100] [--out results/million] [--quick]
+
+Synthetic descriptors clustered on short curves (``experiments.common.clustered``,
+n / 100 centres, unit norm, as ``bench_diffusion``), queries from the same
+distribution. Steps, each timed with its peak resident memory:
+
+1. graph: ``knn_graph(method=--graph-method, mutual=True, gamma=3)`` with its
+   progress bar; its mutual-edge recall against the exact mutual kNN graph on 1,000
+   sampled nodes (exact lists of the sampled nodes and of their exact neighbours);
+   saved with ``save_graph`` (temp + rename) and read back with ``load_graph``;
+2. the queries' y: their 10 nearest database items, similarity^3 (``query_vectors``);
+3. routes, each solving (I - alpha W) x = y, alpha = 0.99:
+   * converged CG (tol 1e-6), all queries at once: the reference ranking;
+   * the same on the graph renumbered by ``locality_order`` (``permute_graph``);
+   * the scipy cg loop on the same CSR (float64, rtol = tol), --scipy-queries queries;
+   * CG stopped at 20 steps (Iscen et al.'s setting);
+   * truncated diffusion on each query's --truncate nearest items (CG to tol there);
+   * offline diffusion (Yang et al. 2019, ``score="direct"``): the rows of the items the
+     queries attach to are computed (``offline_rows(items=)``), their per-item time
+     extrapolated to the whole collection (stated as such), then the online scores;
+   * FSR.approx on ``graph_eigenpairs(W, --fsr-rank)`` (skipped with --fsr-rank 0);
+4. agreement with the converged ranking: mean top-100 overlap; quality: mAP of each
+   route against the cluster labels (positives = the query's cluster, rankings cut at
+   1,000 with ``n_db = n``);
+5. the Revisited protocol on the million (``revisited_map`` with ``n_db = n``): per
+   query, easy = the closer half of its cluster, hard = the farther half, no junk;
+   time and peak memory of the evaluation.
+
+Writes ``million.csv`` (one row per step / route) and ``config.json`` under --out.
+--quick: n = 20,000, 20 queries, T = 200, r = 20 (the test).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import jax
+import scipy.sparse as sp
+import scipy.sparse.linalg as sla
+
+from retrieval_jax._progress import progress
+from retrieval_jax.diffusion import diffuse, offline_rows, query_vectors, truncated_diffuse
+from retrieval_jax.evaluation import mean_average_precision, revisited_map
+from retrieval_jax.graph import knn, knn_graph, load_graph, locality_order, normalize, permute_graph, save_graph
+from retrieval_jax.spectral import (fast_spectral_ranking_sparse, graph_eigenpairs,
+                                    regularized_laplacian_filter, spectral_embedding)
+
+from experiments.common import (clustered, peak_rss_mb, process_peak_rss_mb, reset_peak_rss, timed_with_peak,
+                                versions, write_csv, write_json)
+
+COLUMNS = ("step", "n", "queries", "seconds", "ms_per_query", "peak_rss_mb", "top100_overlap", "mAP",
+           "speedup_vs_scipy", "note")
+ALPHA, TOL, QUERY_K, TOP = 0.99, 1e-6, 10, 1000
+
+
+def sampled_edge_recall(graph, x, k: int, sample: int = 1000, seed: int = 0) -> float:
+    """Fraction of the exact mutual kNN graph's edges at ``sample`` random nodes that
+    ``graph`` holds: exact lists of the sampled nodes and of their exact neighbours."""
+    n = x.shape[0]
+    nodes = np.random.default_rng(seed).choice(n, min(sample, n), replace=False)
+
+    def exact_lists(ids):
+        _, idx = knn(x[ids], x, k + 1, show_progress=False)
+        idx = np.asarray(idx)
+        keep = idx != np.asarray(ids)[:, None]  # drop the node itself
+        return np.stack([row[m][:k] for row, m in zip(idx, keep)])
+
+    own = exact_lists(nodes)
+    neigh = np.unique(own)
+    lists = dict(zip(neigh.tolist(), exact_lists(neigh)))
+    indices, weights = np.asarray(graph.indices), np.asarray(graph.weights)
+    found = total = 0
+    for i, row in zip(nodes, own):
+        exact = {int(j) for j in row if i in lists[int(j)]}
+        held = {int(j) for j, w in zip(indices[i], weights[i]) if w > 0 and j != i}
+        found += len(exact & held)
+        total += len(exact)
+    return found / max(total, 1)
+
+
+def warm_timed(fn, repeat: int):
+    """One warm-up call (compilation), then `timed_with_peak` over ``repeat`` calls."""
+    jax.block_until_ready(fn())
+    return timed_with_peak(fn, repeat)
+
+
+def top_overlap(a, b, top: int = 100) -> float:
+    ta = np.argpartition(-a, top, axis=1)[:, :top]
+    tb = np.argpartition(-b, top, axis=1)[:, :top]
+    return float(np.mean([len(np.intersect1d(x, y)) / top for x, y in zip(ta, tb)]))
+
+
+def top_ranking(scores, top: int = TOP) -> np.ndarray:
+    """The first ``top`` items of each row, best first (ties by index)."""
+    s = np.asarray(scores)
+    part = np.argpartition(-s, top, axis=1)[:, :top]
+    vals = np.take_along_axis(s, part, axis=1)
+    order = np.lexsort((part, -vals), axis=1)
+    return np.take_along_axis(part, order, axis=1)
+
+
+def cluster_map(scores, q_labels, db_labels) -> float:
+    positives = [np.flatnonzero(db_labels == c) for c in q_labels]
+    return 100 * mean_average_precision(top_ranking(scores), positives, n_db=db_labels.size).map
+
+
+def synthetic_gnd(q, db, q_labels, db_labels):
+    """Per query: easy = the closer half of its cluster (by similarity), hard = the rest."""
+    gnd = []
+    for i, c in enumerate(q_labels):
+        members = np.flatnonzero(db_labels == c)
+        sims = db[members] @ q[i]
+        order = members[np.argsort(-sims, kind="stable")]
+        half = max(1, order.size // 2)
+        gnd.append({"easy": order[:half], "hard": order[half:], "junk": np.zeros(0, np.int64)})
+    return gnd
+
+
+def run(n, d, k, nq, scipy_queries, truncate, fsr_rank, out, graph_method, repeat, log=print):
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+
+    def add(step, seconds=float("nan"), peak=float("nan"), per_query=True, **extra):
+        row = {"step": step, "n": n, "queries": nq, "seconds": seconds, "peak_rss_mb": peak,
+               "ms_per_query": 1e3 * seconds / nq if per_query else float("nan"), **extra}
+        rows.append(row)
+        log(f"  {step:<48s} {seconds:9.2f} s  peak {peak:7.0f} MB  " +
+            "  ".join(f"{key} {val}" for key, val in extra.items()), flush=True)
+        return row
+
+    x, labels = clustered(n + nq, d, max(10, n // 100), seed=n)
+    db, q, db_labels, q_labels = x[:n], x[n:], labels[:n], labels[n:]
+    log(f"n = {n}, d = {d}, k = {k}, {nq} queries, {max(10, n // 100)} clusters", flush=True)
+
+    # 1. graph, its recall, the file
+    graph, (t_graph, p_graph) = timed_with_peak(
+        lambda: knn_graph(db, k, gamma=3.0, mutual=True, method=graph_method, show_progress=True))
+    recall = sampled_edge_recall(graph, db, k)
+    add(f"graph ({graph_method}, mutual, k = {k})", t_graph, p_graph, per_query=False,
+        note=f"mutual-edge recall {recall:.4f} (1,000 sampled nodes); width {graph.max_degree}")
+    path = out / "graph.npz"
+    t = time.perf_counter()
+    save_graph(path, graph, k=k, gamma=3.0, mutual=True)
+    t_save = time.perf_counter() - t
+    (graph, _), (t_load, p_load) = timed_with_peak(lambda: load_graph(path, num_nodes=n))
+    add("graph saved (temp + rename) and read back", t_save + t_load, p_load, per_query=False,
+        note=f"{path.stat().st_size / 2**20:.0f} MB file; save {t_save:.1f} s, load {t_load:.1f} s")
+    w = normalize(graph)
+    del graph
+
+    # 2. queries
+    sims, ids = knn(q, db, QUERY_K, show_progress=False)
+    y = query_vectors(sims, ids, n)
+
+    # 3. routes
+    def solve_converged():
+        return diffuse(w, y, alpha=ALPHA, tol=TOL, max_iter=2000)
+    conv, (t_conv, p_conv) = warm_timed(solve_converged, repeat)
+    conv = np.asarray(conv)
+    map_conv = cluster_map(conv, q_labels, db_labels)
+
+    mat = (sp.identity(n, format="csr") - ALPHA * w.to_scipy().astype(np.float64)).tocsr()
+    yq = np.asarray(y[:scipy_queries], np.float64)
+    reset_peak_rss()
+    t = time.perf_counter()
+    ref = np.stack([sla.cg(mat, b, rtol=TOL, maxiter=2000)[0]
+                    for b in progress(yq, desc="scipy cg loop", total=len(yq))])
+    t_scipy = (time.perf_counter() - t) / scipy_queries  # per query
+    p_scipy = peak_rss_mb()
+    time.sleep(2.0)  # BLAS threads spinning after scipy would slow the next route
+    scipy_row = add("scipy cg loop (CSR float64, tol 1e-6)", t_scipy * nq, p_scipy,
+                    top100_overlap=round(top_overlap(ref, conv[:scipy_queries]), 4),
+                    note=f"timed on {scipy_queries} queries")
+    conv_row = add("converged CG (tol 1e-6), batched", t_conv, p_conv, top100_overlap=1.0,
+                   mAP=round(map_conv, 2), speedup_vs_scipy=round(t_scipy * nq / t_conv, 2))
+    del mat
+
+    def route(name, fn, note=""):
+        s, (sec, peak) = warm_timed(fn, repeat)
+        s = np.asarray(s)
+        return add(name, sec, peak, top100_overlap=round(top_overlap(s, conv), 4),
+                   mAP=round(cluster_map(s, q_labels, db_labels), 2),
+                   speedup_vs_scipy=round(t_scipy * nq / sec, 2), note=note)
+
+    t = time.perf_counter()
+    order = locality_order(w)
+    w_ordered = permute_graph(w, order)
+    inverse = np.argsort(order)
+    y_ordered = y[:, order]
+    t_order = time.perf_counter() - t
+    route("converged CG (tol 1e-6), locality order",
+          lambda: np.asarray(diffuse(w_ordered, y_ordered, alpha=ALPHA, tol=TOL, max_iter=2000))[:, inverse],
+          note=f"order {t_order:.0f} s once (locality_order + permute_graph), not included")
+    route("CG, 20 steps", lambda: diffuse(w, y, alpha=ALPHA, tol=1e-12, max_iter=20))
+    _, short = knn(q, db, truncate, show_progress=False)
+    short_np = np.asarray(short)
+
+    def on_shortlist(s):  # [nq, T] scores on each query's shortlist -> [nq, n]
+        dense = np.zeros((nq, n), np.float32)
+        np.put_along_axis(dense, short_np, np.asarray(s), axis=1)
+        return dense
+    # how much of each query's class the shortlist can reach at all (a bound on its mAP)
+    reach = np.mean([np.isin(np.flatnonzero(db_labels == c), row).mean() for c, row in zip(q_labels, short_np)])
+    route(f"truncated diffusion, T = {truncate} (CG to tol)",
+          lambda: on_shortlist(truncated_diffuse(w, y, short, alpha=ALPHA, tol=TOL, max_iter=200)),
+          note=f"shortlist search not included; the shortlists hold {100 * reach:.1f}% of the queries' clusters")
+
+    items = np.unique(np.asarray(ids))
+    rows_off, (t_off, p_off) = warm_timed(
+        lambda: offline_rows(w, db, truncate, alpha=ALPHA, tol=TOL, max_iter=20, items=items, show_progress=True), 1)
+    position = {int(i): r for r, i in enumerate(items)}
+    weights = np.maximum(np.asarray(sims), 0) ** 3
+
+    def offline_online():
+        scores = np.zeros((nq, n), np.float32)
+        r_ids, r_vals = np.asarray(rows_off.indices), np.asarray(rows_off.values)
+        for qi in range(nq):
+            for j, wt in zip(np.asarray(ids[qi]), weights[qi]):
+                r = position[int(j)]
+                np.add.at(scores[qi], r_ids[r], wt * r_vals[r])
+        return scores
+    offline_scores, (t_online, p_online) = warm_timed(offline_online, repeat)
+    per_item = t_off / items.size
+    add(f"offline diffusion rows (T = {truncate}), {items.size} items", t_off, p_off, per_query=False,
+        note=f"{1e3 * per_item:.2f} ms per item: the whole collection would take {per_item * n / 3600:.1f} h "
+             "(extrapolated)")
+    add("offline diffusion, online direct scores", t_online, p_online,
+        top100_overlap=round(top_overlap(offline_scores, conv), 4),
+        mAP=round(cluster_map(offline_scores, q_labels, db_labels), 2),
+        speedup_vs_scipy=round(t_scipy * nq / t_online, 2), note="offline rows not included")
+
+    if fsr_rank:
+        pairs, (t_eig, p_eig) = timed_with_peak(lambda: graph_eigenpairs(w, fsr_rank))
+        top_vals = np.asarray(pairs.values)
+        add(f"graph_eigenpairs(W, {fsr_rank})", t_eig, p_eig, per_query=False,
+            note=f"eigenvalues {top_vals.min():.4f} to {top_vals.max():.4f}; "
+                 f"{int((top_vals > 1 - 1e-5).sum())} equal to 1")
+        emb = spectral_embedding(pairs, fsr_rank, regularized_laplacian_filter(ALPHA), mode="approx")
+        route(f"FSR.approx, r = {fsr_rank}", lambda: fast_spectral_ranking_sparse(emb, sims, ids, gamma=3.0),
+              note="eigenpairs not included")
+
+    # 5. the Revisited protocol on the million
+    gnd = synthetic_gnd(q, db, q_labels, db_labels)
+    reset_peak_rss()
+    t = time.perf_counter()
+    res = revisited_map(top_ranking(conv), gnd, n_db=n)
+    t_eval = time.perf_counter() - t
+    add("revisited_map on the converged top-1000 (n_db = n)", t_eval, peak_rss_mb(), per_query=False,
+        note=f"mAP E/M/H {100 * res.easy.map:.2f} / {100 * res.medium.map:.2f} / {100 * res.hard.map:.2f}")
+
+    write_csv(out / "million.csv", rows, COLUMNS, float_format="{:.4g}")
+    write_json(out / "config.json", {"command": sys.argv, "n": n, "d": d, "k": k, "queries": nq,
+                                     "scipy_queries": scipy_queries, "truncate": truncate, "fsr_rank": fsr_rank,
+                                     "graph_method": graph_method, "alpha": ALPHA, "tol": TOL,
+                                     "process_peak_rss_mb": process_peak_rss_mb(), "versions": versions()})
+    log(f"converged CG: {conv_row['speedup_vs_scipy']}x the scipy cg loop "
+        f"({conv_row['ms_per_query']:.0f} vs {scipy_row['ms_per_query']:.0f} ms/query); "
+        f"process peak {process_peak_rss_mb():.0f} MB; wrote {out / 'million.csv'}")
+    (out / "graph.npz").unlink()  # hundreds of MB: the CSV keeps what was measured
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=1_000_000)
+    p.add_argument("--d", type=int, default=64)
+    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--queries", type=int, default=100)
+    p.add_argument("--scipy-queries", type=int, default=10)
+    p.add_argument("--truncate", type=int, default=1000)
+    p.add_argument("--fsr-rank", type=int, default=100, help="0 skips FSR")
+    p.add_argument("--graph-method", default="nndescent", choices=("exact", "nndescent", "faiss"))
+    p.add_argument("--repeat", type=int, default=2, help="timed calls per route (median)")
+    p.add_argument("--out", default="results/million")
+    p.add_argument("--quick", action="store_true", help="n = 20,000, 20 queries, T = 200, r = 20")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.n, args.queries, args.scipy_queries, args.truncate, args.fsr_rank, args.repeat = 20000, 20, 5, 200, 20, 1
+    run(args.n, args.d, args.k, args.queries, min(args.scipy_queries, args.queries), args.truncate,
+        args.fsr_rank, args.out, args.graph_method, args.repeat)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,23 @@
+"""experiments/bench_million.py --quick (n = 20,000, exact graph) into a tmp dir: every step
+writes a row, the routes' agreement with the converged ranking is what the methods give.
+No timing is asserted."""
+from conftest import read_csv
+
+
+def test_quick_million_recipe(tmp_path):
+    from experiments import bench_million
+    rows = bench_million.run(20000, 32, 10, 20, 5, 200, 10, tmp_path, "exact", 1, log=lambda *a, **k: None)
+    by = {r["step"]: r for r in read_csv(tmp_path / "million.csv")}
+    assert len(by) == len(rows) == 12
+    assert "mutual-edge recall 1.0000" in by["graph (exact, mutual, k = 10)"]["note"]  # exact: every edge
+    conv = by["converged CG (tol 1e-6), batched"]
+    assert float(conv["top100_overlap"]) == 1.0 and float(conv["mAP"]) > 50
+    # the same system renumbered, and the float64 scipy loop: the same converged ranking
+    assert float(by["converged CG (tol 1e-6), locality order"]["top100_overlap"]) >= 0.99
+    assert float(by["scipy cg loop (CSR float64, tol 1e-6)"]["top100_overlap"]) >= 0.99
+    # the approximations stop short of it (a shortlist of 200 on 200 clusters of 100)
+    truncated = by["truncated diffusion, T = 200 (CG to tol)"]
+    assert float(truncated["top100_overlap"]) < 0.99 and float(truncated["mAP"]) < float(conv["mAP"])
+    assert "of the queries' clusters" in truncated["note"]
+    assert "E/M/H" in by["revisited_map on the converged top-1000 (n_db = n)"]["note"]
+    assert not (tmp_path / "graph.npz").exists()
