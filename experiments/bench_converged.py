@@ -139,6 +139,120 @@ def top_overlap(a, b, top):
     return np.array([len(np.intersect1d(x, y)) / top for x, y in zip(ta, tb)])
 
 
+def scipy_cg_loop(m, yn, nsc: int, tol: float):
+    """The loop a researcher writes: ``scipy.sparse.linalg.cg`` once per query (x, steps)."""
+    def loop():
+        n = m.shape[0]
+        xs, its = np.zeros((nsc, n)), np.zeros(nsc, int)
+        for r in range(nsc):
+            count = [0]
+
+            def cb(_):
+                count[0] += 1
+            xs[r], _ = sla.cg(m, yn[r], rtol=tol, maxiter=10 * n, callback=cb)
+            its[r] = count[0]
+        return xs, its
+    return loop
+
+
+def make_routes(graph, op, y, args):
+    """{name: (solver, state, operator, y, inverse order or None)}, setup seconds, the
+    renumbered graph. Every JAX route twice: in the database's order and renumbered by
+    `locality_order` (x = P^T solve(P W P^T, P y))."""
+    t = time.perf_counter()
+    order = locality_order(graph)
+    graph_ordered = permute_graph(graph, order)
+    jax.block_until_ready(graph_ordered.indices)
+    t_order = time.perf_counter() - t
+    inverse = np.argsort(order)
+    systems = {"": (op, y, None, 0.0),
+               ", locality order": (diffusion_operator(graph_ordered, args.alpha), y[:, order], inverse, t_order)}
+    print(f"locality order: {t_order:.2f}s", flush=True)
+    routes, setup = {}, {"scipy cg loop": 0.0}
+    for suffix, (op_s, y_s, inv, t_s) in systems.items():
+        routes[f"jax batched CG{suffix}"] = (CG(args.tol, 5000), None, op_s, y_s, inv)
+        setup[f"jax batched CG{suffix}"] = t_s
+        for mode in [m_ for m_ in args.modes.split(",") if m_]:
+            solver = PreconditionedCG(args.tol, 1000, args.max_coarse, mode)
+            t = time.perf_counter()
+            state = solver.init(op_s)
+            jax.block_until_ready(state)
+            key = f"jax two-level CG ({mode}){suffix}"
+            setup[key] = time.perf_counter() - t + t_s
+            routes[key] = (solver, state, op_s, y_s, inv)
+            print(f"{key}: setup {setup[key]:.2f}s, {state.num_aggregates} aggregates, "
+                  f"members {state.members.shape[1]}, W P width {state.wp_ids.shape[1]}, "
+                  f"{state.nbytes() / 2 ** 20:.0f} MB", flush=True)
+    return routes, setup, graph_ordered
+
+
+def time_routes(routes, scipy_loop, args, nq: int, nsc: int):
+    """Each route alone (first call, then --repeat calls), in --rounds rounds, a pause
+    between routes: (seconds per query lists, last outputs, first-call seconds)."""
+    times = {key: [] for key in list(routes) + ["scipy cg loop"]}
+    outs, first = {}, {}
+    for rnd in range(args.rounds):
+        for key, (solver, state, op_s, y_s, _) in routes.items():
+            def run(solver=solver, state=state, op_s=op_s, y_s=y_s):
+                return jax.block_until_ready(solve(op_s, y_s, solver, state))
+            if rnd == 0:
+                t = time.perf_counter()
+                run()
+                first[key] = time.perf_counter() - t
+            outs[key], ts = timed_block(run, args.repeat)
+            times[key] += [t / nq for t in ts]
+            time.sleep(PAUSE_S)
+        time.sleep(PAUSE_S)
+        for _ in range(1 + max(1, args.repeat - 2)):  # the slowest route: fewer calls
+            t = time.perf_counter()
+            outs["scipy cg loop"] = scipy_loop()
+            times["scipy cg loop"].append((time.perf_counter() - t) / nsc)
+        time.sleep(PAUSE_S)
+    return times, outs, first
+
+
+def report(routes, times, outs, first, setup, yn, m, nsc, n, nq, args, ncomp, largest):
+    """One row per route: steps, ms per query (median, min-max), ratio to the scipy loop,
+    agreement with the scipy ranking and the true residual in float64; printed as a table."""
+    ref, ref_its = outs["scipy cg loop"]
+    ynorm = np.linalg.norm(yn, axis=1)
+    base = float(np.median(times["scipy cg loop"]))
+    rows = []
+    for key in times:
+        if key == "scipy cg loop":
+            x, its = ref, ref_its
+        else:
+            sol, inv = outs[key], routes[key][4]
+            x = np.asarray(sol.scores, np.float64)
+            x = x if inv is None else x[:, inv]  # back to the database's numbering
+            its = np.asarray(sol.iterations)
+        true_res = np.linalg.norm(yn[:len(x)].T - m @ x.T, axis=0) / ynorm[:len(x)]
+        xs = x[:nsc]
+        over = top_overlap(xs, ref, 100)
+        rel = np.abs(xs - ref).max(axis=1) / np.abs(ref).max(axis=1)
+        ts = np.asarray(times[key])
+        med = float(np.median(ts))
+        rows.append({"route": key, "n": n, "d": args.d, "k": args.k, "queries": nsc if key == "scipy cg loop" else nq,
+                     "components": ncomp, "largest_component": largest,
+                     "iterations_median": float(np.median(its)), "iterations_max": int(np.max(its)),
+                     "ms_per_query": 1e3 * med, "ms_min": 1e3 * float(ts.min()), "ms_max": 1e3 * float(ts.max()),
+                     "runs": len(ts), "vs_scipy": base / med,
+                     "vs_scipy_min": float(np.min(times["scipy cg loop"])) / float(ts.max()),
+                     "vs_scipy_max": float(np.max(times["scipy cg loop"])) / float(ts.min()),
+                     "setup_s": setup[key], "first_call_s": first.get(key, float("nan")),
+                     "top100_overlap_min": float(over.min()), "top100_overlap_mean": float(over.mean()),
+                     "max_rel_diff_vs_scipy": float(rel.max()), "true_residual_max": float(true_res.max())})
+    print(f"\n| {'route':<32} | its med/max | ms/query (min-max) | vs scipy (range) | setup s | top-100 overlap "
+          f"| max rel diff | true residual |")
+    for r in rows:
+        print(f"| {r['route']:<32} | {r['iterations_median']:5.0f}/{r['iterations_max']:<5d} | "
+              f"{r['ms_per_query']:8.2f} ({r['ms_min']:.2f}-{r['ms_max']:.2f}) | {r['vs_scipy']:5.1f}x "
+              f"({r['vs_scipy_min']:.1f}-{r['vs_scipy_max']:.1f}) | {r['setup_s']:7.2f} | "
+              f"{r['top100_overlap_min']:.3f} | {r['max_rel_diff_vs_scipy']:.1e} | {r['true_residual_max']:.1e} |")
+
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=100000)
@@ -178,107 +292,10 @@ def main(argv=None):
           f"{ncomp} components (largest {sizes.max()}), graph {t_graph:.0f}s; alpha {args.alpha}, tol {args.tol:g}",
           flush=True)
 
-    # ---------------------------------------------------------------- routes
     nsc = min(args.scipy_queries, nq)
-
-    def scipy_loop():
-        xs, its = np.zeros((nsc, n)), np.zeros(nsc, int)
-        for r in range(nsc):
-            count = [0]
-
-            def cb(_):
-                count[0] += 1
-            xs[r], _ = sla.cg(m, yn[r], rtol=args.tol, maxiter=10 * n, callback=cb)
-            its[r] = count[0]
-        return xs, its
-
-    # the same system renumbered for locality: x = P^T solve(P W P^T, P y)
-    t = time.perf_counter()
-    order = locality_order(graph)
-    graph_ordered = permute_graph(graph, order)
-    jax.block_until_ready(graph_ordered.indices)
-    t_order = time.perf_counter() - t
-    inverse = np.argsort(order)
-    systems = {"": (op, y, None, 0.0),
-               ", locality order": (diffusion_operator(graph_ordered, args.alpha), y[:, order], inverse, t_order)}
-    print(f"locality order: {t_order:.2f}s", flush=True)
-
-    routes, setup = {}, {"scipy cg loop": 0.0}
-    for suffix, (op_s, y_s, inv, t_s) in systems.items():
-        routes[f"jax batched CG{suffix}"] = (CG(args.tol, 5000), None, op_s, y_s, inv)
-        setup[f"jax batched CG{suffix}"] = t_s
-        for mode in [m_ for m_ in args.modes.split(",") if m_]:
-            solver = PreconditionedCG(args.tol, 1000, args.max_coarse, mode)
-            t = time.perf_counter()
-            state = solver.init(op_s)
-            jax.block_until_ready(state)
-            key = f"jax two-level CG ({mode}){suffix}"
-            setup[key] = time.perf_counter() - t + t_s
-            routes[key] = (solver, state, op_s, y_s, inv)
-            print(f"{key}: setup {setup[key]:.2f}s, {state.num_aggregates} aggregates, "
-                  f"members {state.members.shape[1]}, W P width {state.wp_ids.shape[1]}, "
-                  f"{state.nbytes() / 2 ** 20:.0f} MB", flush=True)
-
-    times = {key: [] for key in list(routes) + ["scipy cg loop"]}
-    outs, first = {}, {}
-    for rnd in range(args.rounds):
-        for key, (solver, state, op_s, y_s, _) in routes.items():
-            def run(solver=solver, state=state, op_s=op_s, y_s=y_s):
-                sol = solve(op_s, y_s, solver, state)
-                return jax.block_until_ready(sol)
-            if rnd == 0:
-                t = time.perf_counter()
-                run()
-                first[key] = time.perf_counter() - t
-            outs[key], ts = timed_block(run, args.repeat)
-            times[key] += [t / nq for t in ts]
-            time.sleep(PAUSE_S)
-        time.sleep(PAUSE_S)
-        t = time.perf_counter()
-        outs["scipy cg loop"] = scipy_loop()
-        times["scipy cg loop"].append((time.perf_counter() - t) / nsc)
-        for _ in range(max(1, args.repeat - 2)):
-            t = time.perf_counter()
-            scipy_loop()
-            times["scipy cg loop"].append((time.perf_counter() - t) / nsc)
-        time.sleep(PAUSE_S)
-
-    # ---------------------------------------------------------------- agreement and report
-    ref, ref_its = outs["scipy cg loop"]
-    ynorm = np.linalg.norm(yn, axis=1)
-    base = float(np.median(times["scipy cg loop"]))
-    rows = []
-    for key in times:
-        if key == "scipy cg loop":
-            x, its = ref, ref_its
-        else:
-            sol, inv = outs[key], routes[key][4]
-            x = np.asarray(sol.scores, np.float64)
-            x = x if inv is None else x[:, inv]  # back to the database's numbering
-            its = np.asarray(sol.iterations)
-        true_res = np.linalg.norm(yn[:len(x)].T - m @ x.T, axis=0) / ynorm[:len(x)]
-        xs = x[:nsc]
-        over = top_overlap(xs, ref, 100)
-        rel = np.abs(xs - ref).max(axis=1) / np.abs(ref).max(axis=1)
-        ts = np.asarray(times[key])
-        med = float(np.median(ts))
-        rows.append({"route": key, "n": n, "d": args.d, "k": args.k, "queries": nsc if key == "scipy cg loop" else nq,
-                     "components": ncomp, "largest_component": int(sizes.max()),
-                     "iterations_median": float(np.median(its)), "iterations_max": int(np.max(its)),
-                     "ms_per_query": 1e3 * med, "ms_min": 1e3 * float(ts.min()), "ms_max": 1e3 * float(ts.max()),
-                     "runs": len(ts), "vs_scipy": base / med,
-                     "vs_scipy_min": float(np.min(times["scipy cg loop"])) / float(ts.max()),
-                     "vs_scipy_max": float(np.max(times["scipy cg loop"])) / float(ts.min()),
-                     "setup_s": setup[key], "first_call_s": first.get(key, float("nan")),
-                     "top100_overlap_min": float(over.min()), "top100_overlap_mean": float(over.mean()),
-                     "max_rel_diff_vs_scipy": float(rel.max()), "true_residual_max": float(true_res.max())})
-    print(f"\n| {'route':<32} | its med/max | ms/query (min-max) | vs scipy (range) | setup s | top-100 overlap "
-          f"| max rel diff | true residual |")
-    for r in rows:
-        print(f"| {r['route']:<32} | {r['iterations_median']:5.0f}/{r['iterations_max']:<5d} | "
-              f"{r['ms_per_query']:8.2f} ({r['ms_min']:.2f}-{r['ms_max']:.2f}) | {r['vs_scipy']:5.1f}x "
-              f"({r['vs_scipy_min']:.1f}-{r['vs_scipy_max']:.1f}) | {r['setup_s']:7.2f} | "
-              f"{r['top100_overlap_min']:.3f} | {r['max_rel_diff_vs_scipy']:.1e} | {r['true_residual_max']:.1e} |")
+    routes, setup, graph_ordered = make_routes(graph, op, y, args)
+    times, outs, first = time_routes(routes, scipy_cg_loop(m, yn, nsc, args.tol), args, nq, nsc)
+    rows = report(routes, times, outs, first, setup, yn, m, nsc, n, nq, args, ncomp, int(sizes.max()))
 
     time.sleep(PAUSE_S)
     bw = product_bandwidth(graph, nq, max(3, args.repeat))

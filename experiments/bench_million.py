@@ -123,83 +123,84 @@ def synthetic_gnd(q, db, q_labels, db_labels):
     return gnd
 
 
-def run(n, d, k, nq, scipy_queries, truncate, fsr_rank, out, graph_method, repeat, log=print):
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = []
+class Bench:
+    """The rows of one run and what every route is compared with (the converged scores,
+    the scipy loop's seconds per query, the labels)."""
 
-    def add(step, seconds=float("nan"), peak=float("nan"), per_query=True, **extra):
-        row = {"step": step, "n": n, "queries": nq, "seconds": seconds, "peak_rss_mb": peak,
-               "ms_per_query": 1e3 * seconds / nq if per_query else float("nan"), **extra}
-        rows.append(row)
-        log(f"  {step:<48s} {seconds:9.2f} s  peak {peak:7.0f} MB  " +
-            "  ".join(f"{key} {val}" for key, val in extra.items()), flush=True)
+    def __init__(self, n, nq, repeat, db_labels, q_labels, log):
+        self.n, self.nq, self.repeat, self.log = n, nq, repeat, log
+        self.db_labels, self.q_labels = db_labels, q_labels
+        self.rows, self.reference, self.scipy_s = [], None, float("nan")
+
+    def add(self, step, seconds=float("nan"), peak=float("nan"), per_query=True, **extra):
+        row = {"step": step, "n": self.n, "queries": self.nq, "seconds": seconds, "peak_rss_mb": peak,
+               "ms_per_query": 1e3 * seconds / self.nq if per_query else float("nan"), **extra}
+        self.rows.append(row)
+        self.log(f"  {step:<48s} {seconds:9.2f} s  peak {peak:7.0f} MB  " +
+                 "  ".join(f"{key} {val}" for key, val in extra.items()), flush=True)
         return row
 
-    x, labels = clustered(n + nq, d, max(10, n // 100), seed=n)
-    db, q, db_labels, q_labels = x[:n], x[n:], labels[:n], labels[n:]
-    log(f"n = {n}, d = {d}, k = {k}, {nq} queries, {max(10, n // 100)} clusters", flush=True)
+    def scored(self, name, scores, seconds, peak, note=""):
+        """A row for a route's [nq, n] scores: agreement with the reference, mAP, speed-up."""
+        s = np.asarray(scores)
+        return self.add(name, seconds, peak, top100_overlap=round(top_overlap(s, self.reference), 4),
+                        mAP=round(cluster_map(s, self.q_labels, self.db_labels), 2),
+                        speedup_vs_scipy=round(self.scipy_s * self.nq / seconds, 2), note=note)
 
-    # 1. graph, its recall, the file
+    def route(self, name, fn, note=""):
+        scores, (seconds, peak) = warm_timed(fn, self.repeat)
+        return self.scored(name, scores, seconds, peak, note)
+
+
+def graph_step(bench: Bench, db, k: int, graph_method: str, out: Path):
+    """Build, check, save and reload the graph; the normalised W."""
     graph, (t_graph, p_graph) = timed_with_peak(
         lambda: knn_graph(db, k, gamma=3.0, mutual=True, method=graph_method, show_progress=True))
     recall = sampled_edge_recall(graph, db, k)
-    add(f"graph ({graph_method}, mutual, k = {k})", t_graph, p_graph, per_query=False,
-        note=f"mutual-edge recall {recall:.4f} (1,000 sampled nodes); width {graph.max_degree}")
+    bench.add(f"graph ({graph_method}, mutual, k = {k})", t_graph, p_graph, per_query=False,
+              note=f"mutual-edge recall {recall:.4f} (1,000 sampled nodes); width {graph.max_degree}")
     path = out / "graph.npz"
     t = time.perf_counter()
     save_graph(path, graph, k=k, gamma=3.0, mutual=True)
     t_save = time.perf_counter() - t
-    (graph, _), (t_load, p_load) = timed_with_peak(lambda: load_graph(path, num_nodes=n))
-    add("graph saved (temp + rename) and read back", t_save + t_load, p_load, per_query=False,
-        note=f"{path.stat().st_size / 2**20:.0f} MB file; save {t_save:.1f} s, load {t_load:.1f} s")
-    w = normalize(graph)
-    del graph
+    (graph, _), (t_load, p_load) = timed_with_peak(lambda: load_graph(path, num_nodes=db.shape[0]))
+    bench.add("graph saved (temp + rename) and read back", t_save + t_load, p_load, per_query=False,
+              note=f"{path.stat().st_size / 2**20:.0f} MB file; save {t_save:.1f} s, load {t_load:.1f} s")
+    path.unlink()  # hundreds of MB: the CSV keeps what was measured
+    return normalize(graph)
 
-    # 2. queries
-    sims, ids = knn(q, db, QUERY_K, show_progress=False)
-    y = query_vectors(sims, ids, n)
 
-    # 3. routes
-    def solve_converged():
-        return diffuse(w, y, alpha=ALPHA, tol=TOL, max_iter=2000)
-    conv, (t_conv, p_conv) = warm_timed(solve_converged, repeat)
-    conv = np.asarray(conv)
-    map_conv = cluster_map(conv, q_labels, db_labels)
-
-    mat = (sp.identity(n, format="csr") - ALPHA * w.to_scipy().astype(np.float64)).tocsr()
+def converged_step(bench: Bench, w, y, scipy_queries: int):
+    """The reference (batched CG to tol) and the scipy cg loop on the same CSR."""
+    conv, (t_conv, p_conv) = warm_timed(lambda: diffuse(w, y, alpha=ALPHA, tol=TOL, max_iter=2000), bench.repeat)
+    bench.reference = np.asarray(conv)
+    mat = (sp.identity(bench.n, format="csr") - ALPHA * w.to_scipy().astype(np.float64)).tocsr()
     yq = np.asarray(y[:scipy_queries], np.float64)
     reset_peak_rss()
     t = time.perf_counter()
     ref = np.stack([sla.cg(mat, b, rtol=TOL, maxiter=2000)[0]
                     for b in progress(yq, desc="scipy cg loop", total=len(yq))])
-    t_scipy = (time.perf_counter() - t) / scipy_queries  # per query
+    bench.scipy_s = (time.perf_counter() - t) / scipy_queries
     p_scipy = peak_rss_mb()
     time.sleep(2.0)  # BLAS threads spinning after scipy would slow the next route
-    scipy_row = add("scipy cg loop (CSR float64, tol 1e-6)", t_scipy * nq, p_scipy,
-                    top100_overlap=round(top_overlap(ref, conv[:scipy_queries]), 4),
-                    note=f"timed on {scipy_queries} queries")
-    conv_row = add("converged CG (tol 1e-6), batched", t_conv, p_conv, top100_overlap=1.0,
-                   mAP=round(map_conv, 2), speedup_vs_scipy=round(t_scipy * nq / t_conv, 2))
-    del mat
-
-    def route(name, fn, note=""):
-        s, (sec, peak) = warm_timed(fn, repeat)
-        s = np.asarray(s)
-        return add(name, sec, peak, top100_overlap=round(top_overlap(s, conv), 4),
-                   mAP=round(cluster_map(s, q_labels, db_labels), 2),
-                   speedup_vs_scipy=round(t_scipy * nq / sec, 2), note=note)
-
+    scipy_row = bench.add("scipy cg loop (CSR float64, tol 1e-6)", bench.scipy_s * bench.nq, p_scipy,
+                          top100_overlap=round(top_overlap(ref, bench.reference[:scipy_queries]), 4),
+                          note=f"timed on {scipy_queries} queries")
+    conv_row = bench.scored("converged CG (tol 1e-6), batched", bench.reference, t_conv, p_conv)
     t = time.perf_counter()
     order = locality_order(w)
-    w_ordered = permute_graph(w, order)
-    inverse = np.argsort(order)
-    y_ordered = y[:, order]
+    w_ordered, y_ordered, inverse = permute_graph(w, order), y[:, order], np.argsort(order)
     t_order = time.perf_counter() - t
-    route("converged CG (tol 1e-6), locality order",
-          lambda: np.asarray(diffuse(w_ordered, y_ordered, alpha=ALPHA, tol=TOL, max_iter=2000))[:, inverse],
-          note=f"order {t_order:.0f} s once (locality_order + permute_graph), not included")
-    route("CG, 20 steps", lambda: diffuse(w, y, alpha=ALPHA, tol=1e-12, max_iter=20))
+    bench.route("converged CG (tol 1e-6), locality order",
+                lambda: np.asarray(diffuse(w_ordered, y_ordered, alpha=ALPHA, tol=TOL, max_iter=2000))[:, inverse],
+                note=f"order {t_order:.0f} s once (locality_order + permute_graph), not included")
+    bench.route("CG, 20 steps", lambda: diffuse(w, y, alpha=ALPHA, tol=1e-12, max_iter=20))
+    return scipy_row, conv_row
+
+
+def shortlist_steps(bench: Bench, w, y, q, db, sims, ids, truncate: int):
+    """Truncated diffusion on each query's shortlist, and offline diffusion (direct scores)."""
+    n, nq = bench.n, bench.nq
     _, short = knn(q, db, truncate, show_progress=False)
     short_np = np.asarray(short)
 
@@ -208,55 +209,70 @@ def run(n, d, k, nq, scipy_queries, truncate, fsr_rank, out, graph_method, repea
         np.put_along_axis(dense, short_np, np.asarray(s), axis=1)
         return dense
     # how much of each query's class the shortlist can reach at all (a bound on its mAP)
-    reach = np.mean([np.isin(np.flatnonzero(db_labels == c), row).mean() for c, row in zip(q_labels, short_np)])
-    route(f"truncated diffusion, T = {truncate} (CG to tol)",
-          lambda: on_shortlist(truncated_diffuse(w, y, short, alpha=ALPHA, tol=TOL, max_iter=200)),
-          note=f"shortlist search not included; the shortlists hold {100 * reach:.1f}% of the queries' clusters")
+    reach = np.mean([np.isin(np.flatnonzero(bench.db_labels == c), row).mean()
+                     for c, row in zip(bench.q_labels, short_np)])
+    bench.route(f"truncated diffusion, T = {truncate} (CG to tol)",
+                lambda: on_shortlist(truncated_diffuse(w, y, short, alpha=ALPHA, tol=TOL, max_iter=200)),
+                note=f"shortlist search not included; the shortlists hold {100 * reach:.1f}% of the queries' clusters")
 
     items = np.unique(np.asarray(ids))
     rows_off, (t_off, p_off) = warm_timed(
         lambda: offline_rows(w, db, truncate, alpha=ALPHA, tol=TOL, max_iter=20, items=items, show_progress=True), 1)
     position = {int(i): r for r, i in enumerate(items)}
     weights = np.maximum(np.asarray(sims), 0) ** 3
+    r_ids, r_vals = np.asarray(rows_off.indices), np.asarray(rows_off.values)
 
-    def offline_online():
+    def offline_online():  # the query's result: the similarity-weighted sum of its kNN's rows
         scores = np.zeros((nq, n), np.float32)
-        r_ids, r_vals = np.asarray(rows_off.indices), np.asarray(rows_off.values)
         for qi in range(nq):
             for j, wt in zip(np.asarray(ids[qi]), weights[qi]):
                 r = position[int(j)]
                 np.add.at(scores[qi], r_ids[r], wt * r_vals[r])
         return scores
-    offline_scores, (t_online, p_online) = warm_timed(offline_online, repeat)
     per_item = t_off / items.size
-    add(f"offline diffusion rows (T = {truncate}), {items.size} items", t_off, p_off, per_query=False,
-        note=f"{1e3 * per_item:.2f} ms per item: the whole collection would take {per_item * n / 3600:.1f} h "
-             "(extrapolated)")
-    add("offline diffusion, online direct scores", t_online, p_online,
-        top100_overlap=round(top_overlap(offline_scores, conv), 4),
-        mAP=round(cluster_map(offline_scores, q_labels, db_labels), 2),
-        speedup_vs_scipy=round(t_scipy * nq / t_online, 2), note="offline rows not included")
+    bench.add(f"offline diffusion rows (T = {truncate}), {items.size} items", t_off, p_off, per_query=False,
+              note=f"{1e3 * per_item:.2f} ms per item: the whole collection would take "
+                   f"{per_item * n / 3600:.1f} h (extrapolated)")
+    bench.route("offline diffusion, online direct scores", offline_online, note="offline rows not included")
 
-    if fsr_rank:
-        pairs, (t_eig, p_eig) = timed_with_peak(lambda: graph_eigenpairs(w, fsr_rank))
-        top_vals = np.asarray(pairs.values)
-        add(f"graph_eigenpairs(W, {fsr_rank})", t_eig, p_eig, per_query=False,
-            note=f"eigenvalues {top_vals.min():.4f} to {top_vals.max():.4f}; "
-                 f"{int((top_vals > 1 - 1e-5).sum())} equal to 1")
-        emb = spectral_embedding(pairs, fsr_rank, regularized_laplacian_filter(ALPHA), mode="approx")
-        route(f"FSR.approx, r = {fsr_rank}", lambda: fast_spectral_ranking_sparse(emb, sims, ids, gamma=3.0),
-              note="eigenpairs not included")
 
-    # 5. the Revisited protocol on the million
-    gnd = synthetic_gnd(q, db, q_labels, db_labels)
+def fsr_step(bench: Bench, w, sims, ids, fsr_rank: int):
+    pairs, (t_eig, p_eig) = timed_with_peak(lambda: graph_eigenpairs(w, fsr_rank))
+    top_vals = np.asarray(pairs.values)
+    bench.add(f"graph_eigenpairs(W, {fsr_rank})", t_eig, p_eig, per_query=False,
+              note=f"eigenvalues {top_vals.min():.4f} to {top_vals.max():.4f}; "
+                   f"{int((top_vals > 1 - 1e-5).sum())} equal to 1")
+    emb = spectral_embedding(pairs, fsr_rank, regularized_laplacian_filter(ALPHA), mode="approx")
+    bench.route(f"FSR.approx, r = {fsr_rank}", lambda: fast_spectral_ranking_sparse(emb, sims, ids, gamma=3.0),
+                note="eigenpairs not included")
+
+
+def revisited_step(bench: Bench, q, db):
+    gnd = synthetic_gnd(q, db, bench.q_labels, bench.db_labels)
     reset_peak_rss()
     t = time.perf_counter()
-    res = revisited_map(top_ranking(conv), gnd, n_db=n)
-    t_eval = time.perf_counter() - t
-    add("revisited_map on the converged top-1000 (n_db = n)", t_eval, peak_rss_mb(), per_query=False,
-        note=f"mAP E/M/H {100 * res.easy.map:.2f} / {100 * res.medium.map:.2f} / {100 * res.hard.map:.2f}")
+    res = revisited_map(top_ranking(bench.reference), gnd, n_db=bench.n)
+    bench.add("revisited_map on the converged top-1000 (n_db = n)", time.perf_counter() - t, peak_rss_mb(),
+              per_query=False, note=f"mAP E/M/H {100 * res.easy.map:.2f} / {100 * res.medium.map:.2f} / "
+                                    f"{100 * res.hard.map:.2f}")
 
-    write_csv(out / "million.csv", rows, COLUMNS, float_format="{:.4g}")
+
+def run(n, d, k, nq, scipy_queries, truncate, fsr_rank, out, graph_method, repeat, log=print):
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    x, labels = clustered(n + nq, d, max(10, n // 100), seed=n)
+    db, q = x[:n], x[n:]
+    bench = Bench(n, nq, repeat, labels[:n], labels[n:], log)
+    log(f"n = {n}, d = {d}, k = {k}, {nq} queries, {max(10, n // 100)} clusters", flush=True)
+    w = graph_step(bench, db, k, graph_method, out)
+    sims, ids = knn(q, db, QUERY_K, show_progress=False)
+    y = query_vectors(sims, ids, n)
+    scipy_row, conv_row = converged_step(bench, w, y, scipy_queries)
+    shortlist_steps(bench, w, y, q, db, sims, ids, truncate)
+    if fsr_rank:
+        fsr_step(bench, w, sims, ids, fsr_rank)
+    revisited_step(bench, q, db)
+    write_csv(out / "million.csv", bench.rows, COLUMNS, float_format="{:.4g}")
     write_json(out / "config.json", {"command": sys.argv, "n": n, "d": d, "k": k, "queries": nq,
                                      "scipy_queries": scipy_queries, "truncate": truncate, "fsr_rank": fsr_rank,
                                      "graph_method": graph_method, "alpha": ALPHA, "tol": TOL,
@@ -264,8 +280,7 @@ def run(n, d, k, nq, scipy_queries, truncate, fsr_rank, out, graph_method, repea
     log(f"converged CG: {conv_row['speedup_vs_scipy']}x the scipy cg loop "
         f"({conv_row['ms_per_query']:.0f} vs {scipy_row['ms_per_query']:.0f} ms/query); "
         f"process peak {process_peak_rss_mb():.0f} MB; wrote {out / 'million.csv'}")
-    (out / "graph.npz").unlink()  # hundreds of MB: the CSV keeps what was measured
-    return rows
+    return bench.rows
 
 
 def main(argv=None):
