@@ -45,9 +45,10 @@ from retrieval_jax.diffusion import diffuse, ranking_from_scores
 from retrieval_jax.evaluation import label_map
 from retrieval_jax.graph import knn_graph, normalize
 from retrieval_jax.methods import DIFFUSION, FSR, DiffusionConfig, FsrConfig
-from experiments.common import SCORE_RTOL
 from retrieval_jax.spectral import (fast_spectral_ranking, filter_embedding, heat_kernel_filter,
                                     regularized_laplacian_filter, spectral_embedding)
+
+from experiments.common import SCORE_RTOL
 
 
 @dataclasses.dataclass(frozen=True)

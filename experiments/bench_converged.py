@@ -55,7 +55,7 @@ from retrieval_jax.diffusion.preconditioned import PreconditionedCG
 from retrieval_jax.graph import knn, knn_graph, locality_order, normalize, permute_graph
 from retrieval_jax.graph.core import NormalizedGraph
 
-from .common import REPO, clustered
+from .common import REPO, clustered, top_overlap
 
 PAUSE_S = 2.0
 
@@ -133,12 +133,6 @@ def product_bandwidth(graph, b, repeat):
     return rows
 
 
-def top_overlap(a, b, top):
-    ta = np.argpartition(-a, top, axis=1)[:, :top]
-    tb = np.argpartition(-b, top, axis=1)[:, :top]
-    return np.array([len(np.intersect1d(x, y)) / top for x, y in zip(ta, tb)])
-
-
 def scipy_cg_loop(m, yn, nsc: int, tol: float):
     """The loop a researcher writes: ``scipy.sparse.linalg.cg`` once per query (x, steps)."""
     def loop():
@@ -181,7 +175,7 @@ def make_routes(graph, op, y, args):
             setup[key] = time.perf_counter() - t + t_s
             routes[key] = (solver, state, op_s, y_s, inv)
             print(f"{key}: setup {setup[key]:.2f}s, {state.num_aggregates} aggregates, "
-                  f"members {state.members.shape[1]}, W P width {state.wp_ids.shape[1]}, "
+                  f"largest {int(np.bincount(np.asarray(state.aggregate)).max())}, W P width {state.wp_ids.shape[1]}, "
                   f"{state.nbytes() / 2 ** 20:.0f} MB", flush=True)
     return routes, setup, graph_ordered
 

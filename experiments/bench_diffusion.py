@@ -42,16 +42,9 @@ import scipy.sparse.linalg as sla
 
 from retrieval_jax.diffusion import (diffuse, diffusion_inverse, indicator_vectors, query_vectors,
                                      ranking_from_scores, truncated_diffuse)
-from retrieval_jax.evaluation import mean_average_precision
 from retrieval_jax.graph import knn, knn_graph, normalize
 
-from experiments.common import clustered, process_peak_rss_mb, pyplot, save_figure, timed, write_csv
-
-
-def label_map_queries(scores, q_labels, db_labels):
-    ranking = ranking_from_scores(scores)
-    positives = [np.flatnonzero(db_labels == l) for l in q_labels]
-    return 100 * mean_average_precision(ranking, positives, ks=(10,)).map
+from experiments.common import clustered, process_peak_rss_mb, query_label_map, pyplot, save_figure, timed, write_csv
 
 
 _weighted_rows = jax.jit(lambda inv, weights, idx: inv.weighted_rows(weights, idx))
@@ -70,7 +63,7 @@ def bench_size(n, nq, d, k, alpha, tol, max_iter, truncate, repeat, splu_max, sc
     s, i = knn(q, db, 10)
     y = query_vectors(s, i, n, gamma=3.0)
     _, short = knn(q, db, truncate) if truncate and truncate < n else (None, None)
-    evaluate = lambda scores: label_map_queries(scores, q_labels, db_labels)  # noqa: E731
+    evaluate = lambda scores: query_label_map(scores, q_labels, db_labels)  # noqa: E731
     header = f"n = {n}, {nq} queries, k = {k}, graph built in {t_graph:.1f}s, max degree {w.max_degree}"
     rows = run_routes(w, y, evaluate, alpha=alpha, tol=tol, max_iter=max_iter, repeat=repeat,
                       splu=n <= splu_max, inverse=n <= inverse_max, shortlist=short,

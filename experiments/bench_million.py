@@ -46,14 +46,14 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as sla
 
 from retrieval_jax._progress import progress
-from retrieval_jax.diffusion import diffuse, offline_rows, query_vectors, truncated_diffuse
-from retrieval_jax.evaluation import mean_average_precision, revisited_map
+from retrieval_jax.diffusion import diffuse, offline_rows, query_vectors, top_n, truncated_diffuse
+from retrieval_jax.evaluation import revisited_map
 from retrieval_jax.graph import knn, knn_graph, load_graph, locality_order, normalize, permute_graph, save_graph
 from retrieval_jax.spectral import (fast_spectral_ranking_sparse, graph_eigenpairs,
                                     regularized_laplacian_filter, spectral_embedding)
 
-from experiments.common import (clustered, peak_rss_mb, process_peak_rss_mb, reset_peak_rss, timed_with_peak,
-                                versions, write_csv, write_json)
+from experiments.common import (clustered, peak_rss_mb, process_peak_rss_mb, query_label_map, reset_peak_rss,
+                                timed_with_peak, top_overlap, versions, write_csv, write_json)
 
 COLUMNS = ("step", "n", "queries", "seconds", "ms_per_query", "peak_rss_mb", "top100_overlap", "mAP",
            "speedup_vs_scipy", "note")
@@ -91,26 +91,6 @@ def warm_timed(fn, repeat: int):
     return timed_with_peak(fn, repeat)
 
 
-def top_overlap(a, b, top: int = 100) -> float:
-    ta = np.argpartition(-a, top, axis=1)[:, :top]
-    tb = np.argpartition(-b, top, axis=1)[:, :top]
-    return float(np.mean([len(np.intersect1d(x, y)) / top for x, y in zip(ta, tb)]))
-
-
-def top_ranking(scores, top: int = TOP) -> np.ndarray:
-    """The first ``top`` items of each row, best first (ties by index)."""
-    s = np.asarray(scores)
-    part = np.argpartition(-s, top, axis=1)[:, :top]
-    vals = np.take_along_axis(s, part, axis=1)
-    order = np.lexsort((part, -vals), axis=1)
-    return np.take_along_axis(part, order, axis=1)
-
-
-def cluster_map(scores, q_labels, db_labels) -> float:
-    positives = [np.flatnonzero(db_labels == c) for c in q_labels]
-    return 100 * mean_average_precision(top_ranking(scores), positives, n_db=db_labels.size).map
-
-
 def synthetic_gnd(q, db, q_labels, db_labels):
     """Per query: easy = the closer half of its cluster (by similarity), hard = the rest."""
     gnd = []
@@ -143,8 +123,8 @@ class Bench:
     def scored(self, name, scores, seconds, peak, note=""):
         """A row for a route's [nq, n] scores: agreement with the reference, mAP, speed-up."""
         s = np.asarray(scores)
-        return self.add(name, seconds, peak, top100_overlap=round(top_overlap(s, self.reference), 4),
-                        mAP=round(cluster_map(s, self.q_labels, self.db_labels), 2),
+        return self.add(name, seconds, peak, top100_overlap=round(float(top_overlap(s, self.reference).mean()), 4),
+                        mAP=round(query_label_map(s, self.q_labels, self.db_labels, top=TOP), 2),
                         speedup_vs_scipy=round(self.scipy_s * self.nq / seconds, 2), note=note)
 
     def route(self, name, fn, note=""):
@@ -184,7 +164,7 @@ def converged_step(bench: Bench, w, y, scipy_queries: int):
     p_scipy = peak_rss_mb()
     time.sleep(2.0)  # BLAS threads spinning after scipy would slow the next route
     scipy_row = bench.add("scipy cg loop (CSR float64, tol 1e-6)", bench.scipy_s * bench.nq, p_scipy,
-                          top100_overlap=round(top_overlap(ref, bench.reference[:scipy_queries]), 4),
+                          top100_overlap=round(float(top_overlap(ref, bench.reference[:scipy_queries]).mean()), 4),
                           note=f"timed on {scipy_queries} queries")
     conv_row = bench.scored("converged CG (tol 1e-6), batched", bench.reference, t_conv, p_conv)
     t = time.perf_counter()
@@ -251,7 +231,7 @@ def revisited_step(bench: Bench, q, db):
     gnd = synthetic_gnd(q, db, bench.q_labels, bench.db_labels)
     reset_peak_rss()
     t = time.perf_counter()
-    res = revisited_map(top_ranking(bench.reference), gnd, n_db=bench.n)
+    res = revisited_map(np.asarray(top_n(bench.reference, TOP)[1]), gnd, n_db=bench.n)
     bench.add("revisited_map on the converged top-1000 (n_db = n)", time.perf_counter() - t, peak_rss_mb(),
               per_query=False, note=f"mAP E/M/H {100 * res.easy.map:.2f} / {100 * res.medium.map:.2f} / "
                                     f"{100 * res.hard.map:.2f}")

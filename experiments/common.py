@@ -28,6 +28,24 @@ RESULTS = REPO / "experiments" / "results"
 SCORE_RTOL = 1e-6
 
 
+# ----------------------------------------------------------------------------- agreement and quality
+def top_overlap(a, b, top: int = 100) -> np.ndarray:
+    """Per row, the share of the ``top`` best items of scores ``a`` found among those of ``b``."""
+    ta = np.argpartition(-np.asarray(a), top, axis=1)[:, :top]
+    tb = np.argpartition(-np.asarray(b), top, axis=1)[:, :top]
+    return np.array([len(np.intersect1d(x, y)) / top for x, y in zip(ta, tb)])
+
+
+def query_label_map(scores, q_labels, db_labels, *, top: int | None = None) -> float:
+    """Label mAP (%) of out-of-graph queries: a query's positives are the database items
+    of its label. Over the full ranking, or the first ``top`` items (n_db = database size)."""
+    from retrieval_jax.diffusion import ranking_from_scores, top_n
+    from retrieval_jax.evaluation import mean_average_precision
+    ranking = ranking_from_scores(scores) if top is None else np.asarray(top_n(scores, top)[1])
+    positives = [np.flatnonzero(db_labels == c) for c in q_labels]
+    return 100 * mean_average_precision(ranking, positives, n_db=len(db_labels)).map
+
+
 # ----------------------------------------------------------------------------- command lines
 def label_experiment_parser(doc: str, *, out: str, quick: str):
     """The flags of an experiment over the label data sets: --out, --quick (``quick``

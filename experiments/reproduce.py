@@ -36,9 +36,8 @@ from retrieval_jax.methods import (ALPHA_QE, DBA_ALPHA_QE, DIFFUSION, FSR, KNN_S
                                    AlphaQEConfig, DbaQEConfig, DiffusionConfig, FsrConfig, KnnConfig,
                                    OfflineDiffusionConfig)
 
-from experiments.common import (available_label_datasets, label_experiment_parser, parse_experiment_args,
-                                block,
-                                load_label_dataset, versions, write_csv, write_json, write_text)
+from experiments.common import (available_label_datasets, block, label_experiment_parser, load_label_dataset,
+                                parse_experiment_args, versions, write_csv, write_json, write_text)
 
 COLUMNS = ("dataset", "method", "mAP", "mP@10", "bullseye", "mAP_easy", "mAP_medium", "mAP_hard",
            "mP@10_medium", "n_items", "n_queries", "build_s", "search_s")

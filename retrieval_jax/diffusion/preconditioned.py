@@ -67,8 +67,8 @@ def preconditioned_cg(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, *,
     so the stopping rule is plain CG's); the ``lax.while_loop`` ends when every column
     has stopped or after ``max_iter`` steps. ``b_norm`` [B] replaces ||b|| in that rule
     (deflation solves a projected system but measures against the original y).
-    ``project`` (a projector onto the subspace the residual lives in, or None) is applied
-    to the residual after every update, so rounding cannot drift it out.
+    ``project`` (a projector onto a subspace holding b, or None) is applied to the
+    residual at the start and after every update, so rounding cannot drift it out.
 
     Returns:
       `CGResult` (x [n, B], iterations int32[B], residual [B] = ||r|| / ||b||).
@@ -86,7 +86,7 @@ def preconditioned_cg(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, *,
     nrm = jnp.linalg.norm(b, axis=0) if b_norm is None else jnp.asarray(b_norm, dtype).reshape(-1)
     thresh = tol * nrm
     x = jnp.zeros_like(b)
-    r = b
+    r = b if project is None else project(b)
     z = pc(r)
     p = z
     rz = jnp.sum(r * z, axis=0)
@@ -129,7 +129,7 @@ def preconditioned_cg(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, *,
 
 # ----------------------------------------------------------------------------- the preconditioner
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["aggregate", "basis", "members", "member_weights", "wp_ids", "wp_weights",
+                   data_fields=["aggregate", "basis", "wp_ids", "wp_weights",
                                 "coarse_w", "alpha", "coarse_inverse"],
                    meta_fields=["num_aggregates"])
 @dataclasses.dataclass(frozen=True)
@@ -139,8 +139,6 @@ class AggregationPreconditioner:
     Attributes:
       aggregate: int32[n], the aggregate of each node.
       basis: float[n], P's one non-zero per row: sqrt(d_i) / sqrt(sum of d over i's aggregate).
-      members: int32[m, L] the nodes of each aggregate, padded (padding has weight 0).
-      member_weights: float[m, L] P's entries at ``members`` (the aggregates as lists, for inspection).
       wp_ids, wp_weights: int32/float[n, S], the rows of W P as padded lists (coarse ids).
       coarse_w: float[m, m], P^T W P (so P^T M P = I - alpha P^T W P).
       alpha: the alpha ``coarse_inverse`` was built for.
@@ -150,8 +148,6 @@ class AggregationPreconditioner:
 
     aggregate: jax.Array
     basis: jax.Array
-    members: jax.Array
-    member_weights: jax.Array
     wp_ids: jax.Array
     wp_weights: jax.Array
     coarse_w: jax.Array
@@ -330,10 +326,8 @@ def aggregation_preconditioner(graph: Graph, alpha=0.99, *, max_coarse: int = 20
     inv = np.linalg.inv(ac)
     inv = 0.5 * (inv + inv.T)
     wp_ids, wp_vals = _padded_rows(wp)
-    members, member_w = _padded_rows(pmat.T.tocsr())
     return AggregationPreconditioner(
         aggregate=jnp.asarray(agg, jnp.int32), basis=jnp.asarray(basis, dtype),
-        members=jnp.asarray(members), member_weights=jnp.asarray(member_w, dtype),
         wp_ids=jnp.asarray(wp_ids), wp_weights=jnp.asarray(wp_vals, dtype),
         coarse_w=jnp.asarray(coarse_w, dtype), alpha=jnp.asarray(alpha, dtype),
         coarse_inverse=jnp.asarray(inv, dtype), num_aggregates=m)
@@ -354,14 +348,12 @@ def deflated_solve(matvec, b, pre: AggregationPreconditioner, alpha, *, tol, max
     b_norm = jnp.linalg.norm(b, axis=0)
     c0 = q_coarse(b)
     r0 = b - pre.times_mp(c0, alpha)                       # y - M Q y
-    # CG on the subspace P^T v = 0, where P_D M is symmetric positive definite: the
-    # orthogonal projector I - P P^T as the "preconditioner" removes the rounding errors
-    # that would otherwise drift into range(P) (the null space of P_D M) and make the
-    # float32 recurrence diverge once the residual nears 1e-5; the residual itself is
-    # projected back onto that subspace after every step as well (without it some node
-    # orders still diverged).
-    project = lambda v: v - pre.prolong(pre.restrict(v))  # noqa: E731  I - P P^T
-    res = preconditioned_cg(lambda v: deflate(matvec(v)), r0, precondition=project, project=project,
+    # CG on the subspace P^T v = 0, where P_D M is symmetric positive definite. Rounding
+    # drifts the residual into range(P) (the null space of P_D M), and the float32
+    # recurrence then diverges once the residual nears 1e-5 (for some node orders at
+    # once): the orthogonal projector I - P P^T puts it back after every step. The
+    # residual then already lies in the subspace, so no preconditioner is needed.
+    res = preconditioned_cg(lambda v: deflate(matvec(v)), r0, project=lambda v: v - pre.prolong(pre.restrict(v)),
                             tol=tol, max_iter=max_iter, b_norm=b_norm)
     u = res.x
     x = pre.prolong(c0) + u - pre.prolong(q_coarse(matvec(u)))  # Q y + (I - Q M) u

@@ -130,15 +130,14 @@ def nndescent_width(k: int) -> int:
     return max(k + 1, min(2 * k, k + 20))
 
 
-def _nndescent_knn(X: np.ndarray, k: int, *, seed: int = 0, width: int | None = None):
+def _nndescent_knn(X: np.ndarray, k: int, *, seed: int = 0):
     """Approximate kNN of X among itself with pynndescent (self excluded); lists of
-    ``width`` (default `nndescent_width`) while searching, the best k kept."""
+    `nndescent_width` (k) while searching, the best k kept."""
     try:
         import pynndescent
     except ImportError as exc:  # pragma: no cover
         raise ImportError("method='nndescent' needs pynndescent: pip install pynndescent") from exc
-    width = nndescent_width(k) if width is None else max(int(width), k + 1)
-    index = pynndescent.NNDescent(X, metric="dot", n_neighbors=min(width, X.shape[0]),
+    index = pynndescent.NNDescent(X, metric="dot", n_neighbors=min(nndescent_width(k), X.shape[0]),
                                   random_state=seed, low_memory=True)
     idx, dist = index.neighbor_graph
     sims = 1.0 - dist  # pynndescent's "dot" distance is 1 - <x, y>

@@ -100,15 +100,16 @@ def config_graph(database, config, *, show_progress=None) -> Graph:
                      method=config.graph_method, show_progress=show_progress)
 
 
-def checked_database(database, config, config_type, method_name: str) -> jax.Array:
+def checked_database(database, config, config_type, method_name: str) -> np.ndarray:
     """A method's ``build`` inputs checked: ``config`` of ``config_type``, and the database
-    descriptors as a float32 device matrix [n, d] (finite, 2-D, non-empty)."""
+    descriptors as a float32 host matrix [n, d] (finite, 2-D, non-empty; the graph
+    search runs on the host, so it stays there until a state stores it)."""
     check_config(config, config_type, method_name)
-    return jnp.asarray(_checks.as_matrix(database, "database"))
+    return _checks.as_matrix(database, "database")
 
 
 def database_and_graph(database, config, config_type, method_name: str, check_sizes=None, *,
-                       show_progress=None) -> tuple[jax.Array, Graph]:
+                       show_progress=None) -> tuple[np.ndarray, Graph]:
     """The first half of a graph method's ``build``: the config checked (its type, the
     graph's k < n, and ``check_sizes(config, n)`` for the method's own sizes), the
     database as a float matrix [n, d] and its kNN graph (`config_graph`)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 
 from .base import checked_database, database_state, make_method, similarities
 
@@ -20,7 +21,7 @@ class KnnState:
 
 
 def _knn_build(database, config: KnnConfig = KnnConfig()) -> KnnState:
-    return KnnState(database=checked_database(database, config, KnnConfig, "knn"), config=config)
+    return KnnState(database=jnp.asarray(checked_database(database, config, KnnConfig, "knn")), config=config)
 
 
 @jax.jit

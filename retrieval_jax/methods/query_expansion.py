@@ -201,7 +201,7 @@ class AlphaQEState:
 def _qe_build(database, config: AlphaQEConfig = AlphaQEConfig()) -> AlphaQEState:
     db = checked_database(database, config, AlphaQEConfig, "alpha-qe")
     _check_n(config.n, db.shape[0], "AlphaQEConfig.n")
-    return AlphaQEState(database=db, config=config)
+    return AlphaQEState(database=jnp.asarray(db), config=config)
 
 
 def _qe_scores(database, queries, n, alpha, exclude=None):
