@@ -53,7 +53,7 @@ from retrieval_jax.data.io import atomic_write, write_csv
 from retrieval_jax.diffusion import CG, diffusion_operator, query_vectors, solve
 from retrieval_jax.diffusion.preconditioned import PreconditionedCG
 from retrieval_jax.graph import knn, knn_graph, locality_order, normalize, permute_graph
-from retrieval_jax.graph.core import NormalizedGraph
+from retrieval_jax.graph.core import MATVEC_UNROLL, NormalizedGraph
 
 from .common import REPO, clustered, top_overlap
 
@@ -118,10 +118,11 @@ def product_bandwidth(graph, b, repeat):
         x = x32.astype(dtype)
 
         @jax.jit
-        def product(idx, w, x):
+        def product(idx, w, x):  # Graph.matvec's loop, converting bfloat16 operands to float32
             def body(k, acc):
                 return acc + w[:, k, None].astype(jnp.float32) * x[idx[:, k]].astype(jnp.float32)
-            return jax.lax.fori_loop(0, idx.shape[1], body, jnp.zeros((n, b), jnp.float32), unroll=8)
+            return jax.lax.fori_loop(0, idx.shape[1], body, jnp.zeros((n, b), jnp.float32),
+                                     unroll=max(1, min(MATVEC_UNROLL, idx.shape[1])))
         _, times = timed_block(lambda: jax.block_until_ready(product(graph.indices, w, x)), repeat)
         sec = float(np.median(times))
         item = np.dtype(dtype).itemsize

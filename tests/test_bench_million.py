@@ -8,7 +8,7 @@ def test_quick_million_recipe(tmp_path):
     from experiments import bench_million
     rows = bench_million.run(20000, 32, 10, 20, 5, 200, 10, tmp_path, "exact", 1, log=lambda *a, **k: None)
     by = {r["step"]: r for r in read_csv(tmp_path / "million.csv")}
-    assert len(by) == len(rows) == 12
+    assert len(by) == len(rows) == 14
     assert "mutual-edge recall 1.0000" in by["graph (exact, mutual, k = 10)"]["note"]  # exact: every edge
     conv = by["converged CG (tol 1e-6), batched"]
     assert float(conv["top100_overlap"]) == 1.0 and float(conv["mAP"]) > 50
@@ -20,4 +20,8 @@ def test_quick_million_recipe(tmp_path):
     assert float(truncated["top100_overlap"]) < 0.99 and float(truncated["mAP"]) < float(conv["mAP"])
     assert "of the queries' clusters" in truncated["note"]
     assert "E/M/H" in by["revisited_map on the converged top-1000 (n_db = n)"]["note"]
+    # every component's own spectrum ranks closer to the converged ranking than the global top r
+    glob, comp = by["FSR.approx, r = 10"], by["FSR.approx per component, r = 10"]
+    assert float(comp["top100_overlap"]) > float(glob["top100_overlap"])
+    assert "components (largest" in by["component_eigenpairs(W, 10)"]["note"]
     assert not (tmp_path / "graph.npz").exists()

@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from .. import _checks
 from ..graph.core import Graph
-from ..graph.knn import connected_components
+from ..graph.components import ComponentBlocks, component_blocks, dense_blocks
 from .operator import check_normalized
 
 
@@ -102,69 +100,31 @@ class DiffusionInverse:
         return self.rows(jnp.arange(self.num_nodes, dtype=jnp.int32))
 
 
-class InversePlan(NamedTuple):
-    """Host-side layout of `diffusion_inverse`: the graph's connected components grouped
-    into buckets of similar size (a bucket takes components of more than half its
-    largest), as one int64[C_b, P_b] node array per bucket (-1 on padding), largest first."""
-
-    groups: tuple
-
-    @property
-    def largest(self) -> int:
-        """Nodes of the largest connected component."""
-        return int(self.groups[0].shape[1])
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes the float32 blocks will take."""
-        return int(sum(4 * nodes.shape[0] * nodes.shape[1] ** 2 for nodes in self.groups))
+InversePlan = ComponentBlocks
+"""The host-side layout of `diffusion_inverse`: the graph's `ComponentBlocks`."""
 
 
-def plan_inverse(graph: Graph) -> InversePlan:
+def plan_inverse(graph: Graph) -> ComponentBlocks:
     """Find the connected components of ``graph`` and bucket them (offline, on the host)."""
     if not isinstance(graph, Graph):
         raise TypeError(f"graph must be a retrieval_jax.graph.Graph, got {type(graph).__name__}")
     if isinstance(graph.indices, jax.core.Tracer) or isinstance(graph.weights, jax.core.Tracer):
         raise TypeError("diffusion_inverse plans its blocks on the host from the graph's connected "
                         "components: call it offline, outside jax.jit, and pass the result in")
-    labels = connected_components(graph)
-    sizes = np.bincount(labels)
-    order = np.argsort(labels, kind="stable")
-    starts = np.concatenate([[0], np.cumsum(sizes)])
-    members = [order[starts[c]:starts[c + 1]] for c in range(len(sizes))]
-    groups: list[list[int]] = []
-    for c in np.argsort(-sizes, kind="stable"):
-        if groups and 2 * sizes[c] > sizes[groups[-1][0]]:
-            groups[-1].append(int(c))
-        else:
-            groups.append([int(c)])
-    out = []
-    for group in groups:
-        p_b = int(sizes[group[0]])
-        nodes = np.full((len(group), p_b), -1, np.int64)
-        for i, c in enumerate(group):
-            nodes[i, :sizes[c]] = members[c]
-        out.append(nodes)
-    return InversePlan(groups=tuple(out))
+    return component_blocks(graph)
 
 
 @jax.jit
 def _invert_blocks(graph: Graph, nodes, position, alpha):
     """Inverses of I - alpha W restricted to each row of ``nodes`` (int32[C, P], -1 padding)."""
-    c, p = nodes.shape
-    valid = nodes >= 0
-    safe = jnp.where(valid, nodes, 0)
-    cols = position[graph.indices[safe]]                                 # [C, P, K]
-    dtype = jnp.result_type(graph.weights.dtype, jnp.float32)    # float64 graphs stay float64
-    w = jnp.where(valid[..., None], graph.weights[safe], 0.0).astype(dtype)
-    a = jnp.zeros((c, p, p), dtype).at[
-        jnp.arange(c)[:, None, None], jnp.arange(p)[None, :, None], cols].add(w)
+    a = dense_blocks(graph, nodes, position)
+    dtype, p = a.dtype, nodes.shape[1]
     eye = jnp.eye(p, dtype=dtype)
     m = eye - jnp.asarray(alpha, dtype) * a
     m = 0.5 * (m + jnp.swapaxes(m, 1, 2))    # exact symmetry for the factorisation (W is checked symmetric)
     chol = jnp.linalg.cholesky(m)                                        # m = L L^T
     # two triangular solves against I (2 p^3 flops) beat L^-1 then L^-T L^-1 (3 p^3)
-    return jax.scipy.linalg.cho_solve((chol, True), jnp.broadcast_to(eye, (c, p, p)))
+    return jax.scipy.linalg.cho_solve((chol, True), jnp.broadcast_to(eye, a.shape))
 
 
 def diffusion_inverse(graph: Graph, alpha: float = 0.99, *, max_nodes: int = 20_000,
@@ -204,27 +164,17 @@ def diffusion_inverse(graph: Graph, alpha: float = 0.99, *, max_nodes: int = 20_
     alpha = _checks.check_alpha(alpha)
     if plan is None:
         plan = plan_inverse(graph)
-    elif not isinstance(plan, InversePlan):
-        raise TypeError(f"plan must be an InversePlan (plan_inverse(graph)), got {type(plan).__name__}")
+    elif not isinstance(plan, ComponentBlocks):
+        raise TypeError(f"plan must be the graph's ComponentBlocks (plan_inverse(graph)), got {type(plan).__name__}")
     largest = plan.largest
     if largest > max_nodes:
         raise ValueError(
             f"the graph's largest connected component has {largest} nodes; its dense inverse needs "
             f"{4 * largest ** 2 / 2 ** 30:.1f} GiB. Use CG (solver='cg'), truncation, or spectral "
             f"ranking, or raise max_nodes if the memory is there")
-    n = graph.num_nodes
-    bucket = np.zeros(n, np.int32)
-    member = np.zeros(n, np.int32)
-    position = np.zeros(n, np.int32)
-    slot = np.zeros(n, np.int32)
-    offset = 0
-    for b, nodes in enumerate(plan.groups):
-        c_b, p_b = nodes.shape
-        ci, pi = np.nonzero(nodes >= 0)
-        ids = nodes[ci, pi]
-        bucket[ids], member[ids], position[ids] = b, ci, pi
-        slot[ids] = offset + ci * p_b + pi
-        offset += c_b * p_b
+    if plan.bucket.shape != (graph.num_nodes,):
+        raise ValueError(f"plan is for {plan.bucket.shape[0]} nodes, the graph has {graph.num_nodes}")
+    position = plan.position
     position_dev = jnp.asarray(position)
     blocks = tuple(_invert_blocks(graph, jnp.asarray(nodes, jnp.int32), position_dev, alpha)
                    for nodes in plan.groups)
@@ -232,5 +182,5 @@ def diffusion_inverse(graph: Graph, alpha: float = 0.99, *, max_nodes: int = 20_
         raise ValueError(
             "I - alpha W is not positive definite (its Cholesky factorisation failed): pass the "
             "normalised graph W = normalize(A), symmetric with spectrum in [-1, 1], not the affinity A")
-    return DiffusionInverse(blocks=blocks, bucket=jnp.asarray(bucket), member=jnp.asarray(member),
-                            position=position_dev, slot=jnp.asarray(slot))
+    return DiffusionInverse(blocks=blocks, bucket=jnp.asarray(plan.bucket), member=jnp.asarray(plan.member),
+                            position=position_dev, slot=jnp.asarray(plan.slot))

@@ -31,6 +31,8 @@ import numpy as np
 from .._precision import HIGHEST as _HI
 from .. import _checks
 from ..graph.affinity import similarity_power
+from .components import (ComponentEigenpairs, ComponentSpectralEmbedding, component_eigenpairs,
+                         component_fsr_scores_dense, component_fsr_scores_sparse, filter_component_pairs)
 from .lanczos import Eigenpairs, graph_eigenpairs
 
 
@@ -107,7 +109,7 @@ def _eval_filter(h, lam: np.ndarray, what: str) -> np.ndarray:
 
 
 def spectral_embedding(source, r: int, h, *, mode: str = "rank_r", sparsify: int | None = None,
-                       **eig_kwargs) -> SpectralEmbedding:
+                       per_component: bool = False, **eig_kwargs):
     """Offline FSR: eigenpairs of W, filtered by h (host side, not jitted).
 
     Args:
@@ -121,14 +123,21 @@ def spectral_embedding(source, r: int, h, *, mode: str = "rank_r", sparsify: int
       mode: "rank_r" (x = U h(L) U^T y) or "approx" (x = U (h(L) - h(0)) U^T y + h(0) y).
       sparsify: keep only this many largest-magnitude entries per row of U (see
         `sparsify_embedding`; the memory saved is ``dense.nbytes - sparse.nbytes``).
+      per_component: the top r eigenpairs of *every* connected component instead of
+        the graph's global top r (`component_eigenpairs`; a `ComponentEigenpairs`
+        source implies it). Use it when the graph has more components than r: each
+        contributes an eigenvalue 1, so the global top r are all 1 there.
 
     Returns:
-      a `SpectralEmbedding`.
+      a `SpectralEmbedding`, or a `ComponentSpectralEmbedding` per component; both are
+      taken by `fast_spectral_ranking`, `fast_spectral_ranking_sparse` and `filter_embedding`.
     """
     if mode not in ("rank_r", "approx"):
         raise ValueError(f"mode must be 'rank_r' or 'approx', got {mode!r}")
     if not callable(h):
         raise TypeError(f"h must be a callable transfer function of the eigenvalues, got {type(h).__name__}")
+    if per_component or isinstance(source, ComponentEigenpairs):
+        return _component_embedding(source, r, h, mode, sparsify, eig_kwargs)
     if isinstance(source, Eigenpairs):
         if eig_kwargs:
             raise TypeError(f"eigen-solver options {sorted(eig_kwargs)} only apply to a Graph source")
@@ -162,8 +171,26 @@ def spectral_embedding(source, r: int, h, *, mode: str = "rank_r", sparsify: int
     return emb
 
 
+def _component_embedding(source, r, h, mode, sparsify, eig_kwargs) -> ComponentSpectralEmbedding:
+    if sparsify is not None:
+        raise ValueError("sparsify applies to the global embedding only, not per_component")
+    if isinstance(source, ComponentEigenpairs):
+        if eig_kwargs:
+            raise TypeError(f"eigen-solver options {sorted(eig_kwargs)} only apply to a Graph source")
+        if not _checks.is_int(r) or r != source.rank:
+            raise ValueError(f"r must equal the ComponentEigenpairs' rank {source.rank}, got {r!r}")
+        pairs = source
+    else:
+        pairs = component_eigenpairs(source, r, **eig_kwargs)
+    for values in pairs.values:
+        _eval_filter(h, np.asarray(values), "the eigenvalues")
+    if mode == "approx":
+        _eval_filter(h, np.zeros((), np.float32), "0 (needed by mode='approx')")
+    return filter_component_pairs(pairs, h, mode=mode)
+
+
 @functools.partial(jax.jit, static_argnames=("mode",))
-def filter_embedding(embedding: SpectralEmbedding, h, *, mode: str = "rank_r") -> SpectralEmbedding:
+def filter_embedding(embedding, h, *, mode: str = "rank_r"):
     """The same eigenpairs under another transfer function h: a pure, jittable function.
 
     filtered = h(L_r) (rank-r) or h(L_r) - h(0) (approx), h0 = 0 or h(0). With h a
@@ -171,10 +198,13 @@ def filter_embedding(embedding: SpectralEmbedding, h, *, mode: str = "rank_r") -
     built from traced parameters, FSR scores can be ``vmap``-ed over alpha or t (one
     eigendecomposition, one compiled program for a whole grid) and differentiated with
     respect to them by ``grad``. No finiteness check here (values may be traced):
-    `spectral_embedding` checks h on the host.
+    `spectral_embedding` checks h on the host. A `ComponentSpectralEmbedding` is
+    refiltered per component.
     """
     if mode not in ("rank_r", "approx"):
         raise ValueError(f"mode must be 'rank_r' or 'approx', got {mode!r}")
+    if isinstance(embedding, ComponentSpectralEmbedding):
+        return filter_component_pairs(embedding.pairs, h, mode=mode)
     values = embedding.values
     hv = jnp.asarray(h(values), values.dtype)
     if mode == "approx":
@@ -237,20 +267,22 @@ def fsr_scores_sparse(embedding: SpectralEmbedding, weights, indices):
     return x.at[rows, indices].add(embedding.h0 * yv)
 
 
-def _fsr_sparse(emb: SpectralEmbedding, sims, idx, gamma):
-    return fsr_scores_sparse(emb, similarity_power(sims, gamma), idx)
+def _fsr_sparse(emb, sims, idx, gamma):
+    scores = component_fsr_scores_sparse if isinstance(emb, ComponentSpectralEmbedding) else fsr_scores_sparse
+    return scores(emb, similarity_power(sims, gamma), idx)
 
 
 def _check_embedding(embedding):
-    if not isinstance(embedding, SpectralEmbedding):
-        raise TypeError(f"expected a SpectralEmbedding (see spectral_embedding), got {type(embedding).__name__}")
+    if not isinstance(embedding, (SpectralEmbedding, ComponentSpectralEmbedding)):
+        raise TypeError("expected a SpectralEmbedding or ComponentSpectralEmbedding (see spectral_embedding), "
+                        f"got {type(embedding).__name__}")
 
 
-def fast_spectral_ranking(embedding: SpectralEmbedding, y) -> jax.Array:
+def fast_spectral_ranking(embedding, y) -> jax.Array:
     """Online FSR scores x = U diag(f) U^T y + h0 y for dense query observations.
 
     Args:
-      embedding: from `spectral_embedding`.
+      embedding: from `spectral_embedding` (global or per component).
       y: float[n] or float[nq, n] query observation vectors (e.g. ``query_vectors``).
 
     Returns:
@@ -265,11 +297,12 @@ def fast_spectral_ranking(embedding: SpectralEmbedding, y) -> jax.Array:
         y = y.astype(jnp.float32)
     if not _checks.is_traced(y) and not np.isfinite(np.asarray(y)).all():
         raise ValueError("y contains NaN or inf; FSR scores would be NaN")
-    out = fsr_scores_dense(embedding, y[None] if y.ndim == 1 else y)
+    scores = component_fsr_scores_dense if isinstance(embedding, ComponentSpectralEmbedding) else fsr_scores_dense
+    out = scores(embedding, y[None] if y.ndim == 1 else y)
     return out[0] if y.ndim == 1 else out
 
 
-def fast_spectral_ranking_sparse(embedding: SpectralEmbedding, similarities, indices, *,
+def fast_spectral_ranking_sparse(embedding, similarities, indices, *,
                                  gamma: float = 3.0) -> jax.Array:
     """FSR scores for out-of-graph queries given by their k nearest database items.
 
