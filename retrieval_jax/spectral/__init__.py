@@ -18,10 +18,10 @@ from .fsr import (SpectralEmbedding, fast_spectral_ranking, fast_spectral_rankin
 from .lanczos import Eigenpairs, check_symmetric_graph, graph_eigenpairs, lanczos
 
 __all__ = [
-    "ComponentEigenpairs", "ComponentSpectralEmbedding", "component_eigenpairs", "component_fsr_scores_dense",
-    "component_fsr_scores_sparse", "filter_component_pairs", "Eigenpairs", "HeatKernelFilter", "RegularizedLaplacianFilter", "ResolventFilter", "SpectralEmbedding",
-    "check_symmetric_graph", "fast_spectral_ranking", "fast_spectral_ranking_sparse", "filter_embedding",
-    "fsr_scores_dense", "fsr_scores_sparse",
-    "graph_eigenpairs", "heat_kernel_filter", "lanczos", "regularized_laplacian_filter",
+    "ComponentEigenpairs", "ComponentSpectralEmbedding", "Eigenpairs", "HeatKernelFilter", "RegularizedLaplacianFilter",
+    "ResolventFilter", "SpectralEmbedding", "check_symmetric_graph", "component_eigenpairs",
+    "component_fsr_scores_dense", "component_fsr_scores_sparse", "fast_spectral_ranking",
+    "fast_spectral_ranking_sparse", "filter_component_pairs", "filter_embedding", "fsr_scores_dense",
+    "fsr_scores_sparse", "graph_eigenpairs", "heat_kernel_filter", "lanczos", "regularized_laplacian_filter",
     "sparsify_embedding", "spectral_embedding",
 ]
