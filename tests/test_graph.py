@@ -1,4 +1,5 @@
 """Graph construction against brute-force numpy / scipy references."""
+import jax
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -149,3 +150,25 @@ def test_save_load_graph_round_trip_and_errors(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="readable"):
         load_graph(tmp_path / "junk.npz")
+
+
+def test_load_graph_memory_mapped(tmp_path):
+    """mmap=True: the arrays are read-only views of the file, equal to what was saved, the same
+    product; bad contents are refused as when reading."""
+    from retrieval_jax.graph import load_graph, save_graph
+    x = _unit(np.random.default_rng(7), 60, 5)
+    g = normalize(knn_graph(x, 5, gamma=3.0, mutual=True))
+    path = save_graph(tmp_path / "g.npz", g, k=5)
+    back, meta = load_graph(path, num_nodes=60, mmap=True)
+    assert isinstance(back.indices, np.memmap) and isinstance(back.weights, np.memmap)
+    assert not back.weights.flags.writeable and int(meta["k"]) == 5
+    np.testing.assert_array_equal(back.indices, np.asarray(g.indices))
+    v = np.random.default_rng(1).standard_normal((60, 3)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(jax.jit(lambda gr, v: gr.matvec(v))(back, v)),
+                               np.asarray(g.matvec(v)), rtol=1e-5, atol=1e-6)
+    np.savez(tmp_path / "bad.npz", indices=np.full((3, 2), 7, np.int32), weights=np.ones((3, 2), np.float32))
+    with pytest.raises(ValueError, match="outside"):
+        load_graph(tmp_path / "bad.npz", mmap=True)
+    np.savez(tmp_path / "f64.npz", indices=np.zeros((3, 2), np.int64), weights=np.ones((3, 2)))
+    with pytest.raises(ValueError, match="mmap needs int32"):
+        load_graph(tmp_path / "f64.npz", mmap=True)

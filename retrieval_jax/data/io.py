@@ -283,7 +283,20 @@ def npz_names(path) -> list[str]:
     return sorted(members)
 
 
-def read_npz(path, names=None) -> dict[str, np.ndarray]:
+def _stored_data_offset(path, info: zipfile.ZipInfo) -> int:
+    """Byte offset in the file where a stored (uncompressed) member's data starts."""
+    import struct
+
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        head = f.read(30)
+    if len(head) != 30 or head[:4] != b"PK\x03\x04":
+        raise ValueError(f"{path}: member {info.filename!r} has no local zip header; the file is corrupt")
+    name_len, extra_len = struct.unpack("<HH", head[26:30])
+    return info.header_offset + 30 + name_len + extra_len
+
+
+def read_npz(path, names=None, *, mmap: bool = False) -> dict[str, np.ndarray]:
     """Read arrays of an ``.npz`` archive, allocating no more than the file can back.
 
     Each member's .npy header is checked before its array is allocated: the
@@ -296,6 +309,9 @@ def read_npz(path, names=None) -> dict[str, np.ndarray]:
       path: the ``.npz`` file.
       names: array names to read (default: all of them); a missing name raises
         ``KeyError``.
+      mmap: map the uncompressed members (``np.savez`` writes them so) read-only into
+        memory (``np.memmap``: nothing is read until used, no CRC check) instead of
+        reading them; compressed members are read as usual.
 
     Returns:
       ``{name: ndarray}`` in the order of ``names`` (archive order by default).
@@ -328,6 +344,11 @@ def read_npz(path, names=None) -> dict[str, np.ndarray]:
                             f"{where} declares shape {tuple(shape)} of {dtype} ({needed} bytes with "
                             f"its header) but its member holds {info.file_size} bytes; the file "
                             "is corrupt")
+                    if mmap and info.compress_type == zipfile.ZIP_STORED and count:
+                        offset = _stored_data_offset(path, info) + fp.tell()
+                        out[name] = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=tuple(shape),
+                                              order="F" if fortran else "C")
+                        continue
                     fp.seek(0)
                     out[name] = np.lib.format.read_array(fp, allow_pickle=False)
             except Exception as exc:

@@ -27,13 +27,20 @@ def save_graph(path, graph: Graph, **meta) -> Path:
     return atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
-def load_graph(path, *, num_nodes: int | None = None) -> tuple[Graph, dict]:
+def load_graph(path, *, num_nodes: int | None = None, mmap: bool = False) -> tuple[Graph, dict]:
     """Read a graph written by `save_graph` -> (Graph, metadata dict).
 
     Checks that it holds int ``indices`` and float ``weights`` of the same [n, K]
     shape, neighbour ids in [0, n), finite non-negative weights, and (when given)
     ``num_nodes`` nodes; raises ValueError naming the file and the problem
     otherwise, a truncated or corrupt archive included (see `data.io.read_npz`).
+
+    With ``mmap=True`` the arrays stay in the file: the graph's ``indices`` and
+    ``weights`` are read-only ``np.memmap`` views (int32 / float32, as `save_graph`
+    writes them), checked in blocks of rows without a full copy; host work
+    (``to_scipy``, `locality_order`) reads them from the page cache, and a JAX
+    function copies them to the device when it is called. Otherwise they are read
+    into device arrays.
     """
     from ..data.io import read_npz
 
@@ -47,7 +54,7 @@ def load_graph(path, *, num_nodes: int | None = None) -> tuple[Graph, dict]:
     # read_npz checks the archive's declared sizes against the file before allocating and
     # turns truncated or corrupt bytes (bad zip, CRC, .npy header) into a ValueError.
     try:
-        arrays = read_npz(path)
+        arrays = read_npz(path, mmap=mmap)
     except ValueError as exc:
         raise ValueError(f"graph {exc}") from exc  # the message starts with the path
     if "indices" not in arrays or "weights" not in arrays:
@@ -62,8 +69,16 @@ def load_graph(path, *, num_nodes: int | None = None) -> tuple[Graph, dict]:
     if num_nodes is not None and n != num_nodes:
         raise ValueError(f"graph {path} has {n} nodes but {num_nodes} were expected; "
                          "build the graph from the same descriptors")
-    if idx.size and (idx.min() < 0 or idx.max() >= n):
-        raise ValueError(f"graph {path} has neighbour ids outside [0, {n})")
-    if not np.isfinite(w).all() or (w < 0).any():
-        raise ValueError(f"graph {path} has negative or non-finite weights")
+    if mmap and (idx.dtype != np.int32 or w.dtype != np.float32):
+        raise ValueError(f"graph {path}: mmap needs int32 indices and float32 weights (save_graph's), "
+                         f"got {idx.dtype} and {w.dtype}; load it with mmap=False")
+    rows = max(1, 2 ** 22 // max(1, idx.shape[1]))   # check in blocks: no temporaries of the file's size
+    for start in range(0, n, rows):
+        ib, wb = idx[start:start + rows], w[start:start + rows]
+        if ib.size and (ib.min() < 0 or ib.max() >= n):
+            raise ValueError(f"graph {path} has neighbour ids outside [0, {n})")
+        if not np.isfinite(wb).all() or (wb < 0).any():
+            raise ValueError(f"graph {path} has negative or non-finite weights")
+    if mmap:
+        return Graph(indices=idx, weights=w), meta
     return Graph(indices=jnp.asarray(idx, jnp.int32), weights=jnp.asarray(w, jnp.float32)), meta
