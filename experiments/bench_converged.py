@@ -25,8 +25,9 @@ query, the top-100 overlap with the scipy ranking and the max relative score
 difference ||x - x_scipy||_inf / ||x_scipy||_inf, over the queries scipy solved; the
 true relative residual ||y - M x|| / ||y|| of every route in float64.
 
-Bandwidth: one product W @ X (X [n, B], B = the batch) in float32 and with bfloat16
-operands (float32 accumulation), against the machine's copy bandwidth measured in the
+Bandwidth: one product W @ X (X [n, B], B = the batch) in float32 (``Graph.matvec``'s
+loop: all K slots fused at n >= 16,384, and unrolled by 8 only) and with bfloat16 operands (float32
+accumulation), against the machine's copy bandwidth measured in the
 same run (a 512 MB array copy, read + write counted). Two byte counts for the product:
 "streamed" = indices + weights + X once + the output (the least any product moves),
 "gathered" = indices + weights + every gathered row of X + the output (no cache reuse).
@@ -53,7 +54,7 @@ from retrieval_jax.data.io import atomic_write, write_csv
 from retrieval_jax.diffusion import CG, diffusion_operator, query_vectors, solve
 from retrieval_jax.diffusion.preconditioned import PreconditionedCG
 from retrieval_jax.graph import knn, knn_graph, locality_order, normalize, permute_graph
-from retrieval_jax.graph.core import MATVEC_UNROLL, NormalizedGraph
+from retrieval_jax.graph.core import NormalizedGraph, matvec_unroll
 
 from .common import REPO, clustered, top_overlap
 
@@ -113,16 +114,18 @@ def product_bandwidth(graph, b, repeat):
     n, kk = graph.indices.shape
     x32 = jnp.asarray(np.random.default_rng(0).normal(size=(n, b)).astype(np.float32))
     rows = []
-    for name, dtype in (("float32", jnp.float32), ("bfloat16 operands, float32 accumulation", jnp.bfloat16)):
+    full = matvec_unroll(n, kk)  # Graph.matvec's choice
+    for name, dtype, unroll in (("float32", jnp.float32, full),
+                                ("float32, slots unrolled by 8 (not all fused)", jnp.float32, min(8, kk)),
+                                ("bfloat16 operands, float32 accumulation", jnp.bfloat16, full)):
         w = graph.weights.astype(dtype)
         x = x32.astype(dtype)
 
         @jax.jit
-        def product(idx, w, x):  # Graph.matvec's loop, converting bfloat16 operands to float32
+        def product(idx, w, x, unroll=unroll):  # Graph.matvec's loop, bfloat16 operands converted to float32
             def body(k, acc):
                 return acc + w[:, k, None].astype(jnp.float32) * x[idx[:, k]].astype(jnp.float32)
-            return jax.lax.fori_loop(0, idx.shape[1], body, jnp.zeros((n, b), jnp.float32),
-                                     unroll=max(1, min(MATVEC_UNROLL, idx.shape[1])))
+            return jax.lax.fori_loop(0, idx.shape[1], body, jnp.zeros((n, b), jnp.float32), unroll=unroll)
         _, times = timed_block(lambda: jax.block_until_ready(product(graph.indices, w, x)), repeat)
         sec = float(np.median(times))
         item = np.dtype(dtype).itemsize

@@ -17,5 +17,5 @@ def test_quick(tmp_path):
         assert float(r["max_rel_diff_vs_scipy"]) < 1e-3
     assert int(rows["jax two-level CG (deflation)"]["iterations_max"]) < int(rows["jax batched CG"]["iterations_max"])
     bw = read_csv(tmp_path / "bandwidth.csv")
-    assert len(bw) == 4 and all(float(r["copy_GBps"]) > 0 for r in bw)
+    assert len(bw) == 6 and all(float(r["copy_GBps"]) > 0 for r in bw)
     assert_valid_png(tmp_path / "bench_converged.png")

@@ -11,7 +11,17 @@ import scipy.sparse as sp
 from .. import _checks
 
 MATVEC_UNROLL = 64
-"""Neighbour slots fused into one pass of `Graph.matvec` (all of them up to this many)."""
+"""Neighbour slots fused into one pass of `Graph.matvec` on large graphs (all, up to this many)."""
+FULL_UNROLL_NODES = 16384
+"""From this many nodes on `Graph.matvec` fuses all slots; below, 8 at a time (X stays in cache there)."""
+
+
+def matvec_unroll(num_nodes: int, max_degree: int) -> int:
+    """Slots per pass of `Graph.matvec` (static): all K on graphs of `FULL_UNROLL_NODES` nodes or
+    more, where one pass saves K / 8 round trips of the [n, B] accumulator through memory; 8 below,
+    where the accumulator stays in cache and the shorter loop body is as fast or faster."""
+    full = num_nodes >= FULL_UNROLL_NODES
+    return max(1, min(MATVEC_UNROLL if full else 8, max_degree))
 
 
 @jax.tree_util.register_dataclass
@@ -58,10 +68,10 @@ class Graph:
         y_i = sum_j weights[i, j] x[indices[i, j]], one neighbour slot after another
         (``fori_loop`` over K): each slot gathers n contiguous rows of x and adds them
         with a fused multiply-add, so no [n, K, B] intermediate is ever built. The loop
-        is unrolled over all K slots (up to `MATVEC_UNROLL`), so XLA fuses them into
-        one pass that writes the [n, B] accumulator once instead of once per few slots
-        (W @ X, X [100,000, 200], K = 50: 165 ms unrolled by 8, 114 ms fully unrolled;
-        ``experiments/bench_converged.py`` measures it). Against other layouts (n = 5000,
+        is unrolled over all K slots on large graphs (`matvec_unroll`), so XLA fuses them
+        into one pass that writes the [n, B] accumulator once instead of once per 8
+        slots (W @ X, X [100,000, 200], K = 50, locality order: 136 ms unrolled by 8,
+        95 ms fused; ``experiments/bench_converged.py`` measures both). Against other layouts (n = 5000,
         K = 50, B = 70, experiments/bench_diffusion.py): 35x faster than the one-shot
         gather ``einsum('nk,nkb->nb', w, x[idx])``, 10x faster than a BCOO product.
         """
@@ -75,7 +85,7 @@ class Graph:
             def body(k, acc):
                 return acc + w[:, k, None] * x[idx[:, k]]
         return jax.lax.fori_loop(0, idx.shape[1], body, jnp.zeros_like(x),
-                                 unroll=max(1, min(MATVEC_UNROLL, idx.shape[1])))
+                                 unroll=matvec_unroll(idx.shape[0], idx.shape[1]))
 
     def check_overflow(self) -> "Graph":
         """The graph itself, or a ValueError if edges overflowed its capacity (host side)."""

@@ -5,10 +5,9 @@ rows X[j] of its neighbours. When the database order is arbitrary, neighbouring 
 lie anywhere in memory and nearly every gathered row comes from RAM; when similar
 items are numbered close together, consecutive nodes share most neighbours and the
 rows are re-read from cache. On a mutual kNN graph of 100,000 clustered items
-(k = 50, B = 500, this 2-core CPU) one product takes 585 ms in a random order and
-340 ms in `locality_order` (297 ms with the true cluster labels as the order); see
-``experiments/bench_converged.py``. The solution of the renumbered system is the same
-vector, renumbered: x = P^T solve(P W P^T, P y).
+(k = 50, B = 200, a 2-core CPU) one product takes 191 ms in the database's order and
+103 ms in `locality_order` (``experiments/bench_converged.py``). The solution of the
+renumbered system is the same vector, renumbered: x = P^T solve(P W P^T, P y).
 """
 from __future__ import annotations
 
@@ -26,7 +25,7 @@ def locality_order(graph: Graph, *, block_size: int = 1024) -> np.ndarray:
 
     Blocks of ``block_size`` nodes are grown breadth-first from the lowest-numbered
     node not yet placed (its neighbours, theirs, ... in edge order); each block is one
-    run of the order. Cost O(n + edges) in Python (about 1 s per 100,000 nodes at k = 50).
+    run of the order. Cost O(n + edges) in Python (about 1.4 s per 100,000 nodes at k = 50).
 
     Args:
       graph: a `Graph` (its non-zero edges are followed).
