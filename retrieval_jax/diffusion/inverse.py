@@ -174,8 +174,7 @@ def diffusion_inverse(graph: Graph, alpha: float = 0.99, *, max_nodes: int = 20_
             f"ranking, or raise max_nodes if the memory is there")
     if plan.bucket.shape != (graph.num_nodes,):
         raise ValueError(f"plan is for {plan.bucket.shape[0]} nodes, the graph has {graph.num_nodes}")
-    position = plan.position
-    position_dev = jnp.asarray(position)
+    position_dev = jnp.asarray(plan.position)
     blocks = tuple(_invert_blocks(graph, jnp.asarray(nodes, jnp.int32), position_dev, alpha)
                    for nodes in plan.groups)
     if not _checks.is_traced(*blocks) and not all(np.isfinite(np.asarray(b)).all() for b in blocks):
