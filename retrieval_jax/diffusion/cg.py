@@ -59,7 +59,6 @@ def conjugate_gradient(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, *
     else:
         x = x0.astype(dtype)
         r = b - mv(x)
-    p = r
     rs = jnp.sum(r * r, axis=0)
     nb = b.shape[1]
 
@@ -67,12 +66,18 @@ def conjugate_gradient(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, *
         return jnp.sqrt(rs) > thresh
 
     def cond(state):
-        _, _, _, rs, k, _ = state
+        _, _, _, rs, _, k, _ = state
         return jnp.logical_and(k < max_iter, jnp.any(active(rs)))
 
     def body(state):
-        x, r, p, rs, k, its = state
+        # the search direction p = r + beta p_prev is formed at the top of the step, from the
+        # previous step's beta (0 on the first step and for converged columns, whose step
+        # size is 0): the loop then carries p_prev and XLA updates it in place, where the
+        # update at the end of the step made it copy the [n, B] direction once per step
+        # (W @ X [100,000, 200]: 128 -> 111 ms per step)
+        x, r, p, rs, beta, k, its = state
         act = active(rs)
+        p = r + beta * p
         ap = mv(p)
         pap = jnp.sum(p * ap, axis=0)
         step = jnp.where(act, rs / jnp.where(pap > 0, pap, 1), 0).astype(dtype)
@@ -80,12 +85,11 @@ def conjugate_gradient(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, *
         r = r - step * ap
         rs_new = jnp.sum(r * r, axis=0)
         beta = jnp.where(act, rs_new / jnp.where(rs > 0, rs, 1), 0).astype(dtype)
-        p = jnp.where(act, r + beta * p, p)
         rs_new = jnp.where(act, rs_new, rs)
-        return x, r, p, rs_new, k + 1, its + act.astype(jnp.int32)
+        return x, r, p, rs_new, beta, k + 1, its + act.astype(jnp.int32)
 
-    init = (x, r, p, rs, jnp.int32(0), jnp.zeros((nb,), jnp.int32))
-    x, r, p, rs, _, its = jax.lax.while_loop(cond, body, init)
+    init = (x, r, r, rs, jnp.zeros((nb,), dtype), jnp.int32(0), jnp.zeros((nb,), jnp.int32))
+    x, r, _, rs, _, _, its = jax.lax.while_loop(cond, body, init)
     # a non-finite right-hand side (e.g. a NaN cotangent in a backward pass) gives a NaN
     # solution, never a silent zero: its residual test would otherwise read as converged
     x = jnp.where(jnp.isfinite(b_norm), x, jnp.nan)

@@ -88,7 +88,6 @@ def preconditioned_cg(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, *,
     x = jnp.zeros_like(b)
     r = b if project is None else project(b)
     z = pc(r)
-    p = z
     rz = jnp.sum(r * z, axis=0)
     rr = jnp.sum(r * r, axis=0)
     nb = b.shape[1]
@@ -97,12 +96,15 @@ def preconditioned_cg(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, *,
         return jnp.sqrt(rr) > thresh
 
     def cond(state):
-        rr, k = state[4], state[5]
+        rr, k = state[5], state[7]
         return jnp.logical_and(k < max_iter, jnp.any(active(rr)))
 
     def body(state):
-        x, r, p, rz, rr, k, its = state
+        # p = z + beta p_prev at the top of the step (as `conjugate_gradient`): the loop
+        # carries p_prev and updates it in place instead of copying it once per step
+        x, r, z, p, rz, rr, beta, k, its = state
         act = active(rr)
+        p = z + beta * p
         ap = mv(p)
         pap = jnp.sum(p * ap, axis=0)
         step = jnp.where(act & (pap > 0), rz / jnp.where(pap > 0, pap, 1), 0).astype(dtype)
@@ -114,13 +116,12 @@ def preconditioned_cg(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, *,
         rz_new = jnp.sum(r * z, axis=0)
         rr_new = jnp.sum(r * r, axis=0)
         beta = jnp.where(act, rz_new / jnp.where(rz > 0, rz, 1), 0).astype(dtype)
-        p = jnp.where(act, z + beta * p, p)
         rz_new = jnp.where(act, rz_new, rz)
         rr_new = jnp.where(act, rr_new, rr)
-        return x, r, p, rz_new, rr_new, k + 1, its + act.astype(jnp.int32)
+        return x, r, z, p, rz_new, rr_new, beta, k + 1, its + act.astype(jnp.int32)
 
-    init = (x, r, p, rz, rr, jnp.int32(0), jnp.zeros((nb,), jnp.int32))
-    x, r, p, rz, rr, _, its = jax.lax.while_loop(cond, body, init)
+    init = (x, r, z, z, rz, rr, jnp.zeros((nb,), dtype), jnp.int32(0), jnp.zeros((nb,), jnp.int32))
+    x, r, _, _, rz, rr, _, _, its = jax.lax.while_loop(cond, body, init)
     res = jnp.where(nrm > 0, jnp.sqrt(rr) / jnp.where(nrm > 0, nrm, 1), 0).astype(dtype)
     if squeeze:
         return CGResult(x[:, 0], its[0], res[0])
