@@ -27,7 +27,8 @@ true relative residual ||y - M x|| / ||y|| of every route in float64.
 
 Bandwidth: one product W @ X (X [n, B], B = the batch) in float32 (``Graph.matvec``'s
 loop: all K slots fused at n >= 16,384, and unrolled by 8 only) and with bfloat16 operands (float32
-accumulation), against the machine's copy bandwidth measured in the
+accumulation), timed as CG runs it (inside a jitted loop of products, so no fresh output buffer per
+product), against the machine's copy bandwidth measured in the
 same run (a 512 MB array copy, read + write counted). Two byte counts for the product:
 "streamed" = indices + weights + X once + the output (the least any product moves),
 "gathered" = indices + weights + every gathered row of X + the output (no cache reuse).
@@ -109,8 +110,17 @@ def copy_bandwidth(nbytes=2 ** 29, repeat=5):
     return 2 * a.nbytes / float(np.median(times)), 2 * a.nbytes / min(times)
 
 
+LOOP_PRODUCTS = 6
+
+
 def product_bandwidth(graph, b, repeat):
-    """One W @ X, X [n, b], float32 and bfloat16 operands: rows of seconds and bytes/s."""
+    """W @ X, X [n, b], float32 and bfloat16 operands, as CG runs it: rows of seconds and bytes/s.
+
+    Timed inside a jitted loop (x <- W x, ``count`` times; W is normalised, so x stays
+    bounded), one product = (time of LOOP_PRODUCTS products - time of one) / (LOOP_PRODUCTS - 1):
+    a lone jitted call would also allocate its [n, b] output and take the page faults of
+    touching it (about 0.35 ms per MB on this machine), which a CG step does not pay.
+    """
     n, kk = graph.indices.shape
     x32 = jnp.asarray(np.random.default_rng(0).normal(size=(n, b)).astype(np.float32))
     rows = []
@@ -122,11 +132,18 @@ def product_bandwidth(graph, b, repeat):
         x = x32.astype(dtype)
 
         @jax.jit
-        def product(idx, w, x, unroll=unroll):  # Graph.matvec's loop, bfloat16 operands converted to float32
-            def body(k, acc):
-                return acc + w[:, k, None].astype(jnp.float32) * x[idx[:, k]].astype(jnp.float32)
-            return jax.lax.fori_loop(0, idx.shape[1], body, jnp.zeros((n, b), jnp.float32), unroll=unroll)
-        _, times = timed_block(lambda: jax.block_until_ready(product(graph.indices, w, x)), repeat)
+        def products(idx, w, x, count, unroll=unroll, dtype=dtype):
+            def one(_, v):  # Graph.matvec's loop, bfloat16 operands converted to float32
+                def body(k, acc):
+                    return acc + w[:, k, None].astype(jnp.float32) * v[idx[:, k]].astype(jnp.float32)
+                return jax.lax.fori_loop(0, idx.shape[1], body, jnp.zeros((n, b), jnp.float32),
+                                         unroll=unroll).astype(dtype)
+            return jax.lax.fori_loop(0, count, one, x)   # count is traced: a while loop, not unrolled
+        run = {c: (lambda c=c: jax.block_until_ready(products(graph.indices, w, x, jnp.int32(c))))
+               for c in (1, LOOP_PRODUCTS)}
+        _, one = timed_block(run[1], repeat)
+        _, many = timed_block(run[LOOP_PRODUCTS], repeat)
+        times = [(t - float(np.median(one))) / (LOOP_PRODUCTS - 1) for t in many]
         sec = float(np.median(times))
         item = np.dtype(dtype).itemsize
         streamed = n * kk * (4 + item) + n * b * item + n * b * 4

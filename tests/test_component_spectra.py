@@ -44,8 +44,8 @@ def _assert_component_pairs(pairs, w, r):
     for b, (vec, val) in enumerate(zip(pairs.vectors, pairs.values)):
         vec, val = np.asarray(vec, np.float64), np.asarray(val, np.float64)
         nodes = np.full(vec.shape[:2], -1)
-        mask = np.asarray(pairs.bucket) == b
-        nodes[np.asarray(pairs.member)[mask], np.asarray(pairs.position)[mask]] = np.flatnonzero(mask)
+        mask = np.asarray(pairs.layout.bucket) == b
+        nodes[np.asarray(pairs.layout.member)[mask], np.asarray(pairs.layout.position)[mask]] = np.flatnonzero(mask)
         for c in range(vec.shape[0]):
             ids = nodes[c][nodes[c] >= 0]
             ref_vals, ref_vecs = np.linalg.eigh(w[np.ix_(ids, ids)])
@@ -151,6 +151,30 @@ def test_blocks_layout_round_trip():
     assert blocks.num_components == 4 and blocks.largest == 3
     g, _ = _components_graph([4, 2], seed=1)
     assert component_blocks(g).num_components == 2
+
+
+def test_device_layout_moves_between_node_and_block_order():
+    """to_blocks puts y[i] at (bucket, member, position) of node i with zeros on padding;
+    to_nodes inverts it; locate finds a sparse y's entries in each bucket, under jit."""
+    labels = np.array([3, 3, 0, 1, 1, 1, 7, 3, 5])
+    blocks = blocks_from_labels(labels)
+    layout = blocks.layout()
+    assert layout.shapes == tuple(g.shape for g in blocks.groups) and layout.num_nodes == 9
+    y = np.random.default_rng(0).normal(size=(2, 9)).astype(np.float32)
+    parts = jax.jit(lambda lay, y: lay.to_blocks(y))(layout, jnp.asarray(y))
+    for b, (nodes, part) in enumerate(zip(blocks.groups, parts)):
+        want = np.where(nodes >= 0, y[:, np.maximum(nodes, 0)], 0.0)     # [2, C_b, P_b]
+        np.testing.assert_array_equal(np.asarray(part), want)
+    np.testing.assert_array_equal(np.asarray(jax.jit(lambda lay, p: lay.to_nodes(p))(layout, parts)), y)
+    ids = jnp.asarray([[2, 4, 8]])
+    w = jnp.asarray([[1.0, 2.0, 3.0]])
+    for b, nodes in enumerate(blocks.groups):
+        m, p, wb = jax.jit(lambda lay, i, w, b=b: lay.locate(i, w, b))(layout, ids, w)
+        for j, node in enumerate(np.asarray(ids[0])):
+            if blocks.bucket[node] == b:
+                assert nodes[int(m[0, j]), int(p[0, j])] == node and float(wb[0, j]) == float(w[0, j])
+            else:
+                assert float(wb[0, j]) == 0.0
 
 
 def test_bad_inputs(graph):

@@ -23,12 +23,11 @@ import numpy as np
 
 from .. import _checks
 from ..graph.core import Graph
-from ..graph.components import ComponentBlocks, component_blocks, dense_blocks
+from ..graph.components import ComponentBlocks, ComponentLayout, component_blocks, dense_blocks
 from .operator import check_normalized
 
 
-@functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["blocks", "bucket", "member", "position", "slot"], meta_fields=[])
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["blocks", "layout"], meta_fields=[])
 @dataclasses.dataclass(frozen=True)
 class DiffusionInverse:
     """(I - alpha W)^-1 of an n-node graph, block diagonal over connected components.
@@ -36,24 +35,16 @@ class DiffusionInverse:
     Attributes:
       blocks: tuple over buckets b of float32[C_b, P_b, P_b]: the inverses of the
         bucket's C_b components, each padded to P_b nodes (identity on padding).
-      bucket: int32[n] bucket of each node.
-      member: int32[n] index of the node's component within its bucket.
-      position: int32[n] index of the node within its component's block.
-      slot: int32[n] column of the node in the concatenation of the buckets'
-        flattened [C_b * P_b] layouts.
-
-    The node axis of ``bucket``/``member``/``position``/``slot`` is the leading one.
+      layout: the `graph.ComponentLayout` of the blocks (each node's bucket, component
+        and position, int32[n] arrays with the node axis leading).
     """
 
     blocks: tuple
-    bucket: jax.Array
-    member: jax.Array
-    position: jax.Array
-    slot: jax.Array
+    layout: ComponentLayout
 
     @property
     def num_nodes(self) -> int:
-        return self.bucket.shape[0]
+        return self.layout.num_nodes
 
     @property
     def nbytes(self) -> int:
@@ -73,10 +64,7 @@ class DiffusionInverse:
         parts = []
         for b, blk in enumerate(self.blocks):
             c_b, p_b, _ = blk.shape
-            here = self.bucket[indices] == b
-            m = jnp.where(here, self.member[indices], 0)
-            p = jnp.where(here, self.position[indices], 0)
-            w = jnp.where(here, weights, 0.0)
+            m, p, w = self.layout.locate(indices, weights, b)
 
             # one support entry at a time: memory O(q C_b P_b), never [q, k, P_b]
             def add(j, acc, blk=blk, m=m, p=p, w=w, single=c_b == 1):
@@ -84,10 +72,8 @@ class DiffusionInverse:
                 return acc + row if single else acc.at[rows_q, m[:, j]].add(row)
 
             init = jnp.zeros((q, p_b) if c_b == 1 else (q, c_b, p_b), blk.dtype)
-            acc = jax.lax.fori_loop(0, k, add, init, unroll=min(k, 4))
-            parts.append(acc.reshape(q, c_b * p_b))
-        flat = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
-        return flat[:, self.slot]
+            parts.append(jax.lax.fori_loop(0, k, add, init, unroll=min(k, 4)))
+        return self.layout.to_nodes(parts)
 
     def rows(self, ids: jax.Array) -> jax.Array:
         """Rows inv[ids, :], float32[len(ids), n]: the exact diffusion of database items."""
@@ -174,12 +160,11 @@ def diffusion_inverse(graph: Graph, alpha: float = 0.99, *, max_nodes: int = 20_
             f"ranking, or raise max_nodes if the memory is there")
     if plan.bucket.shape != (graph.num_nodes,):
         raise ValueError(f"plan is for {plan.bucket.shape[0]} nodes, the graph has {graph.num_nodes}")
-    position_dev = jnp.asarray(plan.position)
-    blocks = tuple(_invert_blocks(graph, jnp.asarray(nodes, jnp.int32), position_dev, alpha)
+    layout = plan.layout()
+    blocks = tuple(_invert_blocks(graph, jnp.asarray(nodes, jnp.int32), layout.position, alpha)
                    for nodes in plan.groups)
     if not _checks.is_traced(*blocks) and not all(np.isfinite(np.asarray(b)).all() for b in blocks):
         raise ValueError(
             "I - alpha W is not positive definite (its Cholesky factorisation failed): pass the "
             "normalised graph W = normalize(A), symmetric with spectrum in [-1, 1], not the affinity A")
-    return DiffusionInverse(blocks=blocks, bucket=jnp.asarray(plan.bucket), member=jnp.asarray(plan.member),
-                            position=position_dev, slot=jnp.asarray(plan.slot))
+    return DiffusionInverse(blocks=blocks, layout=layout)

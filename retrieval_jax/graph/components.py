@@ -7,9 +7,14 @@ per-component spectra (`spectral.component_eigenpairs`) both work on the compone
 as dense blocks: components are grouped into buckets (a bucket takes components of
 more than half its largest, so padding at most doubles a block), each bucket an
 int[C_b, P_b] array of node ids, -1 on padding, and every node has its place in one.
+`ComponentBlocks` is that plan on the host; `ComponentLayout` (``blocks.layout()``) is
+its device side, the pytree the block-diagonal operators carry to move between node
+order and block order under ``jax.jit``.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -55,6 +60,68 @@ class ComponentBlocks(NamedTuple):
     def sizes(self) -> np.ndarray:
         """int64[c] nodes per component, in bucket order."""
         return np.concatenate([(nodes >= 0).sum(axis=1) for nodes in self.groups]) if self.groups else np.zeros(0)
+
+    def layout(self) -> "ComponentLayout":
+        """The device-side `ComponentLayout` of these blocks."""
+        return ComponentLayout(bucket=jnp.asarray(self.bucket), member=jnp.asarray(self.member),
+                               position=jnp.asarray(self.position), slot=jnp.asarray(self.slot),
+                               shapes=tuple((int(c), int(p)) for c, p in (g.shape for g in self.groups)))
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["bucket", "member", "position", "slot"],
+                   meta_fields=["shapes"])
+@dataclasses.dataclass(frozen=True)
+class ComponentLayout:
+    """Where every node of an n-node graph sits in the padded component blocks (device side).
+
+    Block-diagonal operators over the connected components (the exact inverse, the
+    per-component eigenpairs) store one array per bucket b with a leading [C_b, P_b]
+    (components, padded nodes); this maps between that block order and node order.
+
+    Attributes:
+      bucket: int32[n] bucket of each node.
+      member: int32[n] index of the node's component within its bucket.
+      position: int32[n] index of the node within its component's block.
+      slot: int32[n] column of the node in the concatenation of the buckets' flattened
+        [C_b * P_b] layouts.
+      shapes: static tuple of (C_b, P_b) per bucket, largest components first.
+    """
+
+    bucket: jax.Array
+    member: jax.Array
+    position: jax.Array
+    slot: jax.Array
+    shapes: tuple = ()
+
+    @property
+    def num_nodes(self) -> int:
+        return self.bucket.shape[0]
+
+    def locate(self, indices, weights, b: int):
+        """The entries of a sparse y (``weights`` float[q, k] at nodes ``indices`` int[q, k])
+        that fall in bucket ``b``: (member int[q, k], position int[q, k], weights float[q, k]),
+        member and position 0 and the weight 0 where the node lies in another bucket."""
+        here = self.bucket[indices] == b
+        return (jnp.where(here, self.member[indices], 0), jnp.where(here, self.position[indices], 0),
+                jnp.where(here, weights, 0))
+
+    def to_blocks(self, y) -> list:
+        """Dense y float[q, n] in block order: one float[q, C_b, P_b] per bucket, 0 on padding."""
+        q = y.shape[0]
+        total = sum(c * p for c, p in self.shapes)
+        flat = jnp.zeros((q, total), y.dtype).at[:, self.slot].set(y)
+        out, offset = [], 0
+        for c, p in self.shapes:
+            out.append(flat[:, offset:offset + c * p].reshape(q, c, p))
+            offset += c * p
+        return out
+
+    def to_nodes(self, blocks) -> jax.Array:
+        """The inverse of `to_blocks`: per-bucket float[q, C_b, P_b] (or [q, C_b * P_b]) back to
+        float[q, n] in node order (padding dropped)."""
+        parts = [x.reshape(x.shape[0], -1) for x in blocks]
+        flat = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+        return flat[:, self.slot]
 
 
 def blocks_from_labels(labels) -> ComponentBlocks:

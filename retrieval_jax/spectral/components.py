@@ -36,15 +36,14 @@ import numpy as np
 
 from .._precision import HIGHEST as _HI
 from .. import _checks
-from ..graph.components import component_blocks, dense_blocks
+from ..graph.components import ComponentLayout, component_blocks, dense_blocks
 from ..graph.core import Graph
 from .lanczos import check_symmetric_graph, graph_eigenpairs
 
 _BLOCK_BYTES = 2 ** 28  # at most 256 MB of dense blocks per batched eigh
 
 
-@functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["vectors", "values", "bucket", "member", "position", "slot"], meta_fields=[])
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["vectors", "values", "layout"], meta_fields=[])
 @dataclasses.dataclass(frozen=True)
 class ComponentEigenpairs:
     """The top eigenpairs of each connected component of W (`component_eigenpairs`).
@@ -55,21 +54,17 @@ class ComponentEigenpairs:
         on the columns of a component with fewer than r_b nodes).
       values: tuple over buckets of float[C_b, r_b], each component's eigenvalues in
         descending order (0 on unused columns).
-      bucket, member, position, slot: int32[n], the node layout of
-        `graph.ComponentBlocks` (bucket, component within the bucket, position in the
-        block, column in the concatenated flat layout).
+      layout: the `graph.ComponentLayout` of the blocks (each node's bucket, component
+        and position).
     """
 
     vectors: tuple
     values: tuple
-    bucket: jax.Array
-    member: jax.Array
-    position: jax.Array
-    slot: jax.Array
+    layout: ComponentLayout
 
     @property
     def num_nodes(self) -> int:
-        return self.bucket.shape[0]
+        return self.layout.num_nodes
 
     @property
     def rank(self) -> int:
@@ -163,11 +158,12 @@ def component_eigenpairs(graph: Graph, r: int, *, dense_size: int = 2048, dtype=
         raise ValueError(f"r (eigenpairs per component) must be an int >= 1, got {r!r}")
     _checks.check_positive_int(dense_size, "dense_size")
     mat = check_symmetric_graph(graph).tocsr()
-    layout = component_blocks(graph)
-    position = jnp.asarray(layout.position)
+    blocks = component_blocks(graph)
+    layout = blocks.layout()
+    position = layout.position
     g = type(graph)(indices=graph.indices, weights=graph.weights.astype(dtype))
     values, vectors = [], []
-    for nodes in layout.groups:
+    for nodes in blocks.groups:
         c_b, p_b = nodes.shape
         r_b = min(int(r), p_b)
         if p_b <= dense_size:
@@ -182,9 +178,7 @@ def component_eigenpairs(graph: Graph, r: int, *, dense_size: int = 2048, dtype=
             vectors.append(u)
     if not all(np.isfinite(np.asarray(v)).all() for v in values):
         raise ValueError("the eigenvalues contain NaN or inf (the eigen-solver did not converge)")
-    return ComponentEigenpairs(vectors=tuple(vectors), values=tuple(values), bucket=jnp.asarray(layout.bucket),
-                               member=jnp.asarray(layout.member), position=position,
-                               slot=jnp.asarray(layout.slot))
+    return ComponentEigenpairs(vectors=tuple(vectors), values=tuple(values), layout=layout)
 
 
 def filter_component_pairs(pairs: ComponentEigenpairs, h, *, mode: str = "rank_r") -> ComponentSpectralEmbedding:
@@ -201,10 +195,8 @@ def filter_component_pairs(pairs: ComponentEigenpairs, h, *, mode: str = "rank_r
 # --------------------------------------------------------------------------- online
 def _from_coefficients(emb: ComponentSpectralEmbedding, z) -> jax.Array:
     """x [q, n] from per-bucket coefficients z_b = f_b * (U_b^T y) [q, C_b, r_b]."""
-    parts = [jnp.einsum("qcr,cpr->qcp", zb, u, precision=_HI).reshape(zb.shape[0], -1)
-             for zb, u in zip(z, emb.pairs.vectors)]
-    flat = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
-    return flat[:, emb.pairs.slot]
+    return emb.pairs.layout.to_nodes([jnp.einsum("qcr,cpr->qcp", zb, u, precision=_HI)
+                                      for zb, u in zip(z, emb.pairs.vectors)])
 
 
 @jax.jit
@@ -213,15 +205,8 @@ def component_fsr_scores_dense(embedding: ComponentSpectralEmbedding, y):
     jittable (no checks: `fast_spectral_ranking` is the checked entry point)."""
     pairs = embedding.pairs
     y = y.astype(pairs.vectors[0].dtype)
-    q = y.shape[0]
-    total = sum(u.shape[0] * u.shape[1] for u in pairs.vectors)
-    flat = jnp.zeros((q, total), y.dtype).at[:, pairs.slot].set(y)   # padding stays 0
-    z, offset = [], 0
-    for u, f in zip(pairs.vectors, embedding.filtered):
-        c_b, p_b, _ = u.shape
-        yb = flat[:, offset:offset + c_b * p_b].reshape(q, c_b, p_b)
-        z.append(jnp.einsum("qcp,cpr->qcr", yb, u, precision=_HI) * f)
-        offset += c_b * p_b
+    z = [jnp.einsum("qcp,cpr->qcr", yb, u, precision=_HI) * f
+         for yb, u, f in zip(pairs.layout.to_blocks(y), pairs.vectors, embedding.filtered)]
     return _from_coefficients(embedding, z) + embedding.h0 * y
 
 
@@ -237,10 +222,7 @@ def component_fsr_scores_sparse(embedding: ComponentSpectralEmbedding, weights, 
     z = []
     for b, (u, f) in enumerate(zip(pairs.vectors, embedding.filtered)):
         c_b, _, r_b = u.shape
-        here = pairs.bucket[indices] == b
-        m = jnp.where(here, pairs.member[indices], 0)
-        p = jnp.where(here, pairs.position[indices], 0)
-        w = jnp.where(here, weights, 0.0)
+        m, p, w = pairs.layout.locate(indices, weights, b)
         coef = u[m, p] * w[..., None]                                     # [q, k, r_b]
         zb = jnp.zeros((q, c_b, r_b), u.dtype).at[rows, m].add(coef)
         z.append(zb * f)
