@@ -6,7 +6,8 @@ from .io import load_graph, save_graph
 from .knn import affinity_matrix, connected_components, isolated_nodes, knn, knn_graph, knn_traced, normalize
 from .order import locality_order, permute_graph
 
-__all__ = ["ComponentBlocks", "ComponentLayout", "Graph", "NormalizedGraph", "affinity_graph", "affinity_matrix", "blocks_from_labels",
-           "component_blocks", "connected_components", "dense_blocks", "isolated_nodes", "knn", "knn_graph",
-           "knn_traced", "load_graph", "locality_order", "normalize", "permute_graph", "reciprocal_partners",
-           "save_graph", "similarity_power", "union_capacity"]
+__all__ = ["ComponentBlocks", "ComponentLayout", "Graph", "NormalizedGraph", "affinity_graph",
+           "affinity_matrix", "blocks_from_labels", "component_blocks", "connected_components",
+           "dense_blocks", "isolated_nodes", "knn", "knn_graph", "knn_traced", "load_graph",
+           "locality_order", "normalize", "permute_graph", "reciprocal_partners", "save_graph",
+           "similarity_power", "union_capacity"]
