@@ -57,7 +57,7 @@ from retrieval_jax.diffusion.preconditioned import PreconditionedCG
 from retrieval_jax.graph import knn, knn_graph, locality_order, normalize, permute_graph
 from retrieval_jax.graph.core import NormalizedGraph, matvec_unroll
 
-from .common import REPO, clustered, top_overlap
+from .common import REPO, clustered, product_seconds, timed_calls, top_overlap
 
 PAUSE_S = 2.0
 
@@ -87,17 +87,6 @@ def build(n, d, k, nq, cache: Path | None):
     return graph, s, i, t_graph
 
 
-def timed_block(fn, repeat):
-    """Warm-up call, then ``repeat`` timed calls: (last output, seconds list)."""
-    out = fn()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return out, times
-
-
 def copy_bandwidth(nbytes=2 ** 29, repeat=5):
     """Bytes/s of a large array copy (read + write counted), numpy."""
     a = np.ones(nbytes // 4, np.float32)
@@ -110,17 +99,9 @@ def copy_bandwidth(nbytes=2 ** 29, repeat=5):
     return 2 * a.nbytes / float(np.median(times)), 2 * a.nbytes / min(times)
 
 
-LOOP_PRODUCTS = 6
-
-
 def product_bandwidth(graph, b, repeat):
-    """W @ X, X [n, b], float32 and bfloat16 operands, as CG runs it: rows of seconds and bytes/s.
-
-    Timed inside a jitted loop (x <- W x, ``count`` times; W is normalised, so x stays
-    bounded), one product = (time of LOOP_PRODUCTS products - time of one) / (LOOP_PRODUCTS - 1):
-    a lone jitted call would also allocate its [n, b] output and take the page faults of
-    touching it (about 0.35 ms per MB on this machine), which a CG step does not pay.
-    """
+    """W @ X, X [n, b], float32 and bfloat16 operands, as CG runs it (`common.product_seconds`,
+    inside a jitted loop): rows of milliseconds and bytes/s."""
     n, kk = graph.indices.shape
     x32 = jnp.asarray(np.random.default_rng(0).normal(size=(n, b)).astype(np.float32))
     rows = []
@@ -128,22 +109,8 @@ def product_bandwidth(graph, b, repeat):
     for name, dtype, unroll in (("float32", jnp.float32, full),
                                 ("float32, slots unrolled by 8 (not all fused)", jnp.float32, min(8, kk)),
                                 ("bfloat16 operands, float32 accumulation", jnp.bfloat16, full)):
-        w = graph.weights.astype(dtype)
-        x = x32.astype(dtype)
-
-        @jax.jit
-        def products(idx, w, x, count, unroll=unroll, dtype=dtype):
-            def one(_, v):  # Graph.matvec's loop, bfloat16 operands converted to float32
-                def body(k, acc):
-                    return acc + w[:, k, None].astype(jnp.float32) * v[idx[:, k]].astype(jnp.float32)
-                return jax.lax.fori_loop(0, idx.shape[1], body, jnp.zeros((n, b), jnp.float32),
-                                         unroll=unroll).astype(dtype)
-            return jax.lax.fori_loop(0, count, one, x)   # count is traced: a while loop, not unrolled
-        run = {c: (lambda c=c: jax.block_until_ready(products(graph.indices, w, x, jnp.int32(c))))
-               for c in (1, LOOP_PRODUCTS)}
-        _, one = timed_block(run[1], repeat)
-        _, many = timed_block(run[LOOP_PRODUCTS], repeat)
-        times = [(t - float(np.median(one))) / (LOOP_PRODUCTS - 1) for t in many]
+        times = product_seconds(graph.indices, graph.weights.astype(dtype), x32.astype(dtype),
+                                unroll=unroll, repeat=repeat)
         sec = float(np.median(times))
         item = np.dtype(dtype).itemsize
         streamed = n * kk * (4 + item) + n * b * item + n * b * 4
@@ -214,7 +181,7 @@ def time_routes(routes, scipy_loop, args, nq: int, nsc: int):
                 t = time.perf_counter()
                 run()
                 first[key] = time.perf_counter() - t
-            outs[key], ts = timed_block(run, args.repeat)
+            outs[key], ts = timed_calls(run, args.repeat)
             times[key] += [t / nq for t in ts]
             time.sleep(PAUSE_S)
         time.sleep(PAUSE_S)

@@ -9,8 +9,9 @@ slots; ``unroll`` slots per pass are fused by XLA into one loop over the rows, s
 fuses all K slots (up to `MATVEC_UNROLL`) from `FULL_UNROLL_NODES` nodes on and 8
 below. This experiment times one product W @ X (X float32[n, B]) with 8 slots per
 pass and with all K, for every n in --sizes, B in --batches, in the database's order
-and in `locality_order` (``permute_graph``), each product jitted, a warm-up call,
-then --repeat calls, one configuration at a time; the median and min-max.
+and in `locality_order` (``permute_graph``), inside a jitted loop of products as CG
+runs them (`experiments.common.product_seconds`: no fresh output buffer per product),
+--repeat values, one configuration at a time; the median and min-max.
 
 Graphs: mutual kNN (k = --k, gamma = 3, normalised) over the clustered synthetic
 descriptors of ``bench_diffusion`` / ``bench_converged`` (d = 64, n / 100 centres).
@@ -28,37 +29,21 @@ from pathlib import Path
 
 import numpy as np
 
-import jax
 import jax.numpy as jnp
 
 from retrieval_jax.graph import knn_graph, locality_order, normalize, permute_graph
 from retrieval_jax.graph.core import matvec_unroll
 
-from experiments.common import clustered, label_axes, pyplot, save_figure, write_csv
+from experiments.common import clustered, label_axes, product_seconds, pyplot, save_figure, write_csv
 
 COLUMNS = ("n", "K", "B", "order", "unroll", "ms", "ms_min", "ms_max", "all_vs_8", "matvec_unroll_choice")
 
 
-def _product(indices, weights, x, unroll: int):
-    """Graph.matvec's loop with a given number of slots per pass."""
-    def body(k, acc):
-        return acc + weights[:, k, None] * x[indices[:, k]]
-    return jax.lax.fori_loop(0, indices.shape[1], body, jnp.zeros_like(x), unroll=unroll)
-
-
-_product_jit = jax.jit(_product, static_argnames=("unroll",))
-
-
 def time_product(graph, b: int, unroll: int, repeat: int) -> list[float]:
-    """Seconds of --repeat jitted products W @ X, X float32[n, b], after a warm-up call."""
+    """Seconds of --repeat products W @ X, X float32[n, b], ``unroll`` slots per pass,
+    timed inside a jitted loop of products (`common.product_seconds`)."""
     x = jnp.asarray(np.random.default_rng(b).normal(size=(graph.num_nodes, b)).astype(np.float32))
-    jax.block_until_ready(_product_jit(graph.indices, graph.weights, x, unroll=unroll))
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        jax.block_until_ready(_product_jit(graph.indices, graph.weights, x, unroll=unroll))
-        times.append(time.perf_counter() - t)
-    return times
+    return product_seconds(graph.indices, graph.weights, x, unroll=unroll, repeat=repeat)
 
 
 def build_graph(n: int, d: int, k: int):

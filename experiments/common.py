@@ -92,6 +92,56 @@ def timed(fn, repeat: int = 1, *, min_seconds: float = 0.0):
     return out, float(np.median(times))
 
 
+def timed_calls(fn, repeat: int):
+    """A warm-up call of ``fn()`` (compilation), then ``repeat`` timed calls, each waited
+    for: (output of the last call, list of seconds)."""
+    out = block(fn())
+    times = []
+    for _ in range(max(1, int(repeat))):
+        t = time.perf_counter()
+        out = block(fn())
+        times.append(time.perf_counter() - t)
+    return out, times
+
+
+LOOP_PRODUCTS = 6
+
+
+def neighbour_products(indices, weights, x, count, unroll: int):
+    """x <- W x, ``count`` times (traced: one while loop), Graph.matvec's slot loop with
+    ``unroll`` slots fused per pass; operands in x's dtype, accumulated in float32."""
+    import jax
+    import jax.numpy as jnp
+
+    def one(_, v):
+        def slot(k, acc):
+            return acc + weights[:, k, None].astype(jnp.float32) * v[indices[:, k]].astype(jnp.float32)
+        return jax.lax.fori_loop(0, indices.shape[1], slot, jnp.zeros(v.shape, jnp.float32),
+                                 unroll=unroll).astype(v.dtype)
+    return jax.lax.fori_loop(0, count, one, x)
+
+
+def product_seconds(indices, weights, x, *, unroll: int, repeat: int) -> list[float]:
+    """Seconds of one neighbour product y_i = sum_k w_ik x[idx_ik] (indices int[n, K],
+    weights [n, K] and x [n, B] in the dtype to time), as an iterative solver runs it.
+
+    Timed inside a jitted loop of products (x <- W x; W normalised, so x stays bounded):
+    one product = (time of LOOP_PRODUCTS products - median time of one) / (LOOP_PRODUCTS - 1),
+    ``repeat`` values. A lone jitted call would also allocate its [n, B] output and take
+    the page faults of touching it (about 0.35 ms per MB on the 2-core CPU), which a
+    solver's step does not pay.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    loop = jax.jit(neighbour_products, static_argnames=("unroll",))
+    run = {c: (lambda c=c: loop(indices, weights, x, jnp.int32(c), unroll=unroll))
+           for c in (1, LOOP_PRODUCTS)}
+    _, one = timed_calls(run[1], repeat)
+    _, many = timed_calls(run[LOOP_PRODUCTS], repeat)
+    return [(t - float(np.median(one))) / (LOOP_PRODUCTS - 1) for t in many]
+
+
 def timed_with_peak(fn, repeat: int = 1):
     """(output, (median seconds, peak RSS MB)) as `timed`, the peak-RSS mark reset first,
     so the peak is the call's own (data and arrays alive from before included)."""

@@ -1,21 +1,28 @@
-"""experiments/bench_matvec.py --quick: the product it times equals scipy's W @ X for both
-unrolls, one row per (n, B, order, unroll), the ratio column is the rows' own ratio, and
-the recorded choice is `matvec_unroll`'s. No timing is asserted."""
+"""experiments/bench_matvec.py --quick: the product loop it times (`common.neighbour_products`)
+equals scipy's W @ X, applied once and twice, for any unroll and in bfloat16 operands; one
+row per (n, B, order, unroll), the ratio column is the rows' own ratio, and the recorded
+choice is `matvec_unroll`'s. No timing is asserted."""
 import jax.numpy as jnp
 import numpy as np
 
 from conftest import assert_valid_png, read_csv
 from experiments import bench_matvec
+from experiments.common import neighbour_products
 from retrieval_jax.graph.core import matvec_unroll
 
 
 def test_product_matches_scipy():
     g = bench_matvec.build_graph(600, 8, 6)
     x = np.random.default_rng(0).normal(size=(600, 5)).astype(np.float32)
-    want = g.to_scipy() @ x
+    m = g.to_scipy()
     for unroll in (1, 3, g.max_degree):
-        got = bench_matvec._product_jit(g.indices, g.weights, jnp.asarray(x), unroll=unroll)
-        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+        for count, want in ((0, x), (1, m @ x), (2, m @ (m @ x))):
+            got = neighbour_products(g.indices, g.weights, jnp.asarray(x), jnp.int32(count), unroll=unroll)
+            np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+    got = neighbour_products(g.indices, g.weights.astype(jnp.bfloat16), jnp.asarray(x, jnp.bfloat16),
+                             jnp.int32(1), unroll=g.max_degree)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), m @ x, rtol=3e-2, atol=3e-2)
 
 
 def test_quick(tmp_path):
