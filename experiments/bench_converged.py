@@ -26,9 +26,10 @@ difference ||x - x_scipy||_inf / ||x_scipy||_inf, over the queries scipy solved;
 true relative residual ||y - M x|| / ||y|| of every route in float64.
 
 Bandwidth: one product W @ X (X [n, B], B = the batch) in float32 (``Graph.matvec``'s
-loop: all K slots fused at n >= 16,384, and unrolled by 8 only) and with bfloat16 operands (float32
-accumulation), timed as CG runs it (inside a jitted loop of products, so no fresh output buffer per
-product), against the machine's copy bandwidth measured in the
+loop: all K slots fused where `matvec_unroll` fuses them, and unrolled by 8 only) and
+with bfloat16 operands (float32 accumulation), timed as CG runs it (inside a jitted loop
+of products, so no fresh output buffer per product), against the machine's copy
+bandwidth measured in the
 same run (a 512 MB array copy, read + write counted). Two byte counts for the product:
 "streamed" = indices + weights + X once + the output (the least any product moves),
 "gathered" = indices + weights + every gathered row of X + the output (no cache reuse).
@@ -105,7 +106,7 @@ def product_bandwidth(graph, b, repeat):
     n, kk = graph.indices.shape
     x32 = jnp.asarray(np.random.default_rng(0).normal(size=(n, b)).astype(np.float32))
     rows = []
-    full = matvec_unroll(n, kk)  # Graph.matvec's choice
+    full = matvec_unroll(n, kk, b)  # Graph.matvec's choice (float32 accumulator)
     for name, dtype, unroll in (("float32", jnp.float32, full),
                                 ("float32, slots unrolled by 8 (not all fused)", jnp.float32, min(8, kk)),
                                 ("bfloat16 operands, float32 accumulation", jnp.bfloat16, full)):

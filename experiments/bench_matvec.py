@@ -1,16 +1,17 @@
 """How many neighbour slots `Graph.matvec` should fuse into one pass: the grid behind `matvec_unroll`.
 
-    python -m experiments.bench_matvec [--sizes 5000 20000 100000] [--batches 1 70 200]
+    python -m experiments.bench_matvec [--sizes 5000 20000 50000 100000] [--batches 1 16 70 200]
         [--k 50] [--repeat 7] [--out results/bench_matvec] [--quick]
 
 ``Graph.matvec`` computes y_i = sum_j w_ij x[idx_ij] as a loop over the K neighbour
 slots; ``unroll`` slots per pass are fused by XLA into one loop over the rows, so the
 [n, B] accumulator goes through memory K / unroll times. `graph.core.matvec_unroll`
-fuses all K slots (up to `MATVEC_UNROLL`) from `FULL_UNROLL_NODES` nodes on and 8
-below. This experiment times one product W @ X (X float32[n, B]) with 8 slots per
-pass and with all K, for every n in --sizes, B in --batches, in the database's order
-and in `locality_order` (``permute_graph``), inside a jitted loop of products as CG
-runs them (`experiments.common.product_seconds`: no fresh output buffer per product),
+fuses all K slots (up to `MATVEC_UNROLL`) from `FULL_UNROLL_NODES` nodes on, and below
+that when the accumulator is at most `CACHED_ACCUMULATOR_BYTES`; 8 otherwise. This
+experiment times one product W @ X (X float32[n, B]) with 8 slots per pass and all K,
+for every n in --sizes, B in --batches, in the database's order and in `locality_order`
+(``permute_graph``), inside a jitted loop of products as CG runs them
+(`experiments.common.product_seconds`: no fresh output buffer per product),
 --repeat values, one configuration at a time; the median and min-max.
 
 Graphs: mutual kNN (k = --k, gamma = 3, normalised) over the clustered synthetic
@@ -63,8 +64,7 @@ def run(sizes, batches, k: int, d: int, repeat: int) -> list[dict]:
         graph = build_graph(n, d, k)
         graphs = {"database": graph, "locality": permute_graph(graph, locality_order(graph))}
         kk = graph.max_degree
-        print(f"n = {n}: graph K = {kk} in {time.perf_counter() - t:.1f}s; matvec_unroll picks "
-              f"{matvec_unroll(n, kk)}", flush=True)
+        print(f"n = {n}: graph K = {kk} in {time.perf_counter() - t:.1f}s", flush=True)
         for b in batches:
             for order, g in graphs.items():
                 timed_rows = {}
@@ -73,7 +73,7 @@ def run(sizes, batches, k: int, d: int, repeat: int) -> list[dict]:
                     timed_rows[unroll] = {"n": n, "K": kk, "B": b, "order": order, "unroll": unroll,
                                           "ms": 1e3 * float(np.median(ts)), "ms_min": 1e3 * float(ts.min()),
                                           "ms_max": 1e3 * float(ts.max()),
-                                          "matvec_unroll_choice": matvec_unroll(n, kk)}
+                                          "matvec_unroll_choice": matvec_unroll(n, kk, b)}
                     time.sleep(0.5)
                 ratio = timed_rows[min(8, kk)]["ms"] / timed_rows[kk]["ms"]
                 for r in timed_rows.values():
@@ -82,7 +82,7 @@ def run(sizes, batches, k: int, d: int, repeat: int) -> list[dict]:
                 best = kk if ratio > 1 else min(8, kk)
                 print(f"  B = {b:4d}, {order:<9} 8 per pass {timed_rows[min(8, kk)]['ms']:8.2f} ms, all {kk} "
                       f"{timed_rows[kk]['ms']:8.2f} ms: all-K {ratio:.2f}x; faster: {best}"
-                      f"{'' if best == matvec_unroll(n, kk) else '  (matvec_unroll picks the other)'}", flush=True)
+                      f"{'' if best == matvec_unroll(n, kk, b) else '  (matvec_unroll picks the other)'}", flush=True)
     return rows
 
 
@@ -101,8 +101,8 @@ def plot(path, rows):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", type=int, nargs="+", default=[5000, 20000, 100000])
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 70, 200])
+    p.add_argument("--sizes", type=int, nargs="+", default=[5000, 20000, 50000, 100000])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 70, 200])
     p.add_argument("--k", type=int, default=50)
     p.add_argument("--d", type=int, default=64)
     p.add_argument("--repeat", type=int, default=7)

@@ -35,7 +35,7 @@ def test_quick(tmp_path):
     by = {(int(r["n"]), int(r["B"]), r["order"], int(r["unroll"])): r for r in rows}
     for (n, b, o, u), r in by.items():
         assert float(r["ms_min"]) <= float(r["ms"]) <= float(r["ms_max"])
-        assert int(r["matvec_unroll_choice"]) == matvec_unroll(n, kk)
+        assert int(r["matvec_unroll_choice"]) == matvec_unroll(n, kk, b)
         ratio = float(by[(n, b, o, 8)]["ms"]) / float(by[(n, b, o, kk)]["ms"])
         np.testing.assert_allclose(float(r["all_vs_8"]), ratio, rtol=1e-6)
     assert_valid_png(tmp_path / "matvec.png")

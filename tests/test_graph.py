@@ -6,6 +6,7 @@ import scipy.sparse as sp
 from hypothesis import given, settings, strategies as st
 
 from retrieval_jax.graph import Graph, affinity_matrix, isolated_nodes, knn, knn_graph, normalize
+from retrieval_jax.graph.core import matvec_unroll
 
 
 def _unit(rng, n, d):
@@ -96,6 +97,24 @@ def test_scipy_round_trip_and_padding():
     np.testing.assert_allclose(np.asarray(g.matvec(x[:, 0])), dense @ x[:, 0], atol=1e-4)
     with pytest.raises(ValueError, match="max_degree"):
         Graph.from_scipy(sp.csr_matrix(dense), max_degree=1)
+
+
+def test_matvec_unroll_by_size_and_both_loops_match_scipy():
+    # all K slots fused from 16,384 nodes on, or when the [n, B] accumulator is <= 1 MiB; 8 otherwise
+    assert matvec_unroll(5000, 50, 1) == 50 and matvec_unroll(5000, 50, 70) == 8
+    assert matvec_unroll(20000, 50, 200) == 50 and matvec_unroll(16383, 50, 70) == 8
+    assert matvec_unroll(1_000_000, 20, 100) == 20 and matvec_unroll(1_000_000, 100, 100) == 64
+    assert matvec_unroll(5000, 5, 70) == 5
+    assert matvec_unroll(5000, 50, 70, itemsize=2) == 50 and matvec_unroll(5000, 50, 150, itemsize=2) == 8
+    assert matvec_unroll(5000, 50, 52) == 50 and matvec_unroll(5000, 50, 53) == 8  # 1,040,000 / 1,060,000 B
+    m = sp.random(4000, 4000, density=3e-3, random_state=0, format="csr")
+    m = (m + m.T).tocsr()
+    g = Graph.from_scipy(m)
+    rng = np.random.default_rng(0)
+    for b in (1, 40, 80):   # fused, fused (640 KB), 8 per pass (1.3 MB)
+        x = rng.normal(size=(4000, b)).astype(np.float32)
+        np.testing.assert_allclose(np.asarray(jax.jit(g.matvec)(x)), m @ x, rtol=1e-5, atol=1e-5)
+    assert matvec_unroll(4000, g.max_degree, 80) == min(8, g.max_degree)
 
 
 def test_nndescent_graph_close_to_exact():

@@ -11,16 +11,31 @@ import scipy.sparse as sp
 from .. import _checks
 
 MATVEC_UNROLL = 64
-"""Neighbour slots fused into one pass of `Graph.matvec` on large graphs (all, up to this many)."""
+"""Most neighbour slots `Graph.matvec` fuses into one pass (all K, up to this many)."""
 FULL_UNROLL_NODES = 16384
-"""From this many nodes on `Graph.matvec` fuses all slots; below, 8 at a time (X stays in cache there)."""
+"""From this many nodes on `Graph.matvec` fuses all slots into one pass."""
+CACHED_ACCUMULATOR_BYTES = 1 << 20
+"""Below `FULL_UNROLL_NODES`, `Graph.matvec` fuses all slots too when its [n, B] accumulator
+is at most this size (it stays in the per-core cache)."""
 
 
-def matvec_unroll(num_nodes: int, max_degree: int) -> int:
-    """Slots per pass of `Graph.matvec` (static): all K on graphs of `FULL_UNROLL_NODES` nodes or
-    more, where one pass saves K / 8 round trips of the [n, B] accumulator through memory; 8 below,
-    where the accumulator stays in cache and the shorter loop body is as fast or faster."""
-    full = num_nodes >= FULL_UNROLL_NODES
+def matvec_unroll(num_nodes: int, max_degree: int, batch: int = 1, itemsize: int = 4) -> int:
+    """Neighbour slots per pass of `Graph.matvec` (static) for an [n, B] product.
+
+    The slot loop writes the accumulator (n * B * itemsize bytes) once per pass. All K
+    slots are fused into one pass on graphs of `FULL_UNROLL_NODES` nodes or more, and on
+    smaller ones when the accumulator is at most `CACHED_ACCUMULATOR_BYTES`; otherwise
+    8 slots per pass, where the accumulator sits in the shared cache and the shorter
+    loop body is as fast or faster. ``experiments/bench_matvec.py`` measures the grid
+    (K = 50, products timed inside a jitted loop, 2-core CPU, all K against 8 per pass,
+    two runs): n = 5,000, B = 1 or 16: 0.9-6x; B = 70 or 200: 0.4-0.9x; n = 50,000 and
+    100,000, B = 1 or 16: 1.4-3.1x; B = 70 or 200 in `locality_order`: 1.35-1.9x (in the
+    database's order 0.65-1.01x).
+
+    Under ``jax.vmap`` over single vectors the rule sees B = 1.
+    """
+    size = int(num_nodes) * max(1, int(batch)) * int(itemsize)
+    full = num_nodes >= FULL_UNROLL_NODES or size <= CACHED_ACCUMULATOR_BYTES
     return max(1, min(MATVEC_UNROLL if full else 8, max_degree))
 
 
@@ -68,13 +83,14 @@ class Graph:
         y_i = sum_j weights[i, j] x[indices[i, j]], one neighbour slot after another
         (``fori_loop`` over K): each slot gathers n contiguous rows of x and adds them
         with a fused multiply-add, so no [n, K, B] intermediate is ever built. The loop
-        is unrolled over all K slots on large graphs (`matvec_unroll`), so XLA fuses them
-        into one pass that writes the [n, B] accumulator once instead of once per 8
-        slots (W @ X, X [100,000, 200], K = 50, locality order: 136 ms unrolled by 8,
-        95 ms fused; ``experiments/bench_converged.py`` measures both). Against other
-        layouts (n = 5000, K = 50, B = 70, ``experiments/bench_diffusion.py``): 31x faster
-        than the one-shot gather ``einsum('nk,nkb->nb', w, x[idx])``, 24x faster than a
-        BCOO product, 3.4x faster than scipy's CSR SpMM.
+        is unrolled over all K slots on large graphs, and on small ones when the [n, B]
+        accumulator is small (`matvec_unroll`), so XLA fuses them into one pass that
+        writes it once instead of once per 8 slots (W @ X, X [100,000, 200], K = 50,
+        locality order: 154-176 ms unrolled by 8, 92-104 ms fused;
+        ``experiments/bench_matvec.py``). Against other layouts (n = 5000, K = 50,
+        B = 70, ``experiments/bench_diffusion.py``): 25x faster than the one-shot gather
+        ``einsum('nk,nkb->nb', w, x[idx])``, 21x faster than a BCOO product, 3.0x faster
+        than scipy's CSR SpMM.
         """
         x = jnp.asarray(x)
         w = self.weights.astype(x.dtype)
@@ -85,8 +101,9 @@ class Graph:
         else:
             def body(k, acc):
                 return acc + w[:, k, None] * x[idx[:, k]]
+        batch = 1 if x.ndim == 1 else int(np.prod(x.shape[1:]))
         return jax.lax.fori_loop(0, idx.shape[1], body, jnp.zeros_like(x),
-                                 unroll=matvec_unroll(idx.shape[0], idx.shape[1]))
+                                 unroll=matvec_unroll(idx.shape[0], idx.shape[1], batch, x.dtype.itemsize))
 
     def check_overflow(self) -> "Graph":
         """The graph itself, or a ValueError if edges overflowed its capacity (host side)."""
