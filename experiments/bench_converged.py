@@ -14,9 +14,10 @@ route solves (I - alpha W) x = y to the relative residual tol = 1e-6:
 * ``jax batched CG``: `solve` with `CG(tol, 5000)`, all queries at once, jitted;
 * ``jax two-level CG (deflation)`` / ``(additive)``: `PreconditionedCG` (aggregation
   coarse space, `retrieval_jax.diffusion.preconditioned`), its offline setup timed apart;
-* each JAX route again on the graph renumbered by `locality_order` (``permute_graph``;
-  y renumbered in, x back out; the order's cost counted in the setup), so that the
-  product's gathers hit cache.
+* each JAX route again on the graph renumbered by `locality_order` (nested aggregates,
+  ``permute_graph``; y renumbered in, x back out; the order's cost counted in the
+  setup), so that the product's gathers hit cache; batched CG also in
+  `locality_order(method="blocks")` (breadth-first blocks), to compare the two orders.
 
 Each route is timed alone (warm-up call first, then --repeat calls; a 2 s pause
 between routes, so that BLAS threads spinning after one route do not slow the next),
@@ -140,21 +141,25 @@ def scipy_cg_loop(m, yn, nsc: int, tol: float):
 
 def make_routes(graph, op, y, args):
     """{name: (solver, state, operator, y, inverse order or None)}, setup seconds, the
-    renumbered graph. Every JAX route twice: in the database's order and renumbered by
-    `locality_order` (x = P^T solve(P W P^T, P y))."""
-    t = time.perf_counter()
-    order = locality_order(graph)
-    graph_ordered = permute_graph(graph, order)
-    jax.block_until_ready(graph_ordered.indices)
-    t_order = time.perf_counter() - t
-    inverse = np.argsort(order)
-    systems = {"": (op, y, None, 0.0),
-               ", locality order": (diffusion_operator(graph_ordered, args.alpha), y[:, order], inverse, t_order)}
-    print(f"locality order: {t_order:.2f}s", flush=True)
+    renumbered graphs {suffix: graph}. Every JAX route twice: in the database's order and
+    renumbered by `locality_order` (nested aggregates; x = P^T solve(P W P^T, P y));
+    batched CG also in `locality_order(method="blocks")`."""
+    systems = {"": (op, y, None, 0.0)}
+    ordered = {}
+    for suffix, method in ((", locality order", "aggregation"), (", block order", "blocks")):
+        t = time.perf_counter()
+        order = locality_order(graph, method=method)
+        ordered[suffix] = permute_graph(graph, order)
+        jax.block_until_ready(ordered[suffix].indices)
+        t_order = time.perf_counter() - t
+        systems[suffix] = (diffusion_operator(ordered[suffix], args.alpha), y[:, order], np.argsort(order), t_order)
+        print(f"locality_order(method={method!r}): {t_order:.2f}s", flush=True)
     routes, setup = {}, {"scipy cg loop": 0.0}
     for suffix, (op_s, y_s, inv, t_s) in systems.items():
         routes[f"jax batched CG{suffix}"] = (CG(args.tol, 5000), None, op_s, y_s, inv)
         setup[f"jax batched CG{suffix}"] = t_s
+        if suffix == ", block order":
+            continue
         for mode in [m_ for m_ in args.modes.split(",") if m_]:
             solver = PreconditionedCG(args.tol, 1000, args.max_coarse, mode)
             t = time.perf_counter()
@@ -166,7 +171,7 @@ def make_routes(graph, op, y, args):
             print(f"{key}: setup {setup[key]:.2f}s, {state.num_aggregates} aggregates, "
                   f"largest {int(np.bincount(np.asarray(state.aggregate)).max())}, W P width {state.wp_ids.shape[1]}, "
                   f"{state.nbytes() / 2 ** 20:.0f} MB", flush=True)
-    return routes, setup, graph_ordered
+    return routes, setup, ordered
 
 
 def time_routes(routes, scipy_loop, args, nq: int, nsc: int):
@@ -276,14 +281,15 @@ def main(argv=None):
           flush=True)
 
     nsc = min(args.scipy_queries, nq)
-    routes, setup, graph_ordered = make_routes(graph, op, y, args)
+    routes, setup, ordered = make_routes(graph, op, y, args)
     times, outs, first = time_routes(routes, scipy_cg_loop(m, yn, nsc, args.tol), args, nq, nsc)
     rows = report(routes, times, outs, first, setup, yn, m, nsc, n, nq, args, ncomp, int(sizes.max()))
 
     time.sleep(PAUSE_S)
     bw = product_bandwidth(graph, nq, max(3, args.repeat))
-    bw += [dict(r, product=r["product"] + ", locality order")
-           for r in product_bandwidth(graph_ordered, nq, max(3, args.repeat))]
+    for suffix, g in ordered.items():
+        time.sleep(PAUSE_S)
+        bw += [dict(r, product=r["product"] + suffix) for r in product_bandwidth(g, nq, max(3, args.repeat))]
     copy_med, copy_best = copy_bandwidth(2 ** 24 if args.quick else 2 ** 29)
     print(f"\ncopy bandwidth (512 MB array copy, read + write): {copy_med / 1e9:.1f} GB/s median, "
           f"{copy_best / 1e9:.1f} GB/s best")

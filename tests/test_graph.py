@@ -3,9 +3,11 @@ import jax
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from scipy.sparse.csgraph import connected_components
 from hypothesis import given, settings, strategies as st
 
 from retrieval_jax.graph import Graph, affinity_matrix, isolated_nodes, knn, knn_graph, normalize
+from retrieval_jax.graph import locality_order, permute_graph
 from retrieval_jax.graph.core import matvec_unroll
 
 
@@ -115,6 +117,48 @@ def test_matvec_unroll_by_size_and_both_loops_match_scipy():
         x = rng.normal(size=(4000, b)).astype(np.float32)
         np.testing.assert_allclose(np.asarray(jax.jit(g.matvec)(x)), m @ x, rtol=1e-5, atol=1e-5)
     assert matvec_unroll(4000, g.max_degree, 80) == min(8, g.max_degree)
+
+
+@pytest.mark.parametrize("method", ["aggregation", "blocks"])
+def test_locality_order_numbers_neighbours_close_and_keeps_components_whole(method):
+    # 40 cliques of 25 nodes, each a chain link to the next within 4 groups (4 components),
+    # the node ids shuffled: a good order brings every clique's nodes together again
+    rng = np.random.default_rng(0)
+    sizes, n = 25, 1000
+    rows, cols = [], []
+    for c in range(40):
+        members = np.arange(c * sizes, (c + 1) * sizes)
+        r, q = np.meshgrid(members, members)
+        rows += [r.ravel()]
+        cols += [q.ravel()]
+        if c % 10:   # link to the previous clique of the same group
+            rows += [np.array([c * sizes, c * sizes - 1])]
+            cols += [np.array([c * sizes - 1, c * sizes])]
+    a = sp.csr_matrix((np.ones(np.concatenate(rows).size), (np.concatenate(rows), np.concatenate(cols))),
+                      shape=(n, n))
+    a.setdiag(0)
+    a.eliminate_zeros()
+    perm = rng.permutation(n)
+    shuffled = a[perm][:, perm]
+    g = Graph.from_scipy(shuffled)
+    order = locality_order(g, method=method, block_size=64, coarsest=2)
+    assert np.array_equal(np.sort(order), np.arange(n))
+    gp = permute_graph(g, order)
+    np.testing.assert_allclose(gp.to_dense(), shuffled.toarray()[np.ix_(order, order)])
+    idx, w = np.asarray(gp.indices), np.asarray(gp.weights)
+    spread = np.abs(idx - np.arange(n)[:, None])[w != 0]
+    shuffled_spread = np.abs(np.asarray(g.indices) - np.arange(n)[:, None])[np.asarray(g.weights) != 0]
+    # nested aggregates keep a clique in one run; blocks of 64 cut some of them
+    assert np.mean(spread < sizes) > (0.9 if method == "aggregation" else 0.75)
+    assert np.mean(shuffled_spread < sizes) < 0.1
+    if method == "aggregation":   # every connected component is one run of the order
+        _, comp = connected_components(shuffled, directed=False)
+        runs = comp[order]
+        assert int(np.sum(runs[1:] != runs[:-1])) == 3
+    with pytest.raises(ValueError, match="method"):
+        locality_order(g, method="rcm")
+    with pytest.raises(ValueError, match="coarsest"):
+        locality_order(g, coarsest=0)
 
 
 def test_nndescent_graph_close_to_exact():

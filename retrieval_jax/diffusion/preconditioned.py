@@ -45,6 +45,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .. import _checks
+from ..graph.aggregation import aggregate_nodes, standard_aggregation  # noqa: F401 (public here too)
 from ..graph.core import Graph
 from .cg import CGResult
 from .observation import SparseObservation
@@ -200,74 +201,6 @@ class AggregationPreconditioner:
 
     def coarse_apply(self, inv: jax.Array, v: jax.Array) -> jax.Array:
         return jnp.matmul(inv.astype(v.dtype), v, precision=jax.lax.Precision.HIGHEST)
-
-
-def standard_aggregation(adjacency: sp.csr_matrix) -> np.ndarray:
-    """Greedy standard aggregation of a symmetric non-negative graph: int64[n] aggregate ids.
-
-    Vanek, Mandel & Brezina (1996), on all edges: (1) every node whose neighbours are
-    all free starts an aggregate with them; (2) each remaining node joins the aggregate
-    of its strongest aggregated neighbour; (3) what is left (no aggregated neighbour)
-    forms aggregates of itself and its free neighbours. Isolated nodes are aggregates
-    of their own.
-    """
-    a = sp.csr_matrix(adjacency)
-    n = a.shape[0]
-    indptr, indices, data = a.indptr, a.indices, a.data
-    agg = np.full(n, -1, np.int64)
-    count = 0
-    for i in range(n):  # phase 1
-        if agg[i] >= 0:
-            continue
-        nbr = indices[indptr[i]:indptr[i + 1]]
-        if (agg[nbr] < 0).all():
-            agg[i] = count
-            agg[nbr] = count
-            count += 1
-    phase1 = agg.copy()
-    for i in np.flatnonzero(agg < 0):  # phase 2: strongest neighbour from phase 1
-        lo, hi = indptr[i], indptr[i + 1]
-        nbr, w = indices[lo:hi], data[lo:hi]
-        ok = phase1[nbr] >= 0
-        if ok.any():
-            agg[i] = phase1[nbr[ok][np.argmax(w[ok])]]
-    for i in np.flatnonzero(agg < 0):  # phase 3
-        if agg[i] >= 0:
-            continue
-        nbr = indices[indptr[i]:indptr[i + 1]]
-        free = nbr[agg[nbr] < 0]
-        agg[i] = count
-        agg[free] = count
-        count += 1
-    return agg
-
-
-def aggregate_nodes(adjacency, max_coarse: int = 2048, max_levels: int = 8) -> np.ndarray:
-    """Aggregates of the nodes, at most ``max_coarse`` of them when the graph allows.
-
-    Standard aggregation on the graph, then again on the aggregated graph S^T A S (S the
-    0/1 membership matrix), until at most ``max_coarse`` aggregates remain, a pass no
-    longer shrinks the graph, or ``max_levels`` passes. Components never merge.
-    """
-    a = sp.csr_matrix(adjacency, dtype=np.float64)
-    a = a - sp.diags(a.diagonal())
-    a.eliminate_zeros()
-    n = a.shape[0]
-    agg = np.arange(n)
-    level = a
-    for _ in range(max_levels):
-        if level.shape[0] <= max_coarse:
-            break
-        sub = standard_aggregation(level)
-        m = int(sub.max()) + 1
-        if m >= level.shape[0]:
-            break
-        agg = sub[agg]
-        s = sp.csr_matrix((np.ones(level.shape[0]), (np.arange(level.shape[0]), sub)), shape=(level.shape[0], m))
-        level = (s.T @ level @ s).tocsr()
-        level = level - sp.diags(level.diagonal())
-        level.eliminate_zeros()
-    return agg
 
 
 def _padded_rows(mat: sp.csr_matrix):
