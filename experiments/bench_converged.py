@@ -145,6 +145,7 @@ def make_routes(graph, op, y, args):
     renumbered by `locality_order` (nested aggregates; x = P^T solve(P W P^T, P y));
     batched CG also in `locality_order(method="blocks")`."""
     systems = {"": (op, y, None, 0.0)}
+    two_level = {"", ", locality order"}   # the block order runs batched CG only
     ordered = {}
     for suffix, method in ((", locality order", "aggregation"), (", block order", "blocks")):
         t = time.perf_counter()
@@ -158,9 +159,7 @@ def make_routes(graph, op, y, args):
     for suffix, (op_s, y_s, inv, t_s) in systems.items():
         routes[f"jax batched CG{suffix}"] = (CG(args.tol, 5000), None, op_s, y_s, inv)
         setup[f"jax batched CG{suffix}"] = t_s
-        if suffix == ", block order":
-            continue
-        for mode in [m_ for m_ in args.modes.split(",") if m_]:
+        for mode in [m_ for m_ in args.modes.split(",") if m_ and suffix in two_level]:
             solver = PreconditionedCG(args.tol, 1000, args.max_coarse, mode)
             t = time.perf_counter()
             state = solver.init(op_s)

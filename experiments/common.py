@@ -75,13 +75,9 @@ def block(tree):
     return jax.block_until_ready(tree)
 
 
-def timed(fn, repeat: int = 1, *, min_seconds: float = 0.0):
-    """(output of the last call, median wall-clock seconds of the calls of ``fn()``).
-
-    ``fn`` is called ``repeat`` times, and again until ``min_seconds`` have passed.
-    Each call's output is waited for (``jax.block_until_ready``), so asynchronous
-    dispatch is timed to completion.
-    """
+def _call_seconds(fn, repeat: int, min_seconds: float = 0.0):
+    """(output of the last call, seconds of each call of ``fn()``), each call waited for:
+    ``repeat`` calls, and more until ``min_seconds`` have passed."""
     out, times = None, []
     repeat = max(1, int(repeat))
     start = time.perf_counter()
@@ -89,19 +85,25 @@ def timed(fn, repeat: int = 1, *, min_seconds: float = 0.0):
         t = time.perf_counter()
         out = block(fn())
         times.append(time.perf_counter() - t)
+    return out, times
+
+
+def timed(fn, repeat: int = 1, *, min_seconds: float = 0.0):
+    """(output of the last call, median wall-clock seconds of the calls of ``fn()``).
+
+    ``fn`` is called ``repeat`` times, and again until ``min_seconds`` have passed.
+    Each call's output is waited for (``jax.block_until_ready``), so asynchronous
+    dispatch is timed to completion.
+    """
+    out, times = _call_seconds(fn, repeat, min_seconds)
     return out, float(np.median(times))
 
 
 def timed_calls(fn, repeat: int):
     """A warm-up call of ``fn()`` (compilation), then ``repeat`` timed calls, each waited
     for: (output of the last call, list of seconds)."""
-    out = block(fn())
-    times = []
-    for _ in range(max(1, int(repeat))):
-        t = time.perf_counter()
-        out = block(fn())
-        times.append(time.perf_counter() - t)
-    return out, times
+    block(fn())
+    return _call_seconds(fn, repeat)
 
 
 LOOP_PRODUCTS = 6
