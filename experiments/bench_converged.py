@@ -53,7 +53,7 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as sla
 from scipy.sparse.csgraph import connected_components
 
-from retrieval_jax.data.io import atomic_write, write_csv
+from retrieval_jax.files import atomic_write, write_csv
 from retrieval_jax.diffusion import CG, diffusion_operator, query_vectors, solve
 from retrieval_jax.diffusion.preconditioned import PreconditionedCG
 from retrieval_jax.graph import knn, knn_graph, locality_order, normalize, permute_graph

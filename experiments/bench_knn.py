@@ -12,7 +12,7 @@ the others by inner product (self excluded), by every route in the same process:
   sorted. Its neighbours are the ground truth of every recall;
 * scikit-learn ``NearestNeighbors(n_neighbors=k + 1, algorithm="brute",
   metric="cosine")`` on the L2-normalised data, fit + kneighbors (n <= --sklearn-max);
-* ``retrieval_jax.graph.knn(X, X, k, exclude_self=True)``: first call
+* ``retrieval_jax.graph.neighbours(X, X, k, exclude_self=True)``: first call
   (compilation included) and a warm call;
 * faiss ``IndexFlatIP`` (exact, the field's standard CPU engine; skipped when
   faiss-cpu is not installed, or with --no-faiss): index build + ``search(X, k + 1)``

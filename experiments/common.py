@@ -15,7 +15,7 @@ import numpy as np
 
 from retrieval_jax.data import (atomic_write, default_data_dir, load_coil20, load_digits,
                                 load_mpeg7)
-from retrieval_jax.data import io as data_io
+from retrieval_jax import files as data_io
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "experiments" / "results"

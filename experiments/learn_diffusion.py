@@ -133,11 +133,8 @@ def load_coil20_split(s: Settings, data_dir=None) -> Split:
 
 
 def load_mpeg7_split(s: Settings, cache_dir: Path, data_dir=None, log=print) -> Split:
-    try:                                  # the backbones / descriptors packages
-        from retrieval_jax.backbones import load_efficientnet_lite
-        from retrieval_jax.descriptors import extract
-    except ImportError:                   # the older features package
-        from retrieval_jax.features import extract, load_efficientnet_lite
+    from retrieval_jax.backbones import load_efficientnet_lite
+    from retrieval_jax.descriptors import extract
 
     root = None if data_dir is None else Path(data_dir) / "mpeg7"
     ds = load_mpeg7(root, size=s.mpeg7_size, images=True)

@@ -27,10 +27,13 @@ __version__ = "0.1.0"
 
 # descriptor extraction and backbones pull in Flax: imported when first used
 _LAZY = {
-    "extract": ("retrieval_jax.features", "extract"),
-    "gem": ("retrieval_jax.features", "gem"),
-    "load_efficientnet_lite": ("retrieval_jax.features", "load_efficientnet_lite"),
-    "features": ("retrieval_jax.features", None),
+    "extract": ("retrieval_jax.descriptors", "extract"),
+    "gem": ("retrieval_jax.descriptors", "gem"),
+    "load_efficientnet_lite": ("retrieval_jax.backbones", "load_efficientnet_lite"),
+    "backbones": ("retrieval_jax.backbones", None),
+    "descriptors": ("retrieval_jax.descriptors", None),
+    "training": ("retrieval_jax.training", None),
+    "explanation": ("retrieval_jax.explanation", None),
     "sharding": ("retrieval_jax.sharding", None),
 }
 

@@ -159,3 +159,13 @@ def check_knn_args(queries, database, k, exclude_self: bool):
     else:
         k = check_k(k, n)
     return q, db, k
+
+
+def check_mask(mask, shape, what: str) -> jax.Array:
+    """``mask`` as a bool array of exactly ``shape`` (non-zero = valid); ``what`` names the shape."""
+    import jax.numpy as jnp
+
+    mask = jnp.asarray(mask)
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"mask must have shape {what} = {tuple(shape)}, got {tuple(mask.shape)}")
+    return mask if mask.dtype == jnp.bool_ else mask != 0

@@ -138,13 +138,13 @@ def _load_descriptors(parser, path: str, key: str | None, prefer: str, what: str
 
 
 def _write_npz(path: Path, **arrays) -> None:
-    from .data.io import atomic_write
+    from .files import atomic_write
 
     atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def _write_json(path: Path, obj) -> None:
-    from .data.io import atomic_write
+    from .files import atomic_write
 
     atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
@@ -167,12 +167,12 @@ def cmd_extract(args, parser) -> int:
     out = _output_file(parser, args.output, ".npz")
     import importlib
     try:  # submodules by full name: the package's own exports may shadow them
-        backbones = importlib.import_module("retrieval_jax.features.backbones")
-        extract = importlib.import_module("retrieval_jax.features.extract")
-        pooling = importlib.import_module("retrieval_jax.features.pooling")
+        backbones = importlib.import_module("retrieval_jax.backbones.efficientnet_lite")
+        extract = importlib.import_module("retrieval_jax.descriptors.extraction")
+        pooling = importlib.import_module("retrieval_jax.descriptors.pooling")
     except ImportError as exc:
         parser.error(f"feature extraction is unavailable in this installation "
-                     f"(retrieval_jax.features could not be imported: {exc})")
+                     f"(retrieval_jax.descriptors could not be imported: {exc})")
     try:
         model = backbones.load_efficientnet_lite(args.model)
     except (ImportError, FileNotFoundError, ValueError) as exc:
@@ -792,7 +792,7 @@ _K_HELP = ("graph neighbours; without it k = round(n^(1/3) / 2), at least 3, at 
            "large collections, not a small folder); a k large for n is warned about")
 
 
-# retrieval_jax.graph.knn.SEARCH_METHODS, written out so that `--help` imports no JAX
+# retrieval_jax.graph.neighbours.SEARCH_METHODS, written out so that `--help` imports no JAX
 # (tests/test_cli.py keeps the two equal)
 _SEARCH_METHODS = ("exact", "nndescent", "faiss")
 

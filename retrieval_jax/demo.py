@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import datasets
-from .data.io import write_csv
+from .files import write_csv
 from .diffusion import ranking_from_scores
 from .evaluation import mean_average_precision
 from .evaluation.figures import ranked_results_figure

@@ -136,7 +136,7 @@ def main(argv=None) -> int:
         print(f"{me}: layout {layout}, scores {scores.shape}, CG iterations {int(iterations.max())}, "
               f"{time.perf_counter() - t:.2f} s (compile included)", flush=True)
     if args.out and jax.process_index() == 0:
-        from .data.io import atomic_write
+        from .files import atomic_write
         atomic_write(args.out, lambda f: np.savez(f, **results))
         print(f"{me}: wrote {args.out}", flush=True)
     sharding.shutdown_processes()

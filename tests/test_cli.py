@@ -144,8 +144,8 @@ def test_revisitop_mat_and_gnd_protocols(tmp_path, capsys):
 def test_extract_wiring_with_a_stub_model(tmp_path, monkeypatch, capsys):
     """The extract sub-command passes its options through and writes X and names."""
     import importlib
-    backbones = importlib.import_module("retrieval_jax.features.backbones")
-    ext = importlib.import_module("retrieval_jax.features.extract")
+    backbones = importlib.import_module("retrieval_jax.backbones.efficientnet_lite")
+    ext = importlib.import_module("retrieval_jax.descriptors.extraction")
 
     (tmp_path / "imgs").mkdir()
     seen = {}
@@ -167,8 +167,9 @@ def test_extract_wiring_with_a_stub_model(tmp_path, monkeypatch, capsys):
 
 def test_extract_without_features_module(tmp_path, monkeypatch, capsys):
     (tmp_path / "imgs").mkdir()
-    for name in ("", ".backbones", ".extract", ".pooling"):
-        monkeypatch.setitem(sys.modules, "retrieval_jax.features" + name, None)
+    for name in ("backbones", "backbones.efficientnet_lite", "descriptors", "descriptors.extraction",
+                 "descriptors.pooling"):
+        monkeypatch.setitem(sys.modules, "retrieval_jax." + name, None)
     fails(["extract", tmp_path / "imgs", "-o", tmp_path / "d.npz"], capsys,
           "feature extraction is unavailable")
 

@@ -174,11 +174,11 @@ def test_skip_bad_prints_a_clean_line(tmp_path, monkeypatch, capsys):
         return types.SimpleNamespace(descriptors=np.eye(2, 4, dtype=np.float32),
                                      names=("a.png", "b.png"), skipped=("broken.jpg",))
 
-    stubs = {"backbones": {"load_efficientnet_lite": lambda v: "model"},
-             "extract": {"extract": fake_extract},
-             "pooling": {"gem": lambda x, p=3.0: x, "mac": None, "spoc": None}}
+    stubs = {"backbones.efficientnet_lite": {"load_efficientnet_lite": lambda v: "model"},
+             "descriptors.extraction": {"extract": fake_extract},
+             "descriptors.pooling": {"gem": lambda x, p=3.0: x, "mac": None, "spoc": None}}
     for name, attrs in stubs.items():
-        monkeypatch.setitem(sys.modules, f"retrieval_jax.features.{name}",
+        monkeypatch.setitem(sys.modules, f"retrieval_jax.{name}",
                             types.SimpleNamespace(**attrs))
     (tmp_path / "imgs").mkdir()
     capsys.readouterr()

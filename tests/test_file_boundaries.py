@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from retrieval_jax.data import clean_stale_temps, load_descriptors, load_gnd, read_npz
-from retrieval_jax.data.io import atomic_write
+from retrieval_jax.files import atomic_write
 from retrieval_jax.backbones import torch_pickle as tp
 from retrieval_jax.training import checkpoints
 from retrieval_jax.graph import knn_graph, load_graph, save_graph

@@ -7,7 +7,7 @@ from retrieval_jax.data import load_digits
 from retrieval_jax.diffusion import ranking_from_scores
 from retrieval_jax.evaluation import label_map
 from retrieval_jax.methods import KNN_SEARCH, KnnConfig
-from retrieval_jax.query_expansion import (ALPHA_QE, DBA_ALPHA_QE, AlphaQEConfig, DbaQEConfig,
+from retrieval_jax.methods.query_expansion import (ALPHA_QE, DBA_ALPHA_QE, AlphaQEConfig, DbaQEConfig,
                                            alpha_query_expansion, alpha_weights,
                                            database_augmentation, expand)
 

@@ -102,7 +102,7 @@ def test_save_overlay_writes_png_atomically(tmp_path, monkeypatch):
     before = path.read_bytes()
     with pytest.raises(ValueError):
         save_overlay(path, image, np.zeros((2, 2, 2)))
-    import retrieval_jax.data.io as io_module
+    import retrieval_jax.files as io_module
 
     def crash(*args):
         raise OSError("simulated crash before rename")

@@ -17,7 +17,7 @@ builtins and the torch tensor/storage rebuild functions are resolved (mapped to
 numpy stand-ins); any other global raises :class:`pickle.UnpicklingError`, so a
 checkpoint cannot execute code on load (same spirit as ``torch.load(weights_only=True)``).
 Reading is also bounded by what the file holds: pickles are checked opcode by
-opcode before they are loaded (`retrieval_jax.data.io.check_pickle`), storage
+opcode before they are loaded (`retrieval_jax.files.check_pickle`), storage
 sizes and zip members against the file size, and every tensor view against the
 stored elements backing it (no stride-0 or overlapping blow-ups), so a small
 corrupt or malicious file raises a ``ValueError`` instead of allocating gigabytes.
@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ..data.io import atomic_write, check_expansion, check_pickle, check_zip_members
+from ..files import atomic_write, check_expansion, check_pickle, check_zip_members
 
 __all__ = ["load_torch_state_dict", "load_torch_pickle", "save_torch_zip"]
 
@@ -459,7 +459,7 @@ def save_torch_zip(state_dict: dict, path, *, archive_name: str = "archive") -> 
     Each array becomes one contiguous little-endian storage; ``torch.load`` and
     :func:`load_torch_state_dict` both read the result. Meant for tests and for
     exporting weights without torch. The file is written atomically
-    (`retrieval_jax.data.io.atomic_write`): a writer killed mid-way leaves the
+    (`retrieval_jax.files.atomic_write`): a writer killed mid-way leaves the
     previous file intact, never a half-written archive.
     """
     tensors, obj = {}, collections.OrderedDict()

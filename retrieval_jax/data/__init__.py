@@ -1,6 +1,6 @@
 """Data: benchmark ground truth, descriptor files and small real image data sets."""
 from .datasets import ImageDataset, default_data_dir, load_coil20, load_digits, load_mpeg7
-from .io import atomic_write, clean_stale_temps, npz_names, read_npz, write_csv
+from ..files import atomic_write, clean_stale_temps, npz_names, read_npz, write_csv
 from .loaders import GroundTruth, load_descriptors, load_gnd, save_descriptors
 
 __all__ = [

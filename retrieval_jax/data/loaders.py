@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import atomic_write, check_expansion, check_pickle, npz_names, read_npz
+from ..files import atomic_write, check_expansion, check_pickle, npz_names, read_npz
 
 __all__ = ["GroundTruth", "load_descriptors", "load_gnd", "save_descriptors"]
 
@@ -275,7 +275,7 @@ class _SafeUnpickler(pickle.Unpickler):
 
 
 def _load_pickle(path: Path):
-    """Unpickle ``path`` with `_SafeUnpickler`, bounded by the file's size (see data.io)."""
+    """Unpickle ``path`` with `_SafeUnpickler`, bounded by the file's size (see retrieval_jax.files)."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         check_pickle(f, path)

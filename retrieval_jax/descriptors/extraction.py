@@ -43,7 +43,7 @@ import numpy as np
 
 from .. import _checks
 from .._progress import progress as _progress
-from ..data.io import atomic_write
+from ..files import atomic_write
 from .pooling import gem
 
 __all__ = ["extract", "Extracted", "ImageReadError", "load_image", "IMAGE_EXTENSIONS"]

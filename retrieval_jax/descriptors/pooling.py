@@ -59,16 +59,8 @@ def _check_map(x, mask, name: str = "x"):
     if min(x.shape) == 0:
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
     if mask is not None:
-        mask = check_mask(mask, x.shape[:3], f"[B, H, W] to match {name}")
+        mask = _checks.check_mask(mask, x.shape[:3], f"[B, H, W] to match {name}")
     return x, mask
-
-
-def check_mask(mask, shape, what: str) -> jax.Array:
-    """``mask`` as a bool array of exactly ``shape`` (non-zero = valid); ``what`` names the shape."""
-    mask = jnp.asarray(mask)
-    if tuple(mask.shape) != tuple(shape):
-        raise ValueError(f"mask must have shape {what} = {tuple(shape)}, got {tuple(mask.shape)}")
-    return mask if mask.dtype == jnp.bool_ else mask != 0
 
 
 def _count(mask, x) -> jax.Array:

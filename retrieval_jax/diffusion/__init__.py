@@ -14,7 +14,7 @@ from .offline import (OfflineRows, cosine_scores, direct_scores, load_offline, o
 from .preconditioned import AggregationPreconditioner, PreconditionedCG, aggregation_preconditioner, preconditioned_cg
 from .observation import SparseObservation, observe_items, observe_neighbours
 from .operator import DiffusionOperator, check_normalized, diffusion_operator
-from .solve import (DiffusionInfo, cg_diffusion, cg_truncated_diffusion, diffuse, indicator_vectors,
+from .manifold_ranking import (DiffusionInfo, cg_diffusion, cg_truncated_diffusion, diffuse, indicator_vectors,
                     katz_centrality, query_vectors,
                     ranking_from_scores, solve_spd, top_n, truncated_diffuse)
 from .solvers import (AUTO_INVERSE_MAX_BYTES, AUTO_INVERSE_MAX_NODES, CG, SOLVERS, Auto, AutoState, ExactInverse,

@@ -17,7 +17,7 @@ Online, a query costs no solve:
   of database item j is the cosine between the query's row and row j.
 
 The offline pass runs in chunks of items (a jitted call each: the T-NN shortlists by
-`retrieval_jax.graph.knn`, then ``lax.map`` over batches of ``vmap``-ed CG solves on
+`retrieval_jax.graph.neighbours`, then ``lax.map`` over batches of ``vmap``-ed CG solves on
 the [T, K] subgraphs), so peak memory is O(chunk * T * K), not O(n * T); only the
 [n, L] rows are kept. `save_offline` / `load_offline` store them like a graph.
 """
@@ -37,7 +37,7 @@ import numpy as np
 from .. import _checks
 from .._progress import progress
 from ..graph.core import Graph
-from ..graph.knn import knn
+from ..graph.neighbours import knn
 from .cg import conjugate_gradient
 
 __all__ = ["OfflineInfo", "OfflineRows", "cosine_scores", "direct_scores", "load_offline", "offline_nbytes",
@@ -296,10 +296,10 @@ _RESERVED = ("indices", "values")
 def save_offline(path, rows: OfflineRows, **meta) -> Path:
     """Write offline rows (indices, values) and scalar metadata (truncate, alpha...) to an .npz file.
 
-    Written to a temporary name and renamed (`retrieval_jax.data.io.atomic_write`), so
+    Written to a temporary name and renamed (`retrieval_jax.files.atomic_write`), so
     a crash never leaves a half-written file.
     """
-    from ..data.io import atomic_write
+    from ..files import atomic_write
 
     if not isinstance(rows, OfflineRows):
         raise TypeError(f"rows must be OfflineRows, got {type(rows).__name__}")

@@ -21,7 +21,6 @@ import numpy as np
 
 from .._precision import HIGHEST as _HIGHEST
 from .. import _checks
-from ..descriptors.pooling import check_mask
 from ..graph import knn
 
 __all__ = ["gmp_weights", "pool_region_scores", "query_region_similarity", "query_region_knn"]
@@ -37,7 +36,7 @@ def _check_regions(regions, mask):
     if mask is None:
         mask = jnp.ones(regions.shape[:2], dtype=bool)
     else:
-        mask = check_mask(mask, regions.shape[:2], "[N, R]")
+        mask = _checks.check_mask(mask, regions.shape[:2], "[N, R]")
     return regions, mask
 
 

@@ -50,7 +50,7 @@ from .inverse import DiffusionInverse, diffusion_inverse, plan_inverse
 from .observation import SparseObservation
 from .operator import DiffusionOperator
 from .preconditioned import PreconditionedCG
-from .solve import solve_spd
+from .manifold_ranking import solve_spd
 
 # Auto picks the exact inverse when every component has at most this many nodes (a
 # 4096-node block inverts in about half a second on a 2-core CPU) and the blocks fit here.

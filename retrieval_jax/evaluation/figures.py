@@ -24,7 +24,7 @@ def ranked_results_figure(path, images, labels, queries, named_rankings: dict, t
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..data.io import atomic_write
+    from ..files import atomic_write
 
     names = list(named_rankings)
     rows = len(queries) * len(names)

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..data.io import atomic_write
+from ..files import atomic_write
 from ..backbones.base import Backbone
 from ..descriptors.pooling import crow_weights, l2_normalize
 

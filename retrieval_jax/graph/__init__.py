@@ -3,7 +3,7 @@ from .affinity import affinity_graph, reciprocal_partners, similarity_power, uni
 from .components import ComponentBlocks, ComponentLayout, blocks_from_labels, component_blocks, dense_blocks
 from .core import Graph, NormalizedGraph
 from .io import load_graph, save_graph
-from .knn import affinity_matrix, connected_components, isolated_nodes, knn, knn_graph, knn_traced, normalize
+from .neighbours import affinity_matrix, connected_components, isolated_nodes, knn, knn_graph, knn_traced, normalize
 from .order import locality_order, permute_graph
 
 __all__ = ["ComponentBlocks", "ComponentLayout", "Graph", "NormalizedGraph", "affinity_graph",

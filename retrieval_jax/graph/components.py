@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .core import Graph
-from .knn import connected_components
+from .neighbours import connected_components
 
 
 class ComponentBlocks(NamedTuple):

@@ -1,6 +1,6 @@
 """faiss (``IndexFlatIP``) as the CPU backend of exact kNN search.
 
-`faiss_knn` has the contract of `retrieval_jax.graph.knn.knn`: exact inner
+`faiss_knn` has the contract of `retrieval_jax.graph.neighbours.knn`: exact inner
 products, each row sorted in decreasing order, the same input checks. It runs on
 the host with faiss's multi-threaded BLAS kernel and returns numpy arrays, so it
 is not traceable under ``jax.jit``; the JAX path (`knn`) stays the one for
@@ -57,7 +57,7 @@ def faiss_knn(queries, database, k: int, *, exclude_self: bool = False, chunk_si
     """Exact k nearest neighbours by inner product with faiss ``IndexFlatIP``.
 
     sims[q, j] = <queries[q], database[idx[q, j]]>, sorted in decreasing order: the
-    same result as `retrieval_jax.graph.knn` (up to the order of tied similarities
+    same result as `retrieval_jax.graph.neighbours` (up to the order of tied similarities
     and float32 rounding of the products).
 
     Args:

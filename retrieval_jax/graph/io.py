@@ -15,7 +15,7 @@ def save_graph(path, graph: Graph, **meta) -> Path:
     The file is written to a temporary name and renamed, so a crash never leaves
     a half-written graph.
     """
-    from ..data.io import atomic_write
+    from ..files import atomic_write
 
     if not isinstance(graph, Graph):
         raise TypeError(f"graph must be a retrieval_jax.graph.Graph, got {type(graph).__name__}")
@@ -33,7 +33,7 @@ def load_graph(path, *, num_nodes: int | None = None, mmap: bool = False) -> tup
     Checks that it holds int ``indices`` and float ``weights`` of the same [n, K]
     shape, neighbour ids in [0, n), finite non-negative weights, and (when given)
     ``num_nodes`` nodes; raises ValueError naming the file and the problem
-    otherwise, a truncated or corrupt archive included (see `data.io.read_npz`).
+    otherwise, a truncated or corrupt archive included (see `retrieval_jax.files.read_npz`).
 
     With ``mmap=True`` the arrays stay in the file: the graph's ``indices`` and
     ``weights`` are read-only ``np.memmap`` views (int32 / float32, as `save_graph`
@@ -42,7 +42,7 @@ def load_graph(path, *, num_nodes: int | None = None, mmap: bool = False) -> tup
     function copies them to the device when it is called. Otherwise they are read
     into device arrays.
     """
-    from ..data.io import read_npz
+    from ..files import read_npz
 
     path = Path(path)
     if not path.is_file():

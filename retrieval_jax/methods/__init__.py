@@ -9,7 +9,7 @@ CLI and the experiments look methods up there. An ablation is a loop over config
         scores = DIFFUSION.search(state, Q)
 
 or, with the shape-deciding fields fixed, one compiled program over the values
-(see `retrieval_jax.diffusion.solve` and ``experiments/ablation_grid.py``).
+(see `retrieval_jax.diffusion.manifold_ranking` and ``experiments/ablation_grid.py``).
 """
 from .base import Method, bucket_size, check_config, check_items, check_queries, make_method, similarities
 from .diffusion import (AUTO_INVERSE_MAX_BYTES, AUTO_INVERSE_MAX_NODES, DIFFUSION, DiffusionConfig, DiffusionParams,

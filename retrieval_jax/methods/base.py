@@ -25,7 +25,7 @@ import numpy as np
 from .._precision import HIGHEST
 from .. import _checks
 from ..graph.core import Graph
-from ..graph.knn import knn_graph
+from ..graph.neighbours import knn_graph
 
 
 

@@ -14,7 +14,7 @@ from ..diffusion.inverse import DiffusionInverse, diffusion_inverse, plan_invers
 from ..diffusion import CG, DiffusionOperator, ExactInverse, SparseObservation, cg_truncated_diffusion
 from ..graph.core import Graph
 from ..graph.affinity import similarity_power
-from ..graph.knn import SEARCH_METHODS, normalize
+from ..graph.neighbours import SEARCH_METHODS, normalize
 from .base import check_database_graph, database_and_graph, make_method
 from .base import similarities as _similarities
 

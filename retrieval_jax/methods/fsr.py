@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from .. import _checks
 from ..graph.core import Graph
-from ..graph.knn import normalize
+from ..graph.neighbours import normalize
 from ..spectral import heat_kernel_filter, regularized_laplacian_filter, spectral_embedding
 from ..graph.affinity import similarity_power
 from ..spectral import fsr_scores_sparse

@@ -26,7 +26,7 @@ from .. import _checks
 from ..diffusion.offline import OfflineRows, cosine_scores, direct_scores, offline_rows, unit_rows
 from ..graph import normalize
 from ..graph.core import Graph
-from ..graph.knn import SEARCH_METHODS
+from ..graph.neighbours import SEARCH_METHODS
 from .base import check_config, check_database_graph, database_and_graph, make_method
 from .base import similarities as _similarities
 

@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from .. import _checks
-from ..graph.knn import knn
+from ..graph.neighbours import knn
 from .base import HIGHEST as _HIGHEST
 from .base import checked_database, database_state, make_method
 
@@ -161,7 +161,7 @@ def database_augmentation(database, n: int = 10, alpha: float = 3.0, *,
         x_j' = normalise(x_j + sum_{i=1..n} max(<x_j, x_i>, 0)^alpha x_i)
 
     over the n nearest *other* items x_i of x_j (original descriptors). The
-    neighbour search is the blocked, jitted exact kNN of ``retrieval_jax.graph.knn``
+    neighbour search is the blocked, jitted exact kNN of ``retrieval_jax.graph.neighbours``
     (never an N x N matrix), followed by one jitted ``expand``.
 
     Args:

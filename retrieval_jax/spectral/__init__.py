@@ -15,7 +15,7 @@ from .filters import (HeatKernelFilter, RegularizedLaplacianFilter, ResolventFil
                       regularized_laplacian_filter)
 from .fsr import (SpectralEmbedding, fast_spectral_ranking, fast_spectral_ranking_sparse, filter_embedding,
                   fsr_scores_dense, fsr_scores_sparse, sparsify_embedding, spectral_embedding)
-from .lanczos import Eigenpairs, check_symmetric_graph, graph_eigenpairs, lanczos
+from .decomposition import Eigenpairs, check_symmetric_graph, graph_eigenpairs, lanczos
 
 __all__ = [
     "ComponentEigenpairs", "ComponentSpectralEmbedding", "Eigenpairs", "HeatKernelFilter", "RegularizedLaplacianFilter",

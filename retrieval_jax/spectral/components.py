@@ -38,7 +38,7 @@ from .._precision import HIGHEST as _HI
 from .. import _checks
 from ..graph.components import ComponentLayout, component_blocks, dense_blocks
 from ..graph.core import Graph
-from .lanczos import check_symmetric_graph, graph_eigenpairs
+from .decomposition import check_symmetric_graph, graph_eigenpairs
 
 _BLOCK_BYTES = 2 ** 28  # at most 256 MB of dense blocks per batched eigh
 

@@ -33,7 +33,7 @@ from .. import _checks
 from ..graph.affinity import similarity_power
 from .components import (ComponentEigenpairs, ComponentSpectralEmbedding, component_eigenpairs,
                          component_fsr_scores_dense, component_fsr_scores_sparse, filter_component_pairs)
-from .lanczos import Eigenpairs, graph_eigenpairs
+from .decomposition import Eigenpairs, graph_eigenpairs
 
 
 

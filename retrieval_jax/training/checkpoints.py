@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..data.io import atomic_write, read_npz
+from ..files import atomic_write, read_npz
 
 __all__ = ["save_checkpoint", "load_checkpoint"]
 
@@ -183,7 +183,7 @@ def load_checkpoint(path, target=None):
       FileNotFoundError: ``path`` does not exist.
       ValueError (naming the file): the file is truncated, corrupt or not such a
         checkpoint (archive, sizes and metadata are all checked, see
-        `data.io.read_npz`), or its key paths/shapes do not match ``target``.
+        `retrieval_jax.files.read_npz`), or its key paths/shapes do not match ``target``.
     """
 
     arrays = read_npz(os.fspath(path))

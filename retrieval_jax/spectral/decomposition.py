@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..graph.core import Graph
-from ..graph.knn import connected_components
+from ..graph.neighbours import connected_components
 from .._precision import HIGHEST as _HI
 from .. import _checks
 
