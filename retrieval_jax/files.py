@@ -395,7 +395,7 @@ def check_pickle(f, path) -> None:
     must be seekable; its position is restored.
 
     Raises:
-      ValueError naming ``path`` for a truncated, malformed or oversized pickle.
+      ValueError: naming ``path``, for a truncated, malformed or oversized pickle.
     """
     start = f.tell()
     end = f.seek(0, io.SEEK_END)
@@ -431,7 +431,7 @@ def check_expansion(obj, limit: int, path) -> None:
     size. Self-referencing containers are refused as well.
 
     Raises:
-      ValueError naming ``path``.
+      ValueError: naming ``path``.
     """
     if not isinstance(obj, _CONTAINERS):
         return

@@ -120,7 +120,8 @@ def initialize_processes(coordinator_address: str | None = None, num_processes: 
         ``port`` instead, ``f"{host}:{port}"`` (several processes on one machine:
         the default ``host`` 127.0.0.1). With neither and no ``num_processes`` /
         ``process_id``, jax detects the cluster (Cloud TPU, SLURM, Open MPI, ...).
-      num_processes, process_id: the number of processes and this one's rank.
+      num_processes: the number of processes.
+      process_id: this one's rank.
       cpu_collectives: the cross-process collectives of CPU devices, "gloo" (TCP,
         bundled with jaxlib) or "mpi"; None keeps jax's setting. GPU and TPU
         devices use their own interconnect whatever this says.

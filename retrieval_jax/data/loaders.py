@@ -553,9 +553,10 @@ def load_descriptors(path, key: str | None = None, *, dtype=np.float32) -> np.nd
       [n, d] array of ``dtype``, all values finite.
 
     Raises:
-      FileNotFoundError, KeyError (missing / ambiguous key), ValueError (not 2-D,
-      non-finite values, content not matching the extension), TypeError (not
-      numeric).
+      FileNotFoundError: no such file.
+      KeyError: missing / ambiguous key.
+      ValueError: not 2-D, non-finite values, content not matching the extension.
+      TypeError: not numeric.
     """
     path = _check_file(path)
     suffix = path.suffix.lower()

@@ -164,8 +164,9 @@ def query_region_similarity(sims, idx, *, num_queries: int, num_db_regions: int,
     database regions; contributions of several query regions add up.)
 
     Args:
-      sims, idx: [nq * Rq, k] from ``graph.knn`` of the flattened query regions
+      sims: [nq * Rq, k] from ``graph.knn`` of the flattened query regions
         (row q * Rq + r) against the flattened database regions.
+      idx: [nq * Rq, k] their indices.
       num_queries: nq (static); num_db_regions: total database regions (static).
       gamma: similarity exponent (> 0), as for the graph affinities.
       query_mask: optional bool[nq, Rq]; padded query regions contribute nothing.

@@ -642,7 +642,8 @@ def precision_at_k(ranking, positives: Sequence, junk: Sequence | None = None, k
     Args:
       ranking: int[n_queries, m] database indices, best first; results beyond m count as
         misses.
-      positives, junk: per-query index lists (as in `mean_average_precision`).
+      positives: per-query index lists (as in `mean_average_precision`).
+      junk: per-query index lists.
       ks: cut-offs, each at most the database size.
       n_db: database size; defaults to m.
 

@@ -89,7 +89,8 @@ def knn(queries, database, k: int, *, exclude_self: bool = False, block_size: in
       k: neighbours per query, 1 <= k <= n (k <= n - 1 with ``exclude_self``).
       exclude_self: queries are the database itself (row q is item q); item q is
         never returned as its own neighbour.
-      block_size, chunk_size: positive ints (rows per top-k block, rows per compiled chunk).
+      block_size: rows per top-k block (positive int).
+      chunk_size: rows per compiled chunk (positive int).
 
     Returns:
       (similarities float32[nq, k], indices int32[nq, k]).

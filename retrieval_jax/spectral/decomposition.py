@@ -569,10 +569,11 @@ def graph_eigenpairs(graph, r: int, *, method: str = "auto", num_iter: int | Non
       r: 1 <= r < n for Lanczos, r <= n for ``method='dense'``.
       method: "lanczos", "dense" (``jnp.linalg.eigh`` of the dense n x n matrix,
         O(n^2) memory) or "auto" (dense when r == n, else Lanczos).
-      Other arguments: see `lanczos`.
 
     Returns:
       ``Eigenpairs(values float[r] descending, vectors float[n, r])``.
+
+    The other arguments are those of `lanczos`.
     """
     if not isinstance(graph, Graph):
         raise TypeError(f"graph must be a retrieval_jax.graph.Graph, got {type(graph).__name__}")

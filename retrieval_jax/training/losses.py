@@ -45,7 +45,8 @@ def contrastive_loss(a, b, target, margin: float = 0.7, mask=None) -> jax.Array:
       l_i = t_i ||a_i - b_i||^2 + (1 - t_i) [m - ||a_i - b_i||]_+^2
 
     Args:
-      a, b: float[P, D] descriptors of the two sides of P pairs.
+      a: float[P, D] descriptors of one side of P pairs.
+      b: float[P, D] descriptors of the other side.
       target: [P], 1 for a matching pair, 0 for a non-matching pair.
       margin: m >= 0 (0.7 for L2-normalised GeM descriptors in Radenovic et al.).
       mask: optional [P] weights/validity (padded pairs = 0); mean over valid pairs.
@@ -73,7 +74,8 @@ def triplet_loss(anchor, positive, negative, margin: float = 0.1, mask=None) -> 
       l_ij = [m + ||a_i - p_i||^2 - ||a_i - n_ij||^2]_+
 
     Args:
-      anchor, positive: float[P, D].
+      anchor: float[P, D].
+      positive: float[P, D].
       negative: float[P, D] (one negative per anchor) or float[P, K, D] (K per anchor).
       margin: m >= 0.
       mask: optional [P] or [P, K] validity (e.g. ``jnp.isfinite(sims)`` from
