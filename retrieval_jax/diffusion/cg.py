@@ -74,7 +74,7 @@ def conjugate_gradient(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, *
         # previous step's beta (0 on the first step and for converged columns, whose step
         # size is 0): the loop then carries p_prev and XLA updates it in place, where the
         # update at the end of the step made it copy the [n, B] direction once per step
-        # (W @ X [100,000, 200]: 128 -> 111 ms per step)
+        # (one [n, B] copy saved per step)
         x, r, p, rs, beta, k, its = state
         act = active(rs)
         p = r + beta * p

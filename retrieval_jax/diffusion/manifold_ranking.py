@@ -99,7 +99,7 @@ def diffuse(graph: Graph, y, *, alpha: float = 0.99, tol: float = 1e-6, max_iter
       alpha: in (0, 1); 0.99 as in Iscen et al. 2017.
       tol: relative residual at which a query's CG stops.
       max_iter: largest number of CG steps (Iscen et al. use 20; at alpha = 0.99 the
-        ranking keeps improving well past 20 steps, see the README).
+        ranking keeps improving well past 20 steps: docs/benchmarks/bench_diffusion.md).
       return_info: also return `DiffusionInfo` (iterations, residual per query).
 
     Returns:

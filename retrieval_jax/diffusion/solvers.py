@@ -53,7 +53,7 @@ from .preconditioned import PreconditionedCG
 from .manifold_ranking import solve_spd
 
 # Auto picks the exact inverse when every component has at most this many nodes (a
-# 4096-node block inverts in about half a second on a 2-core CPU) and the blocks fit here.
+# 4096-node block costs 4096^3 / 3 flops to factor and 64 MiB in float32) and the blocks fit here.
 AUTO_INVERSE_MAX_NODES = 4096
 AUTO_INVERSE_MAX_BYTES = 2 ** 28
 
@@ -200,10 +200,11 @@ class Auto:
 
     Cost model: the inverse costs sum_c n_c^3 once and k n_c per query, CG costs
     (steps x nnz) per query; mutual kNN graphs usually split into small components, where
-    the inverse wins by an order of magnitude (README, "exact route"). So: `ExactInverse`
+    the inverse wins by an order of magnitude (docs/benchmarks/bench_diffusion.md). So: `ExactInverse`
     when the largest component has at most ``max_nodes`` nodes and the blocks take at most
     ``max_bytes``, else `CG(tol, max_iter)`. Truncation and the spectral route change the
-    ranking (README: up to 31 and 59 mAP points on a one-component 100,000-node graph), so
+    ranking (at a million items truncation loses 39 mAP points and rank-100 FSR 82-84:
+    docs/benchmarks/bench_million.md), so
     Auto never picks them.
     """
 

@@ -26,11 +26,9 @@ def matvec_unroll(num_nodes: int, max_degree: int, batch: int = 1, itemsize: int
     slots are fused into one pass on graphs of `FULL_UNROLL_NODES` nodes or more, and on
     smaller ones when the accumulator is at most `CACHED_ACCUMULATOR_BYTES`; otherwise
     8 slots per pass, where the accumulator sits in the shared cache and the shorter
-    loop body is as fast or faster. ``experiments/bench_matvec.py`` measures the grid
-    (K = 50, products timed inside a jitted loop, 2-core CPU, all K against 8 per pass,
-    two runs): n = 5,000, B = 1 or 16: 0.9-6x; B = 70 or 200: 0.4-0.9x; n = 50,000 and
-    100,000, B = 1 or 16: 1.4-3.1x; B = 70 or 200 in `locality_order`: 1.35-1.9x (in the
-    database's order 0.65-1.01x).
+    loop body is as fast or faster. Either way the product costs O(n K B) multiply-adds;
+    the accumulator is written ceil(K / slots) times. The grid of n and B behind the rule
+    (``experiments/bench_matvec.py``): docs/benchmarks/bench_matvec.md.
 
     Under ``jax.vmap`` over single vectors the rule sees B = 1.
     """
@@ -85,12 +83,10 @@ class Graph:
         with a fused multiply-add, so no [n, K, B] intermediate is ever built. The loop
         is unrolled over all K slots on large graphs, and on small ones when the [n, B]
         accumulator is small (`matvec_unroll`), so XLA fuses them into one pass that
-        writes it once instead of once per 8 slots (W @ X, X [100,000, 200], K = 50,
-        locality order: 154-176 ms unrolled by 8, 92-104 ms fused;
-        ``experiments/bench_matvec.py``). Against other layouts (n = 5000, K = 50,
-        B = 70, ``experiments/bench_diffusion.py``): 25x faster than the one-shot gather
-        ``einsum('nk,nkb->nb', w, x[idx])``, 21x faster than a BCOO product, 3.0x faster
-        than scipy's CSR SpMM.
+        writes it once instead of once per 8 slots. Cost: O(n K B) multiply-adds and
+        gathered values, O(n B) memory (the one-shot gather
+        ``einsum('nk,nkb->nb', w, x[idx])`` would hold [n, K, B]). Against other layouts
+        (BCOO, BCSR, scipy CSR): docs/benchmarks/bench_matvec.md.
         """
         x = jnp.asarray(x)
         w = self.weights.astype(x.dtype)

@@ -4,10 +4,9 @@ A product W X with X [n, B] (many queries at once) gathers, for every node i, th
 rows X[j] of its neighbours. When the database order is arbitrary, neighbouring rows
 lie anywhere in memory and nearly every gathered row comes from RAM; when similar
 items are numbered close together, consecutive nodes share most neighbours and the
-rows are re-read from cache. On a mutual kNN graph of 100,000 clustered items
-(k = 50, B = 200, a 2-core CPU) one product takes 209-284 ms in the database's order,
-83-99 ms in breadth-first blocks and 80 ms in nested aggregates (`locality_order`;
-three runs of ``experiments/bench_converged.py``, nested aggregates in the last). The solution of the
+rows are re-read from cache. The product costs O(n k B) in any order; the order
+decides how much of it is served from cache (measured by ``experiments/bench_converged.py``:
+docs/benchmarks/bench_converged.md). The solution of the
 renumbered system is the same vector, renumbered: x = P^T solve(P W P^T, P y).
 """
 from __future__ import annotations
@@ -37,17 +36,14 @@ def locality_order(graph: Graph, *, method: str = "aggregation", block_size: int
     down, ... then by themselves, each level ranked in breadth-first order over that
     level's graph (restarting at the lowest unranked id), so that sibling aggregates
     that share edges sit side by side. Aggregates never cross connected components,
-    so every component is one run of the order. About 2 s per 100,000 nodes at k = 50.
+    so every component is one run of the order. Host cost O(nnz) per level.
 
     ``method="blocks"``: blocks of ``block_size`` nodes grown breadth-first from the
     lowest-numbered node not yet placed (its neighbours, theirs, ... in edge order);
-    each block is one run of the order (about 1.4 s per 100,000 nodes at k = 50).
+    each block is one run of the order (one breadth-first pass, O(nnz)).
 
-    One W @ X on a mutual k = 50 graph of 100,000 clustered items, X [n, 200], timed in
-    a jitted loop (2-core CPU, one run of ``experiments/bench_converged.py``): 231 ms in
-    the database's order, 91 ms in blocks, 80 ms in nested aggregates. Converged CG at
-    1,000,000 nodes (``experiments/bench_million.py``): 2.2-2.4x faster than in the
-    database's order in blocks, 2.4-2.5x in nested aggregates.
+    What the order saves in W @ X and in converged CG at 100,000 and 1,000,000 nodes:
+    docs/benchmarks/bench_converged.md and docs/benchmarks/bench_million.md.
 
     Args:
       graph: a `Graph` (its non-zero edges are followed).

@@ -41,8 +41,8 @@ class DiffusionConfig:
         component of up to ~20,000 nodes; a query then costs query_k rows of it), or
         "auto": "inverse" when every component has at most ``AUTO_INVERSE_MAX_NODES``
         nodes and the blocks fit in ``AUTO_INVERSE_MAX_BYTES`` (mutual kNN graphs
-        often split into many small components: COIL-20 at k = 5 inverts in
-        10 ms and is then exact at 0.004 ms a query), else "cg". The built state's
+        often split into many small components; the inverse costs sum_c n_c^3 once and
+        query_k rows per query: docs/benchmarks/bench_diffusion.md), else "cg". The built state's
         config says which was chosen.
     """
 
