@@ -22,12 +22,20 @@ from typing import BinaryIO
 
 import numpy as np
 
+try:  # POSIX: advisory locks tell a live writer's temporary file from an orphan
+    import fcntl
+except ImportError:  # pragma: no cover - e.g. Windows
+    fcntl = None
+
 __all__ = ["STALE_TEMP_SECONDS", "atomic_write", "check_expansion", "check_pickle",
            "check_zip_members", "clean_stale_temps", "npz_names", "read_npz", "write_csv"]
 
-# A temporary file left by a writer that was killed is removed by the next
-# `atomic_write` of the same target once it is older than this (seconds). A live
-# writer keeps touching its temporary file, so an hour is far beyond any write.
+# `atomic_write` holds an exclusive lock (``flock``) on its temporary file until the
+# rename, and the OS drops it when the writer dies, however it dies: a temporary file
+# nobody holds is an orphan, and the next `atomic_write` of the same target removes it
+# whatever its age. Where locks are not available (no ``fcntl``), and for
+# `clean_stale_temps` called on its own, a temporary file is an orphan once it is
+# older than this (seconds).
 STALE_TEMP_SECONDS = 3600.0
 
 # Temporary names are ".<target name>.<8 random chars>.tmp" (tempfile.mkstemp's
@@ -47,22 +55,52 @@ def _temp_target(name: str) -> str | None:
     return target
 
 
+def _held_by_writer(path: str) -> bool | None:
+    """True if a live `atomic_write` holds ``path`` (its lock), False if nobody does (the
+    file is then removed here, under the lock), None when that cannot be told (no locks)."""
+    if fcntl is None:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return True  # gone already, or not ours to open: leave it
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        try:  # still the file we locked (not a new one under the same name)?
+            if os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                os.unlink(path)
+        except OSError:
+            pass
+        return False
+    finally:
+        os.close(fd)
+
+
 def clean_stale_temps(directory, *, target: str | None = None,
-                      older_than: float = STALE_TEMP_SECONDS) -> list[Path]:
+                      older_than: float | None = STALE_TEMP_SECONDS) -> list[Path]:
     """Remove temporary files that killed `atomic_write` calls left in ``directory``.
 
     A writer killed between creating its temporary file and renaming it (SIGKILL,
     power loss) cannot clean up after itself; its ``.<name>.<random>.tmp`` file
-    stays behind. Only files of exactly that pattern whose last modification is
-    more than ``older_than`` seconds ago are removed, so the temporary file of a
-    writer still at work is left alone. ``target`` limits the clean-up to the
-    temporaries of one file name. Removal is best effort (a file that vanishes
-    or cannot be removed is skipped).
+    stays behind. Only files of exactly that pattern are candidates, and never the
+    one of a writer still at work: `atomic_write` holds a lock on its temporary file
+    until the rename, which the OS releases when the writer dies. A candidate nobody
+    holds is removed once its last modification is more than ``older_than`` seconds
+    ago; ``older_than=None`` removes every one nobody holds, whatever its age (what
+    `atomic_write` does for its own target). Without file locks (no ``fcntl``) the
+    age alone decides (``None`` then means `STALE_TEMP_SECONDS`). ``target`` limits
+    the clean-up to the temporaries of one file name. Removal is best effort (a file
+    that vanishes or cannot be removed is skipped).
 
     Returns:
       The paths removed.
     """
     directory = Path(directory)
+    if older_than is None and fcntl is None:
+        older_than = STALE_TEMP_SECONDS
     now = time.time()
     removed = []
     try:
@@ -76,13 +114,36 @@ def clean_stale_temps(directory, *, target: str | None = None,
         try:
             if not entry.is_file(follow_symlinks=False):
                 continue
-            if now - entry.stat(follow_symlinks=False).st_mtime <= older_than:
+            if older_than is not None and now - entry.stat(follow_symlinks=False).st_mtime <= older_than:
                 continue
-            os.unlink(entry.path)
+            held = _held_by_writer(entry.path)
+            if held:
+                continue
+            if held is None:
+                os.unlink(entry.path)
         except OSError:
             continue
-        removed.append(Path(entry.path))
+        if not os.path.lexists(entry.path):
+            removed.append(Path(entry.path))
     return removed
+
+
+def _locked_temp(directory: Path, name: str) -> tuple[int, str]:
+    """A new temporary file for ``name`` in ``directory``, opened and locked (see
+    `clean_stale_temps`): (fd, path)."""
+    while True:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=_TEMP_SUFFIX)
+        if fcntl is None:
+            return fd, tmp
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            # a clean-up may have taken the unlocked file between mkstemp and flock
+            if os.fstat(fd).st_nlink:
+                return fd, tmp
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
 
 
 def atomic_write(path, write_fn: Callable[[BinaryIO], object]) -> Path:
@@ -93,9 +154,10 @@ def atomic_write(path, write_fn: Callable[[BinaryIO], object]) -> Path:
     and fsync'ed, then renamed over ``path`` with ``os.replace`` (atomic on POSIX
     and Windows within one file system), and the directory entry is fsync'ed where
     the OS allows. If ``write_fn`` raises, the temporary file is removed, ``path``
-    is untouched and the exception propagates. A writer killed outright leaves its
-    temporary file; after a successful write, temporaries of the same target older
-    than `STALE_TEMP_SECONDS` are removed (see `clean_stale_temps`).
+    is untouched and the exception propagates. The temporary file stays locked
+    (``flock``) until the rename; a writer killed outright leaves it behind unlocked,
+    and the next `atomic_write` of the same target removes it first
+    (`clean_stale_temps`), while the file of a writer still at work is left alone.
 
     Args:
       path: destination file; its parent directory must exist.
@@ -108,20 +170,22 @@ def atomic_write(path, write_fn: Callable[[BinaryIO], object]) -> Path:
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
         raise FileNotFoundError(f"cannot write {path}: directory {directory} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=_TEMP_SUFFIX)
+    clean_stale_temps(directory, target=path.name, older_than=None)
+    fd, tmp = _locked_temp(directory, path.name)
     try:
+        # the file object closes (and unlocks) only after the rename
         with os.fdopen(fd, "wb") as f:
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())
-        # mkstemp creates 0600 files: keep the mode of the file being replaced, or
-        # give a new file the usual umask-based mode.
-        try:
-            mode = path.stat().st_mode & 0o7777
-        except FileNotFoundError:
-            mode = 0o666 & ~_umask()
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
+            # mkstemp creates 0600 files: keep the mode of the file being replaced, or
+            # give a new file the usual umask-based mode.
+            try:
+                mode = path.stat().st_mode & 0o7777
+            except FileNotFoundError:
+                mode = 0o666 & ~_umask()
+            os.chmod(tmp, mode)
+            os.replace(tmp, path)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -129,7 +193,6 @@ def atomic_write(path, write_fn: Callable[[BinaryIO], object]) -> Path:
             pass
         raise
     _fsync_dir(directory)
-    clean_stale_temps(directory, target=path.name)
     return path
 
 
