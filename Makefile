@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 RUNTIME := $(VENV)/.installed-runtime
 DEV := $(VENV)/.installed-dev
 
-.PHONY: demo test lint install install-dev bench clean
+.PHONY: demo test test-slow lint install install-dev bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,8 +32,15 @@ demo: $(RUNTIME)
 lint: $(DEV)
 	$(VENV)/bin/ruff check .
 
+# the suite without the end-to-end runs (tests marked slow: experiments/ scripts, notebooks,
+# several processes, bench --quick), then those alone; CI runs both
+PYTEST := RETRIEVAL_JAX_NO_PROGRESS=1 $(PY) -m pytest -q -n 2 --dist loadfile
+
 test: $(DEV)
-	RETRIEVAL_JAX_NO_PROGRESS=1 $(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PYTEST) -m "not slow" tests
+
+test-slow: $(DEV)
+	$(PYTEST) -m slow tests
 
 bench: $(RUNTIME)
 	$(PY) -m experiments.bench_diffusion --coil20

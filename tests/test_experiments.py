@@ -35,6 +35,7 @@ def _toy_landmarks(d: Path):
                      "qimlist": [f"q{i}" for i in range(4)]}, f)
 
 
+@pytest.mark.slow
 def test_reproduce_quick(tmp_path, capsys):
     _toy_landmarks(tmp_path)
     out = tmp_path / "rep"
@@ -74,6 +75,7 @@ def test_reproduce_argument_errors(tmp_path, capsys):
         assert exc.value.code == 2 and match in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_ablations_quick(tmp_path):
     out = tmp_path / "abl"
     assert ablations.main(["--quick", "--datasets", "digits", "--out", str(out)]) == 0
@@ -89,6 +91,7 @@ def test_ablations_quick(tmp_path):
     assert json.loads((out / "config.json").read_text())["params"]["k"] == [5, 20]
 
 
+@pytest.mark.slow
 def test_results_page(tmp_path):
     out = tmp_path / "page"
     queries, maps = results_page.run("digits", out, n_queries=3, top=4, log=lambda *a: None)

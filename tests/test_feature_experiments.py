@@ -14,6 +14,8 @@ from experiments import common
 from experiments import features_benchmark as fb
 from experiments import regional_diffusion as rd
 
+pytestmark = pytest.mark.slow  # one run of each experiment per module
+
 
 def _need_data():
     require_data("coil20")

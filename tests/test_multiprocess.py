@@ -85,6 +85,7 @@ def reference():
     return np.asarray(scores), np.asarray(info.iterations)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("local_devices", [1, 2], ids=["2x1-devices", "2x2-devices"])
 def test_two_processes_match_one(tmp_path, reference, local_devices):
     ref, ref_iterations = reference
@@ -103,6 +104,7 @@ def test_two_processes_match_one(tmp_path, reference, local_devices):
             assert np.abs(got[f"{layout}_iterations"] - ref_iterations).max() <= 1, layout
 
 
+@pytest.mark.slow
 def test_worker_fails_fast_without_peer(tmp_path):
     """A lone worker whose peer never comes gives up at its own --timeout, with an error."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", RETRIEVAL_JAX_NO_PROGRESS="1")

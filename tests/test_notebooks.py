@@ -147,6 +147,7 @@ def test_setup_cell_says_what_to_set_when_nothing_is_installed(tmp_path):
     assert "Set RETRIEVAL_JAX_SOURCE at the top of this cell" in out.stderr, out.stderr
 
 
+@pytest.mark.slow
 def test_quickstart(tmp_path, monkeypatch):
     s, elapsed = _execute(COLAB / "quickstart.ipynb", tmp_path, monkeypatch)
     print(f"quickstart: {elapsed:.1f} s")
@@ -161,6 +162,7 @@ def test_quickstart(tmp_path, monkeypatch):
     _assert_repo_untouched()
 
 
+@pytest.mark.slow
 def test_spectral(tmp_path, monkeypatch):
     s, elapsed = _execute(COLAB / "spectral.ipynb", tmp_path, monkeypatch)
     print(f"spectral: {elapsed:.1f} s")
@@ -178,6 +180,7 @@ def test_spectral(tmp_path, monkeypatch):
     _assert_repo_untouched()
 
 
+@pytest.mark.slow
 def test_finetuning(tmp_path, monkeypatch):
     s, elapsed = _execute(COLAB / "finetuning.ipynb", tmp_path, monkeypatch)
     print(f"finetuning: {elapsed:.1f} s")

@@ -14,6 +14,8 @@ from PIL import Image
 from conftest import require_data
 from experiments import spectral_benchmark as sb
 
+pytestmark = pytest.mark.slow  # one run of the experiment per module
+
 QUICK_RANKS = [int(r) for r in sb.QUICK["ranks"].split(",")]
 
 
