@@ -138,7 +138,16 @@ def _check_labels(labels, n: int, name: str = "labels", *, every_item_a_query: b
         raise ValueError(f"{name} has {arr.shape[0]} entries but the collection has {n} items")
     if np.issubdtype(arr.dtype, np.floating) and np.isnan(arr).any():
         raise ValueError(f"{name} has NaN (first at {int(np.flatnonzero(np.isnan(arr))[0])})")
-    _, codes = np.unique(arr, return_inverse=True)
+    if arr.dtype == object:
+        missing = [i for i, v in enumerate(arr) if v is None or (isinstance(v, float) and v != v)]
+        if missing:
+            raise ValueError(f"{name} has None or NaN (first at {missing[0]}); every item needs a label")
+    try:
+        _, codes = np.unique(arr, return_inverse=True)
+    except TypeError as exc:  # labels of mixed, incomparable types (e.g. 1 and "a")
+        kinds = sorted({type(v).__name__ for v in arr.tolist()})
+        raise TypeError(f"{name} mixes label types that cannot be ordered ({', '.join(kinds)}); "
+                        "use one type for every label") from exc
     return codes.reshape(-1).astype(np.int64)
 
 
@@ -212,6 +221,15 @@ def _ap_prec_from_codes(codes: np.ndarray, n_pos: np.ndarray, ks: tuple[int, ...
 
 def _check_lists(positives: Sequence, junk: Sequence | None, nq: int, n_db: int):
     """Validated (positives, junk) index lists, one per query (junk None: none)."""
+    for what, lists in (("positives", positives), ("junk", junk)):
+        if lists is None and what == "junk":
+            continue
+        if isinstance(lists, (str, bytes)) or not hasattr(lists, "__len__"):
+            raise TypeError(f"{what} must be a sequence of {nq} index lists (one per query), "
+                            f"got {type(lists).__name__}")
+        for i, entry in enumerate(lists):
+            if entry is None:
+                raise TypeError(f"{what}[{i}] is None; give an empty list for a query without {what}")
     if len(positives) != nq:
         raise ValueError(f"positives has {len(positives)} entries but ranking has {nq} rows")
     if junk is None:

@@ -43,6 +43,12 @@ def _storable(arr: np.ndarray) -> np.ndarray:
     return arr.astype(np.int64)
 
 
+def _is_number_dtype(dtype) -> bool:
+    """bool, integer, floating (bfloat16 and fp8 included) or complex."""
+    return dtype == np.bool_ or any(jnp.issubdtype(dtype, t) for t in (jnp.integer, jnp.floating,
+                                                                     jnp.complexfloating))
+
+
 def _default_write(fileobj, arrays: dict) -> None:
     np.savez(fileobj, **arrays)
 
@@ -59,10 +65,14 @@ def save_checkpoint(path, pytree, *, write_fn: Callable | None = None) -> None:
 
     Args:
       path: destination file (the name is used as is).
-      pytree: any pytree whose leaves are arrays or scalars (e.g. a `TrainState`,
-        params dicts, a `Whitening`).
+      pytree: any pytree whose leaves are number (or bool) arrays or scalars (e.g. a
+        `TrainState`, params dicts, a `Whitening`).
       write_fn: (file object, {name: ndarray}) -> None; default ``np.savez``
         (use ``np.savez_compressed`` to compress).
+
+    Raises:
+      TypeError: a leaf of object or string dtype (it would need pickle to be read back).
+      ValueError: two leaves with the same key path.
     """
     path = os.fspath(path)
     write_fn = _default_write if write_fn is None else write_fn
@@ -73,6 +83,9 @@ def save_checkpoint(path, pytree, *, write_fn: Callable | None = None) -> None:
         if name == _META or name in arrays:
             raise ValueError(f"cannot store leaf with key path {name!r}")
         arr = np.asarray(jax.device_get(leaf))
+        if not _is_number_dtype(arr.dtype):
+            raise TypeError(f"checkpoint leaf {name} has dtype {arr.dtype}; a checkpoint stores number "
+                            "(and bool) arrays only, not Python objects or strings")
         meta.append({"name": name, "path": [_path_entry(k) for k in key_path], "dtype": str(arr.dtype)})
         arrays[name] = _storable(arr)
     arrays[_META] = np.array(json.dumps({"version": 1, "leaves": meta}))
@@ -163,6 +176,9 @@ def _checkpoint_meta(arrays: dict, path) -> list[dict]:
             entry["jnp_dtype"] = jnp.dtype(entry["dtype"])
         except (TypeError, ValueError):
             raise ValueError(f"{bad} ({name}) has an unknown dtype {entry.get('dtype')!r}") from None
+        if not _is_number_dtype(entry["jnp_dtype"]):
+            raise ValueError(f"{bad} ({name}) has dtype {entry['dtype']!r}, not a number dtype; "
+                             "checkpoints hold number arrays only")
         if arrays[name].dtype.kind not in "biufc":
             raise ValueError(f"{bad} ({name}) is stored as {arrays[name].dtype}, not a number array")
     return meta["leaves"]
