@@ -17,7 +17,10 @@ solve, by implicit differentiation (the backward pass is one more CG solve). The
 is a listwise softmax cross-entropy: every training item q is a query (Y = I), its
 diffusion scores to the other items are scaled by their maximum and divided by a
 temperature, and the loss is the mean over q of -mean_{p in class(q)} log softmax(s_q)_p.
-Adam (optax) on a, g; AdamW on D (its weight decay pulls P back towards I).
+Adam (optax) on a, g; AdamW on D (its weight decay pulls P back towards I). The model,
+the loss and the jitted step are the library's (``retrieval_jax.training``:
+``LearnedDiffusionParams``, ``learned_diffusion_scores``, ``listwise_loss``,
+``learned_diffusion_step``); this script holds the data, the baselines and the outputs.
 
 Training uses one half of the classes, evaluation the other, with its own graph built
 from the projected held-out descriptors (the classes are disjoint: what transfers is
@@ -64,9 +67,11 @@ import optax
 from experiments import ablation_grid
 from retrieval_jax._progress import progress
 from retrieval_jax.data import atomic_write, default_data_dir, load_mpeg7, write_csv
-from retrieval_jax.diffusion import diffuse, ranking_from_scores
+from retrieval_jax.diffusion import ranking_from_scores
 from retrieval_jax.evaluation import bullseye_score, label_map
-from retrieval_jax.graph import connected_components, knn_graph, normalize
+from retrieval_jax.graph import connected_components, knn_graph
+from retrieval_jax.training import (LearnedDiffusionParams, learned_diffusion_scores,
+                                    learned_diffusion_step, project)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,55 +180,15 @@ def component_ceiling(Z, labels, s: Settings, gamma: float, metric: str):
 
 
 # ----------------------------------------------------------------------------- the model
-# alpha = ALPHA_MAX sigmoid(a) stays below 1: at alpha = 1 (a saturated float32 sigmoid)
-# I - alpha W is singular, CG diverges and the step's gradient is NaN
-ALPHA_MAX = 0.9995
-
-
+# the model, its loss and its step are retrieval_jax.training.learned_diffusion; here only
+# the optimizer of this experiment and the jitted evaluation
 def unpack(params):
-    alpha = ALPHA_MAX * jax.nn.sigmoid(params["a"])
-    gamma = jax.nn.softplus(params["g"])
-    P = jnp.eye(params["D"].shape[0], dtype=params["D"].dtype) + params["D"]
-    return alpha, gamma, P
-
-
-def project(X, P):
-    Z = X @ P
-    return Z / jnp.sqrt(jnp.maximum(jnp.sum(Z * Z, axis=1, keepdims=True), 1e-24))
-
-
-def diffusion_scores(params, X, y, *, k, mutual, tol, max_iter):
-    alpha, gamma, P = unpack(params)
-    W = normalize(knn_graph(project(X, P), k, gamma=gamma, mutual=mutual))
-    return diffuse(W, y, alpha=alpha, tol=tol, max_iter=max_iter)
-
-
-def listwise_loss(S, labels_onehot, temperature):
-    """Mean over queries of -mean over same-class items of log softmax(scaled scores).
-
-    S: [n, n] diffusion scores of every item (rows: queries); the query itself is masked.
-    Scores are divided by each row's largest other score (diffusion scores scale like
-    1 / (1 - alpha); this keeps the softmax temperature meaningful for every alpha).
-    """
-    n = S.shape[0]
-    eye = jnp.eye(n, dtype=bool)
-    S = jnp.where(eye, 0.0, S)                     # never -inf: its gradient would be NaN
-    # for a query the mutual graph leaves isolated, max S = 0: a floor like 1e-30 makes
-    # d(S / m)/dm = -S / m^2 overflow float32 (0 * inf = NaN); divide by 1 there instead
-    scale = jnp.max(S, axis=1, keepdims=True)
-    S = S / jnp.where(scale > 0, scale, 1.0)
-    logits = jnp.where(eye, -1e4, S / temperature)
-    logp = jax.nn.log_softmax(logits, axis=1)
-    pos = (labels_onehot @ labels_onehot.T > 0) & ~eye
-    per_query = jnp.sum(jnp.where(pos, logp, 0.0), axis=1) / jnp.maximum(jnp.sum(pos, axis=1), 1)
-    return -jnp.mean(per_query)
+    """(alpha, gamma, P) of the parameters."""
+    return params.alpha, params.gamma, params.projection
 
 
 def init_params(d, s: Settings):
-    a0 = s.alpha0 / ALPHA_MAX
-    return {"a": jnp.asarray(np.log(a0 / (1 - a0)), jnp.float32),
-            "g": jnp.asarray(np.log(np.expm1(s.gamma0)), jnp.float32),
-            "D": jnp.zeros((d, d), jnp.float32)}
+    return LearnedDiffusionParams.create(d, alpha=s.alpha0, gamma=s.gamma0)
 
 
 def make_optimizer(s: Settings):
@@ -232,25 +197,14 @@ def make_optimizer(s: Settings):
     return optax.apply_if_finite(optax.multi_transform(
         {"a": optax.adam(s.lr_alpha), "g": optax.adam(s.lr_gamma),
          "D": optax.adamw(s.lr_proj, weight_decay=s.weight_decay)},
-        {"a": "a", "g": "g", "D": "D"}), max_consecutive_errors=10)
+        LearnedDiffusionParams.labels()), max_consecutive_errors=10)
 
 
 def make_functions(s: Settings):
     kw = dict(k=s.k, mutual=s.mutual, tol=s.tol, max_iter=s.max_iter)
     opt = make_optimizer(s)
-
-    def loss_fn(params, X, y, onehot):
-        return listwise_loss(diffusion_scores(params, X, y, **kw), onehot, s.temperature)
-
-    @jax.jit
-    def step(params, opt_state, X, y, onehot):
-        loss, grads = jax.value_and_grad(loss_fn)(params, X, y, onehot)
-        finite = jnp.isfinite(loss) & jnp.all(jnp.asarray(
-            [jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]))
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, finite
-
-    evaluate = jax.jit(functools.partial(diffusion_scores, **kw))
+    step = learned_diffusion_step(opt, temperature=s.temperature, **kw)
+    evaluate = jax.jit(functools.partial(learned_diffusion_scores, **kw))
     return opt, step, evaluate
 
 
@@ -273,8 +227,7 @@ def run_dataset(sp: Split, s: Settings, out: Path, *, log=print):
     log(f"{sp.name}: {sp.note}; train {ntr} items / {len(np.unique(sp.y_train))} classes, "
         f"held-out {nte} items / {len(np.unique(sp.y_test))} classes, d = {d}, k = {s.k}")
     ytr, yte = jnp.eye(ntr, dtype=jnp.float32), jnp.eye(nte, dtype=jnp.float32)
-    cls = np.unique(sp.y_train)
-    onehot = jnp.asarray(sp.y_train[:, None] == cls[None, :], jnp.float32)
+    labels_tr = jnp.asarray(sp.y_train)
 
     # baselines: kNN search, and the grid (one compiled program per half)
     knn_tr = score(sp.X_train @ sp.X_train.T, sp.y_train, metric)
@@ -298,7 +251,7 @@ def run_dataset(sp: Split, s: Settings, out: Path, *, log=print):
     t0 = time.perf_counter()
     for i in progress(range(s.steps), desc=f"{sp.name} steps", total=s.steps):
         a, g, _ = unpack(params)
-        params, opt_state, loss, finite = step(params, opt_state, Xtr, ytr, onehot)
+        params, opt_state, loss, finite = step(params, opt_state, Xtr, labels_tr)
         held = score(evaluate(params, Xte, yte), sp.y_test, metric)
         rows.append({"dataset": sp.name, "step": i, "loss": float(loss), "alpha": float(a),
                      "gamma": float(g), "heldout": held, "finite": int(bool(finite)),

@@ -15,6 +15,9 @@ Pipeline (EfficientNet-Lite0, ImageNet weights, one backbone pass per image):
    0.84 -> 0.31 mAP on COIL-20 at 128 dims). The whitened global R-MAC is the
    L2-normalised sum of the whitened regions (Tolias et al.); plain R-MAC sums the
    unwhitened ones.
+The pipeline of steps 3-6 is the library's ``region_graph`` and
+``regional_diffusion_scores`` (``retrieval_jax.diffusion.regional``).
+
 3. Region graph: ``knn_graph`` over all valid regions, k = ``--region-k`` (30: it
    must exceed the 14 regions per image, whose own regions are otherwise most of
    each region's neighbours and the graph falls apart into per-image cliques), mutual,
@@ -50,10 +53,7 @@ import numpy as np
 from retrieval_jax.backbones import load_efficientnet_lite
 from retrieval_jax.descriptors import (apply_whitening, extract, gem, l2_normalize,
                                        learn_pca_whitening, rmac_boxes, rmac_regions)
-from retrieval_jax.diffusion import diffuse
-from retrieval_jax.diffusion.regional import (gmp_weights, pool_region_scores, query_region_knn,
-                                              query_region_similarity)
-from retrieval_jax.graph import knn_graph, normalize
+from retrieval_jax.diffusion.regional import region_graph, regional_diffusion_scores
 
 from experiments import features_benchmark as fb
 from experiments.common import (IMAGE_DATASETS, RESULTS, load_image_dataset, pyplot, save_figure,
@@ -109,45 +109,21 @@ def regional_scores(regions, valid, *, region_k: int, query_k: int, alpha: float
                     poolings=("gmp", "max", "sum")) -> tuple[dict, dict]:
     """Image scores {pooling: float32[n, n]} of every image as a multi-region query.
 
-    Graph nodes are the valid regions; ``y`` and the diffusion live on them and are
-    scattered back to the padded layout [n * R] (image i, region r -> i * R + r) for
-    pooling. Returns (scores, info) with info the graph size and CG steps.
+    The library's pipeline (``region_graph`` then ``regional_diffusion_scores``), timed:
+    returns (scores, info) with info the graph size, the seconds of each part and the
+    CG steps.
     """
-    n, r, _ = regions.shape
-    flat_valid = np.flatnonzero(valid.ravel())
-    nodes = regions.reshape(n * r, -1)[flat_valid]
     t0 = time.perf_counter()
-    graph = normalize(knn_graph(nodes, region_k, gamma=3.0, mutual=True))
+    graph, nodes = region_graph(regions, valid, k=region_k, gamma=3.0, mutual=True)
     t_graph = time.perf_counter() - t0
-    weights = gmp_weights(regions, valid, lam=lam)
-    sims, idx = query_region_knn(regions, regions, query_k, query_mask=valid, db_mask=valid)
-    rq = r  # query regions per image (row q * R + r of sims / idx)
-    out = {p: np.empty((n, n), np.float32) for p in poolings}
-    steps = []
-    valid_j, fv = jnp.asarray(valid), jnp.asarray(flat_valid)
     t0 = time.perf_counter()
-    for start in fb_progress(range(0, n, chunk), "regional diffusion"):
-        q = np.arange(start, min(n, start + chunk))
-        rows = (q[:, None] * rq + np.arange(rq)[None]).ravel()
-        y = query_region_similarity(sims[rows], idx[rows], num_queries=len(q),
-                                    num_db_regions=n * r, query_mask=valid[q])
-        x, info = diffuse(graph, y[:, fv], alpha=alpha, tol=1e-6, max_iter=max_iter,
-                          return_info=True)
-        steps.append(np.asarray(info.iterations))
-        full = jnp.zeros((len(q), n * r), jnp.float32).at[:, fv].set(x)
-        for p in poolings:
-            out[p][q] = np.asarray(pool_region_scores(full, weights, mode=p, mask=valid_j))
-    steps = np.concatenate(steps)
+    out, steps = regional_diffusion_scores(graph, nodes, regions, valid, query_k=query_k, gamma=3.0,
+                                           alpha=alpha, tol=1e-6, max_iter=max_iter, lam=lam,
+                                           poolings=poolings, chunk=chunk, return_iterations=True)
     info = {"regions": int(nodes.shape[0]), "graph_seconds": t_graph,
             "diffusion_seconds": time.perf_counter() - t0,
             "cg_steps_max": int(steps.max()), "cg_steps_mean": float(steps.mean())}
     return out, info
-
-
-def fb_progress(iterable, desc):
-    from retrieval_jax._progress import progress
-    it = list(iterable)
-    return progress(it, desc=desc, total=len(it), auto_threshold=4)
 
 
 # ----------------------------------------------------------------------------- experiment

@@ -10,6 +10,11 @@ database image are pooled into one image score, best by generalised max pooling
 Images have different numbers of regions, so everything works on padded arrays
 regions [N, R, d] + mask [N, R]; database regions are flattened as row-major
 index ``i * R + r`` (image i, region r), giving static shapes for jit.
+
+The whole pipeline is `region_graph` (the kNN graph over the valid regions) then
+`regional_diffusion_scores` (query regions -> y -> diffusion -> pooled image scores);
+the pieces (`gmp_weights`, `pool_region_scores`, `query_region_knn`,
+`query_region_similarity`) are public for other compositions.
 """
 from __future__ import annotations
 
@@ -20,10 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._precision import HIGHEST as _HIGHEST
+from .._progress import progress
 from .. import _checks
-from ..graph import knn
+from ..graph import knn, knn_graph, normalize
+from .manifold_ranking import diffuse
 
-__all__ = ["gmp_weights", "pool_region_scores", "query_region_similarity", "query_region_knn"]
+__all__ = ["gmp_weights", "pool_region_scores", "query_region_similarity", "query_region_knn",
+           "region_graph", "regional_diffusion_scores"]
 
 
 
@@ -229,3 +237,112 @@ def query_region_knn(query_regions, db_regions, k: int, *, query_mask=None, db_m
     idx = jnp.asarray(keep.astype(np.int32))[idx]
     sims = jnp.where(jnp.asarray(qvalid)[:, None], sims, -jnp.inf)
     return sims, idx
+
+
+def _host_regions(regions, mask, what):
+    regions = np.asarray(regions, dtype=np.float32)
+    if regions.ndim != 3:
+        raise ValueError(f"{what} must be [N, R, d], got shape {regions.shape}")
+    mask = np.ones(regions.shape[:2], bool) if mask is None else np.asarray(mask)
+    if mask.shape != regions.shape[:2]:
+        raise ValueError(f"the mask of {what} must be [N, R] = {regions.shape[:2]}, got {mask.shape}")
+    return regions, mask.astype(bool)
+
+
+def region_graph(regions, mask=None, *, k: int, gamma: float = 3.0, mutual: bool = True):
+    """The normalised kNN graph over the valid regions of a collection (host driver).
+
+    The nodes are the valid regions, in flattened order; node j is the padded region
+    ``nodes[j] = i * R + r`` (image i, region r). Affinities as in `graph.knn_graph`,
+    A_uv = max(<x_u, x_v>, 0)^gamma on the (mutual) kNN pairs, normalised
+    W = D^-1/2 A D^-1/2 (Iscen et al., CVPR 2017, Sec. 3.1 and 3.3). k should exceed
+    the regions per image, or each region's neighbours are mostly its own image's.
+
+    Args:
+      regions: float[N, R, d] (L2-normalised rows); mask: bool[N, R] valid regions
+        (default all); k: neighbours per region (< number of valid regions);
+      gamma: similarity exponent (> 0); mutual: reciprocal pairs only.
+    Returns:
+      (W, nodes): the `NormalizedGraph` of the M valid regions and int32[M] their
+      flattened padded indices. Cost: the kNN search over M regions, O(M^2 d) exact.
+    """
+    regions, mask = _host_regions(regions, mask, "regions")
+    nodes = np.flatnonzero(mask.ravel()).astype(np.int32)
+    if nodes.size < 2:
+        raise ValueError(f"the mask leaves {nodes.size} valid region(s); a region graph needs at least 2")
+    flat = regions.reshape(-1, regions.shape[2])[nodes]
+    return normalize(knn_graph(flat, k, gamma=gamma, mutual=mutual)), nodes
+
+
+def regional_diffusion_scores(graph, nodes, regions, mask=None, query_regions=None, query_mask=None, *,
+                              query_k: int, gamma: float = 3.0, alpha: float = 0.99, tol: float = 1e-6,
+                              max_iter: int = 200, lam: float = 1.0, poolings=("gmp",), chunk: int = 128,
+                              return_iterations: bool = False, show_progress: bool | None = None):
+    """Image scores of multi-region queries by diffusion on the region graph.
+
+    Iscen et al. (CVPR 2017, Sec. 3.3), for each query image q with regions q_r:
+
+      y_q,u = sum_r [u in NN_k(q_r)] max(<q_r, x_u>, 0)^gamma   (`query_region_similarity`)
+      (I - alpha W) f_q = y_q                                     (`manifold_ranking.diffuse`, CG)
+      s_q,i = sum_r b_ir f_q,(i,r)                                (GMP, `gmp_weights`, lam)
+
+    or the max / sum of f over image i's valid regions (`pool_region_scores`). The
+    observation and the diffusion live on the graph's nodes (the valid regions) and
+    are scattered back to the padded layout [N * R] for pooling.
+
+    Args:
+      graph, nodes: from `region_graph` over ``regions`` / ``mask``.
+      regions: float[N, R, d] database regions; mask: bool[N, R] (default all valid).
+      query_regions: float[nq, Rq, d] and query_mask bool[nq, Rq]; default: every
+        database image is a query with its own regions (the regional search of a
+        collection against itself).
+      query_k: database regions per query region (<= number of valid regions).
+      gamma: exponent of the query similarities (> 0; the graph's, usually).
+      alpha, tol, max_iter: as in `diffuse` (alpha 0.99 and tol 1e-6 in Iscen et al.).
+      lam: the GMP regulariser (> 0); poolings: a tuple of "gmp", "max", "sum".
+      chunk: queries per diffusion batch (memory: chunk x N x R floats).
+    Returns:
+      {pooling: float32[nq, N]} (and int[nq] CG steps per query when
+      ``return_iterations``). Cost: the query kNN, O(nq Rq M d), plus per chunk one
+      batched CG of at most ``max_iter`` steps over the M-node graph.
+    """
+    regions, mask = _host_regions(regions, mask, "regions")
+    if query_regions is None:
+        if query_mask is not None:
+            raise ValueError("query_mask without query_regions; the queries default to the database")
+        query_regions, query_mask = regions, mask
+    else:
+        query_regions, query_mask = _host_regions(query_regions, query_mask, "query_regions")
+    n, r, _ = regions.shape
+    nodes = np.asarray(nodes)
+    if nodes.ndim != 1 or nodes.shape[0] != graph.num_nodes:
+        raise ValueError(f"nodes must be the int[{graph.num_nodes}] flat indices of the graph's regions "
+                         f"(from region_graph), got shape {nodes.shape}")
+    if not np.array_equal(nodes, np.flatnonzero(mask.ravel())):
+        raise ValueError("nodes do not match the valid regions of mask; build the graph with "
+                         "region_graph(regions, mask, ...) on the same regions")
+    poolings = tuple(poolings)
+    if not poolings or any(p not in ("gmp", "max", "sum") for p in poolings):
+        raise ValueError(f"poolings must be a non-empty tuple of 'gmp', 'max', 'sum', got {poolings!r}")
+    chunk = _checks.check_positive_int(chunk, "chunk")
+    weights = gmp_weights(regions, mask, lam=lam) if "gmp" in poolings else None
+    sims, idx = query_region_knn(query_regions, regions, query_k, query_mask=query_mask, db_mask=mask)
+    nq, rq = query_mask.shape
+    out = {p: np.empty((nq, n), np.float32) for p in poolings}
+    steps = []
+    fv, mask_j = jnp.asarray(nodes), jnp.asarray(mask)
+    starts = range(0, nq, chunk)
+    for start in progress(starts, desc="regional diffusion", total=len(starts), enable=show_progress,
+                          auto_threshold=4):
+        q = np.arange(start, min(nq, start + chunk))
+        rows = (q[:, None] * rq + np.arange(rq)[None]).ravel()
+        y = query_region_similarity(sims[rows], idx[rows], num_queries=len(q), num_db_regions=n * r,
+                                    gamma=gamma, query_mask=query_mask[q])
+        x, info = diffuse(graph, y[:, fv], alpha=alpha, tol=tol, max_iter=max_iter, return_info=True)
+        steps.append(np.asarray(info.iterations))
+        full = jnp.zeros((len(q), n * r), x.dtype).at[:, fv].set(x)
+        for p in poolings:
+            out[p][q] = np.asarray(pool_region_scores(full, weights, mode=p, mask=mask_j))
+    if return_iterations:
+        return out, np.concatenate(steps)
+    return out

@@ -3,19 +3,25 @@
 - :mod:`.losses`: contrastive and triplet losses, hard-negative mining;
 - :mod:`.step`: :class:`TrainState` and the jitted optax :func:`make_train_step`;
 - :mod:`.checkpoints`: atomic ``.npz`` checkpoints of any pytree;
-- :mod:`.finetune`: a GeM + whitening head (and the last conv block) on frozen maps.
+- :mod:`.finetune`: a GeM + whitening head (and the last conv block) on frozen maps;
+- :mod:`.learned_diffusion`: alpha, gamma and a projection learned through the kNN graph
+  and the diffusion (listwise loss).
 """
-from . import checkpoints, finetune, losses, step
+from . import checkpoints, finetune, learned_diffusion, losses, step
 from .checkpoints import load_checkpoint, save_checkpoint
 from .finetune import (apply_conv_head, embed_with_head, finetune_head, head_model, init_head,
                        load_head)
+from .learned_diffusion import (ALPHA_MAX, LearnedDiffusionParams, learned_diffusion_scores,
+                                learned_diffusion_step, listwise_loss, listwise_objective, project)
 from .losses import contrastive_loss, mine_hard_negatives, triplet_loss
 from .step import TrainState, contrastive_objective, make_train_step, triplet_objective
 
 __all__ = [
-    "checkpoints", "finetune", "losses", "step",
+    "checkpoints", "finetune", "learned_diffusion", "losses", "step",
     "load_checkpoint", "save_checkpoint",
     "apply_conv_head", "embed_with_head", "finetune_head", "head_model", "init_head", "load_head",
+    "ALPHA_MAX", "LearnedDiffusionParams", "learned_diffusion_scores", "learned_diffusion_step",
+    "listwise_loss", "listwise_objective", "project",
     "contrastive_loss", "mine_hard_negatives", "triplet_loss",
     "TrainState", "contrastive_objective", "make_train_step", "triplet_objective",
 ]
