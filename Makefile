@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 RUNTIME := $(VENV)/.installed-runtime
 DEV := $(VENV)/.installed-dev
 
-.PHONY: demo test test-slow lint install install-dev bench clean
+.PHONY: demo test test-slow lint docs install install-dev bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ test: $(DEV)
 
 test-slow: $(DEV)
 	$(PYTEST) -m slow tests
+
+# the documentation (docs/, mkdocs.yml; API reference from the docstrings): any warning fails
+docs: $(DEV)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -d results/site
 
 bench: $(RUNTIME)
 	$(PY) -m experiments.bench_diffusion --coil20
