@@ -1,24 +1,48 @@
 """Batched conjugate gradient for symmetric positive-definite operators."""
 from __future__ import annotations
 
+import enum
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from .. import _checks
+
+
+class CGStatus(enum.IntEnum):
+    """What became of one right-hand side (`CGResult.status`; compare the int32 codes).
+
+    CONVERGED: ||b - A x|| <= tol ||b|| (b = 0 included).
+    MAX_ITER: ``max_iter`` steps taken first; x is the last iterate.
+    INDEFINITE: a search direction with p^T A p <= 0: A is not positive definite (or
+      not symmetric) on the Krylov space, so CG's step is meaningless; x is NaN.
+    NONFINITE: NaN or inf in b or in a product A p; x is NaN.
+    """
+
+    CONVERGED = 0
+    MAX_ITER = 1
+    INDEFINITE = 2
+    NONFINITE = 3
 
 
 class CGResult(NamedTuple):
     """Solution of A x = b for B right-hand sides.
 
     Attributes:
-      x: solution, same shape as ``b`` ([n] or [n, B]).
+      x: solution, same shape as ``b`` ([n] or [n, B]); NaN where the solve failed.
       iterations: int32[B] (scalar for 1-D b): CG steps taken by each right-hand side.
       residual: float32[B]: final relative residual ||b - A x|| / ||b|| (0 for b = 0).
+      status: int32[B] (scalar for 1-D b) `CGStatus` codes, as lineax's ``Solution.result``:
+        under ``jax.jit`` a failure cannot raise, so the record says it; None from
+        solvers that do not report one.
     """
 
     x: jax.Array
     iterations: jax.Array
     residual: jax.Array
+    status: jax.Array | None = None
 
 
 def conjugate_gradient(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, *,
@@ -30,7 +54,13 @@ def conjugate_gradient(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, *
     its own CG recurrence (its own step sizes); a column stops updating once
     ||r|| <= tol ||b||, and the loop (``lax.while_loop``) ends when every column has
     converged or after ``max_iter`` steps. Pure and traceable: call it under
-    ``jax.jit`` (``diffuse`` does) or ``vmap`` it.
+    ``jax.jit`` (``diffuse`` does) or ``vmap`` it. Cost: one product with A per step.
+
+    A column whose search direction p has p^T A p <= 0 (A not positive definite) or
+    whose products turn NaN / inf stops there with x = NaN, and its ``status`` says
+    which (`CGStatus`). Called on concrete values (outside a trace) the function
+    checks b for NaN / inf before it starts and raises on a failed column after it;
+    under a trace it cannot, and the caller reads ``status``.
 
     Args:
       matvec: x [n, B] -> A x [n, B] (also called on [n] when b is 1-D).
@@ -40,8 +70,20 @@ def conjugate_gradient(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, *
       x0: initial guess, shape of b (default 0).
 
     Returns:
-      `CGResult` (x, iterations, residual).
+      `CGResult` (x, iterations, residual, status).
+
+    Raises:
+      ValueError: (concrete values only) b holds NaN or inf, or a column broke down
+        (A not positive definite, or NaN / inf from ``matvec``).
     """
+    b = jnp.asarray(b)
+    if b.ndim not in (1, 2):
+        raise ValueError(f"b must be [n] or [n, B] (node axis first), got shape {b.shape}")
+    if not jnp.issubdtype(b.dtype, jnp.floating):
+        raise TypeError(f"b must be a real floating-point array, got dtype {b.dtype}")
+    if not _checks.is_traced(b) and not np.isfinite(np.asarray(b)).all():
+        bad = np.flatnonzero(~np.isfinite(np.asarray(b)).reshape(b.shape[0], -1).all(axis=0))
+        raise ValueError(f"b (the right-hand side) has NaN or inf (column {bad[0]}); CG would return NaN")
     squeeze = b.ndim == 1
     if squeeze:
         b = b[:, None]
@@ -62,39 +104,61 @@ def conjugate_gradient(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, *
     rs = jnp.sum(r * r, axis=0)
     nb = b.shape[1]
 
-    def active(rs):
-        return jnp.sqrt(rs) > thresh
+    def active(rs, status):
+        return (jnp.sqrt(rs) > thresh) & (status == CGStatus.CONVERGED)
 
     def cond(state):
-        _, _, _, rs, _, k, _ = state
-        return jnp.logical_and(k < max_iter, jnp.any(active(rs)))
+        _, _, _, rs, _, k, _, status = state
+        return jnp.logical_and(k < max_iter, jnp.any(active(rs, status)))
 
     def body(state):
         # the search direction p = r + beta p_prev is formed at the top of the step, from the
         # previous step's beta (0 on the first step and for converged columns, whose step
         # size is 0): the loop then carries p_prev and XLA updates it in place, where the
         # update at the end of the step made it copy the [n, B] direction once per step
-        # (one [n, B] copy saved per step)
-        x, r, p, rs, beta, k, its = state
-        act = active(rs)
+        x, r, p, rs, beta, k, its, status = state
+        act = active(rs, status)
         p = r + beta * p
         ap = mv(p)
         pap = jnp.sum(p * ap, axis=0)
-        step = jnp.where(act, rs / jnp.where(pap > 0, pap, 1), 0).astype(dtype)
+        # a failed column stops here: NaN / inf products, or p^T A p <= 0 (A indefinite)
+        status = jnp.where(act & ~jnp.isfinite(pap), CGStatus.NONFINITE,
+                           jnp.where(act & (pap <= 0), CGStatus.INDEFINITE, status)).astype(jnp.int32)
+        act = act & (status == CGStatus.CONVERGED)
+        step = jnp.where(act, rs / jnp.where(act, pap, 1), 0).astype(dtype)
         x = x + step * p
         r = r - step * ap
         rs_new = jnp.sum(r * r, axis=0)
         beta = jnp.where(act, rs_new / jnp.where(rs > 0, rs, 1), 0).astype(dtype)
         rs_new = jnp.where(act, rs_new, rs)
-        return x, r, p, rs_new, beta, k + 1, its + act.astype(jnp.int32)
+        return x, r, p, rs_new, beta, k + 1, its + act.astype(jnp.int32), status
 
-    init = (x, r, r, rs, jnp.zeros((nb,), dtype), jnp.int32(0), jnp.zeros((nb,), jnp.int32))
-    x, r, _, rs, _, _, its = jax.lax.while_loop(cond, body, init)
-    # a non-finite right-hand side (e.g. a NaN cotangent in a backward pass) gives a NaN
-    # solution, never a silent zero: its residual test would otherwise read as converged
-    x = jnp.where(jnp.isfinite(b_norm), x, jnp.nan)
+    status = jnp.where(jnp.isfinite(b_norm) & jnp.isfinite(rs), CGStatus.CONVERGED,
+                       CGStatus.NONFINITE).astype(jnp.int32)
+    init = (x, r, r, rs, jnp.zeros((nb,), dtype), jnp.int32(0), jnp.zeros((nb,), jnp.int32), status)
+    x, r, _, rs, _, _, its, status = jax.lax.while_loop(cond, body, init)
+    status = jnp.where((status == CGStatus.CONVERGED) & (jnp.sqrt(rs) > thresh), CGStatus.MAX_ITER,
+                       status).astype(jnp.int32)
+    failed = (status == CGStatus.INDEFINITE) | (status == CGStatus.NONFINITE)
+    # a failed column (e.g. a NaN cotangent in a backward pass) gives a NaN solution,
+    # never a silent zero or a plausible-looking iterate
+    x = jnp.where(failed, jnp.nan, x)
     res = jnp.where(b_norm > 0, jnp.sqrt(rs) / jnp.where(b_norm > 0, b_norm, 1), 0).astype(dtype)
     res = jnp.where(jnp.isfinite(b_norm), res, jnp.nan)
+    if not _checks.is_traced(status):
+        _raise_failures(np.asarray(status))
     if squeeze:
-        return CGResult(x[:, 0], its[0], res[0])
-    return CGResult(x, its, res)
+        return CGResult(x[:, 0], its[0], res[0], status[0])
+    return CGResult(x, its, res, status)
+
+
+def _raise_failures(status: np.ndarray) -> None:
+    """The concrete entry's error for failed columns (see `CGStatus`)."""
+    for code, why in ((CGStatus.NONFINITE, "NaN or inf appeared in a product A p (check the operator)"),
+                      (CGStatus.INDEFINITE, "a search direction has p^T A p <= 0: the operator is not "
+                                            "symmetric positive definite (for diffusion: pass the normalised "
+                                            "W and 0 < alpha < 1)")):
+        cols = np.flatnonzero(status == code)
+        if cols.size:
+            raise ValueError(f"conjugate gradient failed on {cols.size} right-hand side(s) (first: column "
+                             f"{cols[0]}): {why}")
