@@ -291,14 +291,17 @@ def regional_diffusion_scores(graph, nodes, regions, mask=None, query_regions=No
     are scattered back to the padded layout [N * R] for pooling.
 
     Args:
-      graph, nodes: from `region_graph` over ``regions`` / ``mask``.
+      graph: the region graph, from `region_graph` over ``regions`` / ``mask``.
+      nodes: its nodes (the valid regions), from the same `region_graph` call.
       regions: float[N, R, d] database regions; mask: bool[N, R] (default all valid).
       query_regions: float[nq, Rq, d] and query_mask bool[nq, Rq]; default: every
         database image is a query with its own regions (the regional search of a
         collection against itself).
       query_k: database regions per query region (<= number of valid regions).
       gamma: exponent of the query similarities (> 0; the graph's, usually).
-      alpha, tol, max_iter: as in `diffuse` (alpha 0.99 and tol 1e-6 in Iscen et al.).
+      alpha: as in `diffuse` (0.99 in Iscen et al.).
+      tol: as in `diffuse` (1e-6 in Iscen et al.).
+      max_iter: as in `diffuse`.
       lam: the GMP regulariser (> 0); poolings: a tuple of "gmp", "max", "sum".
       chunk: queries per diffusion batch (memory: chunk x N x R floats).
     Returns:
