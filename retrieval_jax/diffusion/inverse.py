@@ -53,8 +53,14 @@ class DiffusionInverse:
 
     def weighted_rows(self, weights: jax.Array, indices: jax.Array) -> jax.Array:
         """sum_j weights[q, j] * inv[indices[q, j], :], float32[q, n]: x = inv @ y for a y with
-        k non-zeros per query (weights float[q, k] at nodes indices int[q, k]). Jittable."""
-        weights = jnp.asarray(weights, self.blocks[0].dtype)
+        k non-zeros per query (weights float[q, k] at nodes indices int[q, k]). Jittable;
+        concrete weights are checked to be real and finite (O(q k)), traced ones are not."""
+        weights = jnp.asarray(weights)
+        if not (jnp.issubdtype(weights.dtype, jnp.floating) or jnp.issubdtype(weights.dtype, jnp.integer)):
+            raise TypeError(f"weights must be real numbers, got dtype {weights.dtype}")
+        if not _checks.is_traced(weights) and not np.isfinite(np.asarray(weights)).all():
+            raise ValueError("weights contain NaN or inf; the diffusion of such a query is NaN")
+        weights = weights.astype(self.blocks[0].dtype)
         indices = jnp.asarray(indices)
         if weights.ndim != 2 or indices.shape != weights.shape:
             raise ValueError(f"weights and indices must both be [q, k], got {weights.shape} and {indices.shape}")

@@ -320,6 +320,13 @@ def _default_tol(dtype) -> float:
     return 1e-5 if jnp.dtype(dtype) == jnp.float32 else 1e-10
 
 
+def _check_tol(tol) -> float | None:
+    """None (the dtype's default) or a positive finite float (host side: tol is not traced here)."""
+    if tol is None:
+        return None
+    return float(_checks.check_positive(tol, "tol"))
+
+
 def _krylov_dims(n: int, r: int, num_iter) -> tuple[int, int]:
     if num_iter is None:
         m = min(n, max(2 * r, r + 128))  # r + 64 stalls on clustered top eigenvalues (n = 20k, r = 100)
@@ -396,7 +403,7 @@ def lanczos(matvec: Callable, n: int, r: int, *, num_iter: int | None = None, ke
         capped at n). Each restart keeps r + (M - r) // 2 Ritz vectors.
       key: PRNG key of the start / restart vectors (default ``jax.random.key(0)``).
       dtype: float32 (default) or float64 (needs ``jax_enable_x64``).
-      tol: relative residual |A u - l u| / ||A|| of every wanted pair
+      tol: relative residual |A u - l u| / ||A|| of every wanted pair, positive and finite
         (default 1e-5 in float32, 1e-10 in float64).
       max_restarts: restart budget; a RuntimeWarning is issued if not converged.
       blocks: optional int[n] labels of invariant blocks (A never couples two labels,
@@ -412,6 +419,7 @@ def lanczos(matvec: Callable, n: int, r: int, *, num_iter: int | None = None, ke
         raise ValueError(f"n must be an int > 1, got {n!r}")
     n = int(n)
     r = _check_r(r, n)
+    tol = _check_tol(tol)
     if not callable(matvec):
         raise TypeError(f"matvec must be callable, got {type(matvec).__name__}")
     dtype = _resolve_dtype(dtype)
@@ -581,6 +589,7 @@ def graph_eigenpairs(graph, r: int, *, method: str = "auto", num_iter: int | Non
     if method not in ("auto", "lanczos", "dense"):
         raise ValueError(f"method must be 'auto', 'lanczos' or 'dense', got {method!r}")
     r = _check_r(r, n, allow_n=method in ("auto", "dense"))
+    tol = _check_tol(tol)   # checked even when every component is solved densely (tol unused)
     if method == "auto":
         method = "dense" if r == n else "lanczos"
     dtype = _resolve_dtype(dtype)
