@@ -245,11 +245,20 @@ def cg_truncated_diffusion(graph, y_s, shortlist, alpha, tol, max_iter: int, bat
 
 # --------------------------------------------------------------------------- rankings
 def top_n(scores, n: int):
-    """The n best database items per query: (values float32[nq, n], indices int32[nq, n])."""
+    """The n best database items per query: (values float32[nq, n], indices int32[nq, n]).
+
+    Concrete scores are checked for NaN (``lax.top_k`` would rank a NaN first); traced
+    ones only for their shape and dtype."""
     scores = jnp.asarray(scores)
     if scores.ndim != 2:
         raise ValueError(f"scores must be [n_queries, n_database], got shape {scores.shape}")
+    if not (jnp.issubdtype(scores.dtype, jnp.floating) or jnp.issubdtype(scores.dtype, jnp.integer)):
+        raise TypeError(f"scores must be real numbers, got dtype {scores.dtype}")
     _checks.check_k(n, scores.shape[1], name="n", what="database items (columns of scores)")
+    if not _checks.is_traced(scores) and bool(jnp.isnan(scores).any()):
+        rows = np.flatnonzero(np.isnan(np.asarray(scores)).any(axis=1))
+        raise ValueError(f"scores contain NaN in {rows.size} row(s) (first: row {rows[0]}); "
+                         "check the inputs of the ranking method")
     return _top_n(scores, int(n))
 
 
@@ -273,7 +282,10 @@ def ranking_from_scores(scores, *, exclude=None, rtol: float = 0.0) -> np.ndarra
     routes' precision (1e-6 for float32) the tail is ranked by index, the same for
     every route. Default 0: scores are taken as they are.
     """
-    s = np.asarray(scores, dtype=np.float64)
+    s = np.asarray(scores)
+    if np.iscomplexobj(s) or s.dtype.kind in "OSUmM":   # bfloat16 & co. (kind "V") convert
+        raise TypeError(f"scores must be real numbers, got dtype {s.dtype}")
+    s = s.astype(np.float64, copy=False)
     if s.ndim != 2:
         raise ValueError(f"scores must be [n_queries, n_database], got shape {s.shape}")
     if not np.isfinite(s).all():
