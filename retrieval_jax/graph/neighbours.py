@@ -156,9 +156,20 @@ def affinity_matrix(sims, idx, n: int, *, gamma: float = 3.0, mutual: bool = Tru
 
     A_ij = max(s_ij, 0)^gamma on kNN pairs; ``mutual`` keeps a pair only if each is
     among the other's k nearest neighbours, otherwise the union is kept (max).
+
+    Raises:
+      ValueError: sims and idx not both [n, k], NaN / inf similarities, or ids outside [0, n).
+      TypeError: non-integer ids.
     """
-    sims = np.asarray(sims, dtype=np.float32)
-    idx = np.asarray(idx)
+    n = _checks.check_positive_int(n, "n")
+    gamma = _checks.check_gamma(gamma)
+    sims, idx = np.asarray(sims), np.asarray(idx)
+    if sims.ndim != 2 or idx.shape != sims.shape or sims.shape[0] != n:
+        raise ValueError(f"sims and idx must both be [n, k] with n = {n}, got shapes {sims.shape} and {idx.shape}")
+    if np.iscomplexobj(sims) or not np.isfinite(sims.astype(np.float64)).all():
+        raise ValueError("sims must be real and finite (no NaN or inf): the affinity would hold NaN")
+    _checks.check_node_ids(idx, n, "idx")
+    sims = sims.astype(np.float32)
     rows = np.repeat(np.arange(sims.shape[0]), sims.shape[1])
     vals = np.maximum(sims.ravel(), 0.0) ** np.float32(gamma)
     a = sp.csr_matrix((vals, (rows, idx.ravel())), shape=(n, n))
