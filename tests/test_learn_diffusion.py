@@ -5,7 +5,9 @@ folder. Checked: the files they write, that the listwise loss decreases, that th
 held-out numbers of the summary agree with an independent re-evaluation through the
 public method API (``DIFFUSION.build`` + ``search_items`` with the exact inverse, a host
 kNN graph, ``label_map``), and that the grid's one vmapped program gives the loop of
-builds' mAP in every cell.
+builds' mAP in every cell. This is the end-to-end test of the scripts; the model itself
+(``retrieval_jax.training.learned_diffusion``) is tested against references in
+tests/test_learned_diffusion.py.
 """
 import json
 
