@@ -20,15 +20,20 @@ import functools
 import json
 import re
 import sys
+import textwrap
 import warnings
 from pathlib import Path
 
 import numpy as np
 
+from .methods import METHODS, DiffusionConfig, config_options, finite_float, positive_int, resolve
+from .methods.base import GRAPH_OPTIONS
+from .methods.options import add_config_options, add_option, flag_words, given_options
+
 PROG = "retrieval-jax"
-RANK_METHODS = ("knn", "diffusion", "fsr", "offline-diffusion", "alpha-qe", "dba-qe")
 _DEFAULT_TOP = 1000
 _LOAD_ERRORS = (FileNotFoundError, KeyError, ValueError, TypeError, OSError)
+_GRAPH_FIELDS = ("k", "gamma", "mutual", "graph_method")  # a graph method's graph (methods.base.config_graph)
 
 
 class _Formatter(argparse.HelpFormatter):
@@ -49,37 +54,10 @@ def _msg(exc: BaseException) -> str:
 
 
 # ----------------------------------------------------------------------------- argument types
-def _int_at_least(minimum: int, what: str):
-    """An argparse type: an int >= ``minimum``, else "expected <what>, got ..."."""
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if v < minimum:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {v}")
-        return v
-    return parse
-
-
-_positive_int = _int_at_least(1, "a positive integer")
-_nonneg_int = _int_at_least(0, "an integer >= 0")
-
-
-def _finite_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not np.isfinite(v):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return v
-
-
 def _top(text: str) -> int | None:
     if text.lower() == "all":
         return None
-    return _positive_int(text)
+    return positive_int(text)
 
 
 # ----------------------------------------------------------------------------- file helpers
@@ -118,6 +96,11 @@ def _array_names(path: Path) -> list[str]:
     return names
 
 
+def _key_words(text: str, key_flag: str = "--key") -> str:
+    """A loader's message with ``key='Z'`` said as the flag that gave it."""
+    return re.sub(r"\bkey=('[^']*')", key_flag + r" \1", text)
+
+
 def _load_descriptors(parser, path: str, key: str | None, prefer: str, what: str,
                       key_flag: str = "--key") -> np.ndarray:
     """Descriptors [n, d] via ``load_descriptors``; in an .npz/.mat with several arrays and no
@@ -134,7 +117,7 @@ def _load_descriptors(parser, path: str, key: str | None, prefer: str, what: str
                 key = names[0]
         return load_descriptors(p, key=key)
     except _LOAD_ERRORS as exc:
-        parser.error(f"cannot read {what} {path}: {_flag_words(_msg(exc), key_flag)}")
+        parser.error(f"cannot read {what} {path}: {_key_words(_msg(exc), key_flag)}")
 
 
 def _write_npz(path: Path, **arrays) -> None:
@@ -208,18 +191,17 @@ def _warn(command: str, text: str) -> None:
     print(f"{PROG} {command}: warning: {text}", file=sys.stderr)
 
 
-def _choose_k(args, command: str, n: int) -> int:
-    """``--k`` as given (warned when large for n), else the `defaults.default_k` rule (said)."""
-    from . import defaults
-
+def _choose_k(args, n: int) -> int:
+    """``--k`` as given (warned when large for n), else chosen by the graph methods' k rule (said)."""
+    spec = GRAPH_OPTIONS["k"]
     if args.k is None:
-        k = defaults.default_k(n)
-        print(f"{PROG} {command}: k = {k} neighbours, chosen for {n} items "
-              f"(round(n^(1/3) / 2), at least 3, at most 50; set it with --k)", file=sys.stderr)
+        k = spec.choose(n, {})
+        print(f"{PROG} graph: k = {k} neighbours, chosen for {n} items ({spec.rule}; set it with --k)",
+              file=sys.stderr)
         return k
-    message = defaults.k_warning(args.k, n) if n >= 2 else None
+    message = spec.warn(args.k, n)
     if message:
-        _warn(command, message)
+        _warn("graph", message)
     return args.k
 
 
@@ -240,14 +222,14 @@ def cmd_graph(args, parser) -> int:
         parser.error(f"a graph needs at least 2 descriptors, {args.descriptors} holds {n}")
     if args.k is not None and args.k >= n:
         parser.error(f"--k {args.k} must be smaller than the number of descriptors ({n})")
-    k = _choose_k(args, "graph", n)
+    k = _choose_k(args, n)
     try:
-        g = knn_graph(X, k, gamma=args.gamma, mutual=args.mutual, method=args.method,
+        g = knn_graph(X, k, gamma=args.gamma, mutual=args.mutual, method=args.graph_method,
                       show_progress=None if n >= 20000 else False)
     except ValueError as exc:
         parser.error(_msg(exc))
     save_graph(out, g, k=np.int64(k), gamma=np.float64(args.gamma), mutual=np.bool_(args.mutual),
-               method=np.asarray(args.method), n=np.int64(n))
+               method=np.asarray(args.graph_method), n=np.int64(n))
     from .graph import isolated_nodes
 
     idx, w = np.asarray(g.indices), np.asarray(g.weights)
@@ -274,156 +256,67 @@ def _load_graph(parser, path: str, n: int):
 
 
 # ----------------------------------------------------------------------------- rank
-GRAPH_METHODS = ("diffusion", "fsr", "offline-diffusion")
-# Python names in library messages -> the flag the user typed
-_FLAG_WORDS = [
-    (re.compile(r"DbaQEConfig\.dba_n\b"), "--dba-n"),
-    (re.compile(r"DbaQEConfig\.qe_n\b|AlphaQEConfig\.n\b"), "--qe-n"),
-    (re.compile(r"(?:DiffusionConfig\.|FsrConfig\.)?\bquery_k\b"), "--query-k"),
-    (re.compile(r"(?:DiffusionConfig\.)?\btruncate\b"), "--truncate"),
-    (re.compile(r"FsrConfig\.rank\b|\brank(?= = \d| must)"), "--rank"),
-    (re.compile(r"(?:DiffusionConfig\.|FsrConfig\.)k\b|(?<![\w-])k(?= = \d)"), "--k"),
-    (re.compile(r"\bkey=('[^']*')"), "--key \\1"),
-]
+# Everything method-specific comes from the registry: a `Method`'s config fields declare its
+# options (retrieval_jax.methods.options), ``check_sizes`` its sizes, ``from_graph`` makes it a
+# graph method, ``unreached`` how its scores mark the items it never reaches.
+def _graph_methods() -> list[str]:
+    return [name for name, m in METHODS.items() if m.from_graph is not None]
 
 
-def _flag_words(text: str, key_flag: str = "--key") -> str:
-    """A library message with the Python field names replaced by the CLI flags."""
-    for pattern, flag in _FLAG_WORDS:
-        text = pattern.sub(flag.replace("--key", key_flag), text)
-    return text
-
-
-def _check_sizes(args, parser, n: int) -> None:
-    """Every neighbour count against the database size, in the user's flags."""
-    m = args.method
-    if m in ("alpha-qe", "dba-qe") and args.qe_n >= n:
-        parser.error(f"--qe-n {args.qe_n} needs more than {args.qe_n} database items; "
-                     f"the database has {n}: choose --qe-n <= {n - 1}")
-    if m == "dba-qe" and args.dba_n >= n:
-        parser.error(f"--dba-n {args.dba_n} needs more than {args.dba_n} database items; "
-                     f"the database has {n}: choose --dba-n <= {n - 1}")
-    if m in GRAPH_METHODS:
+def _method_config(args, parser, method, n: int):
+    """(config, graph or None): ``method.config_type(**values)`` from the options given, the
+    k of a --graph file, and the values chosen for n (said on stderr); sizes checked by the
+    method's ``check_sizes``."""
+    specs = config_options(method.config_type)
+    user = given_options(args, method.config_type)
+    given, graph = dict(user), None
+    if method.from_graph is not None:
         if n < 2:
-            parser.error(f"--method {m} needs a graph over at least 2 database items")
-        if args.k is not None and args.k >= n and args.graph is None:
-            parser.error(f"--k {args.k} exceeds the {n - 1} other database items; "
-                         f"choose --k <= {n - 1}")
-        if args.query_k is not None and args.query_k > n:
-            parser.error(f"--query-k {args.query_k} exceeds the {n} database items")
-        if m == "fsr" and args.rank is not None and args.rank > n:
-            parser.error(f"--rank {args.rank} exceeds the {n} database items (at most n "
-                         f"eigenpairs); choose --rank <= {n} or leave it out")
-        if m in ("diffusion", "offline-diffusion") and args.truncate is not None and args.truncate > n:
-            parser.error(f"--truncate {args.truncate} exceeds the {n} database items")
-
-
-def _graph_sizes(args, n: int, k: int) -> dict:
-    """query_k, truncate (diffusion) and rank (fsr): the user's, else the `defaults` rules."""
-    from . import defaults
-
-    chosen, flags = [], []
-    out = {"query_k": args.query_k}
-    if args.query_k is None:
-        out["query_k"] = defaults.default_query_k(k, n)
-        chosen.append(f"query_k = {out['query_k']} (min(10, k))")
-        flags.append("--query-k")
-    if args.method == "diffusion":
-        out["truncate"] = args.truncate
-        if args.truncate is None and args.solver == "cg":
-            out["truncate"] = defaults.default_truncate(n)
-            if out["truncate"] is not None:
-                out["truncate"] = max(out["truncate"], out["query_k"])
-                chosen.append(f"truncate = {out['truncate']} (n > 100,000)")
-                flags.append("--truncate")
-    elif args.method == "offline-diffusion":
-        out["truncate"] = args.truncate
-        if args.truncate is None:
-            out["truncate"] = max(min(1000, n), out["query_k"])
-            chosen.append(f"truncate = {out['truncate']} (min(1000, n))")
-            flags.append("--truncate")
-    else:
-        out["rank"] = args.rank
-        if args.rank is None:
-            out["rank"] = defaults.default_rank(n)
-            chosen.append(f"rank = {out['rank']} (min(400, n))")
-            flags.append("--rank")
-    if chosen:
-        print(f"{PROG} rank: {', '.join(chosen)}, chosen for {n} items (set "
-              f"{'them' if len(flags) > 1 else 'it'} with {', '.join(flags)})", file=sys.stderr)
-    return out
-
-
-def _rank_config(args, parser, k: int | None = None, sizes: dict | None = None):
-    from .methods import (METHODS, AlphaQEConfig, DbaQEConfig, DiffusionConfig, FsrConfig, KnnConfig,
-                          OfflineDiffusionConfig)
-
-    m = args.method
+            parser.error(f"--method {method.name} needs a graph over at least 2 database items")
+        if args.graph is not None:
+            graph, k = _load_graph(parser, args.graph, n)
+            given.pop("k", None)
+            if k is not None and k >= 1:
+                given["k"] = k
+                if "k" in user and user["k"] != k:
+                    _warn("rank", f"--k {user['k']} is ignored: the graph {args.graph} was built with k = {k}")
+    if method.config_type is None:
+        return None, graph
     try:
-        if m == "knn":
-            return METHODS["knn"], KnnConfig()
-        if m == "diffusion":
-            return METHODS["diffusion"], DiffusionConfig(
-                k=k, query_k=sizes["query_k"], alpha=args.alpha, gamma=args.gamma, tol=args.tol,
-                max_iter=args.max_iter, mutual=args.mutual, graph_method=args.graph_method,
-                truncate=sizes["truncate"], solver=args.solver)
-        if m == "fsr":
-            return METHODS["fsr"], FsrConfig(
-                k=k, query_k=sizes["query_k"], alpha=args.alpha, gamma=args.gamma,
-                mutual=args.mutual, graph_method=args.graph_method, rank=sizes["rank"],
-                mode=args.fsr_mode)
-        if m == "offline-diffusion":
-            return METHODS["offline-diffusion"], OfflineDiffusionConfig(
-                k=k, query_k=sizes["query_k"], truncate=sizes["truncate"], score=args.score,
-                alpha=args.alpha, gamma=args.gamma, top_l=args.top_l, tol=args.tol,
-                max_iter=args.max_iter, mutual=args.mutual, graph_method=args.graph_method)
-        if m == "alpha-qe":
-            return METHODS["alpha-qe"], AlphaQEConfig(n=args.qe_n, alpha=args.qe_alpha)
-        return METHODS["dba-qe"], DbaQEConfig(dba_n=args.dba_n, qe_n=args.qe_n, alpha=args.qe_alpha)
+        values, chosen = resolve(method.config_type, given, n)
+        config = method.config_type(**values)
+        if method.check_sizes is not None:
+            method.check_sizes(config, n)
     except (ValueError, TypeError) as exc:
-        parser.error(f"invalid {m} option: {_flag_words(_msg(exc))}")
+        parser.error(f"invalid {method.name} option: {flag_words(_msg(exc), method.config_type)}")
+    if chosen:
+        flag_of = {name: spec.flag for name, spec, _ in specs}
+        flags = [flag_of[name] for name, _, _ in chosen]
+        print(f"{PROG} rank: {', '.join(f'{name} = {value} ({rule})' for name, value, rule in chosen)}, "
+              f"chosen for {n} items (set {'them' if len(flags) > 1 else 'it'} with {', '.join(flags)})",
+              file=sys.stderr)
+    for name, spec, _ in specs:
+        message = spec.warn(user[name], n) if name in user and spec.warn is not None else None
+        if message:
+            _warn("rank", message)
+    return config, graph
 
 
-def _build_state(args, parser, X):
-    """(method, config, state): graph methods get their graph from --graph or build it here."""
-    from .methods import diffusion_state_from_graph, fsr_state_from_graph, offline_diffusion_state_from_graph
+def _build_state(args, parser, method, X):
+    """(config, state): a graph method gets its graph from --graph or builds it here."""
+    from .methods.base import config_graph
 
     n = X.shape[0]
-    if args.method not in GRAPH_METHODS:
-        method, cfg = _rank_config(args, parser)
-        try:
-            return method, cfg, method.build(X, cfg)
-        except (ValueError, TypeError) as exc:
-            parser.error(_flag_words(_msg(exc)))
-    if args.graph is not None:
-        graph, k = _load_graph(parser, args.graph, n)
-        if args.k is not None and args.k != k:
-            _warn("rank", f"--k {args.k} is ignored: the graph {args.graph} was built with "
-                          f"k = {k}")
-        if k is None or k < 1:
-            from .defaults import default_k
-            k = default_k(n)
-    else:
-        from .graph import knn_graph
-        k = _choose_k(args, "rank", n)
-        try:
-            graph = knn_graph(X, k, gamma=args.gamma, mutual=args.mutual, method=args.graph_method,
-                              show_progress=None if n >= 20000 else False)
-        except ValueError as exc:
-            parser.error(_flag_words(_msg(exc)))
-    _graph_diagnostics("rank", graph)
-    method, cfg = _rank_config(args, parser, k, _graph_sizes(args, n, k))
-    from_graph = {"diffusion": diffusion_state_from_graph, "fsr": fsr_state_from_graph,
-                  "offline-diffusion": offline_diffusion_state_from_graph}[args.method]
+    config, graph = _method_config(args, parser, method, n)
     try:
-        return method, cfg, from_graph(X, graph, cfg)
+        if method.from_graph is None:
+            return config, (method.build(X) if config is None else method.build(X, config))
+        if graph is None:
+            graph = config_graph(X, config, show_progress=None if n >= 20000 else False)
+        _graph_diagnostics("rank", graph)
+        return config, method.from_graph(X, graph, config)
     except (ValueError, TypeError) as exc:
-        parser.error(_flag_words(_msg(exc)))
-
-
-# Graph methods: scores at most this fraction of the query's best count as "not reached"
-# (diffusion: exactly 0 outside the query's component; FSR: eigenbasis noise ~1e-5 there).
-_UNREACHED = {"diffusion": 0.0, "fsr": 1e-4, "offline-diffusion": 0.0}
+        parser.error(flag_words(_msg(exc), method.config_type))
 
 
 @functools.lru_cache(maxsize=None)
@@ -474,8 +367,7 @@ def _rank_queries(args, parser, X):
 
 def _run_ranking(args, method, state, queries, top: int):
     search = method.search_items if args.items else method.search
-    run = _ranker(search, top, bool(args.items), _UNREACHED.get(args.method),
-                  bool(args.exclude_self))
+    run = _ranker(search, top, bool(args.items), method.unreached, bool(args.exclude_self))
     nq = queries.shape[0]
     bs = min(args.batch_size, nq)
     ranking = np.empty((nq, top), np.int32)
@@ -495,11 +387,12 @@ def _run_ranking(args, method, state, queries, top: int):
 def cmd_rank(args, parser) -> int:
     import dataclasses
 
+    method = METHODS[args.method]
     X = _load_descriptors(parser, args.descriptors, args.key, "X", "descriptors")
     out = _output_file(parser, args.output, ".npz")
     n = X.shape[0]
-    if args.graph is not None and args.method not in GRAPH_METHODS:
-        parser.error(f"--graph is used by the graph methods ({', '.join(GRAPH_METHODS)}) only "
+    if args.graph is not None and method.from_graph is None:
+        parser.error(f"--graph is used by the graph methods ({', '.join(_graph_methods())}) only "
                      f"(got --method {args.method})")
     queries = _rank_queries(args, parser, X)
     room = n - 1 if args.exclude_self else n
@@ -510,22 +403,21 @@ def cmd_rank(args, parser) -> int:
                      + "; use --top all")
     if top < 1:
         parser.error("--exclude-self leaves nothing to rank in a database of one item")
-    _check_sizes(args, parser, n)
-    method, cfg, state = _build_state(args, parser, X)
+    config, state = _build_state(args, parser, method, X)
     ranking, scores = _run_ranking(args, method, state, queries, top)
     if not np.isfinite(scores).all():
         _warn("rank", "non-finite scores; check the inputs")
-    nq = queries.shape[0]
-    meta = {"method": args.method, "config": dataclasses.asdict(getattr(state, "config", cfg)),
+    config = getattr(state, "config", config)
+    meta = {"method": args.method, "config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else None,
             "n_db": n, "descriptors": str(args.descriptors), "graph": args.graph,
             "queries": "items" if args.items else str(args.queries), "top": top,
             "exclude_self": bool(args.exclude_self)}
     arrays = dict(ranking=ranking, scores=scores, n_db=np.int64(n), method=np.asarray(args.method),
-                  exclude_self=np.bool_(args.exclude_self), config=np.asarray(json.dumps(meta)))
+                  exclude_self=np.bool_(args.exclude_self), config=np.asarray(json.dumps(meta, default=str)))
     if args.items:
         arrays["query_ids"] = queries.astype(np.int64)
     _write_npz(out, **arrays)
-    print(f"wrote {out}: top {top} of {n} for {nq} queries ({args.method}"
+    print(f"wrote {out}: top {top} of {n} for {len(queries)} queries ({args.method}"
           + (", each query excluded from its own ranking)" if args.exclude_self else ")"))
     return 0
 
@@ -746,6 +638,7 @@ def cmd_evaluate(args, parser) -> int:
     return 0
 
 
+
 # ----------------------------------------------------------------------------- parser
 class _RawFormatter(_Formatter, argparse.RawDescriptionHelpFormatter):
     """`_Formatter` that keeps the description's line breaks."""
@@ -779,33 +672,12 @@ def _add_extract_parser(sub):
                     output="descriptors file to write (.npz)")
     e.add_argument("--model", default="lite0", choices=_MODELS, help="EfficientNet-Lite variant")
     e.add_argument("--pooling", default="gem", choices=_POOLINGS, help="global pooling")
-    e.add_argument("--gem-p", type=_finite_float, default=3.0, help="GeM power p")
-    e.add_argument("--max-size", type=_positive_int, default=None,
+    e.add_argument("--gem-p", type=finite_float, default=3.0, help="GeM power p")
+    e.add_argument("--max-size", type=positive_int, default=None,
                    help="resize so the longer side is this many pixels (without it: keep the size)")
-    e.add_argument("--batch-size", type=_positive_int, default=8, help="images per jitted batch")
+    e.add_argument("--batch-size", type=positive_int, default=8, help="images per jitted batch")
     e.add_argument("--skip-bad", action="store_true",
                    help="skip unreadable images, one warning line each")
-
-
-_K_HELP = ("graph neighbours; without it k = round(n^(1/3) / 2), at least 3, at most 50 "
-           "(3 up to ~340 items, 6 for 1400, 50 at a million: Iscen et al.'s k = 50 suits "
-           "large collections, not a small folder); a k large for n is warned about")
-
-
-# retrieval_jax.graph.neighbours.SEARCH_METHODS, written out so that `--help` imports no JAX
-# (tests/test_cli.py keeps the two equal)
-_SEARCH_METHODS = ("exact", "nndescent", "faiss")
-
-
-def _add_graph_build_options(group, method_flag: str) -> None:
-    """--k, --gamma, --mutual and the neighbour search (``method_flag``) of a graph build."""
-    group.add_argument("--k", type=_positive_int, default=None, help=_K_HELP)
-    group.add_argument("--gamma", type=_finite_float, default=3.0, help="similarity exponent")
-    group.add_argument("--mutual", action=argparse.BooleanOptionalAction, default=True,
-                       help="keep reciprocal neighbour pairs only (Iscen et al.'s mutual kNN graph)")
-    group.add_argument(method_flag, default="exact", choices=_SEARCH_METHODS,
-                       help="neighbour search: exact (blocked matmul + top-k), nndescent "
-                            "(approximate pynndescent, for large n) or faiss (faiss-cpu, exact)")
 
 
 def _add_graph_parser(sub):
@@ -818,63 +690,47 @@ def _add_graph_parser(sub):
                                 "into components too small for diffusion to help.",
                     source=("descriptors", "descriptors .npy / .npz / revisitop .mat (d x n)"),
                     output="graph file to write (.npz)", key=True)
-    _add_graph_build_options(g, "--method")
+    # the graph options of the graph methods (their k, gamma, mutual, graph_method), with
+    # DiffusionConfig's defaults; the neighbour search is --method here
+    for name, spec, default in config_options(DiffusionConfig):
+        if name in _GRAPH_FIELDS:
+            add_option(g, spec, None if spec.choose else default, dest=name,
+                       flag="--method" if name == "graph_method" else None)
 
 
-_RANK_DESCRIPTION = """\
-Rank the database for each query with one of
-  knn        kNN search (inner product),
-  diffusion  manifold ranking on the kNN graph, (I - alpha W) x = y by CG (full or
-             truncated) or by the exact inverse per connected component,
-  fsr        fast spectral ranking (Iscen et al., CVPR 2018): diffusion through the
-             graph's top --rank eigenpairs,
-  alpha-qe   alpha query expansion,
-  dba-qe     database-side augmentation + alpha-QE.
-The graph methods (diffusion, fsr) take a saved graph (--graph) or build one.
-The items a graph method never reaches (outside the query's graph component: score 0
-for diffusion, below 1e-4 of the query's best for fsr) follow the reached ones in
-similarity order; their stored scores are the method's.
-
-With --items every database item is a query and stays in its own ranking (usually,
-not always, first: diffusion may rank a neighbour above it); --exclude-self drops it.
-
-Writes ranking int32[nq, N] (best first), scores float32[nq, N], n_db, exclude_self
-and, with --items, query_ids."""
-
-
-def _add_graph_method_options(r):
-    """The options of the graph methods (diffusion, fsr) of `rank`."""
-    dg = r.add_argument_group("graph options (diffusion, fsr)")
-    dg.add_argument("--graph", default=None,
-                    help="graph .npz from `graph` (its k is used); without it the graph is "
-                         "built with --k/--gamma/--mutual")
-    _add_graph_build_options(dg, "--graph-method")
-    dg.add_argument("--query-k", type=_positive_int, default=None,
-                    help="database neighbours forming an out-of-graph query (default min(10, k))")
-    dg.add_argument("--alpha", type=_finite_float, default=0.99, help="diffusion alpha in (0, 1)")
-    dg_d = r.add_argument_group("diffusion options")
-    dg_d.add_argument("--tol", type=_finite_float, default=1e-6, help="CG relative residual")
-    dg_d.add_argument("--max-iter", type=_positive_int, default=20, help="CG steps at most")
-    dg_d.add_argument("--truncate", type=_positive_int, default=None,
-                      help="truncated diffusion on each query's top-T shortlist (default: the "
-                           "full solve up to 100,000 items, else T = 2000)")
-    dg_d.add_argument("--score", default="cosine", choices=("direct", "cosine"),
-                      help="offline-diffusion: direct (the query's neighbours' offline rows, weighted) "
-                           "or cosine (between the query's row and the database rows)")
-    dg_d.add_argument("--top-l", type=_positive_int, default=None,
-                      help="offline-diffusion: entries kept per offline row (default: all T)")
-    dg_d.add_argument("--solver", default="cg", choices=("cg", "inverse", "auto"),
-                      help="cg: conjugate gradient per batch; inverse: the exact (I - alpha W)^-1, "
-                           "computed once, one dense block per connected component (components "
-                           "up to ~20,000 nodes); auto: inverse when the components are small, "
-                           "else cg")
+def _rank_description() -> str:
+    lines = ["Rank the database for each query with one of (--method)"]
+    for name, m in METHODS.items():
+        summary = m.summary or (m.config_type.__doc__ or name).strip().splitlines()[0]
+        if len(name) > 10:
+            lines.append(f"  {name}")
+        lines += textwrap.wrap(summary, width=88, initial_indent=f"  {name:<10} " if len(name) <= 10 else " " * 13,
+                               subsequent_indent=" " * 13)
+    chosen = dict.fromkeys(spec.flag for m in METHODS.values() for _, spec, _ in config_options(m.config_type)
+                           if spec.choose is not None)
+    unreached = "; ".join(
+        ("score 0 for " if u == 0 else f"below {u:g} of the query's best for ")
+        + ", ".join(n for n, m in METHODS.items() if m.unreached == u)
+        for u in dict.fromkeys(m.unreached for m in METHODS.values() if m.unreached is not None))
+    paragraphs = [
+        f"The graph methods ({', '.join(_graph_methods())}) take a saved graph (--graph) or build one. The items "
+        f"a graph method never reaches (outside the query's graph component: {unreached}) follow the "
+        "reached ones in similarity order; their stored scores are the method's.",
+        "With --items every database item is a query and stays in its own ranking (usually, not always, "
+        "first: diffusion may rank a neighbour above it); --exclude-self drops it.",
+        "Each method's options are listed in a group of their own, with their defaults; a flag several "
+        f"methods share is listed with the first of them. Sizes left out ({', '.join(chosen)}) are "
+        "chosen from the database size and said on stderr.",
+        "Writes ranking int32[nq, N] (best first), scores float32[nq, N], n_db, exclude_self and, with "
+        "--items, query_ids."]
+    return "\n".join(lines) + "".join("\n\n" + textwrap.fill(text, width=88) for text in paragraphs)
 
 
 def _add_rank_parser(sub):
+    graph_methods = ", ".join(_graph_methods())
     r = _subcommand(sub, "rank", raw=True,
-                    help="descriptors + queries -> top-N rankings .npz (kNN, diffusion, "
-                         "FSR, offline diffusion, alpha-QE, DBA+QE)",
-                    description=_RANK_DESCRIPTION,
+                    help=f"descriptors + queries -> top-N rankings .npz ({', '.join(METHODS)})",
+                    description=_rank_description(),
                     source=("descriptors", "database descriptors .npy / .npz / .mat"),
                     output="rankings file to write (.npz)", key=True)
     q = r.add_mutually_exclusive_group(required=True)
@@ -886,23 +742,16 @@ def _add_rank_parser(sub):
                    help="with --items: drop each query from its own ranking")
     r.add_argument("--queries-key", default=None,
                    help="array inside the queries .npz / .mat (by default the only one, else Q)")
-    r.add_argument("--method", default="diffusion", choices=RANK_METHODS, help="ranking method")
+    r.add_argument("--method", default="diffusion" if "diffusion" in METHODS else next(iter(METHODS)),
+                   choices=list(METHODS), help="ranking method")
     r.add_argument("--top", type=_top, default=0,
                    help="results kept per query, or 'all' (exact mAP needs the full ranking; "
                         f"by default {_DEFAULT_TOP}, at most the database size)")
-    r.add_argument("--batch-size", type=_positive_int, default=256, help="queries per jitted batch")
-    _add_graph_method_options(r)
-    fg = r.add_argument_group("fast spectral ranking options (fsr; with the graph options)")
-    fg.add_argument("--rank", type=_positive_int, default=None,
-                    help="eigenpairs kept, r (default min(400, n): exact when n <= 400)")
-    fg.add_argument("--fsr-mode", default="approx", choices=("rank_r", "approx"),
-                    help="FSR.rank-r or FSR.approx")
-    qg = r.add_argument_group("query expansion options (alpha-qe, dba-qe)")
-    qg.add_argument("--qe-n", type=_nonneg_int, default=10,
-                    help="alpha-QE neighbours (dba-qe: 0 = DBA only)")
-    qg.add_argument("--qe-alpha", type=_finite_float, default=3.0,
-                    help="weight exponent: w = max(s, 0)^alpha (0 = average QE)")
-    qg.add_argument("--dba-n", type=_positive_int, default=10, help="DBA neighbours (dba-qe)")
+    r.add_argument("--batch-size", type=positive_int, default=256, help="queries per jitted batch")
+    r.add_argument("--graph", default=None,
+                   help=f"graph .npz from `graph`, for the graph methods ({graph_methods}); its k is "
+                        "used; without it the graph is built with --k/--gamma/--mutual/--graph-method")
+    add_config_options(r, {f"{name} options (--method {name})": m.config_type for name, m in METHODS.items()})
 
 
 _EVALUATE_DESCRIPTION = """\
@@ -929,6 +778,7 @@ Figures (percent, means over the queries that have a positive):
 Cut-offs k (--ks) may not exceed the database size."""
 
 
+
 def _add_evaluate_parser(sub):
     v = _subcommand(sub, "evaluate", raw=True,
                     help="rankings + ground truth -> mAP, mP@k, P@k, R@k (, bull's-eye, N-S)",
@@ -940,10 +790,10 @@ def _add_evaluate_parser(sub):
                    help="labels of external queries (when the rankings were not made with --items)")
     v.add_argument("--bullseye", action="store_true",
                    help="also the bull's-eye score (needs `rank --items`, top >= 40)")
-    v.add_argument("--bullseye-top", type=_positive_int, default=40, help=argparse.SUPPRESS)
+    v.add_argument("--bullseye-top", type=positive_int, default=40, help=argparse.SUPPRESS)
     v.add_argument("--ukbench", action="store_true",
                    help="also the UKBench N-S score (needs `rank --items`, top >= 4)")
-    v.add_argument("--ks", type=_positive_int, nargs="+", default=[1, 5, 10],
+    v.add_argument("--ks", type=positive_int, nargs="+", default=[1, 5, 10],
                    help="cut-offs of mP@k, P@k and R@k")
     v.add_argument("-o", "--output", default=None, help="also write the results as .json")
 

@@ -23,17 +23,28 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._precision import HIGHEST
-from .. import _checks
+from .. import _checks, defaults
 from ..graph.core import Graph
-from ..graph.neighbours import knn_graph
+from ..graph.neighbours import SEARCH_METHODS, knn_graph
+from .options import Option, finite_float, positive_int
 
 
 
 class Method(NamedTuple):
     """A ranking method: ``build`` offline, ``search`` / ``search_items`` jitted online.
 
-    ``config_type`` is the config class ``build`` accepts; a config of another method is
-    refused with a clear error.
+    ``config_type`` is the config class ``build`` accepts (a frozen dataclass whose fields
+    may declare user options, see `options`); a config of another method is refused with a
+    clear error. The optional rest:
+
+    * ``check_sizes(config, n)``: raises ValueError when a size of ``config`` does not fit a
+      database of n items (the checks ``build`` runs before any work);
+    * ``from_graph(database, graph, config)``: a state on a kNN affinity graph made elsewhere
+      (a graph method: its config has k, gamma, mutual and graph_method, see `config_graph`);
+    * ``unreached``: items scoring at most this fraction of a query's best score were never
+      reached (outside the query's graph component); rankings put them after the reached
+      ones in similarity order. None: every score ranks;
+    * ``summary``: the method in one line, for listings.
     """
 
     name: str
@@ -41,6 +52,10 @@ class Method(NamedTuple):
     search: Callable[[Any, Any], jax.Array]
     search_items: Callable[[Any, Any], jax.Array]
     config_type: type | None = None
+    check_sizes: Callable[[Any, int], None] | None = None
+    from_graph: Callable[..., Any] | None = None
+    unreached: float | None = None
+    summary: str = ""
 
 
 def database_state(cls):
@@ -126,6 +141,37 @@ def check_graph_k(k, n: int) -> int:
     return _checks.check_k(k, n - 1, name="k", what="other database items (graph k must be < n)")
 
 
+def with_graph_k(check_sizes=None):
+    """A graph method's ``Method.check_sizes``: the graph's k < n (`check_graph_k`), then the
+    method's own ``check_sizes(config, n)``, as `database_and_graph` checks them."""
+    def check(config, n: int) -> None:
+        check_graph_k(config.k, n)
+        if check_sizes is not None:
+            check_sizes(config, n)
+    return check
+
+
+# The options the graph methods' configs share (see `options`): the graph's k, gamma, mutual
+# and graph_method (`config_graph`), the out-of-graph query's query_k, and alpha.
+GRAPH_OPTIONS = {
+    "k": Option("graph neighbours; without it k = round(n^(1/3) / 2), at least 3, at most 50 "
+                "(3 up to ~340 items, 6 for 1400, 50 at a million: Iscen et al.'s k = 50 suits "
+                "large collections, not a small folder); a k large for n is warned about",
+                parse=positive_int, choose=lambda n, values: defaults.default_k(n),
+                rule="round(n^(1/3) / 2), at least 3, at most 50",
+                warn=lambda k, n: defaults.k_warning(k, n) if n >= 2 else None),
+    "gamma": Option("similarity exponent", parse=finite_float),
+    "mutual": Option("keep reciprocal neighbour pairs only (Iscen et al.'s mutual kNN graph)"),
+    "graph_method": Option("neighbour search: exact (blocked matmul + top-k), nndescent (approximate "
+                           "pynndescent, for large n), faiss (faiss-cpu, exact); see "
+                           "retrieval_jax.graph.knn_graph", choices=SEARCH_METHODS),
+    "query_k": Option("database neighbours forming an out-of-graph query (default min(10, k))",
+                      parse=positive_int, choose=lambda n, values: defaults.default_query_k(values["k"], n),
+                      rule="min(10, k)"),
+    "alpha": Option("diffusion alpha in (0, 1)", parse=finite_float),
+}
+
+
 def similarities(state, queries):
     """Inner products <q, x_j> of queries [nq, d] with the state's database [n, d]: [nq, n]."""
     return jnp.matmul(queries.astype(jnp.float32), state.database.T, precision=HIGHEST)
@@ -154,8 +200,9 @@ def padded(fn: Callable[[Any, jax.Array], jax.Array]) -> Callable[[Any, jax.Arra
     return run
 
 
-def make_method(name: str, build, search_jit, search_items_jit, config_type: type) -> Method:
-    """A `Method` whose online calls check their input and pad the batch to a bucket size."""
+def make_method(name: str, build, search_jit, search_items_jit, config_type: type, **extra) -> Method:
+    """A `Method` whose online calls check their input and pad the batch to a bucket size;
+    ``extra``: its optional fields (check_sizes, from_graph, unreached, summary)."""
     search = padded(search_jit)
     search_items = padded(search_items_jit)
     return Method(
@@ -164,4 +211,5 @@ def make_method(name: str, build, search_jit, search_items_jit, config_type: typ
         lambda state, q: search(state, check_queries(state, q)),
         lambda state, ids: search_items(state, check_items(state, ids)),
         config_type,
+        **extra,
     )

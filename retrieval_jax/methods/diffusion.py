@@ -9,16 +9,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import _checks
+from .. import _checks, defaults
 from ..diffusion.inverse import DiffusionInverse, diffusion_inverse, plan_inverse
 from ..diffusion import CG, DiffusionOperator, ExactInverse, SparseObservation, cg_truncated_diffusion
 from ..graph.core import Graph
 from ..graph.affinity import similarity_power
 from ..graph.neighbours import SEARCH_METHODS, normalize
-from .base import check_database_graph, database_and_graph, make_method
+from .base import GRAPH_OPTIONS, check_database_graph, database_and_graph, make_method, with_graph_k
+from .options import finite_float, option, positive_int
 from .base import similarities as _similarities
 
 from ..diffusion.solvers import AUTO_INVERSE_MAX_BYTES, AUTO_INVERSE_MAX_NODES  # solver="auto" thresholds
+
+
+def _chosen_truncate(n: int, values) -> int | None:
+    """Truncate for n items: the full solve (None) up to 100,000, else T = 2000 (>= query_k); CG only."""
+    t = defaults.default_truncate(n) if values["solver"] == "cg" else None
+    return None if t is None else max(t, values["query_k"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,17 +53,22 @@ class DiffusionConfig:
         config says which was chosen.
     """
 
-    k: int = 50
-    query_k: int = 10
-    alpha: float = 0.99
-    gamma: float = 3.0
-    tol: float = 1e-6
-    max_iter: int = 20
-    mutual: bool = True
-    graph_method: str = "exact"
-    truncate: int | None = None
+    k: int = option(50, GRAPH_OPTIONS["k"])
+    query_k: int = option(10, GRAPH_OPTIONS["query_k"])
+    alpha: float = option(0.99, GRAPH_OPTIONS["alpha"])
+    gamma: float = option(3.0, GRAPH_OPTIONS["gamma"])
+    tol: float = option(1e-6, "CG relative residual", parse=finite_float)
+    max_iter: int = option(20, "CG steps at most", parse=positive_int)
+    mutual: bool = option(True, GRAPH_OPTIONS["mutual"])
+    graph_method: str = option("exact", GRAPH_OPTIONS["graph_method"])
+    truncate: int | None = option(None, "truncated diffusion on each query's top-T shortlist (default: the "
+                                  "full solve up to 100,000 items, else T = 2000)", parse=positive_int,
+                                  choose=_chosen_truncate, rule="n > 100,000")
     batch_size: int = 64
-    solver: str = "cg"
+    solver: str = option("cg", "cg: conjugate gradient per batch; inverse: the exact (I - alpha W)^-1, "
+                         "computed once, one dense block per connected component (components up to "
+                         "~20,000 nodes); auto: inverse when the components are small, else cg",
+                         choices=("cg", "inverse", "auto"))
 
     def __post_init__(self):
         _checks.check_alpha(self.alpha)
@@ -225,5 +237,8 @@ def _diffusion_search_items(state: DiffusionState, ids):
     return _solve_truncated(state, sims, y_local)
 
 
-DIFFUSION = make_method("diffusion", _diffusion_build, _diffusion_search, _diffusion_search_items,
-                        DiffusionConfig)
+DIFFUSION = make_method(
+    "diffusion", _diffusion_build, _diffusion_search, _diffusion_search_items, DiffusionConfig,
+    check_sizes=with_graph_k(_check_query_sizes), from_graph=diffusion_state_from_graph, unreached=0.0,
+    summary="manifold ranking on the kNN graph, (I - alpha W) x = y by CG (full or truncated) or by the "
+            "exact inverse per connected component")

@@ -8,13 +8,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from .. import _checks
+from .. import _checks, defaults
 from ..graph.core import Graph
 from ..graph.neighbours import normalize
 from ..spectral import heat_kernel_filter, regularized_laplacian_filter, spectral_embedding
 from ..graph.affinity import similarity_power
 from ..spectral import fsr_scores_sparse
-from .base import check_config, check_database_graph, database_and_graph, make_method
+from .base import GRAPH_OPTIONS, check_config, check_database_graph, database_and_graph, make_method, with_graph_k
+from .options import option, positive_int
 from .base import similarities as _similarities
 from .diffusion import DiffusionConfig
 
@@ -32,14 +33,15 @@ class FsrConfig:
       t: heat-kernel time.
     """
 
-    k: int = 50
-    query_k: int = 10
-    alpha: float = 0.99
-    gamma: float = 3.0
-    mutual: bool = True
-    graph_method: str = "exact"
-    rank: int = 400
-    mode: str = "approx"
+    k: int = option(50, GRAPH_OPTIONS["k"])
+    query_k: int = option(10, GRAPH_OPTIONS["query_k"])
+    alpha: float = option(0.99, GRAPH_OPTIONS["alpha"])
+    gamma: float = option(3.0, GRAPH_OPTIONS["gamma"])
+    mutual: bool = option(True, GRAPH_OPTIONS["mutual"])
+    graph_method: str = option("exact", GRAPH_OPTIONS["graph_method"])
+    rank: int = option(400, "eigenpairs kept, r (default min(400, n): exact when n <= 400)", parse=positive_int,
+                       choose=lambda n, values: defaults.default_rank(n), rule="min(400, n)")
+    mode: str = option("approx", "FSR.rank-r or FSR.approx", flag="--fsr-mode", choices=("rank_r", "approx"))
     filter: str = "diffusion"
     t: float = 10.0
 
@@ -111,4 +113,7 @@ def _fsr_search_items(state: FsrState, ids):
     return fsr_scores_sparse(state.embedding, ones, ids[:, None])
 
 
-FSR = make_method("fsr", _fsr_build, _fsr_search, _fsr_search_items, FsrConfig)
+FSR = make_method("fsr", _fsr_build, _fsr_search, _fsr_search_items, FsrConfig,
+                  check_sizes=with_graph_k(_check_sizes), from_graph=fsr_state_from_graph, unreached=1e-4,
+                  summary="fast spectral ranking (Iscen et al., CVPR 2018): diffusion through the "
+                          "graph's top r eigenpairs")

@@ -34,4 +34,5 @@ def _knn_search_items(state: KnnState, ids):
     return similarities(state, state.database[ids])
 
 
-KNN_SEARCH = make_method("knn", _knn_build, _knn_search, _knn_search_items, KnnConfig)
+KNN_SEARCH = make_method("knn", _knn_build, _knn_search, _knn_search_items, KnnConfig,
+                         summary="kNN search (inner product)")

@@ -27,7 +27,8 @@ from ..diffusion.offline import OfflineRows, cosine_scores, direct_scores, offli
 from ..graph import normalize
 from ..graph.core import Graph
 from ..graph.neighbours import SEARCH_METHODS
-from .base import check_config, check_database_graph, database_and_graph, make_method
+from .base import GRAPH_OPTIONS, check_config, check_database_graph, database_and_graph, make_method, with_graph_k
+from .options import finite_float, option, positive_int
 from .base import similarities as _similarities
 
 SCORES = ("direct", "cosine")
@@ -53,17 +54,21 @@ class OfflineDiffusionConfig:
       chunk_size: items per jitted offline call; batch_size: solves vmapped at once.
     """
 
-    k: int = 50
-    truncate: int = 1000
-    score: str = "cosine"
-    alpha: float = 0.99
-    gamma: float = 3.0
-    query_k: int = 10
-    top_l: int | None = None
-    tol: float = 1e-6
-    max_iter: int = 20
-    mutual: bool = True
-    graph_method: str = "exact"
+    k: int = option(50, GRAPH_OPTIONS["k"])
+    truncate: int = option(1000, "each item's shortlist T (default min(1000, n))",
+                           parse=positive_int, rule="min(1000, n)",
+                           choose=lambda n, values: max(min(1000, n), values["query_k"]))
+    score: str = option("cosine", "direct (the query's neighbours' offline rows, weighted) "
+                        "or cosine (between the query's row and the database rows)", choices=SCORES)
+    alpha: float = option(0.99, GRAPH_OPTIONS["alpha"])
+    gamma: float = option(3.0, GRAPH_OPTIONS["gamma"])
+    query_k: int = option(10, GRAPH_OPTIONS["query_k"])
+    top_l: int | None = option(None, "entries kept per offline row (default: all T)",
+                               parse=positive_int)
+    tol: float = option(1e-6, "CG relative residual", parse=finite_float)
+    max_iter: int = option(20, "CG steps at most", parse=positive_int)
+    mutual: bool = option(True, GRAPH_OPTIONS["mutual"])
+    graph_method: str = option("exact", GRAPH_OPTIONS["graph_method"])
     chunk_size: int = 1024
     batch_size: int = 64
 
@@ -176,7 +181,11 @@ def _search_items(state: OfflineDiffusionState, ids):
     return direct_scores(state.rows, jnp.maximum(s, 0.0) ** cfg.gamma, i)
 
 
-OFFLINE_DIFFUSION = make_method("offline-diffusion", _build, _search, _search_items, OfflineDiffusionConfig)
+OFFLINE_DIFFUSION = make_method(
+    "offline-diffusion", _build, _search, _search_items, OfflineDiffusionConfig,
+    check_sizes=with_graph_k(_check_sizes), from_graph=offline_diffusion_state_from_graph, unreached=0.0,
+    summary="offline diffusion (Yang et al., AAAI 2019): one truncated diffusion per database item "
+            "offline, queries scored without a solve")
 
 __all__ = ["OFFLINE_DIFFUSION", "OfflineDiffusionConfig", "OfflineDiffusionState",
            "offline_diffusion_state_from_graph", "offline_diffusion_state_from_rows"]

@@ -46,6 +46,7 @@ from .. import _checks
 from ..graph.neighbours import knn
 from .base import HIGHEST as _HIGHEST
 from .base import checked_database, database_state, make_method
+from .options import finite_float, nonneg_int, option, positive_int
 
 __all__ = [
     "ALPHA_QE", "AlphaQEConfig", "AlphaQEState", "DBA_ALPHA_QE", "DbaQEConfig", "DbaQEState",
@@ -178,12 +179,15 @@ def database_augmentation(database, n: int = 10, alpha: float = 3.0, *,
 
 
 # ----------------------------------------------------------------------------- alpha-QE method
+_ALPHA_HELP = "weight exponent: w = max(s, 0)^alpha (0 = average QE)"
+
+
 @dataclasses.dataclass(frozen=True)
 class AlphaQEConfig:
     """alpha query expansion: n neighbours, weights max(s, 0)^alpha (query weight 1)."""
 
-    n: int = 10
-    alpha: float = 3.0
+    n: int = option(10, "alpha-QE neighbours", flag="--qe-n", parse=nonneg_int)
+    alpha: float = option(3.0, _ALPHA_HELP, flag="--qe-alpha", parse=finite_float)
 
     def __post_init__(self):
         _checks.check_positive_int(self.n, "AlphaQEConfig.n")
@@ -198,9 +202,13 @@ class AlphaQEState:
     config: AlphaQEConfig = AlphaQEConfig()
 
 
+def _qe_check_sizes(config: AlphaQEConfig, n_db: int) -> None:
+    _check_n(config.n, n_db, "AlphaQEConfig.n")
+
+
 def _qe_build(database, config: AlphaQEConfig = AlphaQEConfig()) -> AlphaQEState:
     db = checked_database(database, config, AlphaQEConfig, "alpha-qe")
-    _check_n(config.n, db.shape[0], "AlphaQEConfig.n")
+    _qe_check_sizes(config, db.shape[0])
     return AlphaQEState(database=jnp.asarray(db), config=config)
 
 
@@ -224,7 +232,8 @@ def _qe_search_items(state, ids):
     return _qe_scores(state.database, state.database[ids], cfg.n, cfg.alpha, exclude=ids)
 
 
-ALPHA_QE = make_method("alpha-qe", _qe_build, _qe_search, _qe_search_items, AlphaQEConfig)
+ALPHA_QE = make_method("alpha-qe", _qe_build, _qe_search, _qe_search_items, AlphaQEConfig,
+                       check_sizes=_qe_check_sizes, summary="alpha query expansion")
 
 
 # ----------------------------------------------------------------------------- DBA + alpha-QE
@@ -235,9 +244,9 @@ class DbaQEConfig:
     ``qe_n = 0`` searches the augmented database without query expansion (DBA only).
     """
 
-    dba_n: int = 10
-    qe_n: int = 10
-    alpha: float = 3.0
+    dba_n: int = option(10, "DBA neighbours", parse=positive_int)
+    qe_n: int = option(10, "alpha-QE neighbours (0 = DBA only)", flag="--qe-n", parse=nonneg_int)
+    alpha: float = option(3.0, _ALPHA_HELP, flag="--qe-alpha", parse=finite_float)
 
     def __post_init__(self):
         _checks.check_positive_int(self.dba_n, "DbaQEConfig.dba_n")
@@ -255,12 +264,16 @@ class DbaQEState:
     config: DbaQEConfig = DbaQEConfig()
 
 
+def _dba_check_sizes(config: DbaQEConfig, n_db: int) -> None:
+    _check_n(config.dba_n, n_db, "DbaQEConfig.dba_n")
+    if config.qe_n:
+        _check_n(config.qe_n, n_db, "DbaQEConfig.qe_n")
+
+
 def _dba_build(database, config: DbaQEConfig = DbaQEConfig(), *,
                show_progress: bool | None = None) -> DbaQEState:
     db = checked_database(database, config, DbaQEConfig, "dba-qe")
-    _check_n(config.dba_n, db.shape[0], "DbaQEConfig.dba_n")
-    if config.qe_n:
-        _check_n(config.qe_n, db.shape[0], "DbaQEConfig.qe_n")
+    _dba_check_sizes(config, db.shape[0])
     aug = database_augmentation(db, config.dba_n, config.alpha, show_progress=show_progress)
     return DbaQEState(database=aug, config=config)
 
@@ -283,4 +296,5 @@ def _dba_search_items(state, ids):
     return _dba_scores(state, state.database[ids], exclude=ids)
 
 
-DBA_ALPHA_QE = make_method("dba-qe", _dba_build, _dba_search, _dba_search_items, DbaQEConfig)
+DBA_ALPHA_QE = make_method("dba-qe", _dba_build, _dba_search, _dba_search_items, DbaQEConfig,
+                           check_sizes=_dba_check_sizes, summary="database-side augmentation + alpha-QE")
