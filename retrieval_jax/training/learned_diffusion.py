@@ -167,7 +167,9 @@ def listwise_loss(S, labels, temperature=0.05) -> jax.Array:
       L = -1/n sum_q 1/|P_q| sum_{p in P_q} log softmax_{j != q}(l_q)_p
 
     with P_q the other items of q's class (a query without positives adds 0 but is
-    counted in the 1/n). Differentiable everywhere (no -inf enters the softmax).
+    counted in the 1/n): the cross-entropy of ListNet's top-one probabilities (Cao et
+    al., ICML 2007) against the uniform distribution on P_q. Differentiable everywhere
+    (no -inf enters the softmax). Cost O(n^2).
 
     Args:
       S: float[n, n] scores, rows the queries (`learned_diffusion_scores` with y = I).
