@@ -5,6 +5,8 @@ jitted function never sees an array that would turn into a silent NaN.
 """
 from __future__ import annotations
 
+import weakref
+
 import jax
 import numpy as np
 
@@ -31,8 +33,21 @@ def check_traced_scalar(value, name: str):
     return value
 
 
+# The matrices `as_matrix` has scanned (finite, no zero-norm row), by identity: each is a
+# view it returned, so a chain of checked public functions scans a database once however
+# many of them it passes through. Views are never handed back for another array (a
+# caller's own array, a slice or a copy is scanned again), and a view's entry goes with it.
+_SCANNED: "weakref.WeakValueDictionary[int, np.ndarray]" = weakref.WeakValueDictionary()
+
+
 def as_matrix(x, name: str, *, dtype=np.float32, allow_zero_rows: bool = False) -> np.ndarray:
-    """Return ``x`` as a finite 2-D array of ``dtype``; raise a clear error otherwise."""
+    """Return ``x`` as a finite 2-D array of ``dtype``; raise a clear error otherwise.
+
+    The result is a view that later calls recognise: passing it on to another checked
+    function costs no second scan of its values (`scan_rows` runs once per matrix).
+    """
+    if isinstance(x, np.ndarray) and x.dtype == dtype and _SCANNED.get(id(x)) is x:
+        return x
     try:
         arr = np.asarray(x)
     except Exception as exc:  # pragma: no cover - exotic array-likes
@@ -44,6 +59,16 @@ def as_matrix(x, name: str, *, dtype=np.float32, allow_zero_rows: bool = False) 
     if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
         raise TypeError(f"{name} must hold real numbers, got dtype {arr.dtype}")
     arr = arr.astype(dtype, copy=False)
+    scan_rows(arr, name, allow_zero_rows=allow_zero_rows)
+    if allow_zero_rows:
+        return arr
+    view = arr.view()
+    _SCANNED[id(view)] = view
+    return view
+
+
+def scan_rows(arr: np.ndarray, name: str, *, allow_zero_rows: bool = False) -> None:
+    """One pass over a matrix's values: NaN / inf rows, and zero-norm rows unless allowed."""
     finite = np.isfinite(arr)
     if not finite.all():
         bad = np.flatnonzero(~finite.all(axis=1))
@@ -57,7 +82,6 @@ def as_matrix(x, name: str, *, dtype=np.float32, allow_zero_rows: bool = False) 
             raise ValueError(
                 f"{name} has {zero.size} zero-norm row(s) (first: row {zero[0]}); a zero "
                 "descriptor has no direction, drop it or use a different pooling")
-    return arr
 
 
 def check_same_dim(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str) -> None:

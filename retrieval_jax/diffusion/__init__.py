@@ -14,18 +14,18 @@ from .offline import (OfflineRows, cosine_scores, direct_scores, load_offline, o
 from .preconditioned import AggregationPreconditioner, PreconditionedCG, aggregation_preconditioner, preconditioned_cg
 from .observation import SparseObservation, observe_items, observe_neighbours
 from .operator import DiffusionOperator, check_normalized, diffusion_operator
-from .manifold_ranking import (DiffusionInfo, cg_diffusion, cg_truncated_diffusion, diffuse, indicator_vectors,
-                    katz_centrality, query_vectors,
-                    ranking_from_scores, solve_spd, top_n, truncated_diffuse)
+from .manifold_ranking import (DiffusionInfo, cg_truncated_diffusion, diffuse, indicator_vectors,
+                               katz_centrality, query_vectors, ranking_from_scores, top_n, truncated_diffuse)
 from .solvers import (AUTO_INVERSE_MAX_BYTES, AUTO_INVERSE_MAX_NODES, CG, SOLVERS, Auto, AutoState, ExactInverse,
-                      Solution, Spectral, solve)
+                      Solution, Spectral, check_observations, resolve_solver, solve, solve_spd, solve_unchecked)
 
 __all__ = ["AggregationPreconditioner", "PreconditionedCG", "aggregation_preconditioner", "preconditioned_cg",
            "AUTO_INVERSE_MAX_BYTES", "AUTO_INVERSE_MAX_NODES", "Auto", "AutoState", "CG", "CGResult",
            "DiffusionInfo", "DiffusionInverse", "DiffusionOperator", "ExactInverse", "InversePlan", "SOLVERS",
-           "Solution", "SparseObservation", "Spectral", "cg_diffusion", "cg_truncated_diffusion",
+           "Solution", "SparseObservation", "Spectral", "cg_truncated_diffusion", "check_observations",
            "check_normalized", "conjugate_gradient", "diffuse",
            "diffusion_inverse", "diffusion_operator", "indicator_vectors", "katz_centrality", "observe_items",
            "observe_neighbours", "OfflineRows", "cosine_scores", "direct_scores", "load_offline", "offline_rows",
-           "save_offline", "plan_inverse", "query_vectors", "ranking_from_scores", "solve", "solve_spd",
+           "save_offline", "plan_inverse", "query_vectors", "ranking_from_scores", "resolve_solver", "solve",
+           "solve_spd", "solve_unchecked",
            "top_n", "truncated_diffuse"]

@@ -21,9 +21,10 @@ import numpy as np
 
 from .. import _checks
 from ..graph.core import Graph
-from .cg import CGResult, conjugate_gradient
+from .cg import CGResult
 from .observation import observe_items, observe_neighbours
-from .operator import check_normalized
+from .operator import DiffusionOperator, diffusion_operator
+from .solvers import CG, check_observations, solve_unchecked
 
 
 class DiffusionInfo(NamedTuple):
@@ -56,23 +57,6 @@ def indicator_vectors(items, n: int) -> jax.Array:
     return observe_items(items, n).todense()
 
 
-def _check_graph_y(graph: Graph, y):
-    if not isinstance(graph, Graph):
-        raise TypeError(f"graph must be a retrieval_jax.graph.Graph, got {type(graph).__name__}")
-    if y.ndim != 2 or y.shape[1] != graph.num_nodes:
-        raise ValueError(f"y must be [n_queries, n] with n = {graph.num_nodes} graph nodes, got {y.shape}")
-    if not _checks.is_traced(y) and not np.isfinite(np.asarray(y)).all():
-        raise ValueError("y contains NaN or inf")
-
-
-def _as_observations(y) -> jax.Array:
-    """y as a floating array (float32 unless it is already a float type, e.g. float64)."""
-    y = jnp.asarray(y)
-    if not jnp.issubdtype(y.dtype, jnp.floating):
-        y = y.astype(jnp.float32)
-    return y
-
-
 def _check_max_iter(max_iter) -> int:
     if not _checks.is_int(max_iter) or max_iter < 1:
         raise ValueError(f"max_iter must be an int >= 1 (it fixes the loop bound, so it is static), "
@@ -80,22 +64,32 @@ def _check_max_iter(max_iter) -> int:
     return int(max_iter)
 
 
+def _checked_cg(tol, max_iter) -> CG:
+    return CG(_checks.check_positive(tol, "tol"), _check_max_iter(max_iter))
+
+
 def diffuse(graph: Graph, y, *, alpha: float = 0.99, tol: float = 1e-6, max_iter: int = 20,
             return_info: bool = False):
     """Diffusion scores x solving (I - alpha W) x = y for a batch of queries.
 
     Zhou et al. (NIPS 2003), solved by batched conjugate gradient as in Iscen et al.
-    (CVPR 2017). Composable: ``alpha``, ``tol``, ``y`` and the graph's weights may be
-    traced (``jax.jit``, ``vmap`` over alpha, ``grad``); only ``max_iter`` is static.
-    Gradients are implicit (``lax.custom_linear_solve``): the backward pass is one more
-    CG solve with the same symmetric operator, d/dy = (I - alpha W)^-1 x_bar, and
-    d/dalpha, d/dW follow from dM = -dalpha W - alpha dW, never by differentiating
-    through the CG iterations.
+    (CVPR 2017): ``solve(diffusion_operator(graph, alpha), y, CG(tol, max_iter))``,
+    with each input checked once here. Composable: ``alpha``, ``tol``, ``y`` and the
+    graph's weights may be traced (``jax.jit``, ``vmap`` over alpha, ``grad``); only
+    ``max_iter`` is static. Gradients are implicit (``lax.custom_linear_solve``): the
+    backward pass is one more CG solve with the same symmetric operator,
+    d/dy = (I - alpha W)^-1 x_bar, and d/dalpha, d/dW follow from
+    dM = -dalpha W - alpha dW, never by differentiating through the CG iterations.
+
+    A graph from `normalize` of a concrete graph of `LOCALITY_MIN_NODES` nodes or more
+    carries its `LocalityLayout`; CG then iterates in it (the same solution, returned
+    in the graph's node order, each product served mostly from cache). Cost: O(steps
+    x (nnz + n) x nq).
 
     Args:
       graph: the normalised graph W (`normalize(knn_graph(...))`), n nodes. A plain
         concrete `Graph` is checked to be symmetric and normalised.
-      y: float[nq, n] observations (`query_vectors` or `indicator_vectors`).
+      y: real float[nq, n] observations (`query_vectors` or `indicator_vectors`).
       alpha: in (0, 1); 0.99 as in Iscen et al. 2017.
       tol: relative residual at which a query's CG stops.
       max_iter: largest number of CG steps (Iscen et al. use 20; at alpha = 0.99 the
@@ -104,49 +98,19 @@ def diffuse(graph: Graph, y, *, alpha: float = 0.99, tol: float = 1e-6, max_iter
 
     Returns:
       scores [nq, n] in y's float dtype (and `DiffusionInfo` when ``return_info``).
+
+    Raises:
+      TypeError: graph is not a `Graph`; y is complex or not numeric.
+      ValueError: y's shape, NaN/inf in y, a bad alpha / tol / max_iter, or a concrete
+        plain `Graph` that is not a symmetric normalised W.
     """
-    alpha = _checks.check_alpha(alpha)
-    tol = _checks.check_positive(tol, "tol")
-    max_iter = _check_max_iter(max_iter)
-    y = _as_observations(y)
-    _check_graph_y(graph, y)
-    check_normalized(graph)
-    res = cg_diffusion(graph, y, alpha, tol, max_iter)
-    scores = res.x.T
+    operator = diffusion_operator(graph, alpha)
+    solver = _checked_cg(tol, max_iter)
+    y = check_observations(y, operator.num_nodes)
+    sol = solve_unchecked(operator, y, solver)
     if return_info:
-        return scores, DiffusionInfo(res.iterations, res.residual)
-    return scores
-
-
-def solve_spd(matvec, b, *, tol, max_iter: int) -> CGResult:
-    """Solve M x = b for a symmetric positive-definite M by batched CG, differentiably.
-
-    The derivative is implicit (``lax.custom_linear_solve`` with ``symmetric=True``):
-    a cotangent x_bar is pulled back by one more CG solve M b_bar = x_bar, and the
-    derivative with respect to whatever ``matvec`` closes over (alpha, W's weights)
-    is -b_bar^T (dM x). ``b``: [n] or [n, B]; returns the `CGResult` of the forward solve.
-    """
-    def solve(mv, rhs):
-        res = conjugate_gradient(mv, rhs, tol=tol, max_iter=max_iter)
-        return res.x, (res.iterations, res.residual)
-
-    x, (its, resid) = jax.lax.custom_linear_solve(matvec, b, solve, symmetric=True, has_aux=True)
-    return CGResult(x, its, resid)
-
-
-@functools.partial(jax.jit, static_argnums=(4,))
-def cg_diffusion(graph: Graph, y, alpha, tol, max_iter: int) -> CGResult:
-    """(I - alpha W) x = y by batched CG, unchecked (see `diffuse` for the checked entry point).
-
-    y: float[nq, n]; returns the `CGResult` with x float[n, nq] (node axis first).
-    Pure and jittable; implicit gradients (`solve_spd`).
-    """
-    b = y.T  # node axis first: [n, nq], each gather fetches a contiguous row of nq values
-    alpha = jnp.asarray(alpha, b.dtype)
-
-    def matvec(x):
-        return x - alpha * graph.matvec(x)
-    return solve_spd(matvec, b, tol=tol, max_iter=max_iter)
+        return sol.scores, DiffusionInfo(sol.iterations, sol.residual)
+    return sol.scores
 
 
 def katz_centrality(graph: Graph, alpha: float = 0.99, *, tol: float = 1e-6, max_iter: int = 200,
@@ -156,15 +120,15 @@ def katz_centrality(graph: Graph, alpha: float = 0.99, *, tol: float = 1e-6, max
     Returns float32[n]; an isolated node gets g = 1 - alpha (its own mass only). With
     ``return_info=True`` also the `DiffusionInfo` of the solve (CG steps and relative
     residual, each of shape [1]), to see whether ``max_iter`` was enough at alpha near 1.
+    The same path as `diffuse` (`solve` with `CG`), inputs checked once.
     """
-    if not isinstance(graph, Graph):
-        raise TypeError(f"graph must be a retrieval_jax.graph.Graph, got {type(graph).__name__}")
-    alpha = _checks.check_alpha(alpha)
-    ones = jnp.full((1, graph.num_nodes), 1.0, jnp.float32) * (1.0 - alpha)
+    operator = diffusion_operator(graph, alpha)
+    solver = _checked_cg(tol, max_iter)
+    ones = jnp.ones((1, operator.num_nodes), jnp.float32) * (1.0 - operator.alpha.astype(jnp.float32))
+    sol = solve_unchecked(operator, ones, solver)
     if return_info:
-        g, info = diffuse(graph, ones, alpha=alpha, tol=tol, max_iter=max_iter, return_info=True)
-        return g[0], info
-    return diffuse(graph, ones, alpha=alpha, tol=tol, max_iter=max_iter)[0]
+        return sol.scores[0], DiffusionInfo(sol.iterations, sol.residual)
+    return sol.scores[0]
 
 
 # --------------------------------------------------------------------------- truncated
@@ -176,24 +140,22 @@ def truncated_diffuse(graph: Graph, y, shortlist, *, alpha: float = 0.99, tol: f
     (I - alpha W_SS) x_S = y_S on the subgraph S = shortlist[q] only, with W_SS the
     rows and columns of W in S. Subproblems have the fixed shape [T, K] (the padded
     neighbour lists of S, remapped to local positions, edges leaving S dropped) and
-    are solved by CG under ``vmap``, ``batch_size`` queries at a time (``lax.map``).
+    are solved by `solve` with `CG` under ``vmap``, ``batch_size`` queries at a time
+    (``lax.map``). Cost: O(steps x T K) per query.
 
     Args:
       graph: normalised W on n nodes.
-      y: float[nq, n] observations; only entries on the shortlist are used.
+      y: real float[nq, n] observations; only entries on the shortlist are used.
       shortlist: int[nq, T] distinct database ids per query.
 
     Returns:
       scores float32[nq, T] aligned with ``shortlist`` (and `DiffusionInfo`).
     """
-    alpha = _checks.check_alpha(alpha)
-    tol = _checks.check_positive(tol, "tol")
-    max_iter = _check_max_iter(max_iter)
+    operator = diffusion_operator(graph, alpha)
+    solver = _checked_cg(tol, max_iter)
     if batch_size is not None:
         batch_size = _checks.check_positive_int(batch_size, "batch_size")
-    y = _as_observations(y)
-    _check_graph_y(graph, y)
-    check_normalized(graph)
+    y = check_observations(y, operator.num_nodes)
     shortlist = jnp.asarray(shortlist)
     if shortlist.ndim != 2 or shortlist.shape[0] != y.shape[0]:
         raise ValueError(f"shortlist must be [n_queries, T] with n_queries = {y.shape[0]}, got {shortlist.shape}")
@@ -210,7 +172,7 @@ def truncated_diffuse(graph: Graph, y, shortlist, *, alpha: float = 0.99, tol: f
         if (srt[:, 1:] == srt[:, :-1]).any():
             raise ValueError("a shortlist row repeats a database id; shortlist rows must be distinct ids")
     y_s = jnp.take_along_axis(y, shortlist, axis=1)
-    res = cg_truncated_diffusion(graph, y_s, shortlist, alpha, tol, max_iter, batch_size)
+    res = cg_truncated_diffusion(graph, y_s, shortlist, operator.alpha, solver.tol, solver.max_iter, batch_size)
     if return_info:
         return res.x, DiffusionInfo(res.iterations, res.residual)
     return res.x
@@ -232,14 +194,16 @@ def cg_truncated_diffusion(graph, y_s, shortlist, alpha, tol, max_iter: int, bat
     """(I - alpha W_SS) x_S = y_S for every query's shortlist S, unchecked (see `truncated_diffuse`).
 
     y_s: float[nq, T] observations on the shortlists int32[nq, T]; returns the batched
-    `CGResult` with x float[nq, T]. Pure and jittable; implicit gradients (`solve_spd`).
+    `CGResult` with x float[nq, T]. Each subproblem is one `solve` with `CG` on the
+    operator of its subgraph. Pure and jittable; implicit gradients (`solve_spd`).
     """
     alpha = jnp.asarray(alpha, y_s.dtype)
+    solver = CG(tol, max_iter)
 
     def one(args):
         ys, s = args
-        sub = _local_subgraph(graph, s)
-        return solve_spd(lambda x: x - alpha * sub.matvec(x), ys, tol=tol, max_iter=max_iter)
+        sol = solve_unchecked(DiffusionOperator(graph=_local_subgraph(graph, s), alpha=alpha), ys[None], solver)
+        return CGResult(sol.scores[0], sol.iterations[0], sol.residual[0])
     return jax.lax.map(one, (y_s, shortlist), batch_size=batch_size)
 
 

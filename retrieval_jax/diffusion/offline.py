@@ -37,8 +37,9 @@ import numpy as np
 from .. import _checks
 from .._progress import progress
 from ..graph.core import Graph
-from ..graph.neighbours import knn
-from .cg import conjugate_gradient
+from ..graph.neighbours import knn_traced
+from .operator import DiffusionOperator
+from .solvers import CG, solve_unchecked
 
 __all__ = ["OfflineInfo", "OfflineRows", "cosine_scores", "direct_scores", "load_offline", "offline_nbytes",
            "offline_rows", "save_offline", "unit_rows"]
@@ -123,21 +124,24 @@ def _offline_chunk(graph: Graph, shortlist, alpha, tol, *, max_iter: int, batch_
     t = shortlist.shape[1]
     e0 = jnp.zeros((t,), jnp.float32).at[0].set(1.0)
 
+    solver = CG(tol, max_iter)
+
     def one(s):
         local, w = _local_subgraph(graph, s)
-
-        def matvec(x):
-            return x - alpha * jnp.sum(w * x[local], axis=1)
-
-        res = conjugate_gradient(matvec, e0, tol=tol, max_iter=max_iter)
+        sol = solve_unchecked(DiffusionOperator(graph=Graph(indices=local, weights=w), alpha=alpha), e0[None],
+                              solver)
+        x = sol.scores[0]
         if top_l < t:
-            vals, pos = jax.lax.top_k(res.x, top_l)
+            vals, pos = jax.lax.top_k(x, top_l)
             ids = s[pos]
         else:
-            vals, ids = res.x, s
-        return ids, vals, res.iterations, res.residual
+            vals, ids = x, s
+        return ids, vals, sol.iterations[0], sol.residual[0]
 
     return jax.lax.map(one, shortlist, batch_size=min(batch_size, shortlist.shape[0]))
+
+
+_shortlists = jax.jit(knn_traced, static_argnames=("k", "exclude_self", "block_size"))
 
 
 def _self_first(ids: np.ndarray, items: np.ndarray) -> np.ndarray:
@@ -214,7 +218,7 @@ def offline_rows(graph: Graph, database, truncate: int, *, alpha: float = 0.99, 
     starts = range(0, total, chunk)
     for start in progress(starts, desc="offline diffusion", total=len(starts), enable=show_progress):
         ids = todo[np.arange(start, start + chunk) % total]  # the last chunk wraps: one compiled shape
-        _, nn = knn(db_j[ids], db_j, t, show_progress=False)
+        _, nn = _shortlists(db_j[ids], db_j, k=t)  # the database was checked above: no second scan
         short = jnp.asarray(_self_first(np.asarray(nn), ids))
         i, v, it, r = _offline_chunk(graph, short, jnp.float32(alpha), jnp.float32(tol), max_iter=max_iter,
                                      batch_size=batch, top_l=top_l)

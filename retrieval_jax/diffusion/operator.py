@@ -21,6 +21,7 @@ import numpy as np
 
 from .. import _checks
 from ..graph.core import Graph, NormalizedGraph
+from .observation import SparseObservation
 
 
 @jax.tree_util.register_dataclass
@@ -49,6 +50,25 @@ class DiffusionOperator:
     def mv(self, x: jax.Array) -> jax.Array:
         """M x = x - alpha W x."""
         return x - self.alpha.astype(x.dtype) * self.graph.matvec(x)
+
+    def in_layout(self):
+        """(P M P^T, layout) when W carries a `LocalityLayout` (`normalize` of a large
+        concrete graph), else (self, None): the operator the CG solvers iterate with."""
+        layout = getattr(self.graph, "layout", None)
+        if layout is None:
+            return self, None
+        return DiffusionOperator(graph=layout.graph(self.graph), alpha=self.alpha), layout
+
+
+def node_first(y, layout=None) -> jax.Array:
+    """The right-hand sides b = y^T [n, nq] (node axis first) of y [nq, n] or a
+    `SparseObservation`, renumbered into ``layout`` (a `LocalityLayout`) when given."""
+    if isinstance(y, SparseObservation):
+        if layout is not None:
+            y = SparseObservation(y.weights, layout.positions(y.indices), y.num_nodes)
+        return y.todense().T
+    b = y.T
+    return b if layout is None else layout.to_layout(b)
 
 
 def diffusion_operator(graph: Graph, alpha=0.99) -> DiffusionOperator:

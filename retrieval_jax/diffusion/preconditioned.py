@@ -48,8 +48,7 @@ from .. import _checks
 from ..graph.aggregation import aggregate_nodes, standard_aggregation  # noqa: F401 (public here too)
 from ..graph.core import Graph
 from .cg import CGResult
-from .observation import SparseObservation
-from .operator import DiffusionOperator
+from .operator import DiffusionOperator, node_first
 
 MODES = ("deflation", "additive")
 
@@ -322,8 +321,9 @@ class PreconditionedCG:
     """Batched CG to a relative residual ``tol`` with the two-level aggregation preconditioner.
 
     The same solution and stopping rule as `CG(tol, max_iter)` in fewer steps.
-    ``init`` builds `aggregation_preconditioner` (host, once per graph); ``run`` is pure
-    and jittable, ``alpha`` traced (a different alpha refactorises the m x m coarse
+    ``init`` builds `aggregation_preconditioner` (host, once per graph; in W's
+    `LocalityLayout` when it has one, as `CG`); ``run`` is pure and jittable,
+    ``alpha`` traced (a different alpha refactorises the m x m coarse
     matrix inside the trace).
     """
 
@@ -343,16 +343,19 @@ class PreconditionedCG:
         return self
 
     def init(self, operator: DiffusionOperator) -> AggregationPreconditioner:
-        """Offline: aggregates and the inverse coarse operator at the operator's alpha (host)."""
+        """Offline: aggregates and the inverse coarse operator at the operator's alpha (host),
+        in W's `LocalityLayout` when it has one (where ``run`` iterates)."""
         if _checks.is_traced(operator.alpha, operator.graph.weights):
             raise ValueError("PreconditionedCG.init aggregates the graph on the host: call it outside jax.jit "
                              "and pass the state in")
-        return aggregation_preconditioner(operator.graph, float(operator.alpha), max_coarse=self.max_coarse,
-                                          dtype=operator.graph.weights.dtype)
+        op, _ = operator.in_layout()
+        return aggregation_preconditioner(op.graph, float(op.alpha), max_coarse=self.max_coarse,
+                                          dtype=op.graph.weights.dtype)
 
     def run(self, operator: DiffusionOperator, state: AggregationPreconditioner, y):
-        b = y.todense() if isinstance(y, SparseObservation) else y
-        b = b.T                                            # node axis first: [n, nq]
-        res = two_level_solve(operator.mv, b, state, operator.alpha, tol=self.tol, max_iter=self.max_iter,
+        op, layout = operator.in_layout()
+        b = node_first(y, layout)                          # node axis first: [n, nq]
+        res = two_level_solve(op.mv, b, state, op.alpha, tol=self.tol, max_iter=self.max_iter,
                               mode=self.mode)
-        return res.x.T, res.iterations, res.residual
+        x = res.x if layout is None else layout.from_layout(res.x)
+        return x.T, res.iterations, res.residual

@@ -45,12 +45,12 @@ import numpy as np
 from .. import _checks
 from ..spectral import (ResolventFilter, SpectralEmbedding, filter_embedding, fsr_scores_dense, fsr_scores_sparse,
                         spectral_embedding)
-from .cg import CGResult
+from ..spectral.fsr import FSR_MODES
+from .cg import CGResult, conjugate_gradient
 from .inverse import DiffusionInverse, diffusion_inverse, plan_inverse
 from .observation import SparseObservation
-from .operator import DiffusionOperator
+from .operator import DiffusionOperator, node_first
 from .preconditioned import PreconditionedCG
-from .manifold_ranking import solve_spd
 
 # Auto picks the exact inverse when every component has at most this many nodes (a
 # 4096-node block costs 4096^3 / 3 flops to factor and 64 MiB in float32) and the blocks fit here.
@@ -78,6 +78,22 @@ class Solution:
     route: str
 
 
+def solve_spd(matvec, b, *, tol, max_iter: int) -> CGResult:
+    """Solve M x = b for a symmetric positive-definite M by batched CG, differentiably.
+
+    The derivative is implicit (``lax.custom_linear_solve`` with ``symmetric=True``):
+    a cotangent x_bar is pulled back by one more CG solve M b_bar = x_bar, and the
+    derivative with respect to whatever ``matvec`` closes over (alpha, W's weights)
+    is -b_bar^T (dM x). ``b``: [n] or [n, B]; returns the `CGResult` of the forward solve.
+    """
+    def inner(mv, rhs):
+        res = conjugate_gradient(mv, rhs, tol=tol, max_iter=max_iter)
+        return res.x, (res.iterations, res.residual)
+
+    x, (its, resid) = jax.lax.custom_linear_solve(matvec, b, inner, symmetric=True, has_aux=True)
+    return CGResult(x, its, resid)
+
+
 def _dense(y) -> jax.Array:
     """y as a dense [nq, n] right-hand side."""
     return y.todense() if isinstance(y, SparseObservation) else y
@@ -91,7 +107,12 @@ def _no_steps(nq: int, dtype):
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["tol"], meta_fields=["max_iter"])
 @dataclasses.dataclass(frozen=True)
 class CG:
-    """Batched conjugate gradient to a relative residual ``tol`` or ``max_iter`` steps."""
+    """Batched conjugate gradient to a relative residual ``tol`` or ``max_iter`` steps.
+
+    When W carries a `LocalityLayout` (`normalize` of a large concrete graph) the
+    iteration runs on P W P^T with y renumbered in and x renumbered back: the same
+    solution, in the caller's node order, with the product's gathers served from cache.
+    """
 
     tol: Any = 1e-6
     max_iter: int = 20
@@ -107,9 +128,11 @@ class CG:
         return None
 
     def run(self, operator: DiffusionOperator, state, y):
-        b = _dense(y).T                 # node axis first: [n, nq]
-        res: CGResult = solve_spd(operator.mv, b, tol=self.tol, max_iter=self.max_iter)
-        return res.x.T, res.iterations, res.residual
+        op, layout = operator.in_layout()
+        b = node_first(y, layout)       # node axis first: [n, nq]
+        res: CGResult = solve_spd(op.mv, b, tol=self.tol, max_iter=self.max_iter)
+        x = res.x if layout is None else layout.from_layout(res.x)
+        return x.T, res.iterations, res.residual
 
 
 # ----------------------------------------------------------------------------- exact inverse
@@ -155,8 +178,8 @@ class Spectral:
 
     def validate(self) -> "Spectral":
         _checks.check_positive_int(self.rank, "rank")
-        if self.mode not in ("rank_r", "approx"):
-            raise ValueError(f"mode must be 'rank_r' or 'approx', got {self.mode!r}")
+        if self.mode not in FSR_MODES:
+            raise ValueError(f"mode must be one of {FSR_MODES}, got {self.mode!r}")
         if self.transfer is not None and not callable(self.transfer):
             raise TypeError(f"transfer must be a callable filter h(lambda), got {type(self.transfer).__name__}")
         return self
@@ -169,7 +192,7 @@ class Spectral:
         n = operator.num_nodes
         if self.rank > n:
             raise ValueError(f"rank = {self.rank} exceeds the graph's {n} nodes; choose rank <= {n}")
-        emb = spectral_embedding(operator.graph, self.rank, lambda lam: lam, mode="rank_r")
+        emb = spectral_embedding(operator.graph, self.rank, lambda lam: lam, mode=FSR_MODES[0])
         return filter_embedding(emb, self._filter(operator), mode=self.mode)
 
     def run(self, operator: DiffusionOperator, state: SpectralEmbedding, y):
@@ -244,17 +267,73 @@ class Auto:
 
 # ----------------------------------------------------------------------------- solve
 SOLVERS = {"cg": CG, "pcg": PreconditionedCG, "inverse": ExactInverse, "spectral": Spectral, "auto": Auto}
+"""The solvers by name: the one registry configs (``DiffusionConfig.solver``) and the CLI resolve."""
+
+
+def resolve_solver(spec, *, tol=None, max_iter=None):
+    """A solver object from a name of `SOLVERS` or a solver object (returned as is).
+
+    A name is built with ``tol`` and ``max_iter`` where the solver has those fields
+    (CG, PreconditionedCG, Auto) and its defaults otherwise; ``tol`` may be traced.
+    """
+    if isinstance(spec, str):
+        if spec not in SOLVERS:
+            raise ValueError(f"solver must be one of {tuple(SOLVERS)} or a solver object, got {spec!r}")
+        cls = SOLVERS[spec]
+        fields = {f.name for f in dataclasses.fields(cls)}
+        given = {"tol": tol, "max_iter": max_iter}
+        return cls(**{k: v for k, v in given.items() if k in fields and v is not None})
+    if not all(hasattr(spec, name) for name in ("init", "run", "validate")):
+        raise TypeError(f"solver must be a name of {tuple(SOLVERS)} or a solver object "
+                        f"({', '.join(c.__name__ for c in SOLVERS.values())}), got {type(spec).__name__}")
+    return spec
+
+
+def route_of(solver, state) -> str:
+    """The route a solver with this state takes: ``state.route`` for `Auto`, else ``solver.route``."""
+    return state.route if isinstance(state, AutoState) else solver.route
+
+
+def check_observations(y, n: int):
+    """y as the right-hand side of a diffusion on n nodes: a `SparseObservation` of n
+    nodes, or a real array [nq, n] (floating; integers become float32), finite when
+    concrete. Complex y is refused (diffusion scores are real; a cast would drop the
+    imaginary part)."""
+    if isinstance(y, SparseObservation):
+        if y.num_nodes != n:
+            raise ValueError(f"the observation has {y.num_nodes} nodes but the graph has {n}")
+        return y
+    y = jnp.asarray(y)
+    if jnp.issubdtype(y.dtype, jnp.complexfloating):
+        raise TypeError(f"y must be real, got dtype {y.dtype}: diffuse the real and imaginary parts "
+                        "separately (the operator is real)")
+    if not (jnp.issubdtype(y.dtype, jnp.floating) or jnp.issubdtype(y.dtype, jnp.integer)
+            or y.dtype == jnp.bool_):
+        raise TypeError(f"y must hold real numbers, got dtype {y.dtype}")
+    if y.ndim != 2 or y.shape[1] != n:
+        raise ValueError(f"y must be [n_queries, n] with n = {n} graph nodes (or a SparseObservation), "
+                         f"got shape {y.shape}")
+    if not jnp.issubdtype(y.dtype, jnp.floating):
+        y = y.astype(jnp.float32)
+    if not _checks.is_traced(y) and not np.isfinite(np.asarray(y)).all():
+        raise ValueError("y contains NaN or inf")
+    return y
 
 
 def solve(operator: DiffusionOperator, y, solver=None, state=None) -> Solution:
     """x = (I - alpha W)^-1 y by ``solver`` (default `CG()`), with its solution record.
 
+    The one path of every diffusion here: `diffuse`, `truncated_diffuse`,
+    `katz_centrality` and the ranking methods check their own inputs and call the
+    unchecked core `solve_unchecked`; this entry checks the operator, the solver and y.
+
     Args:
       operator: `diffusion_operator(W, alpha)`.
       y: float[nq, n] or a `SparseObservation` (`observe_neighbours`, `observe_items`).
-      solver: `CG`, `ExactInverse`, `Spectral` or `Auto`.
+      solver: a solver object (`CG`, `PreconditionedCG`, `ExactInverse`, `Spectral`,
+        `Auto`) or its name in `SOLVERS`.
       state: ``solver.init(operator)`` when computed offline; computed here if None
-        (on the host: not under ``jax.jit`` for the inverse and spectral routes).
+        (on the host: not under ``jax.jit`` for the inverse, spectral and two-level routes).
 
     Returns:
       `Solution` (scores [nq, n], iterations, residual, route). Jittable and
@@ -263,28 +342,19 @@ def solve(operator: DiffusionOperator, y, solver=None, state=None) -> Solution:
     if not isinstance(operator, DiffusionOperator):
         raise TypeError(f"operator must be a DiffusionOperator (diffusion_operator(W, alpha)), "
                         f"got {type(operator).__name__}")
-    solver = CG() if solver is None else solver
-    if not all(hasattr(solver, name) for name in ("init", "run", "validate")):
-        raise TypeError(f"solver must be a solver object ({', '.join(c.__name__ for c in SOLVERS.values())}), "
-                        f"got {type(solver).__name__}")
+    solver = CG() if solver is None else resolve_solver(solver)
     solver.validate()
-    n = operator.num_nodes
-    if isinstance(y, SparseObservation):
-        if y.num_nodes != n:
-            raise ValueError(f"the observation has {y.num_nodes} nodes but the graph has {n}")
-    else:
-        y = jnp.asarray(y)
-        if y.ndim != 2 or y.shape[1] != n:
-            raise ValueError(f"y must be [n_queries, {n}] or a SparseObservation, got shape {y.shape}")
-        if not jnp.issubdtype(y.dtype, jnp.floating):
-            y = y.astype(jnp.float32)
-        if not _checks.is_traced(y) and not np.isfinite(np.asarray(y)).all():
-            raise ValueError("y contains NaN or inf")
+    y = check_observations(y, operator.num_nodes)
+    return solve_unchecked(operator, y, solver, state)
+
+
+def solve_unchecked(operator: DiffusionOperator, y, solver, state=None) -> Solution:
+    """`solve` without its checks: for callers that checked operator, y and solver at
+    their own public boundary (y a floating [nq, n] array or a `SparseObservation`)."""
     if state is None:
         state = solver.init(operator)
-    route = state.route if isinstance(state, AutoState) else solver.route
     scores, its, res = _run(solver, operator, state, y)
-    return Solution(scores=scores, iterations=its, residual=res, route=route)
+    return Solution(scores=scores, iterations=its, residual=res, route=route_of(solver, state))
 
 
 @jax.jit

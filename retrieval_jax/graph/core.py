@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -172,4 +173,12 @@ class NormalizedGraph(Graph):
     I - alpha W is positive definite for 0 < alpha < 1) and the diffusion solvers take
     it without re-checking. A plain `Graph` passed to them is checked on the host
     (`retrieval_jax.diffusion.check_normalized`).
+
+    ``layout``: None, or the graph's `retrieval_jax.graph.order.LocalityLayout` (its
+    nodes renumbered for cache locality, computed once on the host; `normalize` attaches
+    one to concrete graphs of `retrieval_jax.graph.order.LOCALITY_MIN_NODES` nodes or
+    more). The CG solvers then run in the layout; results are in the graph's node order.
+    It depends on ``indices`` only: replace the neighbour lists and drop it (layout=None).
     """
+
+    layout: Any = None

@@ -17,6 +17,7 @@ from .. import _checks
 from .._progress import progress
 from .affinity import affinity_graph, union_capacity
 from .core import Graph, NormalizedGraph
+from .order import LOCALITY_MIN_NODES, with_locality
 
 
 
@@ -307,18 +308,22 @@ def normalize(graph: Graph) -> NormalizedGraph:
     diffusion score is then its own query mass. The spectrum of W lies in [-1, 1].
     The result's type, `NormalizedGraph`, records that W is normalised. Jittable and
     differentiable with respect to the weights; a concrete graph is checked first
-    (finite, non-negative weights).
+    (finite, non-negative weights). A concrete graph of `LOCALITY_MIN_NODES` nodes or
+    more also gets its `LocalityLayout` (host, once: `with_locality`), in which the CG
+    solvers then run; under a trace nothing is added.
     """
     if not isinstance(graph, Graph):
         raise TypeError(f"normalize takes a retrieval_jax.graph.Graph (e.g. from knn_graph or "
                         f"Graph.from_scipy), got {type(graph).__name__}")
-    if not _checks.is_traced(graph.weights):
-        w = np.asarray(graph.weights)
-        if not np.isfinite(w).all():
-            raise ValueError("the graph has NaN or inf weights; rebuild it from finite descriptors")
-        if (w < 0).any():
-            raise ValueError("the graph has negative weights; an affinity must be non-negative")
-    return _normalize(graph)
+    if _checks.is_traced(graph.indices, graph.weights):
+        return _normalize(graph)
+    w = np.asarray(graph.weights)
+    if not np.isfinite(w).all():
+        raise ValueError("the graph has NaN or inf weights; rebuild it from finite descriptors")
+    if (w < 0).any():
+        raise ValueError("the graph has negative weights; an affinity must be non-negative")
+    out = _normalize(graph)
+    return with_locality(out) if graph.num_nodes >= LOCALITY_MIN_NODES else out
 
 
 @jax.jit

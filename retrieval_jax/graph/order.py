@@ -8,21 +8,39 @@ rows are re-read from cache. The product costs O(n k B) in any order; the order
 decides how much of it is served from cache (measured by ``experiments/bench_converged.py``:
 docs/benchmarks/bench_converged.md). The solution of the
 renumbered system is the same vector, renumbered: x = P^T solve(P W P^T, P y).
+
+`LocalityLayout` keeps that renumbering with a normalised graph, computed once on the
+host: `normalize` attaches one to a concrete graph of `LOCALITY_MIN_NODES` nodes or
+more (`with_locality` to any concrete `NormalizedGraph`), and the CG solvers of
+`retrieval_jax.diffusion` then run in the layout and return the scores in the graph's
+own node order, so a caller of `diffuse` never renumbers anything by hand.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sp
 
 from .. import _checks
 from .aggregation import coarsen, without_diagonal
-from .core import Graph
+from .core import Graph, NormalizedGraph
 
 
 ORDER_METHODS = ("aggregation", "blocks")
+
+LOCALITY_MIN_NODES = 50_000
+"""From this many nodes on, `normalize` attaches a `LocalityLayout` to a concrete graph.
+
+Below it the gathered rows of X [n, B] mostly stay in cache in any order, so the
+order's host work (O(nnz) per aggregation level) does not pay back; from about
+50,000 nodes on (X [n, 200] float32 of 40 MB and more) one product in the layout
+takes well under half the time of one in an arbitrary order
+(``experiments/bench_converged.py``), and a batch of converged queries amortises the
+order within its first solve."""
 
 
 def locality_order(graph: Graph, *, method: str = "aggregation", block_size: int = 1024,
@@ -157,3 +175,79 @@ def permute_graph(graph: Graph, order) -> Graph:
     indices = inverse[np.asarray(graph.indices)[order]].astype(np.int32)
     return type(graph)(indices=jnp.asarray(indices), weights=jnp.asarray(np.asarray(graph.weights)[order]),
                        overflow=graph.overflow)
+
+
+# ----------------------------------------------------------------------------- layouts
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LocalityLayout:
+    """A graph's nodes renumbered for locality (`locality_order`), kept with the graph.
+
+    Attributes:
+      order: int32[n], the node placed at position p is ``order[p]``.
+      inverse: int32[n], the position of node i (``order[inverse] = arange(n)``).
+      indices: int32[n, K], the graph's neighbour lists renumbered: row p lists the
+        positions of the neighbours of node ``order[p]`` (`permute_graph`'s indices).
+
+    The layout belongs to the graph's neighbour lists, not to its weights: the
+    renumbered weights are gathered from the graph's own (``weights[order]``, O(n K)
+    per use), so gradients flow to them and a graph whose weights were replaced
+    (``dataclasses.replace(w, weights=...)``) keeps a valid layout. A graph with other
+    neighbour lists needs a new layout (`with_locality`).
+    """
+
+    order: jax.Array
+    inverse: jax.Array
+    indices: jax.Array
+
+    @property
+    def num_nodes(self) -> int:
+        return self.order.shape[0]
+
+    def graph(self, graph: Graph) -> NormalizedGraph:
+        """P W P^T: ``graph`` renumbered into the layout (jittable, differentiable in the weights)."""
+        return NormalizedGraph(indices=self.indices, weights=graph.weights[self.order])
+
+    def to_layout(self, x: jax.Array) -> jax.Array:
+        """Node-first x [n, ...] in the layout's order: x[order]."""
+        return x[self.order]
+
+    def from_layout(self, x: jax.Array) -> jax.Array:
+        """Node-first x [n, ...] back in the graph's order: x[inverse]."""
+        return x[self.inverse]
+
+    def positions(self, ids: jax.Array) -> jax.Array:
+        """The layout positions of node ids (any shape): inverse[ids]."""
+        return self.inverse[ids]
+
+
+def locality_layout(graph: Graph, *, method: str = "aggregation") -> LocalityLayout:
+    """The `LocalityLayout` of a concrete graph (host: `locality_order`, then the
+    renumbered neighbour lists; O(nnz) per aggregation level)."""
+    order = locality_order(graph, method=method)
+    return _layout(graph, order)
+
+
+def _layout(graph: Graph, order: np.ndarray) -> LocalityLayout:
+    inverse = np.argsort(order)
+    indices = inverse[np.asarray(graph.indices)[order]]
+    return LocalityLayout(order=jnp.asarray(order, jnp.int32), inverse=jnp.asarray(inverse, jnp.int32),
+                          indices=jnp.asarray(indices, jnp.int32))
+
+
+def with_locality(graph: NormalizedGraph, *, method: str = "aggregation") -> NormalizedGraph:
+    """``graph`` carrying its `LocalityLayout` (host, concrete graph; any size).
+
+    `normalize` calls it on concrete graphs of `LOCALITY_MIN_NODES` nodes or more; call
+    it yourself on a W built otherwise (loaded, or smaller). The diffusion solvers that
+    run CG (`diffuse`, `truncated_diffuse` excepted, `katz_centrality`, `CG`,
+    `PreconditionedCG`, the diffusion method) then solve in the layout and return the
+    scores in the graph's node order. A graph that has a layout is returned as is.
+    """
+    if not isinstance(graph, NormalizedGraph):
+        raise TypeError(f"with_locality takes a NormalizedGraph (normalize(A)), got {type(graph).__name__}")
+    if _checks.is_traced(graph.indices, graph.weights):
+        raise TypeError("with_locality runs on the host: call it on a concrete graph, outside jax.jit")
+    if graph.layout is not None:
+        return graph
+    return dataclasses.replace(graph, layout=locality_layout(graph, method=method))

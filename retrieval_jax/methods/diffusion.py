@@ -9,13 +9,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import warnings
+from typing import Any
+
 from .. import _checks, defaults
-from ..diffusion.inverse import DiffusionInverse, diffusion_inverse, plan_inverse
-from ..diffusion import CG, DiffusionOperator, ExactInverse, SparseObservation, cg_truncated_diffusion
-from ..graph.core import Graph
+from ..diffusion import CG, DiffusionOperator, SparseObservation, cg_truncated_diffusion
+from ..diffusion.operator import check_normalized
+from ..diffusion.solvers import SOLVERS, Auto, AutoState, resolve_solver, solve_unchecked
+from ..graph.core import Graph, NormalizedGraph
 from ..graph.affinity import similarity_power
 from ..graph.neighbours import SEARCH_METHODS, normalize
-from .base import GRAPH_OPTIONS, check_database_graph, database_and_graph, make_method, with_graph_k
+from ..graph.order import LOCALITY_MIN_NODES, with_locality
+from ..spectral import check_symmetric_graph
+from .base import (GRAPH_OPTIONS, check_database_graph, checked_database, config_graph, make_method,
+                   with_graph_k)
 from .options import finite_float, option, positive_int
 from .base import similarities as _similarities
 
@@ -68,7 +75,7 @@ class DiffusionConfig:
     solver: str = option("cg", "cg: conjugate gradient per batch; inverse: the exact (I - alpha W)^-1, "
                          "computed once, one dense block per connected component (components up to "
                          "~20,000 nodes); auto: inverse when the components are small, else cg",
-                         choices=("cg", "inverse", "auto"))
+                         choices=tuple(SOLVERS))
 
     def __post_init__(self):
         _checks.check_alpha(self.alpha)
@@ -80,10 +87,10 @@ class DiffusionConfig:
             raise ValueError(f"DiffusionConfig.truncate must be None or a positive int, got {self.truncate!r}")
         if self.graph_method not in SEARCH_METHODS:
             raise ValueError(f"graph_method must be one of {SEARCH_METHODS}, got {self.graph_method!r}")
-        if self.solver not in ("cg", "inverse", "auto"):
-            raise ValueError(f"solver must be 'cg', 'inverse' or 'auto', got {self.solver!r}")
-        if self.solver in ("inverse", "auto") and self.truncate is not None:
-            raise ValueError("truncation only applies to solver='cg'; the inverse is already exact")
+        solver = resolve_solver(self.solver).validate()
+        if self.truncate is not None and not isinstance(solver, CG):
+            raise ValueError(f"truncation only applies to solver='cg' (conjugate gradient on each "
+                             f"shortlist), got solver={self.solver!r}")
 
 
 class DiffusionStatic(NamedTuple):
@@ -96,7 +103,7 @@ class DiffusionStatic(NamedTuple):
     graph_method: str
     truncate: int | None
     batch_size: int
-    solver: str
+    solver: Any
 
 
 @jax.tree_util.register_dataclass
@@ -112,13 +119,18 @@ class DiffusionParams:
 _VALUES = ("alpha", "gamma", "tol")
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["database", "graph", "inverse", "params"],
-                   meta_fields=["static"])
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["database", "graph", "solver_state", "params"], meta_fields=["static"])
 @dataclasses.dataclass(frozen=True)
 class DiffusionState:
-    """Database descriptors float32[n, d], the normalised graph W, (I - alpha W)^-1 when
-    the solver is "inverse" (else None), the traced values (alpha, gamma, tol) and the
-    static fields of the config.
+    """Database descriptors float32[n, d], the normalised graph W, the solver's offline
+    state (``solver.init``: (I - alpha W)^-1 for "inverse", the coarse space for "pcg",
+    the eigenpairs for "spectral", None for "cg"), the traced values (alpha, gamma, tol)
+    and the static fields of the config.
+
+    W of a database of `LOCALITY_MIN_NODES` items or more carries its `LocalityLayout`
+    (computed once by ``build``): the CG routes iterate in it and return the scores in
+    the database's order.
 
     Two states built with different alpha, gamma or tol share one compiled ``search``;
     ``jax.vmap`` over ``dataclasses.replace(state, params=...)`` runs a grid in one
@@ -128,9 +140,14 @@ class DiffusionState:
 
     database: jax.Array
     graph: Graph
-    inverse: DiffusionInverse | None
+    solver_state: Any
     params: DiffusionParams
     static: DiffusionStatic
+
+    @property
+    def inverse(self):
+        """The `DiffusionInverse` of the "inverse" route, else None."""
+        return self.solver_state if self.static.solver == "inverse" else None
 
     @property
     def config(self) -> DiffusionConfig:
@@ -149,9 +166,12 @@ class DiffusionState:
 
 def _diffusion_build(database, config: DiffusionConfig = DiffusionConfig(), *,
                      show_progress: bool | None = None) -> DiffusionState:
-    db, graph = database_and_graph(database, config, DiffusionConfig, "diffusion", _check_query_sizes,
-                                   show_progress=show_progress)
-    return diffusion_state_from_graph(db, graph, config)
+    """`DIFFUSION.build`: config, database and sizes checked once here; the graph search and
+    the state then trust them."""
+    db = checked_database(database, config, DiffusionConfig, "diffusion")
+    with_graph_k(_check_query_sizes)(config, db.shape[0])
+    graph = config_graph(db, config, show_progress=show_progress)
+    return _state(db, normalize(graph), config)
 
 
 def _check_query_sizes(config: DiffusionConfig, n: int) -> None:
@@ -167,19 +187,50 @@ def diffusion_state_from_graph(database, graph: Graph, config: DiffusionConfig =
                                *, normalized: bool = False) -> DiffusionState:
     """A `DiffusionState` on a graph built elsewhere (a saved graph, a region graph...).
 
-    ``graph`` is the affinity A (normalised here) or, with ``normalized=True``, W itself.
-    ``config.k`` and the graph options are then informative only.
+    ``graph`` is the affinity A (symmetric, normalised here) or, with ``normalized=True``,
+    W itself (a `NormalizedGraph`, or a concrete `Graph` checked to be symmetric and
+    normalised). ``config.k`` and the graph options are then informative only.
+
+    Raises:
+      TypeError: ``config`` is not a `DiffusionConfig`; ``graph`` is not a `Graph`.
+      ValueError: sizes that do not fit; an asymmetric A (conjugate gradient and the
+        inverse need an undirected graph); with ``normalized=True``, a W that is not
+        normalised (its largest eigenvalue exceeds 1: pass A and ``normalized=False``).
     """
-    db, graph = check_database_graph(database, graph)
+    db = checked_database(database, config, DiffusionConfig, "diffusion")
+    db, graph = check_database_graph(db, graph)
     _check_query_sizes(config, db.shape[0])
-    w = graph if normalized else normalize(graph)
-    plan = plan_inverse(w) if config.solver in ("inverse", "auto") else None
-    if config.solver == "auto":
-        cheap = plan.largest <= AUTO_INVERSE_MAX_NODES and plan.nbytes <= AUTO_INVERSE_MAX_BYTES
-        config = dataclasses.replace(config, solver="inverse" if cheap else "cg")
-    inverse = diffusion_inverse(w, config.alpha, plan=plan) if config.solver == "inverse" else None
+    if normalized:
+        w = check_normalized(graph)
+        if not isinstance(w, NormalizedGraph):
+            w = NormalizedGraph(indices=w.indices, weights=w.weights, overflow=w.overflow)
+    else:
+        if not _checks.is_traced(graph.indices, graph.weights):
+            check_symmetric_graph(graph)
+        w = normalize(graph)
+    return _state(db, w, config)
+
+
+def _solver(static: DiffusionStatic, params: DiffusionParams):
+    """The solver object of a state's config: a name resolved in `SOLVERS` (with the
+    config's tol and max_iter; `Auto` with this module's thresholds) or the object given."""
+    solver = resolve_solver(static.solver, tol=params.tol, max_iter=static.max_iter)
+    if isinstance(solver, Auto) and isinstance(static.solver, str):
+        solver = dataclasses.replace(solver, max_nodes=AUTO_INVERSE_MAX_NODES, max_bytes=AUTO_INVERSE_MAX_BYTES)
+    return solver
+
+
+def _state(db, w: NormalizedGraph, config: DiffusionConfig) -> DiffusionState:
+    """The state on checked inputs: W (with its locality layout when large), the solver's
+    offline state (`Auto` resolved to the route it picked, recorded in the config)."""
+    if w.layout is None and w.num_nodes >= LOCALITY_MIN_NODES and not _checks.is_traced(w.indices, w.weights):
+        w = with_locality(w)
     params, static = DiffusionState.split(config)
-    return DiffusionState(database=jnp.asarray(db), graph=w, inverse=inverse, params=params, static=static)
+    solver = _solver(static, params)
+    state = solver.init(DiffusionOperator(graph=w, alpha=params.alpha))
+    if isinstance(state, AutoState):
+        static, state = static._replace(solver=state.route), state.inner
+    return DiffusionState(database=jnp.asarray(db), graph=w, solver_state=state, params=params, static=static)
 
 
 def _operator(state: DiffusionState) -> DiffusionOperator:
@@ -187,10 +238,9 @@ def _operator(state: DiffusionState) -> DiffusionOperator:
 
 
 def _solve(state: DiffusionState, y: SparseObservation) -> jax.Array:
-    """x = (I - alpha W)^-1 y by the state's solver (the solver layer's routes)."""
-    if state.static.solver == "inverse":
-        return ExactInverse().run(_operator(state), state.inverse, y)[0]
-    return CG(state.params.tol, state.static.max_iter).run(_operator(state), None, y)[0]
+    """x = (I - alpha W)^-1 y by the state's solver: `solve`'s core, one path for every route."""
+    solver = _solver(state.static, state.params)
+    return solve_unchecked(_operator(state), y, solver, state.solver_state).scores
 
 
 def _solve_truncated(state: DiffusionState, sims, y_local_fn):
@@ -242,3 +292,30 @@ DIFFUSION = make_method(
     check_sizes=with_graph_k(_check_query_sizes), from_graph=diffusion_state_from_graph, unreached=0.0,
     summary="manifold ranking on the kNN graph, (I - alpha W) x = y by CG (full or truncated) or by the "
             "exact inverse per connected component")
+
+
+class UnreachedQueryWarning(RuntimeWarning):
+    """A query's ``query_k`` nearest database items all have similarity <= 0, so its
+    observation y = max(s, 0)^gamma is zero and so are all its diffusion scores."""
+
+
+def _search_warning_unreached(search):
+    """``search`` that warns (`UnreachedQueryWarning`) about queries whose scores are all
+    zero: y = 0 exactly when every one of its ``query_k`` neighbours has similarity <= 0
+    (M is invertible, so x = 0 iff y = 0), and such a query's ranking would be the
+    database's index order. Checked on concrete results of the full solve only."""
+    def run(state, queries):
+        scores = search(state, queries)
+        if state.static.truncate is None and not _checks.is_traced(scores):
+            dead = np.flatnonzero(np.asarray(jnp.all(scores == 0, axis=1)))
+            if dead.size:
+                warnings.warn(f"{dead.size} query(ies) (first: row {dead[0]}) have no database neighbour with "
+                              f"positive similarity among their query_k = {state.static.query_k} nearest items: "
+                              "their diffusion scores are all zero and their ranking is the index order; "
+                              "check the descriptors (same pipeline, L2-normalised) or raise query_k",
+                              UnreachedQueryWarning, stacklevel=2)
+        return scores
+    return run
+
+
+DIFFUSION = DIFFUSION._replace(search=_search_warning_unreached(DIFFUSION.search))

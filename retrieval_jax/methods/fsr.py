@@ -9,15 +9,21 @@ import jax
 import jax.numpy as jnp
 
 from .. import _checks, defaults
+from ..diffusion import DiffusionOperator, SparseObservation, Spectral, solve_unchecked
 from ..graph.core import Graph
 from ..graph.neighbours import normalize
-from ..spectral import heat_kernel_filter, regularized_laplacian_filter, spectral_embedding
+from ..spectral import heat_kernel_filter, regularized_laplacian_filter
+from ..spectral.fsr import FSR_MODES
 from ..graph.affinity import similarity_power
-from ..spectral import fsr_scores_sparse
-from .base import GRAPH_OPTIONS, check_config, check_database_graph, database_and_graph, make_method, with_graph_k
+from .base import (GRAPH_OPTIONS, check_database_graph, checked_database, config_graph, make_method,
+                   with_graph_k)
 from .options import option, positive_int
 from .base import similarities as _similarities
 from .diffusion import DiffusionConfig
+
+
+FSR_FILTERS = ("diffusion", "heat")
+"""FsrConfig.filter: h(l) = (1 - alpha) / (1 - alpha l), or h(l) = exp(-t (1 - l))."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +47,7 @@ class FsrConfig:
     graph_method: str = option("exact", GRAPH_OPTIONS["graph_method"])
     rank: int = option(400, "eigenpairs kept, r (default min(400, n): exact when n <= 400)", parse=positive_int,
                        choose=lambda n, values: defaults.default_rank(n), rule="min(400, n)")
-    mode: str = option("approx", "FSR.rank-r or FSR.approx", flag="--fsr-mode", choices=("rank_r", "approx"))
+    mode: str = option("approx", "FSR.rank-r or FSR.approx", flag="--fsr-mode", choices=FSR_MODES)
     filter: str = "diffusion"
     t: float = 10.0
 
@@ -49,10 +55,10 @@ class FsrConfig:
         DiffusionConfig(k=self.k, query_k=self.query_k, alpha=self.alpha, gamma=self.gamma,
                         mutual=self.mutual, graph_method=self.graph_method)
         _checks.check_positive_int(self.rank, "FsrConfig.rank")
-        if self.mode not in ("rank_r", "approx"):
-            raise ValueError(f"FsrConfig.mode must be 'rank_r' or 'approx', got {self.mode!r}")
-        if self.filter not in ("diffusion", "heat"):
-            raise ValueError(f"FsrConfig.filter must be 'diffusion' or 'heat', got {self.filter!r}")
+        if self.mode not in FSR_MODES:
+            raise ValueError(f"FsrConfig.mode must be one of {FSR_MODES}, got {self.mode!r}")
+        if self.filter not in FSR_FILTERS:
+            raise ValueError(f"FsrConfig.filter must be one of {FSR_FILTERS}, got {self.filter!r}")
         _checks.check_positive(self.t, "t")
 
     def transfer_function(self):
@@ -60,22 +66,29 @@ class FsrConfig:
             return regularized_laplacian_filter(self.alpha)
         return heat_kernel_filter(self.t)
 
+    def solver(self) -> Spectral:
+        """The `Spectral` solver this config runs (rank, filter, mode)."""
+        return Spectral(rank=self.rank, transfer=self.transfer_function(), mode=self.mode)
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["database", "embedding"],
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["database", "embedding", "graph"],
                    meta_fields=["config"])
 @dataclasses.dataclass(frozen=True)
 class FsrState:
-    """Database descriptors float32[n, d], the `SpectralEmbedding`, and the (static) config."""
+    """Database descriptors float32[n, d], the `SpectralEmbedding` (the `Spectral`
+    solver's state), the (static) config and W (the operator the solver runs on)."""
 
     database: jax.Array
     embedding: Any
     config: FsrConfig = FsrConfig()
+    graph: Graph | None = None
 
 
 def _fsr_build(database, config: FsrConfig = FsrConfig(), *, show_progress: bool | None = None) -> FsrState:
-    db, graph = database_and_graph(database, config, FsrConfig, "fsr", _check_sizes,
-                                   show_progress=show_progress)
-    return fsr_state_from_graph(db, graph, config)
+    """`FSR.build`: config, database and sizes checked once here; the rest trusts them."""
+    db = checked_database(database, config, FsrConfig, "fsr")
+    with_graph_k(_check_sizes)(config, db.shape[0])
+    return _state(db, normalize(config_graph(db, config, show_progress=show_progress)), config)
 
 
 def _check_sizes(config: FsrConfig, n: int) -> None:
@@ -90,27 +103,38 @@ def fsr_state_from_graph(database, graph: Graph, config: FsrConfig = FsrConfig()
     ``graph`` is the affinity A (normalised here) or, with ``normalized=True``, W itself;
     ``config.k`` and the graph options are then informative only.
     """
-    check_config(config, FsrConfig, "fsr")
-    db, graph = check_database_graph(database, graph)
-    n = db.shape[0]
-    _checks.check_k(config.query_k, n, name="query_k")
-    _checks.check_k(config.rank, n, name="rank", what="database items (rank must be <= n)")
-    w = graph if normalized else normalize(graph)
-    emb = spectral_embedding(w, config.rank, config.transfer_function(), mode=config.mode)
-    return FsrState(database=jnp.asarray(db), embedding=emb, config=config)
+    db = checked_database(database, config, FsrConfig, "fsr")
+    db, graph = check_database_graph(db, graph)
+    _check_sizes(config, db.shape[0])
+    return _state(db, graph if normalized else normalize(graph), config)
+
+
+def _operator(w, config: FsrConfig) -> DiffusionOperator:
+    return DiffusionOperator(graph=w, alpha=jnp.asarray(config.alpha, jnp.float32))
+
+
+def _state(db, w, config: FsrConfig) -> FsrState:
+    emb = config.solver().init(_operator(w, config))
+    return FsrState(database=jnp.asarray(db), embedding=emb, config=config, graph=w)
+
+
+def _scores(state: FsrState, y: SparseObservation):
+    """The `Spectral` route of `solve` (its core: inputs checked at the entry)."""
+    cfg = state.config
+    return solve_unchecked(_operator(state.graph, cfg), y, cfg.solver(), state.embedding).scores
 
 
 @jax.jit
 def _fsr_search(state: FsrState, queries):
     cfg = state.config
     s, i = jax.lax.top_k(_similarities(state, queries), cfg.query_k)
-    return fsr_scores_sparse(state.embedding, similarity_power(s, cfg.gamma), i)
+    return _scores(state, SparseObservation(similarity_power(s, cfg.gamma), i, state.database.shape[0]))
 
 
 @jax.jit
 def _fsr_search_items(state: FsrState, ids):
     ones = jnp.ones((ids.shape[0], 1), jnp.float32)
-    return fsr_scores_sparse(state.embedding, ones, ids[:, None])
+    return _scores(state, SparseObservation(ones, ids[:, None], state.database.shape[0]))
 
 
 FSR = make_method("fsr", _fsr_build, _fsr_search, _fsr_search_items, FsrConfig,

@@ -27,7 +27,8 @@ from ..diffusion.offline import OfflineRows, cosine_scores, direct_scores, offli
 from ..graph import normalize
 from ..graph.core import Graph
 from ..graph.neighbours import SEARCH_METHODS
-from .base import GRAPH_OPTIONS, check_config, check_database_graph, database_and_graph, make_method, with_graph_k
+from .base import (GRAPH_OPTIONS, check_database_graph, checked_database, config_graph, make_method,
+                   with_graph_k)
 from .options import finite_float, option, positive_int
 from .base import similarities as _similarities
 
@@ -114,9 +115,11 @@ def _check_sizes(config: OfflineDiffusionConfig, n: int) -> None:
 
 def _build(database, config: OfflineDiffusionConfig = OfflineDiffusionConfig(), *,
            show_progress: bool | None = None) -> OfflineDiffusionState:
-    db, graph = database_and_graph(database, config, OfflineDiffusionConfig, "offline-diffusion",
-                                   _check_sizes, show_progress=show_progress)
-    return offline_diffusion_state_from_graph(db, graph, config, show_progress=show_progress)
+    """`OFFLINE_DIFFUSION.build`: config, database and sizes checked once here; the rest trusts them."""
+    db = checked_database(database, config, OfflineDiffusionConfig, "offline-diffusion")
+    with_graph_k(_check_sizes)(config, db.shape[0])
+    graph = config_graph(db, config, show_progress=show_progress)
+    return _state(db, normalize(graph), config, show_progress)
 
 
 def offline_diffusion_state_from_graph(database, graph: Graph,
@@ -124,22 +127,26 @@ def offline_diffusion_state_from_graph(database, graph: Graph,
                                        *, normalized: bool = False,
                                        show_progress: bool | None = None) -> OfflineDiffusionState:
     """An `OfflineDiffusionState` on a graph built elsewhere (``normalized``: it is W already)."""
-    check_config(config, OfflineDiffusionConfig, "offline-diffusion")
-    db, graph = check_database_graph(database, graph)
+    db = checked_database(database, config, OfflineDiffusionConfig, "offline-diffusion")
+    db, graph = check_database_graph(db, graph)
     _check_sizes(config, db.shape[0])
-    w = graph if normalized else normalize(graph)
+    return _state(db, graph if normalized else normalize(graph), config, show_progress)
+
+
+def _state(db, w, config: OfflineDiffusionConfig, show_progress) -> OfflineDiffusionState:
+    """The state on checked inputs: the offline rows (one truncated `solve` per item), unit rows."""
     rows = offline_rows(w, db, config.truncate, alpha=config.alpha, tol=config.tol, max_iter=config.max_iter,
                         top_l=config.top_l, chunk_size=config.chunk_size, batch_size=config.batch_size,
                         show_progress=show_progress)
-    return offline_diffusion_state_from_rows(db, rows, config)
+    unit = unit_rows(rows) if config.score == "cosine" else None
+    return OfflineDiffusionState(database=jnp.asarray(db), rows=rows, unit=unit, config=config)
 
 
 def offline_diffusion_state_from_rows(database, rows: OfflineRows,
                                       config: OfflineDiffusionConfig = OfflineDiffusionConfig()
                                       ) -> OfflineDiffusionState:
     """An `OfflineDiffusionState` from saved rows (`retrieval_jax.diffusion.offline.load_offline`)."""
-    check_config(config, OfflineDiffusionConfig, "offline-diffusion")
-    db = _checks.as_matrix(database, "database")
+    db = checked_database(database, config, OfflineDiffusionConfig, "offline-diffusion")
     if not isinstance(rows, OfflineRows):
         raise TypeError(f"rows must be OfflineRows, got {type(rows).__name__}")
     if rows.num_rows != db.shape[0]:

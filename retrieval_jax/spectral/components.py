@@ -42,6 +42,9 @@ from .decomposition import check_symmetric_graph, graph_eigenpairs
 
 _BLOCK_BYTES = 2 ** 28  # at most 256 MB of dense blocks per batched eigh
 
+FSR_MODES = ("rank_r", "approx")
+"""Fast Spectral Ranking's modes: x = U h(L) U^T y, or that plus h(0) (y - U U^T y)."""
+
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["vectors", "values", "layout"], meta_fields=[])
 @dataclasses.dataclass(frozen=True)
@@ -184,7 +187,7 @@ def component_eigenpairs(graph: Graph, r: int, *, dense_size: int = 2048, dtype=
 def filter_component_pairs(pairs: ComponentEigenpairs, h, *, mode: str = "rank_r") -> ComponentSpectralEmbedding:
     """f_c = h(L_c) (rank-r) or h(L_c) - h(0) (approx) for every component: pure, jittable
     (h may be a pytree filter of traced parameters, as for `filter_embedding`)."""
-    if mode not in ("rank_r", "approx"):
+    if mode not in FSR_MODES:
         raise ValueError(f"mode must be 'rank_r' or 'approx', got {mode!r}")
     dtype = pairs.values[0].dtype
     h0 = jnp.asarray(h(jnp.zeros((), dtype)), dtype) if mode == "approx" else jnp.zeros((), dtype)

@@ -31,7 +31,7 @@ import numpy as np
 from .._precision import HIGHEST as _HI
 from .. import _checks
 from ..graph.affinity import similarity_power
-from .components import (ComponentEigenpairs, ComponentSpectralEmbedding, component_eigenpairs,
+from .components import (FSR_MODES, ComponentEigenpairs, ComponentSpectralEmbedding, component_eigenpairs,
                          component_fsr_scores_dense, component_fsr_scores_sparse, filter_component_pairs)
 from .decomposition import Eigenpairs, graph_eigenpairs
 
@@ -132,7 +132,7 @@ def spectral_embedding(source, r: int, h, *, mode: str = "rank_r", sparsify: int
       a `SpectralEmbedding`, or a `ComponentSpectralEmbedding` per component; both are
       taken by `fast_spectral_ranking`, `fast_spectral_ranking_sparse` and `filter_embedding`.
     """
-    if mode not in ("rank_r", "approx"):
+    if mode not in FSR_MODES:
         raise ValueError(f"mode must be 'rank_r' or 'approx', got {mode!r}")
     if not callable(h):
         raise TypeError(f"h must be a callable transfer function of the eigenvalues, got {type(h).__name__}")
@@ -201,7 +201,7 @@ def filter_embedding(embedding, h, *, mode: str = "rank_r"):
     `spectral_embedding` checks h on the host. A `ComponentSpectralEmbedding` is
     refiltered per component.
     """
-    if mode not in ("rank_r", "approx"):
+    if mode not in FSR_MODES:
         raise ValueError(f"mode must be 'rank_r' or 'approx', got {mode!r}")
     if isinstance(embedding, ComponentSpectralEmbedding):
         return filter_component_pairs(embedding.pairs, h, mode=mode)

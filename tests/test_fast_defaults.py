@@ -1,0 +1,159 @@
+"""The default routes take the locality layout without the caller knowing, and stay exact.
+
+`normalize` attaches a `LocalityLayout` to a concrete graph of `LOCALITY_MIN_NODES` nodes
+or more; the CG solvers iterate in it and answer in the graph's node order. Here the
+threshold is lowered (monkeypatch) so that small graphs take the route, and every result
+is compared with a dense solve of (I - alpha W) x = y.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import unit_clusters
+from retrieval_jax.diffusion import (CG, PreconditionedCG, diffuse, diffusion_operator, katz_centrality,
+                                     observe_neighbours, solve, truncated_diffuse)
+from retrieval_jax.graph import Graph, NormalizedGraph, knn, knn_graph, normalize, with_locality
+import retrieval_jax.graph.neighbours as neighbours
+import retrieval_jax.methods.diffusion as method_module
+from retrieval_jax.methods import DIFFUSION, DiffusionConfig, diffusion_state_from_graph
+
+ALPHA = 0.9
+
+
+def _data(seed, n=240, d=12, c=5):
+    x = unit_clusters(seed, n, d, c, noise=0.5)[0]
+    # shuffled: the database's order carries no locality, so the layout is a real permutation
+    return x[np.random.default_rng(seed).permutation(n)]
+
+
+def _dense(w: Graph, y, alpha=ALPHA):
+    m = np.eye(w.num_nodes) - alpha * w.to_dense()
+    return np.linalg.solve(m, np.asarray(y, np.float64).T).T
+
+
+@pytest.fixture
+def small_threshold(monkeypatch):
+    monkeypatch.setattr(neighbours, "LOCALITY_MIN_NODES", 100)
+    monkeypatch.setattr(method_module, "LOCALITY_MIN_NODES", 100)
+
+
+def test_normalize_attaches_the_layout_from_the_threshold_on(small_threshold):
+    a = knn_graph(_data(0), 6)
+    w = normalize(a)
+    assert w.layout is not None
+    order = np.asarray(w.layout.order)
+    assert sorted(order.tolist()) == list(range(a.num_nodes)) and (order != np.arange(a.num_nodes)).any()
+    np.testing.assert_array_equal(np.asarray(w.layout.inverse)[order], np.arange(a.num_nodes))
+    # the layout is W renumbered: P W P^T
+    pw = w.layout.graph(w).to_dense()
+    np.testing.assert_allclose(pw, w.to_dense()[np.ix_(order, order)], atol=0)
+    # small graphs, and any trace, skip it
+    small = normalize(knn_graph(_data(1, n=60), 5))
+    assert small.layout is None and with_locality(small).layout is not None   # any size, on request
+    assert jax.jit(normalize)(a).layout is None
+
+
+def test_diffuse_in_the_layout_equals_the_dense_solve(small_threshold):
+    w = normalize(knn_graph(_data(2), 6))
+    plain = NormalizedGraph(indices=w.indices, weights=w.weights)
+    y = np.random.default_rng(0).random((5, w.num_nodes)).astype(np.float32)
+    ref = _dense(w, y)
+    for g in (w, plain):
+        x, info = diffuse(g, y, alpha=ALPHA, tol=1e-7, max_iter=500, return_info=True)
+        np.testing.assert_allclose(np.asarray(x), ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+        assert float(info.residual.max()) <= 1e-7
+    # the same route under jit (layout leaves traced, no host work) and in the sparse form
+    jitted = jax.jit(lambda g, y: diffuse(g, y, alpha=ALPHA, tol=1e-7, max_iter=500))(w, y)
+    np.testing.assert_allclose(np.asarray(jitted), ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+    s, i = knn(_data(3, n=4), _data(2), 5)
+    obs = observe_neighbours(s, i, w.num_nodes)
+    ref_obs = _dense(w, obs.todense())
+    for solver in (CG(1e-7, 500), PreconditionedCG(1e-7, 500, max_coarse=16)):
+        sol = solve(diffusion_operator(w, ALPHA), obs, solver)
+        np.testing.assert_allclose(np.asarray(sol.scores), ref_obs, rtol=1e-4, atol=1e-5 * np.abs(ref_obs).max())
+
+
+def test_gradients_through_the_layout_reach_the_graph_weights(small_threshold):
+    w = normalize(knn_graph(_data(4), 6))
+    plain = NormalizedGraph(indices=w.indices, weights=w.weights)
+    y = jnp.asarray(np.random.default_rng(1).random((3, w.num_nodes)), jnp.float32)
+
+    def loss(weights, g):
+        g = type(g)(indices=g.indices, weights=weights, layout=g.layout)
+        return jnp.sum(diffuse(g, y, alpha=ALPHA, tol=1e-7, max_iter=500) ** 2)
+    g_layout = jax.grad(loss)(w.weights, w)
+    g_plain = jax.grad(loss)(plain.weights, plain)
+    np.testing.assert_allclose(np.asarray(g_layout), np.asarray(g_plain), rtol=1e-3,
+                               atol=1e-4 * float(jnp.abs(g_plain).max()))
+
+
+def test_katz_and_truncated_on_a_graph_with_its_layout(small_threshold):
+    w = normalize(knn_graph(_data(5), 6))
+    assert w.layout is not None
+    g = katz_centrality(w, ALPHA, tol=1e-7, max_iter=500)
+    ref = _dense(w, np.full((1, w.num_nodes), 1 - ALPHA))[0]
+    np.testing.assert_allclose(np.asarray(g), ref, rtol=1e-4)
+    short = np.argsort(-np.asarray(w.to_dense())[:3], axis=1)[:, :20].astype(np.int32)
+    y = np.zeros((3, w.num_nodes), np.float32)
+    y[np.arange(3), short[:, 0]] = 1.0
+    x = truncated_diffuse(w, y, short, alpha=ALPHA, tol=1e-7, max_iter=500)
+    for q in range(3):
+        sub = short[q]
+        m = np.eye(20) - ALPHA * w.to_dense()[np.ix_(sub, sub)]
+        np.testing.assert_allclose(np.asarray(x[q]), np.linalg.solve(m, y[q, sub]), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("solver", ["cg", "pcg", "auto"])
+def test_the_method_keeps_the_layout_and_answers_in_the_database_order(small_threshold, solver):
+    x, q = _data(6), _data(7, n=6)
+    cfg = DiffusionConfig(k=6, query_k=5, alpha=ALPHA, tol=1e-7, max_iter=500, solver=solver)
+    state = DIFFUSION.build(x, cfg)
+    assert state.graph.layout is not None
+    s, i = knn(q, x, 5)
+    ref = _dense(state.graph, observe_neighbours(s, i, x.shape[0]).todense())
+    got = np.asarray(DIFFUSION.search(state, q))
+    np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-5 * np.abs(ref).max())
+    # from a given graph, W given (a plain Graph, checked) or A given: the same state
+    a = knn_graph(x, 6)
+    for st in (diffusion_state_from_graph(x, a, cfg),
+               diffusion_state_from_graph(x, Graph(indices=state.graph.indices, weights=state.graph.weights), cfg,
+                                          normalized=True)):
+        assert st.graph.layout is not None
+        np.testing.assert_allclose(np.asarray(DIFFUSION.search(st, q)), ref, rtol=1e-3,
+                                   atol=1e-5 * np.abs(ref).max())
+
+
+# ----------------------------------------------------------------------------- silent cases
+def test_a_graph_state_refuses_an_asymmetric_affinity():
+    x = _data(8, n=60)
+    a = knn_graph(x, 5).to_dense()
+    a[0, 1], a[1, 0] = 0.9, 0.0           # one directed edge
+    with pytest.raises(ValueError, match="not symmetric"):
+        diffusion_state_from_graph(x, Graph.from_dense(a), DiffusionConfig(k=5, query_k=4))
+
+
+def test_a_graph_state_refuses_an_unnormalised_w():
+    x = _data(9, n=60)
+    a = knn_graph(x, 5)
+    with pytest.raises(ValueError, match="not normalised"):
+        diffusion_state_from_graph(x, a, DiffusionConfig(k=5, query_k=4), normalized=True)
+
+
+def test_a_query_with_no_positive_neighbour_is_warned_about():
+    x = np.abs(_data(10, n=80))           # every descriptor in the positive orthant
+    state = DIFFUSION.build(x, DiffusionConfig(k=5, query_k=4, alpha=ALPHA))
+    q = np.concatenate([x[:2], -x[2:3]])  # the last query has similarity <= 0 to all items
+    with pytest.warns(method_module.UnreachedQueryWarning, match="first: row 2"):
+        scores = np.asarray(DIFFUSION.search(state, q))
+    assert (scores[2] == 0).all() and (scores[:2] != 0).any(axis=1).all()
+
+
+def test_complex_observations_are_refused():
+    w = normalize(knn_graph(_data(11, n=60), 5))
+    y = np.zeros((1, w.num_nodes), np.complex64)
+    y[0, 3] = 1 + 1j
+    with pytest.raises(TypeError, match="real"):
+        diffuse(w, y)
+    with pytest.raises(TypeError, match="real"):
+        solve(diffusion_operator(w, ALPHA), y)
