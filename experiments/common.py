@@ -147,9 +147,28 @@ def product_seconds(indices, weights, x, *, unroll: int, repeat: int) -> list[fl
 def timed_with_peak(fn, repeat: int = 1):
     """(output, (median seconds, peak RSS MB)) as `timed`, the peak-RSS mark reset first,
     so the peak is the call's own (data and arrays alive from before included)."""
+    out, times, peak = timed_runs_with_peak(fn, repeat)
+    return out, (float(np.median(times)), peak)
+
+
+def timed_runs_with_peak(fn, repeat: int = 1):
+    """(output of the last call, seconds of each of ``repeat`` calls, peak RSS MB of the
+    calls), the peak-RSS mark reset first; every call waited for."""
     reset_peak_rss()
-    out, seconds = timed(fn, repeat)
-    return out, (seconds, peak_rss_mb())
+    out, times = _call_seconds(fn, repeat)
+    return out, times, peak_rss_mb()
+
+
+def pause(seconds: float = 2.0) -> None:
+    """Sleep between two timed routes: OpenBLAS's threads keep spinning for a while after
+    a scipy / numpy / faiss call and would slow the next route's first calls."""
+    time.sleep(seconds)
+
+
+def spread(times) -> dict:
+    """{"median", "min", "max", "runs"} of a list of seconds (or ratios)."""
+    t = np.asarray(times, np.float64)
+    return {"median": float(np.median(t)), "min": float(t.min()), "max": float(t.max()), "runs": int(t.size)}
 
 
 # ----------------------------------------------------------------------------- peak memory
@@ -202,6 +221,15 @@ def clustered(n, d, n_clusters, seed, noise=1.0):
     x = centers[labels] + 1.5 * t * dirs[labels] + noise * rng.normal(size=(n, d))
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return x.astype(np.float32), labels
+
+
+def clustered_database(n: int, nq: int, d: int = 64):
+    """The synthetic retrieval set of the scale benchmarks (bench_million, bench_defaults):
+    `clustered` descriptors of n + nq points around max(10, n / 100) centres (seeded by n),
+    the first n the database, the rest out-of-graph queries from the same distribution.
+    Returns (database float32[n, d], queries float32[nq, d], database labels, query labels)."""
+    x, labels = clustered(n + nq, d, max(10, n // 100), seed=n)
+    return x[:n], x[n:], labels[:n], labels[n:]
 
 
 def available_label_datasets(data_dir=None) -> list[str]:

@@ -1,9 +1,10 @@
-"""experiments.bench_knn --quick (n = 2000, d = 32, k = 10, no pynndescent) into a tmp dir.
+"""experiments.bench_knn --quick (n = 2000, d = 32, k = 10, two rounds, no pynndescent) into a tmp dir.
 
-Every route of the quick mode writes a CSV row with a positive time, the exact JAX
-and faiss routes (faiss when installed) find the numpy neighbours (recall >= 0.99,
-ties aside), and the PNG opens.
-No timing is asserted.
+Every route of the quick mode writes a CSV row with positive times (median within its
+min-max), the exact JAX and faiss routes (faiss when installed) find the numpy
+neighbours (recall >= 0.99, ties aside), the default knn_graph and the faiss + scipy
+reference hold the exact mutual graph's edges, the ratio columns are the rows' own
+ratios, and the PNG opens. No timing is asserted.
 """
 import math
 
@@ -13,14 +14,15 @@ from conftest import assert_valid_png, read_csv
 from experiments import bench_knn
 
 QUICK_ROUTES = {
-    "numpy blocked matmul + argpartition (1024 rows)",
+    bench_knn.NUMPY,
     "sklearn NearestNeighbors brute cosine",
-    "jax knn, first call (compile included)",
-    "jax knn, warm",
-    "jax knn_graph exact (mutual graph, warm)",
+    bench_knn.JAX_KNN,
+    bench_knn.JAX_GRAPH,
+    bench_knn.DEFAULT,
 }
-FAISS_ROUTES = {bench_knn.FAISS_FLAT, bench_knn.FAISS_KNN, bench_knn.FAISS_GRAPH}
+FAISS_ROUTES = {bench_knn.FAISS_FLAT, bench_knn.FAISS_KNN, bench_knn.FAISS_GRAPH, bench_knn.REFERENCE}
 HAVE_FAISS = bench_knn.faiss_available()
+GRAPH_ROUTES = {bench_knn.JAX_GRAPH, bench_knn.DEFAULT, bench_knn.FAISS_GRAPH, bench_knn.REFERENCE}
 
 
 @pytest.fixture(scope="module")
@@ -37,23 +39,30 @@ def test_csv_rows(out):
     assert set(by) == QUICK_ROUTES | (FAISS_ROUTES if HAVE_FAISS else set())
     for r in rows:
         assert (int(r["n"]), int(r["d"]), int(r["k"])) == (2000, 32, 10)
-        assert float(r["seconds"]) > 0 and float(r["vs_numpy"]) > 0 and float(r["vs_jax"]) > 0
+        assert 0 < float(r["seconds_min"]) <= float(r["seconds"]) <= float(r["seconds_max"])
+        assert float(r["vs_numpy"]) > 0 and float(r["vs_jax"]) > 0
         assert float(r["peak_rss_mb"]) > 0
-    base = by["numpy blocked matmul + argpartition (1024 rows)"]
+        assert int(r["runs"]) == (1 if r["route"] == bench_knn.NUMPY else 2)
+    base = by[bench_knn.NUMPY]
     assert float(base["vs_numpy"]) == pytest.approx(1.0)
     assert float(base["recall_at_k"]) == pytest.approx(1.0)
-    for route in ("jax knn, first call (compile included)", "jax knn, warm",
-                  "sklearn NearestNeighbors brute cosine"):
+    for route in (bench_knn.JAX_KNN, "sklearn NearestNeighbors brute cosine"):
         assert float(by[route]["recall_at_k"]) >= 0.99, route
         assert math.isnan(float(by[route]["edge_recall"]))
-    graph = by["jax knn_graph exact (mutual graph, warm)"]
-    assert float(graph["edge_recall"]) >= 0.99
-    assert float(by["jax knn, warm"]["vs_jax"]) == pytest.approx(1.0)
+        assert math.isnan(float(by[route]["vs_reference"]))
+    graph = by[bench_knn.JAX_GRAPH]
+    assert float(by[bench_knn.JAX_KNN]["vs_jax"]) == pytest.approx(1.0)
     assert float(graph["vs_jax"]) == pytest.approx(1.0)
+    for route in GRAPH_ROUTES & set(by):
+        assert float(by[route]["edge_recall"]) >= 0.99, route
+        assert float(by[route]["vs_jax"]) == pytest.approx(float(graph["seconds"]) / float(by[route]["seconds"]))
+    assert f"search {bench_knn.search_route('auto')!r}" in by[bench_knn.DEFAULT]["note"]
     if HAVE_FAISS:
         for route in (bench_knn.FAISS_FLAT, bench_knn.FAISS_KNN):
             assert float(by[route]["recall_at_k"]) >= 0.99, route
-        assert float(by[bench_knn.FAISS_GRAPH]["edge_recall"]) >= 0.99
+        ref, default = float(by[bench_knn.REFERENCE]["seconds"]), by[bench_knn.DEFAULT]
+        assert float(by[bench_knn.REFERENCE]["vs_reference"]) == pytest.approx(1.0)
+        assert float(default["vs_reference"]) == pytest.approx(ref / float(default["seconds"]))
 
 
 def test_png(out):

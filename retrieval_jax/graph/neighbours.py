@@ -6,6 +6,7 @@ only for reciprocal (mutual) pairs, and W = D^-1/2 A D^-1/2 (Zhou et al., NIPS 2
 """
 from __future__ import annotations
 
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -71,18 +72,26 @@ def _knn_blocks(queries, database, offset, *, k: int, block: int, exclude_self: 
 _knn_chunk = jax.jit(_knn_blocks, static_argnames=("k", "block", "exclude_self"))
 
 
-def knn(queries, database, k: int, *, exclude_self: bool = False, block_size: int = 256,
-        chunk_size: int = 8192, show_progress: bool | None = None):
+def knn(queries, database, k: int, *, exclude_self: bool = False, method: str = "auto",
+        block_size: int = 256, chunk_size: int = 8192, show_progress: bool | None = None):
     """Exact k nearest neighbours by inner product.
 
     sims[q, j] = <queries[q], database[idx[q, j]]>, sorted in decreasing order.
 
-    The similarity matrix is never materialised: queries are processed in jitted
-    chunks of ``chunk_size`` rows (one compiled shape; the last chunk is padded),
-    each split into blocks of ``block_size`` rows whose [block, n] similarities are
-    reduced by ``lax.top_k``. Peak memory is O(block_size * n + n * d), so n =
-    100,000 at d = 2048 fits in about 1 GB. Called on traced arrays (inside
-    ``jax.jit`` / ``vmap`` / ``grad``) it runs as `knn_traced`, in one program.
+    Two exact searches, chosen by ``method`` (`search_route` tells what "auto" runs):
+
+    * "exact", the JAX search: the similarity matrix is never materialised; queries
+      are processed in jitted chunks of ``chunk_size`` rows (one compiled shape; the
+      last chunk is padded), each split into blocks of ``block_size`` rows whose
+      [block, n] similarities are reduced by ``lax.top_k``. Peak memory is
+      O(block_size * n + n * d), so n = 100,000 at d = 2048 fits in about 1 GB. Called
+      on traced arrays (inside ``jax.jit`` / ``vmap`` / ``grad``) it runs as
+      `knn_traced`, in one program;
+    * "faiss": faiss ``IndexFlatIP`` on the host (`faiss_backend.faiss_knn`), the same
+      neighbours up to the order of tied similarities and float32 rounding.
+
+    "auto" (the default) is "faiss" on the CPU backend when faiss is importable and the
+    inputs are concrete, else "exact" (accelerators, traced inputs, no faiss).
 
     Args:
       queries: float[nq, d].
@@ -90,18 +99,34 @@ def knn(queries, database, k: int, *, exclude_self: bool = False, block_size: in
       k: neighbours per query, 1 <= k <= n (k <= n - 1 with ``exclude_self``).
       exclude_self: queries are the database itself (row q is item q); item q is
         never returned as its own neighbour.
-      block_size: rows per top-k block (positive int).
-      chunk_size: rows per compiled chunk (positive int).
+      method: "auto", "exact" or "faiss".
+      block_size: rows per top-k block of the JAX search (positive int).
+      chunk_size: rows per compiled chunk of the JAX search (positive int).
 
     Returns:
-      (similarities float32[nq, k], indices int32[nq, k]).
+      (similarities float32[nq, k], indices int32[nq, k]) as JAX arrays.
     """
+    if method not in ("auto", "exact", "faiss"):
+        raise ValueError(f"knn's method must be 'auto', 'exact' or 'faiss', got {method!r}")
     if _checks.is_traced(queries, database):
+        if method == "faiss":
+            raise ValueError("method='faiss' searches on the host; under jax.jit, vmap or grad "
+                             "only method='exact' applies")
         return knn_traced(jnp.asarray(queries), jnp.asarray(database), k, exclude_self=exclude_self,
                           block_size=block_size)
     block_size = _checks.check_positive_int(block_size, "block_size")
     chunk_size = _checks.check_positive_int(chunk_size, "chunk_size")
     q, db, k = _checks.check_knn_args(queries, database, k, exclude_self)
+    if search_route(method, database) == "faiss":
+        from .faiss_backend import faiss_knn
+        sims, idx = faiss_knn(q, db, k, exclude_self=exclude_self, show_progress=show_progress)
+        return jnp.asarray(sims), jnp.asarray(idx)
+    return _jax_knn(q, db, k, exclude_self, block_size, chunk_size, show_progress)
+
+
+def _jax_knn(q: np.ndarray, db: np.ndarray, k: int, exclude_self: bool, block_size: int, chunk_size: int,
+             show_progress):
+    """The chunked JAX search of checked host inputs (see `knn`)."""
     nq = q.shape[0]
     block = int(min(block_size, nq))
     chunk = int(min(chunk_size, -(-nq // block) * block))
@@ -109,7 +134,7 @@ def knn(queries, database, k: int, *, exclude_self: bool = False, block_size: in
     db_j = jnp.asarray(db)
     out_s, out_i = [], []
     starts = range(0, nq, chunk)
-    for start in progress(starts, desc="knn", total=len(starts), enable=show_progress,
+    for start in progress(starts, desc="knn (jax exact search)", total=len(starts), enable=show_progress,
                           auto_threshold=4):
         part = q[start:start + chunk]
         pad = chunk - part.shape[0]
@@ -182,11 +207,44 @@ def affinity_matrix(sims, idx, n: int, *, gamma: float = 3.0, mutual: bool = Tru
     return a.tocsr()
 
 
-# the neighbour searches of knn_graph on concrete arrays
-SEARCH_METHODS = ("exact", "nndescent", "faiss")
+# the neighbour searches of knn_graph: "auto" resolves to one of the others (`search_route`)
+SEARCH_METHODS = ("auto", "exact", "nndescent", "faiss")
+
+_log = logging.getLogger(__name__)
 
 
-def knn_graph(X, k: int = 50, *, gamma: float = 3.0, mutual: bool = True, method: str = "exact",
+def search_route(method: str = "auto", X=None) -> str:
+    """The neighbour search `knn_graph` (and `knn`) runs for ``method`` on descriptors ``X``.
+
+    "auto" resolves to "faiss" (faiss ``IndexFlatIP``, exact, on the host's cores) when
+    the JAX backend is the CPU, faiss is importable (``pip install faiss-cpu``) and ``X``
+    is concrete; to "exact" (the JAX blocked matmul + top-k) on an accelerator, under
+    ``jax.jit`` / ``vmap`` / ``grad`` (``X`` traced) and without faiss. Both are exact
+    searches: the same neighbours up to the order of tied similarities. "nndescent"
+    (approximate) runs only when asked for. Any other method is returned as given.
+
+    Args:
+      method: one of `SEARCH_METHODS`.
+      X: the descriptors (or None: the route for concrete host arrays).
+
+    Returns:
+      "exact", "nndescent" or "faiss".
+    """
+    if method not in SEARCH_METHODS:
+        raise ValueError(f"method must be one of {SEARCH_METHODS}, got {method!r}")
+    if method != "auto":
+        return method
+    if X is not None and _checks.is_traced(X):
+        return "exact"
+    if jax.default_backend() != "cpu":
+        return "exact"
+    if isinstance(X, jax.Array) and any(dev.platform != "cpu" for dev in X.devices()):
+        return "exact"
+    from .faiss_backend import faiss_available
+    return "faiss" if faiss_available() else "exact"
+
+
+def knn_graph(X, k: int = 50, *, gamma: float = 3.0, mutual: bool = True, method: str = "auto",
               max_degree: int | None = None, seed: int = 0, show_progress: bool | None = None) -> Graph:
     """kNN affinity graph over the rows of X (not normalised; see `normalize`).
 
@@ -196,26 +254,30 @@ def knn_graph(X, k: int = 50, *, gamma: float = 3.0, mutual: bool = True, method
 
     One function, two routes:
 
-    * on concrete arrays, the neighbour search runs where it is fastest for large n
-      (``method``: the chunked exact search, pynndescent or faiss) and the graph is cut
-      to the widest row;
+    * on concrete arrays, the neighbour search runs where it is fastest (``method``,
+      "auto" by default: see `search_route`), the affinity is built on the host
+      (`affinity_lists`: sparse transposes, O(n k), small next to the search) and the
+      graph is cut to the widest row;
     * on traced arrays (inside ``jax.jit``, ``vmap`` or ``grad``), the exact search runs
       in the trace (`knn_traced`) with fixed widths: k for a mutual graph, ``max_degree``
       (default 2 k) for the union, whose lost edges are counted in ``Graph.overflow``.
 
-    Either way the affinity itself is `affinity_graph`, on device: gamma may be traced
-    (``vmap`` over gamma compiles one program) and the weights are differentiable with
-    respect to X and gamma.
+    The route taken is logged (logger ``retrieval_jax.graph.neighbours``, level INFO)
+    and names the progress bar of the search. Under a trace, or with a traced gamma,
+    the affinity is `affinity_graph`, on device: gamma may be traced (``vmap`` over gamma
+    compiles one program) and the weights are differentiable with respect to X and gamma.
+    Both give the same lists, in the same order (the traced ones padded to a fixed width).
 
     Args:
       X: float[n, d] descriptors (usually L2-normalised).
       k: neighbours per node, 1 <= k < n.
       gamma: similarity exponent (> 0).
       mutual: keep reciprocal pairs only (Iscen et al. 2017); else the union.
-      method: "exact" (blocked matmul + top_k), "nndescent" (pynndescent, approximate,
-        for large n; it searches with lists of `nndescent_width` (k) and keeps the best
-        k) or "faiss" (faiss-cpu exact inner-product search). Under a trace only
-        "exact" applies.
+      method: "auto" (`search_route`: faiss on a CPU host when installed, else the JAX
+        search), "exact" (the JAX blocked matmul + top_k, `knn`), "faiss" (faiss-cpu
+        exact inner-product search, `faiss_backend.faiss_knn`) or "nndescent"
+        (pynndescent, approximate; it searches with lists of `nndescent_width` (k) and
+        keeps the best k). Under a trace "auto" is "exact" and only these two apply.
       max_degree: pad the neighbour lists to this width (default: the widest row); the
         capacity of a union graph built under a trace.
 
@@ -226,25 +288,28 @@ def knn_graph(X, k: int = 50, *, gamma: float = 3.0, mutual: bool = True, method
       ValueError: bad sizes or values, or (concrete route) a ``max_degree`` smaller than
         the widest row.
     """
-    if method not in SEARCH_METHODS:
-        raise ValueError(f"method must be one of {SEARCH_METHODS}, got {method!r}")
+    route = search_route(method, X)
     gamma = _checks.check_gamma(gamma)
     if max_degree is not None:
         max_degree = _checks.check_positive_int(max_degree, "max_degree")
     if _checks.is_traced(X):
-        return _traced_knn_graph(X, k, gamma, mutual, method, max_degree)
+        return _traced_knn_graph(X, k, gamma, mutual, route, max_degree)
     X = _checks.as_matrix(X, "X")
     n = X.shape[0]
     _checks.check_k(k, n - 1, what="other items (k must be < n)")
-    if method == "exact":
-        sims, idx = knn(X, X, k, exclude_self=True, show_progress=show_progress)
-    elif method == "nndescent":
+    _log.info("knn_graph: %d items, k = %d, %s neighbour search (method=%r)", n, k, route, method)
+    if route == "exact":
+        sims, idx = _jax_knn(X, X, k, True, 256, 8192, show_progress)
+    elif route == "nndescent":
         sims, idx = _nndescent_knn(X, k, seed=seed)
     else:
         from .faiss_backend import faiss_knn
-        sims, idx = faiss_knn(X, X, k, exclude_self=True)
+        sims, idx = faiss_knn(X, X, k, exclude_self=True, show_progress=show_progress)
     idx_np = np.asarray(idx)
-    if mutual:
+    if not _checks.is_traced(gamma):   # on the host: the search's lists are there already
+        ids, weights = affinity_lists(np.asarray(sims), idx_np, gamma, mutual=mutual)
+        graph = Graph(indices=jnp.asarray(ids), weights=jnp.asarray(weights))
+    elif mutual:
         graph = affinity_graph(jnp.asarray(sims), jnp.asarray(idx_np), gamma, mutual=True)
         # cut to the widest row: kept edges first, in each row's neighbour order (a slot
         # without a reciprocal partner holds the node's own id, never a kNN neighbour)
@@ -263,6 +328,82 @@ def knn_graph(X, k: int = 50, *, gamma: float = 3.0, mutual: bool = True, method
     # checked here, on the host: a concrete graph carries no overflow count
     graph.check_overflow()
     return Graph(indices=graph.indices, weights=graph.weights)
+
+
+def affinity_lists(sims, idx, gamma: float = 3.0, *, mutual: bool = True):
+    """`affinity_graph`'s padded neighbour lists of concrete kNN lists, built on the host.
+
+    a_ij = max(s_ij, 0)^gamma on the directed edges i -> j = idx[i, m]; a mutual graph
+    keeps the reciprocal pairs with weight min(a_ij, a_ji), the union every pair with
+    max(a_ij, a_ji) (Iscen et al., CVPR 2017, Sec. 3.1). The reverse edges are found by
+    two sparse transposes of the [n, n] pattern of the lists (counting sorts) and an
+    intersection of sorted rows (scipy): O(n k) time and memory, no sort of the n k edges.
+
+    The layout is `affinity_graph`'s, cut to the widest row: a mutual row holds its
+    reciprocal neighbours in the row's neighbour order; a union row its own k neighbours,
+    then the nodes that list it without being listed, in increasing id order. Padding
+    slots hold the node's own id and weight 0.
+
+    Args:
+      sims: float[n, k] similarities of node i to ``idx[i]``.
+      idx: int[n, k] neighbour ids in [0, n), distinct within a row, never i itself.
+      gamma: similarity exponent (> 0, concrete).
+      mutual: reciprocal pairs only; else the union.
+
+    Returns:
+      (ids int32[n, K], weights float32[n, K]), K = the widest row (at least 1).
+    """
+    gamma = _checks.check_gamma(gamma)
+    sims = np.asarray(sims, np.float32)
+    idx = np.asarray(idx)
+    if sims.ndim != 2 or idx.shape != sims.shape:
+        raise ValueError(f"sims and idx must be [n, k] arrays of one shape, got {sims.shape} and {idx.shape}")
+    n, k = idx.shape
+    edges = n * k
+    dtype = np.int32 if edges < np.iinfo(np.int32).max else np.int64
+    # 1 + the flat position of edge i -> j at (i, j); transposed: 1 + that of j -> i at (i, j)
+    forward = sp.csr_matrix((np.arange(1, edges + 1, dtype=dtype), np.array(idx.reshape(-1), dtype=dtype),
+                             np.arange(0, edges + 1, k, dtype=dtype)), shape=(n, n))
+    backward = forward.T.tocsr()       # rows sorted by the transpose
+    forward = backward.T.tocsr()
+
+    def pattern(m):                    # the same structure, weight 1 (int8: products keep the ids)
+        return sp.csr_matrix((np.ones(m.nnz, np.int8), m.indices, m.indptr), shape=m.shape)
+
+    edge = forward.multiply(pattern(backward)).data - 1      # reciprocal edges i -> j ...
+    partner = backward.multiply(pattern(forward)).data - 1   # ... and their j -> i, same order
+    a = np.power(np.maximum(sims.reshape(-1), np.float32(0)), np.float32(gamma), dtype=np.float32)
+    has = np.zeros(edges, bool)
+    has[edge] = True
+    a_rev = np.zeros(edges, np.float32)                       # 0 for a one-way edge
+    a_rev[edge] = a[partner]
+    own = np.arange(n, dtype=np.int32)
+    if mutual:
+        counts = has.reshape(n, k).sum(axis=1)
+        kept = np.flatnonzero(has)                            # row by row, in neighbour order
+        rows = kept // k
+        slots = np.arange(kept.size) - (np.cumsum(counts) - counts)[rows]
+        width = max(int(counts.max(initial=0)), 1)
+        ids = np.repeat(own, width).reshape(n, width)
+        weights = np.zeros((n, width), np.float32)
+        ids[rows, slots] = idx.reshape(-1)[kept]
+        weights[rows, slots] = np.minimum(a, a_rev)[kept]
+        return ids, weights
+    # the union: row i's own k edges, then the one-way edges j -> i (j ascending: the
+    # transpose's row order)
+    src = backward.data - 1
+    extra = ~has[src]
+    rows = np.repeat(own, np.diff(backward.indptr))[extra]
+    counts = np.bincount(rows, minlength=n)
+    slots = k + np.arange(rows.size) - (np.cumsum(counts) - counts)[rows]
+    width = k + int(counts.max(initial=0))
+    ids = np.repeat(own, width).reshape(n, width)
+    weights = np.zeros((n, width), np.float32)
+    ids[:, :k] = idx
+    weights[:, :k] = np.maximum(a, a_rev).reshape(n, k)
+    ids[rows, slots] = backward.indices[extra]
+    weights[rows, slots] = a[src[extra]]
+    return ids, weights
 
 
 def _traced_knn_graph(X, k, gamma, mutual, method, max_degree):
