@@ -38,7 +38,53 @@ def matvec_unroll(num_nodes: int, max_degree: int, batch: int = 1, itemsize: int
     return max(1, min(MATVEC_UNROLL if full else 8, max_degree))
 
 
-@jax.tree_util.register_dataclass
+def _graph_pytree(cls):
+    """Register a graph dataclass as a pytree whose fields are all children, keyed by
+    attribute name (as ``jax.tree_util.register_dataclass``). Unflattening rebuilds the
+    object without ``__init__``: the leaves of a transformation (tracers, placeholders,
+    the outputs of a jitted function) are the fields of a graph that was checked when
+    it was first built, so `Graph.__post_init__` runs once per graph, not per pytree
+    operation."""
+    names = tuple(f.name for f in dataclasses.fields(cls))
+
+    def flatten_with_keys(graph):
+        return tuple((jax.tree_util.GetAttrKey(n), getattr(graph, n)) for n in names), None
+
+    def flatten(graph):
+        return tuple(getattr(graph, n) for n in names), None
+
+    def unflatten(_, children):
+        graph = object.__new__(cls)
+        for n, child in zip(names, children):
+            object.__setattr__(graph, n, child)
+        return graph
+
+    jax.tree_util.register_pytree_with_keys(cls, flatten_with_keys, unflatten, flatten)
+    return cls
+
+
+@jax.jit
+def _device_id_range(indices):
+    return jnp.stack([jnp.min(indices), jnp.max(indices)])
+
+
+def _id_range(indices) -> tuple[int, int]:
+    """(min, max) of concrete neighbour ids: on the device for a JAX array, in blocks of
+    rows for a numpy array (an ``np.memmap`` is read once, never copied whole)."""
+    if isinstance(indices, jax.Array):
+        lo, hi = np.asarray(_device_id_range(indices))
+        return int(lo), int(hi)
+    rows = max(1, 2 ** 22 // max(1, indices.shape[1]))
+    lo, hi = None, None
+    for start in range(0, indices.shape[0], rows):
+        block = indices[start:start + rows]
+        b_lo, b_hi = int(block.min()), int(block.max())
+        lo = b_lo if lo is None else min(lo, b_lo)
+        hi = b_hi if hi is None else max(hi, b_hi)
+    return lo, hi
+
+
+@_graph_pytree
 @dataclasses.dataclass(frozen=True)
 class Graph:
     """A weighted graph on ``n`` nodes as padded neighbour lists.
@@ -58,11 +104,40 @@ class Graph:
 
     The leading axis is the node axis, so sharding a graph across devices is a
     matter of placing rows.
+
+    Construction checks what `matvec` relies on: ``indices`` integer and of the shape
+    of ``weights``, and (when concrete) every id in [0, n), O(n K) once; an id out of
+    range would gather garbage (JAX clamps out-of-range gathers). Under a trace only
+    shapes and dtypes are checked. A pytree transformation rebuilds a graph without
+    checking it again.
+
+    Raises:
+      ValueError: indices and weights of different shapes, or ids outside [0, n).
+      TypeError: non-integer indices.
     """
 
     indices: jax.Array
     weights: jax.Array
     overflow: jax.Array | None = None
+
+    def __post_init__(self):
+        idx, w = self.indices, self.weights
+        shape_i, shape_w = getattr(idx, "shape", None), getattr(w, "shape", None)
+        if shape_i is None or shape_w is None:
+            return
+        if tuple(shape_i) != tuple(shape_w):
+            raise ValueError(f"a Graph's indices and weights must have the same shape [n, K], "
+                             f"got {tuple(shape_i)} and {tuple(shape_w)}")
+        dtype = getattr(idx, "dtype", None)
+        if dtype is not None and not jnp.issubdtype(dtype, jnp.integer):
+            raise TypeError(f"a Graph's indices must be integer neighbour ids, got dtype {dtype}")
+        if (len(shape_i) == 2 and shape_i[0] * shape_i[1] and isinstance(idx, (np.ndarray, jax.Array))
+                and not _checks.is_traced(idx)):
+            lo, hi = _id_range(idx)
+            n = shape_i[0]
+            if lo < 0 or hi >= n:
+                raise ValueError(f"the graph has neighbour ids outside [0, {n}) (range [{lo}, {hi}]); "
+                                 "a padding slot holds the node's own id with weight 0")
 
     @property
     def num_nodes(self) -> int:
@@ -134,6 +209,10 @@ class Graph:
 
         ``max_degree`` fixes K (e.g. to keep one compiled shape across graphs); it
         must be at least the largest number of non-zeros in a row.
+
+        Raises:
+          ValueError: a non-square matrix, NaN / inf or negative entries, or a
+            ``max_degree`` below the widest row.
         """
         mat = sp.csr_matrix(matrix)
         if mat.shape[0] != mat.shape[1]:
@@ -143,6 +222,8 @@ class Graph:
         n = mat.shape[0]
         if mat.nnz and not np.isfinite(mat.data).all():
             raise ValueError("the matrix has NaN or inf weights")
+        if mat.nnz and (mat.data < 0).any():
+            raise ValueError("the matrix has negative weights; a graph's affinities must be non-negative")
         counts = np.diff(mat.indptr)
         width = int(counts.max()) if n else 0
         width = max(width, 1)
@@ -161,10 +242,72 @@ class Graph:
 
     @classmethod
     def from_dense(cls, matrix, **kwargs) -> "Graph":
+        """`from_scipy` of a dense square array (same checks)."""
         return cls.from_scipy(sp.csr_matrix(np.asarray(matrix)), **kwargs)
 
 
-@jax.tree_util.register_dataclass
+def _rows_matvec(indices, weights, x: np.ndarray, rows: int) -> np.ndarray:
+    """W x in float64 for x [n, c], a block of rows at a time (host, numpy or memmap arrays)."""
+    out = np.empty_like(x)
+    for start in range(0, indices.shape[0], rows):
+        ib = np.asarray(indices[start:start + rows])
+        wb = np.asarray(weights[start:start + rows], np.float64)
+        out[start:start + rows] = np.einsum("ik,ikc->ic", wb, x[ib])
+    return out
+
+
+def check_normalized_rows(indices, weights, *, steps: int = 30, seed: int = 0) -> None:
+    """Check on the host that concrete neighbour lists can be W = D^-1/2 A D^-1/2.
+
+    The checks `retrieval_jax.diffusion.check_normalized` makes of a plain `Graph`, in
+    blocks of rows so that an ``np.memmap`` is streamed, never copied whole: finite,
+    non-negative weights; W = W^T, probed as u^T W v = v^T W u for two pairs of random
+    vectors (float64, relative tolerance 1e-6; exact for symmetric W); and a largest
+    eigenvalue at most 1 + 1e-3, estimated from below by ``steps`` power-iteration
+    steps from the all-ones vector (an unnormalised affinity A has lambda_max = its
+    average degree or more). Cost O((steps + 2) n K) time, O(n) memory beyond a block.
+    The ids are the constructor's to check (`Graph`).
+
+    Raises:
+      ValueError: NaN / inf or negative weights, an asymmetric W, or a W whose largest
+        eigenvalue exceeds 1 (not normalised).
+    """
+    n, width = indices.shape
+    rows = max(1, 2 ** 20 // max(1, width))
+    for start in range(0, n, rows):
+        wb = weights[start:start + rows]
+        if not np.isfinite(wb).all():
+            raise ValueError("the graph has NaN or inf weights; rebuild it from finite descriptors")
+        if (wb < 0).any():
+            raise ValueError("the graph has negative weights; diffusion needs a non-negative affinity")
+    if n == 0:
+        return
+    rng = np.random.default_rng(seed)
+    probe = rng.standard_normal((n, 4))
+    wp = _rows_matvec(indices, weights, probe, rows)
+    u, v, wu, wv = probe[:, :2], probe[:, 2:], wp[:, :2], wp[:, 2:]
+    gap = np.abs(np.sum(u * wv, axis=0) - np.sum(v * wu, axis=0))
+    scale = (np.linalg.norm(u, axis=0) * np.linalg.norm(wv, axis=0)
+             + np.linalg.norm(v, axis=0) * np.linalg.norm(wu, axis=0))
+    if (gap > 1e-6 * scale + 1e-30).any():
+        raise ValueError("W is not symmetric (u^T W v != v^T W u for random u, v): conjugate gradient and the "
+                         "exact inverse need a symmetric graph; build it with knn_graph and normalize it")
+    x = np.ones((n, 1)) / np.sqrt(n)
+    est = 0.0
+    for _ in range(steps):
+        y = _rows_matvec(indices, weights, x, rows)
+        est = max(est, float(np.sum(x * y)))
+        norm = float(np.linalg.norm(y))
+        if norm == 0:
+            break
+        x = y / norm
+    if est > 1.0 + 1e-3:
+        raise ValueError(f"W is not normalised (its largest eigenvalue is at least {est:.4g} > 1, so I - alpha W "
+                         "is not positive definite and diffusion diverges): save normalize(A), "
+                         "W = D^-1/2 A D^-1/2")
+
+
+@_graph_pytree
 @dataclasses.dataclass(frozen=True)
 class NormalizedGraph(Graph):
     """A `Graph` known to be W = D^-1/2 A D^-1/2 of a symmetric non-negative affinity A.
@@ -172,7 +315,9 @@ class NormalizedGraph(Graph):
     `normalize` returns one; the type carries the fact (its spectrum lies in [-1, 1], so
     I - alpha W is positive definite for 0 < alpha < 1) and the diffusion solvers take
     it without re-checking. A plain `Graph` passed to them is checked on the host
-    (`retrieval_jax.diffusion.check_normalized`).
+    (`retrieval_jax.diffusion.check_normalized`) at every call. Built directly, the type
+    asserts the fact without a check; `load_graph` checks a W saved as normalised once
+    (`check_normalized_rows`) and returns this type.
 
     ``layout``: None, or the graph's `retrieval_jax.graph.order.LocalityLayout` (its
     nodes renumbered for cache locality, computed once on the host; `normalize` attaches

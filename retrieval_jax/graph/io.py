@@ -6,24 +6,35 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from .core import Graph
+from .core import Graph, NormalizedGraph, check_normalized_rows
+
+NORMALIZED_KEY = "normalized"
+"""The archive entry (a bool) by which `save_graph` records that the graph is a `NormalizedGraph`."""
+_RESERVED = ("indices", "weights", NORMALIZED_KEY)
 
 
 def save_graph(path, graph: Graph, **meta) -> Path:
     """Write ``graph`` (indices, weights) and scalar metadata (k, gamma...) to an .npz file.
 
-    The file is written to a temporary name and renamed, so a crash never leaves
-    a half-written graph.
+    A `NormalizedGraph` is recorded as such (entry ``normalized``), and `load_graph`
+    returns it as one. The file is written to a temporary name and renamed, so a crash
+    never leaves a half-written graph.
+
+    Raises:
+      TypeError: ``graph`` is not a `Graph`.
+      ValueError: a metadata key is reserved (indices, weights, normalized).
     """
     from ..files import atomic_write
 
     if not isinstance(graph, Graph):
         raise TypeError(f"graph must be a retrieval_jax.graph.Graph, got {type(graph).__name__}")
-    for key in ("indices", "weights"):
+    for key in _RESERVED:
         if key in meta:
-            raise ValueError(f"metadata key {key!r} is reserved for the graph arrays")
+            raise ValueError(f"metadata key {key!r} is reserved for the graph itself")
     arrays = {"indices": np.asarray(graph.indices, np.int32), "weights": np.asarray(graph.weights, np.float32),
               **{k: np.asarray(v) for k, v in meta.items()}}
+    if isinstance(graph, NormalizedGraph):
+        arrays[NORMALIZED_KEY] = np.bool_(True)
     return atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
@@ -34,6 +45,11 @@ def load_graph(path, *, num_nodes: int | None = None, mmap: bool = False) -> tup
     shape, neighbour ids in [0, n), finite non-negative weights, and (when given)
     ``num_nodes`` nodes; raises ValueError naming the file and the problem
     otherwise, a truncated or corrupt archive included (see `retrieval_jax.files.read_npz`).
+
+    A graph saved as a `NormalizedGraph` is checked once here to be one (symmetric,
+    largest eigenvalue at most 1: `check_normalized_rows`, O(n K) per power-iteration
+    step, in blocks) and returned as a `NormalizedGraph`, which the diffusion solvers
+    then take without checking it again at every call. Any other graph is a `Graph`.
 
     With ``mmap=True`` the arrays stay in the file: the graph's ``indices`` and
     ``weights`` are read-only ``np.memmap`` views (int32 / float32, as `save_graph`
@@ -61,6 +77,11 @@ def load_graph(path, *, num_nodes: int | None = None, mmap: bool = False) -> tup
         raise ValueError(f"graph {path} has no 'indices' / 'weights' arrays (found {sorted(arrays)}); "
                          "write it with save_graph or `retrieval-jax graph`")
     idx, w = arrays.pop("indices"), arrays.pop("weights")
+    flag = arrays.pop(NORMALIZED_KEY, None)
+    if flag is not None and (flag.shape != () or flag.dtype != np.bool_):
+        raise ValueError(f"graph {path}: the {NORMALIZED_KEY!r} entry must be one bool, got "
+                         f"{flag.dtype}{list(flag.shape)}")
+    normalized = bool(flag) if flag is not None else False
     meta = {k: v[()] for k, v in arrays.items()}
     if idx.ndim != 2 or idx.shape != w.shape or idx.dtype.kind not in "iu" or w.dtype.kind != "f":
         raise ValueError(f"graph {path}: indices / weights must be int and float arrays of the same "
@@ -79,6 +100,13 @@ def load_graph(path, *, num_nodes: int | None = None, mmap: bool = False) -> tup
             raise ValueError(f"graph {path} has neighbour ids outside [0, {n})")
         if not np.isfinite(wb).all() or (wb < 0).any():
             raise ValueError(f"graph {path} has negative or non-finite weights")
-    if mmap:
-        return Graph(indices=idx, weights=w), meta
-    return Graph(indices=jnp.asarray(idx, jnp.int32), weights=jnp.asarray(w, jnp.float32)), meta
+    graph_type = Graph
+    if normalized:
+        try:
+            check_normalized_rows(idx, w)
+        except ValueError as exc:
+            raise ValueError(f"graph {path} was saved as a NormalizedGraph, but {exc}") from None
+        graph_type = NormalizedGraph
+    if not mmap:
+        idx, w = jnp.asarray(idx, jnp.int32), jnp.asarray(w, jnp.float32)
+    return graph_type(indices=idx, weights=w), meta
