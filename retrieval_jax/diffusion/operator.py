@@ -86,12 +86,13 @@ def diffusion_operator(graph: Graph, alpha=0.99) -> DiffusionOperator:
 def check_normalized(graph: Graph) -> Graph:
     """``graph`` if it can be W of a diffusion: symmetric, finite, non-negative, spectrum in [-1, 1].
 
-    A `NormalizedGraph` (the output of `normalize`) carries that fact in its type and
+    A `NormalizedGraph` (the output of `normalize`, or of `load_graph` for a W that
+    `save_graph` wrote from one, checked once at load) carries that fact in its type and
     passes at once; a traced graph is checked for its type and shapes only. Any other
-    concrete `Graph` (e.g. a W loaded from disk) is checked here: finite non-negative
-    weights, neighbour ids in range, W = W^T, and a largest eigenvalue at most 1 (a few
-    power-iteration steps from the all-ones vector: an unnormalised affinity A has
-    lambda_max = its average degree or more, far above 1).
+    concrete `Graph` is checked here, at every call, O(nnz) on the host: finite
+    non-negative weights, neighbour ids in range, W = W^T, and a largest eigenvalue at
+    most 1 (a few power-iteration steps from the all-ones vector: an unnormalised
+    affinity A has lambda_max = its average degree or more, far above 1).
 
     Raises:
       TypeError: not a `Graph`.
