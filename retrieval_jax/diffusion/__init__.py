@@ -5,7 +5,9 @@
 * `diffusion_inverse`: the exact inverse per connected component;
 * the solver layer: `diffusion_operator` (M = I - alpha W), observations
   (`observe_neighbours`, `observe_items`), solvers `CG`, `ExactInverse`, `Spectral`,
-  `Auto`, and one `solve` returning a `Solution`.
+  `Auto`, and one `solve` returning a `Solution`;
+* regional diffusion (`region_graph`, `regional_diffusion_scores`): the graph over the
+  regions of every image, region scores pooled into image scores (GMP).
 """
 from .cg import CGResult, conjugate_gradient
 from .inverse import DiffusionInverse, InversePlan, diffusion_inverse, plan_inverse
@@ -16,6 +18,8 @@ from .observation import SparseObservation, observe_items, observe_neighbours
 from .operator import DiffusionOperator, check_normalized, diffusion_operator
 from .manifold_ranking import (DiffusionInfo, cg_truncated_diffusion, diffuse, indicator_vectors,
                                katz_centrality, query_vectors, ranking_from_scores, top_n, truncated_diffuse)
+from .regional import (gmp_weights, pool_region_scores, query_region_knn, query_region_similarity,
+                       region_graph, regional_diffusion_scores)
 from .solvers import (AUTO_INVERSE_MAX_BYTES, AUTO_INVERSE_MAX_NODES, CG, SOLVERS, Auto, AutoState, ExactInverse,
                       Solution, Spectral, check_observations, resolve_solver, solve, solve_spd, solve_unchecked)
 
@@ -28,4 +32,6 @@ __all__ = ["AggregationPreconditioner", "PreconditionedCG", "aggregation_precond
            "observe_neighbours", "OfflineRows", "cosine_scores", "direct_scores", "load_offline", "offline_rows",
            "save_offline", "plan_inverse", "query_vectors", "ranking_from_scores", "resolve_solver", "solve",
            "solve_spd", "solve_unchecked",
-           "top_n", "truncated_diffuse"]
+           "top_n", "truncated_diffuse",
+           "gmp_weights", "pool_region_scores", "query_region_knn", "query_region_similarity",
+           "region_graph", "regional_diffusion_scores"]
