@@ -108,10 +108,49 @@ def test_experiments_edit_no_sys_path():
         assert "sys.path.insert" not in source and "sys.path.append" not in source, name
 
 
+# Runs every experiment's module as ``python -m`` does (runpy, as __main__, sys.argv[0] its file)
+# with --help, in one fresh interpreter started from the repository root with nothing added to
+# sys.path (one interpreter start and jax import instead of one per experiment); prints
+# {name: [exit status, stdout, stderr]} as JSON.
+_RUN_AS_MODULES = """
+import contextlib, io, json, runpy, sys, traceback
+out = {}
+for name in sys.argv[1:]:
+    stdout, stderr = io.StringIO(), io.StringIO()
+    sys.argv = ["-m", "--help"]
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            runpy.run_module("experiments." + name, run_name="__main__", alter_sys=True)
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+    out[name] = [code, stdout.getvalue(), stderr.getvalue()]
+sys.__stdout__.write(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def help_runs():
+    res = subprocess.run([sys.executable, "-c", _RUN_AS_MODULES, *EXPERIMENTS], cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_experiment_runs_as_a_module(name):
+def test_experiment_runs_as_a_module(name, help_runs):
     """``python -m experiments.NAME --help`` from the repository root, nothing on sys.path."""
-    out = subprocess.run([sys.executable, "-m", f"experiments.{name}", "--help"], cwd=REPO,
+    code, stdout, stderr = help_runs[name]
+    assert code == 0, stderr
+    assert stdout.startswith("usage:") and "--help" in stdout
+
+
+def test_one_experiment_runs_by_python_dash_m():
+    """The literal command line, for one experiment."""
+    out = subprocess.run([sys.executable, "-m", "experiments.results_page", "--help"], cwd=REPO,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("usage:") and "--help" in out.stdout
