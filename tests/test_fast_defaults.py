@@ -157,3 +157,20 @@ def test_complex_observations_are_refused():
         diffuse(w, y)
     with pytest.raises(TypeError, match="real"):
         solve(diffusion_operator(w, ALPHA), y)
+
+
+# ----------------------------------------------------------------------------- one way to solve
+def test_configs_take_every_registered_solver_name_or_a_solver_object():
+    from retrieval_jax.diffusion import SOLVERS, Spectral
+    x, q = _data(12, n=90), _data(13, n=3)
+    base = dict(k=6, query_k=5, alpha=ALPHA, tol=1e-7, max_iter=500)
+    for name in SOLVERS:
+        DiffusionConfig(**base, solver=name)
+    with pytest.raises(ValueError, match="'pcg'"):       # the message lists the registry
+        DiffusionConfig(**base, solver="splu")
+    ref_state = DIFFUSION.build(x, DiffusionConfig(**base, solver="inverse"))
+    ref = np.asarray(DIFFUSION.search(ref_state, q))
+    # full-rank spectral with the resolvent filter is the exact inverse: a solver object in the config
+    state = DIFFUSION.build(x, DiffusionConfig(**base, solver=Spectral(rank=90, mode="rank_r")))
+    np.testing.assert_allclose(np.asarray(DIFFUSION.search(state, q)), ref, rtol=1e-3,
+                               atol=1e-4 * np.abs(ref).max())

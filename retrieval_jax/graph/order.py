@@ -239,10 +239,11 @@ def with_locality(graph: NormalizedGraph, *, method: str = "aggregation") -> Nor
     """``graph`` carrying its `LocalityLayout` (host, concrete graph; any size).
 
     `normalize` calls it on concrete graphs of `LOCALITY_MIN_NODES` nodes or more; call
-    it yourself on a W built otherwise (loaded, or smaller). The diffusion solvers that
-    run CG (`diffuse`, `truncated_diffuse` excepted, `katz_centrality`, `CG`,
-    `PreconditionedCG`, the diffusion method) then solve in the layout and return the
-    scores in the graph's node order. A graph that has a layout is returned as is.
+    it yourself on a W built otherwise (loaded, or smaller). The CG routes (`diffuse`,
+    `katz_centrality`, the `CG` and `PreconditionedCG` solvers, the diffusion method)
+    then solve in the layout and return the scores in the graph's node order;
+    `truncated_diffuse` solves on each query's own subgraph and does not use it. A graph
+    that has a layout is returned as is.
     """
     if not isinstance(graph, NormalizedGraph):
         raise TypeError(f"with_locality takes a NormalizedGraph (normalize(A)), got {type(graph).__name__}")

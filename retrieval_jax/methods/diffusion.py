@@ -57,7 +57,16 @@ class DiffusionConfig:
         nodes and the blocks fit in ``AUTO_INVERSE_MAX_BYTES`` (mutual kNN graphs
         often split into many small components; the inverse costs sum_c n_c^3 once and
         query_k rows per query: docs/benchmarks/bench_diffusion.md), else "cg". The built state's
-        config says which was chosen.
+        config says which was chosen. Any name of the registry
+        `retrieval_jax.diffusion.SOLVERS` ("pcg": the two-level CG, "spectral": rank-400
+        FSR with the resolvent filter) or a solver object (e.g. ``Spectral(rank=...)``,
+        used as given: its own tol / max_iter) is taken; every route runs through
+        `retrieval_jax.diffusion.solve`.
+
+    A database of `LOCALITY_MIN_NODES` items or more gets its graph's `LocalityLayout`
+    at build (host, once): CG iterates in it, the scores come back in the database's
+    order. A query whose ``query_k`` neighbours all have similarity <= 0 has y = 0 and
+    all-zero scores: ``search`` warns (`UnreachedQueryWarning`) and returns them.
     """
 
     k: int = option(50, GRAPH_OPTIONS["k"])
