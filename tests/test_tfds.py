@@ -1,9 +1,12 @@
 """TensorFlow Datasets builders (optional extra ``retrieval-jax[tfds]``).
 
 Skipped as a whole when tensorflow-datasets is not installed: the numpy loaders
-stay the default path. TensorFlow is imported once for the module; every tfds
-``data_dir`` lives under pytest's tmp dirs, nothing is written into the repo.
+stay the default path. TensorFlow is imported once, when the module's first test runs
+(not at collection, so a test process that runs none of them never loads it); every
+tfds ``data_dir`` lives under pytest's tmp dirs, nothing is written into the repo.
 """
+import importlib
+import importlib.util
 import os
 import pickle
 import subprocess
@@ -11,21 +14,26 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-_REASON = ("optional extra not installed: pip install 'retrieval-jax[tfds]' "
+from conftest import REPO, require_data
+from retrieval_jax.data import load_coil20, load_gnd, load_mpeg7
+
+_EXTRA = ("tensorflow_datasets", "tensorflow", "importlib_resources")
+pytestmark = pytest.mark.skipif(
+    any(importlib.util.find_spec(m) is None for m in _EXTRA),
+    reason="optional extra not installed: pip install 'retrieval-jax[tfds]' "
            "(tensorflow-datasets, tensorflow-cpu, importlib_resources)")
-tfds = pytest.importorskip("tensorflow_datasets", reason=_REASON)
-pytest.importorskip("tensorflow", reason=_REASON)
-pytest.importorskip("importlib_resources", reason=_REASON)
+tb = None  # retrieval_jax.data.tfds_builders, imported by the fixture below
 
-from PIL import Image  # noqa: E402
 
-from conftest import REPO, require_data  # noqa: E402
-from retrieval_jax.data import load_coil20, load_gnd, load_mpeg7  # noqa: E402
-from retrieval_jax.data import tfds_builders as tb  # noqa: E402
-
-tfds.disable_progress_bar()
+@pytest.fixture(scope="module", autouse=True)
+def _tensorflow():
+    """Import TensorFlow (quietly) and the builders for this module's tests."""
+    global tb
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    importlib.import_module("tensorflow_datasets").disable_progress_bar()
+    tb = importlib.import_module("retrieval_jax.data.tfds_builders")
 
 
 def test_data_package_does_not_import_tensorflow():
