@@ -32,15 +32,15 @@ from .core import Graph, NormalizedGraph
 
 ORDER_METHODS = ("aggregation", "blocks")
 
-LOCALITY_MIN_NODES = 50_000
+LOCALITY_MIN_NODES = 20_000
 """From this many nodes on, `normalize` attaches a `LocalityLayout` to a concrete graph.
 
-Below it the gathered rows of X [n, B] mostly stay in cache in any order, so the
-order's host work (O(nnz) per aggregation level) does not pay back; from about
-50,000 nodes on (X [n, 200] float32 of 40 MB and more) one product in the layout
-takes well under half the time of one in an arbitrary order
-(``experiments/bench_converged.py``), and a batch of converged queries amortises the
-order within its first solve."""
+The layout costs O(nnz) host work per aggregation level, once per graph; it saves a
+share of every product W @ X [n, B] that grows with n, as X outgrows the caches. At
+k = 50 and B = 200 the product in the layout was already faster at 10,000 nodes, about
+three times faster from 25,000 on, and the order paid for itself within a few products
+(``experiments/bench_converged.py`` measures both); below the threshold the one-off
+host cost is not worth it for a few single-vector solves."""
 
 
 def locality_order(graph: Graph, *, method: str = "aggregation", block_size: int = 1024,
