@@ -148,7 +148,7 @@ def graph_step(bench: Bench, db, k: int, graph_method: str, out: Path):
     (graph, _), (t_load, p_load) = timed_with_peak(lambda: load_graph(path, num_nodes=db.shape[0], mmap=True))
     bench.add("graph saved (temp + rename), reopened memory-mapped", t_save + t_load, p_load, per_query=False,
               note=f"{path.stat().st_size / 2**20:.0f} MB file; save {t_save:.1f} s, checked reopen {t_load:.1f} s")
-    w = normalize(graph)
+    w = normalize(graph, locality=False)  # the database's order; the ordered route renumbers it itself
     del graph
     path.unlink()  # hundreds of MB: the CSV keeps what was measured
     return w

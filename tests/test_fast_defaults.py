@@ -51,6 +51,8 @@ def test_normalize_attaches_the_layout_from_the_threshold_on(small_threshold):
     # small graphs, and any trace, skip it
     small = normalize(knn_graph(_data(1, n=60), 5))
     assert small.layout is None and with_locality(small).layout is not None   # any size, on request
+    assert normalize(knn_graph(_data(1, n=60), 5), locality=True).layout is not None
+    assert normalize(a, locality=False).layout is None
     assert jax.jit(normalize)(a).layout is None
 
 

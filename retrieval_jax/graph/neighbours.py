@@ -442,7 +442,7 @@ def _pad_slots(graph: Graph, width: int) -> Graph:
                  overflow=graph.overflow)
 
 
-def normalize(graph: Graph) -> NormalizedGraph:
+def normalize(graph: Graph, *, locality: bool | None = None) -> NormalizedGraph:
     """Symmetric normalisation W = D^-1/2 A D^-1/2 with D = diag(A 1) (Zhou et al., NIPS 2003).
 
     An isolated node (degree 0) keeps an all-zero row instead of a NaN; its
@@ -451,7 +451,8 @@ def normalize(graph: Graph) -> NormalizedGraph:
     differentiable with respect to the weights; a concrete graph is checked first
     (finite, non-negative weights). A concrete graph of `LOCALITY_MIN_NODES` nodes or
     more also gets its `LocalityLayout` (host, once: `with_locality`), in which the CG
-    solvers then run; under a trace nothing is added.
+    solvers then run; under a trace nothing is added. ``locality``: True / False to
+    attach the layout to a concrete graph of any size / never (None: by the threshold).
     """
     if not isinstance(graph, Graph):
         raise TypeError(f"normalize takes a retrieval_jax.graph.Graph (e.g. from knn_graph or "
@@ -464,7 +465,9 @@ def normalize(graph: Graph) -> NormalizedGraph:
     if (w < 0).any():
         raise ValueError("the graph has negative weights; an affinity must be non-negative")
     out = _normalize(graph)
-    return with_locality(out) if graph.num_nodes >= LOCALITY_MIN_NODES else out
+    if locality is None:
+        locality = graph.num_nodes >= LOCALITY_MIN_NODES
+    return with_locality(out) if locality else out
 
 
 @jax.jit
