@@ -9,7 +9,7 @@
 * regional diffusion (`region_graph`, `regional_diffusion_scores`): the graph over the
   regions of every image, region scores pooled into image scores (GMP).
 """
-from .cg import CGResult, conjugate_gradient
+from .cg import CGResult, CGStatus, conjugate_gradient
 from .inverse import DiffusionInverse, InversePlan, diffusion_inverse, plan_inverse
 from .offline import (OfflineRows, cosine_scores, direct_scores, load_offline, offline_rows,
                       save_offline)
@@ -24,7 +24,7 @@ from .solvers import (AUTO_INVERSE_MAX_BYTES, AUTO_INVERSE_MAX_NODES, CG, SOLVER
                       Solution, Spectral, check_observations, resolve_solver, solve, solve_spd, solve_unchecked)
 
 __all__ = ["AggregationPreconditioner", "PreconditionedCG", "aggregation_preconditioner", "preconditioned_cg",
-           "AUTO_INVERSE_MAX_BYTES", "AUTO_INVERSE_MAX_NODES", "Auto", "AutoState", "CG", "CGResult",
+           "AUTO_INVERSE_MAX_BYTES", "AUTO_INVERSE_MAX_NODES", "Auto", "AutoState", "CG", "CGResult", "CGStatus",
            "DiffusionInfo", "DiffusionInverse", "DiffusionOperator", "ExactInverse", "InversePlan", "SOLVERS",
            "Solution", "SparseObservation", "Spectral", "cg_truncated_diffusion", "check_observations",
            "check_normalized", "conjugate_gradient", "diffuse",
