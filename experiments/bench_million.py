@@ -3,7 +3,7 @@
     python -m experiments.bench_million [--n 1000000] [--d 64] [--k 20] [--queries 100]
         [--scipy-queries 10] [--truncate 1000] [--fsr-rank 100] [--out results/million] [--quick]
 
-Synthetic descriptors clustered on short curves (``experiments.common.clustered``,
+Synthetic descriptors clustered on short curves (``experiments.common.clustered_database``,
 n / 100 centres, unit norm, as ``bench_diffusion``), queries from the same
 distribution. Steps, each timed with its peak resident memory:
 
@@ -15,7 +15,9 @@ distribution. Steps, each timed with its peak resident memory:
 3. routes, each solving (I - alpha W) x = y, alpha = 0.99:
    * converged CG (tol 1e-6), all queries at once: the reference ranking;
    * the same on the graph renumbered by ``locality_order`` (``permute_graph``);
-   * the scipy cg loop on the same CSR (float64, rtol = tol), --scipy-queries queries;
+   * the scipy cg loop on the same float32 CSR (rtol = tol), --scipy-queries queries: the
+     baseline of the speed-ups (like for like); beside it, labelled, the same loop on the
+     float64 CSR (each loop run --repeat times, a pause after each);
    * CG stopped at 20 steps (Iscen et al.'s setting);
    * truncated diffusion on each query's --truncate nearest items (CG to tol there);
    * offline diffusion (Yang et al. 2019, ``score="direct"``): the rows of the items the
@@ -30,7 +32,10 @@ distribution. Steps, each timed with its peak resident memory:
    query, easy = the closer half of its cluster, hard = the farther half, no junk;
    time and peak memory of the evaluation.
 
-Writes ``million.csv`` (one row per step / route) and ``config.json`` under --out.
+Routes are timed one at a time (a warm-up call, then --repeat calls, a pause after each
+route and each scipy loop, as ``experiments.common`` times them): ``seconds`` is the median,
+``seconds_min`` / ``seconds_max`` the spread. Writes ``million.csv`` (one row per step /
+route) and ``config.json`` under --out.
 --quick: n = 20,000, 20 queries, T = 200, r = 20 (the test).
 """
 from __future__ import annotations
@@ -54,11 +59,12 @@ from retrieval_jax.graph import (component_blocks, knn, knn_graph, load_graph, l
 from retrieval_jax.spectral import (component_eigenpairs, fast_spectral_ranking_sparse, graph_eigenpairs,
                                     regularized_laplacian_filter, spectral_embedding)
 
-from experiments.common import (clustered, peak_rss_mb, process_peak_rss_mb, query_label_map, reset_peak_rss,
-                                timed_with_peak, top_overlap, versions, write_csv, write_json)
+from experiments.common import (clustered_database, pause, peak_rss_mb, process_peak_rss_mb, query_label_map,
+                                reset_peak_rss, timed_runs_with_peak, timed_with_peak, top_overlap, versions, write_csv,
+                                write_json)
 
-COLUMNS = ("step", "n", "queries", "seconds", "ms_per_query", "peak_rss_mb", "top100_overlap", "mAP",
-           "speedup_vs_scipy", "note")
+COLUMNS = ("step", "n", "queries", "seconds", "seconds_min", "seconds_max", "ms_per_query", "peak_rss_mb",
+           "top100_overlap", "mAP", "speedup_vs_scipy", "note")
 ALPHA, TOL, QUERY_K, TOP = 0.99, 1e-6, 10, 1000
 
 
@@ -88,9 +94,12 @@ def sampled_edge_recall(graph, x, k: int, sample: int = 1000, seed: int = 0) -> 
 
 
 def warm_timed(fn, repeat: int):
-    """One warm-up call (compilation), then `timed_with_peak` over ``repeat`` calls."""
+    """One warm-up call (compilation), then ``repeat`` timed calls, then a pause:
+    (output, (median seconds, peak MB, seconds of every call))."""
     jax.block_until_ready(fn())
-    return timed_with_peak(fn, repeat)
+    out, times, peak = timed_runs_with_peak(fn, repeat)
+    pause(2.0)
+    return out, (float(np.median(times)), peak, times)
 
 
 def synthetic_gnd(q, db, q_labels, db_labels):
@@ -122,16 +131,19 @@ class Bench:
                  "  ".join(f"{key} {val}" for key, val in extra.items()), flush=True)
         return row
 
-    def scored(self, name, scores, seconds, peak, note=""):
-        """A row for a route's [nq, n] scores: agreement with the reference, mAP, speed-up."""
+    def scored(self, name, scores, seconds, peak, note="", times=None):
+        """A row for a route's [nq, n] scores: agreement with the reference, mAP, speed-up
+        (median seconds; ``times``, every call's, give the min-max)."""
         s = np.asarray(scores)
-        return self.add(name, seconds, peak, top100_overlap=round(float(top_overlap(s, self.reference).mean()), 4),
+        times = [seconds] if times is None else times
+        return self.add(name, seconds, peak, seconds_min=min(times), seconds_max=max(times),
+                        top100_overlap=round(float(top_overlap(s, self.reference).mean()), 4),
                         mAP=round(query_label_map(s, self.q_labels, self.db_labels, top=TOP), 2),
                         speedup_vs_scipy=round(self.scipy_s * self.nq / seconds, 2), note=note)
 
     def route(self, name, fn, note=""):
-        scores, (seconds, peak) = warm_timed(fn, self.repeat)
-        return self.scored(name, scores, seconds, peak, note)
+        scores, (seconds, peak, times) = warm_timed(fn, self.repeat)
+        return self.scored(name, scores, seconds, peak, note, times)
 
 
 def graph_step(bench: Bench, db, k: int, graph_method: str, out: Path):
@@ -154,23 +166,43 @@ def graph_step(bench: Bench, db, k: int, graph_method: str, out: Path):
     return w
 
 
-def converged_step(bench: Bench, w, y, scipy_queries: int):
-    """The reference (batched CG to tol) and the scipy cg loop on the same CSR."""
-    conv, (t_conv, p_conv) = warm_timed(lambda: diffuse(w, y, alpha=ALPHA, tol=TOL, max_iter=2000), bench.repeat)
-    bench.reference = np.asarray(conv)
-    mat = (sp.identity(bench.n, format="csr") - ALPHA * w.to_scipy().astype(np.float64)).tocsr()
-    yq = np.asarray(y[:scipy_queries], np.float64)
+def scipy_cg_seconds(mat, y, desc: str, repeat: int):
+    """The loop a researcher writes, ``scipy.sparse.linalg.cg`` once per query on the CSR
+    ``mat`` (y cast to its dtype), ``repeat`` times, a pause after each: (solutions, median
+    seconds per query, peak MB, seconds per query of every loop)."""
+    yq = np.asarray(y, mat.dtype)
     reset_peak_rss()
-    t = time.perf_counter()
-    ref = np.stack([sla.cg(mat, b, rtol=TOL, maxiter=2000)[0]
-                    for b in progress(yq, desc="scipy cg loop", total=len(yq))])
-    bench.scipy_s = (time.perf_counter() - t) / scipy_queries
-    p_scipy = peak_rss_mb()
-    time.sleep(2.0)  # BLAS threads spinning after scipy would slow the next route
-    scipy_row = bench.add("scipy cg loop (CSR float64, tol 1e-6)", bench.scipy_s * bench.nq, p_scipy,
+    times = []
+    for _ in range(max(1, repeat)):
+        t = time.perf_counter()
+        x = np.stack([sla.cg(mat, b, rtol=TOL, maxiter=2000)[0] for b in progress(yq, desc=desc, total=len(yq))])
+        times.append((time.perf_counter() - t) / len(yq))
+        pause(2.0)  # BLAS threads spinning after scipy would slow the next route
+    return x, float(np.median(times)), peak_rss_mb(), times
+
+
+def converged_step(bench: Bench, w, y, scipy_queries: int):
+    """The reference (batched CG to tol) and the scipy cg loop on the same float32 CSR (and,
+    labelled, on the float64 CSR)."""
+    conv, (t_conv, p_conv, ts_conv) = warm_timed(lambda: diffuse(w, y, alpha=ALPHA, tol=TOL, max_iter=2000),
+                                                 bench.repeat)
+    bench.reference = np.asarray(conv)
+    w_csr = w.to_scipy()   # float32: the weights the JAX routes use
+    mat32 = (sp.identity(bench.n, format="csr", dtype=np.float32) - np.float32(ALPHA) * w_csr).tocsr()
+    ref, bench.scipy_s, p_scipy, ts32 = scipy_cg_seconds(mat32, y[:scipy_queries], "scipy cg loop (float32)",
+                                                         bench.repeat)
+    scipy_row = bench.add("scipy cg loop (CSR float32, tol 1e-6)", bench.scipy_s * bench.nq, p_scipy,
+                          seconds_min=min(ts32) * bench.nq, seconds_max=max(ts32) * bench.nq,
                           top100_overlap=round(float(top_overlap(ref, bench.reference[:scipy_queries]).mean()), 4),
-                          note=f"timed on {scipy_queries} queries")
-    conv_row = bench.scored("converged CG (tol 1e-6), batched", bench.reference, t_conv, p_conv)
+                          note=f"timed on {scipy_queries} queries; the baseline of speedup_vs_scipy")
+    mat64 = (sp.identity(bench.n, format="csr") - ALPHA * w_csr.astype(np.float64)).tocsr()
+    ref64, t64, p64, ts64 = scipy_cg_seconds(mat64, y[:scipy_queries], "scipy cg loop (float64)", bench.repeat)
+    bench.add("scipy cg loop (CSR float64, tol 1e-6)", t64 * bench.nq, p64,
+              seconds_min=min(ts64) * bench.nq, seconds_max=max(ts64) * bench.nq,
+              top100_overlap=round(float(top_overlap(ref64, bench.reference[:scipy_queries]).mean()), 4),
+              speedup_vs_scipy=round(bench.scipy_s / t64, 2),
+              note=f"timed on {scipy_queries} queries; float64 costs {t64 / bench.scipy_s:.2f}x the float32 loop")
+    conv_row = bench.scored("converged CG (tol 1e-6), batched", bench.reference, t_conv, p_conv, times=ts_conv)
     t = time.perf_counter()
     order = locality_order(w)
     w_ordered, y_ordered, inverse = permute_graph(w, order), y[:, order], np.argsort(order)
@@ -200,7 +232,7 @@ def shortlist_steps(bench: Bench, w, y, q, db, sims, ids, truncate: int):
                 note=f"shortlist search not included; the shortlists hold {100 * reach:.1f}% of the queries' clusters")
 
     items = np.unique(np.asarray(ids))
-    rows_off, (t_off, p_off) = warm_timed(
+    rows_off, (t_off, p_off, _) = warm_timed(
         lambda: offline_rows(w, db, truncate, alpha=ALPHA, tol=TOL, max_iter=20, items=items, show_progress=True), 1)
     position = {int(i): r for r, i in enumerate(items)}
     weights = np.maximum(np.asarray(sims), 0) ** 3
@@ -255,9 +287,8 @@ def revisited_step(bench: Bench, q, db):
 def run(n, d, k, nq, scipy_queries, truncate, fsr_rank, out, graph_method, repeat, log=print):
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    x, labels = clustered(n + nq, d, max(10, n // 100), seed=n)
-    db, q = x[:n], x[n:]
-    bench = Bench(n, nq, repeat, labels[:n], labels[n:], log)
+    db, q, db_labels, q_labels = clustered_database(n, nq, d)
+    bench = Bench(n, nq, repeat, db_labels, q_labels, log)
     log(f"n = {n}, d = {d}, k = {k}, {nq} queries, {max(10, n // 100)} clusters", flush=True)
     w = graph_step(bench, db, k, graph_method, out)
     sims, ids = knn(q, db, QUERY_K, show_progress=False)
@@ -272,7 +303,7 @@ def run(n, d, k, nq, scipy_queries, truncate, fsr_rank, out, graph_method, repea
                                      "scipy_queries": scipy_queries, "truncate": truncate, "fsr_rank": fsr_rank,
                                      "graph_method": graph_method, "alpha": ALPHA, "tol": TOL,
                                      "process_peak_rss_mb": process_peak_rss_mb(), "versions": versions()})
-    log(f"converged CG: {conv_row['speedup_vs_scipy']}x the scipy cg loop "
+    log(f"converged CG: {conv_row['speedup_vs_scipy']}x the scipy cg loop on the same float32 CSR "
         f"({conv_row['ms_per_query']:.0f} vs {scipy_row['ms_per_query']:.0f} ms/query); "
         f"process peak {process_peak_rss_mb():.0f} MB; wrote {out / 'million.csv'}")
     return bench.rows
