@@ -236,8 +236,9 @@ def report(rows, log):
         f"offline s | top-100 same / conv | residual |")
     for r in rows:
         rng = "" if not np.isfinite(r["vs_scipy_min"]) else f"({r['vs_scipy_min']:.2f}-{r['vs_scipy_max']:.2f})"
+        warm = "-" if not np.isfinite(r["warm_vs_scipy"]) else f"{r['warm_vs_scipy']:.2f}x"
         log(f"| {r['route']:<72} | {r['ms_per_query']:8.2f} ({r['ms_min']:.2f}-{r['ms_max']:.2f}) | "
-            f"{r['warm_ms_per_query']:9.2f} | {r['vs_scipy']:6.2f}x {rng:<11} | {r['warm_vs_scipy']:12.2f}x | "
+            f"{r['warm_ms_per_query']:9.2f} | {r['vs_scipy']:6.2f}x {rng:<11} | {warm:>13} | "
             f"{r['offline_s']:9.2f} | "
             f"{r['top100_vs_scipy_same_rule']:.3f} / {r['top100_vs_scipy_converged']:.3f} | "
             f"{r['residual_max']:.1e} |", flush=True)
