@@ -176,3 +176,23 @@ def test_configs_take_every_registered_solver_name_or_a_solver_object():
     state = DIFFUSION.build(x, DiffusionConfig(**base, solver=Spectral(rank=90, mode="rank_r")))
     np.testing.assert_allclose(np.asarray(DIFFUSION.search(state, q)), ref, rtol=1e-3,
                                atol=1e-4 * np.abs(ref).max())
+
+
+def test_a_loaded_normalised_graph_carries_its_layout(small_threshold, monkeypatch, tmp_path):
+    """load_graph of a W saved normalised gives it the layout normalize would, and diffuse
+    on it equals the dense solve (the caller's node order)."""
+    import retrieval_jax.graph.io as graph_io
+    from retrieval_jax.graph import load_graph, save_graph
+
+    monkeypatch.setattr(graph_io, "LOCALITY_MIN_NODES", 100)
+    w = normalize(knn_graph(_data(7), 6), locality=False)
+    save_graph(tmp_path / "w.npz", w, k=6, gamma=3.0)
+    for mmap in (False, True):
+        loaded, _ = load_graph(tmp_path / "w.npz", mmap=mmap)
+        assert isinstance(loaded, NormalizedGraph) and loaded.layout is not None
+        y = np.zeros((2, w.num_nodes), np.float32)
+        y[0, 3] = y[1, 50] = 1.0
+        np.testing.assert_allclose(np.asarray(diffuse(loaded, y, alpha=ALPHA, tol=1e-7, max_iter=500)),
+                                   _dense(w, y), rtol=1e-4, atol=1e-5)
+    monkeypatch.setattr(graph_io, "LOCALITY_MIN_NODES", 10 ** 9)
+    assert load_graph(tmp_path / "w.npz")[0].layout is None

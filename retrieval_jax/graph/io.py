@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .core import Graph, NormalizedGraph, check_normalized_rows
+from .order import LOCALITY_MIN_NODES, with_locality
 
 NORMALIZED_KEY = "normalized"
 """The archive entry (a bool) by which `save_graph` records that the graph is a `NormalizedGraph`."""
@@ -49,7 +50,9 @@ def load_graph(path, *, num_nodes: int | None = None, mmap: bool = False) -> tup
     A graph saved as a `NormalizedGraph` is checked once here to be one (symmetric,
     largest eigenvalue at most 1: `check_normalized_rows`, O(n K) per power-iteration
     step, in blocks) and returned as a `NormalizedGraph`, which the diffusion solvers
-    then take without checking it again at every call. Any other graph is a `Graph`.
+    then take without checking it again at every call; from `LOCALITY_MIN_NODES` nodes
+    on it carries its `LocalityLayout`, as `normalize` gives it. Any other graph is a
+    `Graph`.
 
     With ``mmap=True`` the arrays stay in the file: the graph's ``indices`` and
     ``weights`` are read-only ``np.memmap`` views (int32 / float32, as `save_graph`
@@ -109,4 +112,7 @@ def load_graph(path, *, num_nodes: int | None = None, mmap: bool = False) -> tup
         graph_type = NormalizedGraph
     if not mmap:
         idx, w = jnp.asarray(idx, jnp.int32), jnp.asarray(w, jnp.float32)
-    return graph_type(indices=idx, weights=w), meta
+    graph = graph_type(indices=idx, weights=w)
+    if graph_type is NormalizedGraph and n >= LOCALITY_MIN_NODES:
+        graph = with_locality(graph)   # as normalize does: the CG routes solve in this layout
+    return graph, meta
