@@ -9,6 +9,7 @@ from conftest import assert_valid_png, read_csv
 from experiments import bench_converged
 
 
+@pytest.mark.slow
 def test_quick(tmp_path):
     assert bench_converged.main(["--quick", "--out", str(tmp_path)]) == 0
     rows = {r["route"]: r for r in read_csv(tmp_path / "bench_converged.csv")}

@@ -28,6 +28,7 @@ def out(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow
 def test_csv_structure_and_ratios(out):
     rows = read_csv(out / "bench_defaults.csv")
     assert list(rows[0]) == list(bench_defaults.COLUMNS)
@@ -60,6 +61,7 @@ def test_csv_structure_and_ratios(out):
     assert not list(out.glob(".*.tmp"))
 
 
+@pytest.mark.slow
 def test_rankings_match_a_direct_solve(out):
     db, q, _, _ = clustered_database(N, NQ, 64)
     w = normalize(knn_graph(db, bench_defaults.K, gamma=3.0)).to_scipy().astype(np.float64)

@@ -32,6 +32,7 @@ def out(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow
 def test_csv_rows(out):
     rows = read_csv(out / "knn_speed.csv")
     by = {r["route"]: r for r in rows}
@@ -65,6 +66,7 @@ def test_csv_rows(out):
         assert float(default["vs_reference"]) == pytest.approx(ref / float(default["seconds"]))
 
 
+@pytest.mark.slow
 def test_png(out):
     assert_valid_png(out / "knn_speed.png", min_width=300, min_height=200)
     assert not list(out.glob(".*.tmp")), "atomic_write left a temporary file"

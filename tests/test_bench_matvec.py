@@ -4,6 +4,7 @@ row per (n, B, order, unroll), the ratio column is the rows' own ratio, and the 
 choice is `matvec_unroll`'s. No timing is asserted."""
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from conftest import assert_valid_png, read_csv
 from experiments import bench_matvec
@@ -25,6 +26,7 @@ def test_product_matches_scipy():
     np.testing.assert_allclose(np.asarray(got, np.float32), m @ x, rtol=3e-2, atol=3e-2)
 
 
+@pytest.mark.slow
 def test_quick(tmp_path):
     assert bench_matvec.main(["--quick", "--out", str(tmp_path)]) == 0
     rows = read_csv(tmp_path / "matvec.csv")

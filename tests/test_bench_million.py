@@ -6,6 +6,7 @@ import pytest
 from conftest import read_csv
 
 
+@pytest.mark.slow
 def test_quick_million_recipe(tmp_path):
     from experiments import bench_million
     rows = bench_million.run(20000, 32, 10, 20, 5, 200, 10, tmp_path, "exact", 1, log=lambda *a, **k: None)

@@ -16,6 +16,8 @@ import pytest
 
 from conftest import assert_valid_png, read_csv, require_data
 
+pytestmark = pytest.mark.slow  # runs the two experiments (make test-slow)
+
 
 
 def _quick_run(tmp_path_factory, module):
