@@ -161,6 +161,7 @@ def test_locality_order_numbers_neighbours_close_and_keeps_components_whole(meth
         locality_order(g, coarsest=0)
 
 
+@pytest.mark.slow  # pynndescent's first call compiles its numba code: a minute or more in a fresh venv
 def test_nndescent_graph_close_to_exact():
     pytest.importorskip("pynndescent")
     rng = np.random.default_rng(4)
