@@ -8,8 +8,9 @@ curved clusters, L2-normalised), and the k nearest neighbours of every item amon
 the others by inner product (self excluded), by every route in the same process:
 
 * the mutual kNN graph (k, similarity^3) three ways, timed in interleaved rounds
-  (reference, default, exact; a pause between routes, so that BLAS threads spinning
-  after one route do not slow the next), --repeat rounds:
+  (reference, default, exact, the order turned by one each round; a pause between
+  routes, so that BLAS threads spinning after one route do not slow the next), --repeat
+  rounds:
   - the reference a researcher writes: faiss ``IndexFlatIP`` search of k + 1, self
     dropped, then the mutual filter in scipy (``affinity_matrix``: a CSR matrix);
   - ``knn_graph(X, k)`` as a user calls it (``method="auto"``, which
@@ -167,20 +168,24 @@ def edge_recall(graph, exact_pattern) -> float:
 # --------------------------------------------------------------------------- one size
 def graph_rounds(X, k: int, repeat: int, pause_s: float, reference: bool = True):
     """The three mutual-graph routes in --repeat interleaved rounds (reference, default,
-    exact; a pause after each): {route: (last output, seconds list, peak MB)}."""
+    exact, the order turned by one each round; a pause after each): {route: (last output,
+    seconds list, peak MB)}."""
     routes = {REFERENCE: lambda: faiss_scipy_graph(X, k),
               DEFAULT: lambda: knn_graph(X, k, gamma=GAMMA, show_progress=False),
               JAX_GRAPH: lambda: knn_graph(X, k, gamma=GAMMA, method="exact", show_progress=False)}
     if not (reference and faiss_available()):
         del routes[REFERENCE]
     # the JAX search's compilation is not a graph build's cost here: one untimed call first
-    # where that is cheap (larger n: the first round's JAX route includes it, about a second)
+    # where that is cheap (larger n: the first round's JAX route includes it, within its spread)
     if X.shape[0] <= 20000:
         knn(X, X, k, exclude_self=True, method="exact")
     pause(pause_s)
     results = {key: [None, [], 0.0] for key in routes}
-    for _ in range(max(1, repeat)):
-        for key, fn in routes.items():
+    keys = list(routes)
+    for r in range(max(1, repeat)):
+        # the order turns every round: no route always follows the same one
+        for key in keys[r % len(keys):] + keys[:r % len(keys)]:
+            fn = routes[key]
             out, times, peak = timed_runs_with_peak(fn, 1)
             res = results[key]
             res[0], res[2] = out, max(res[2], peak)
