@@ -1,4 +1,8 @@
-"""Fine-tuning the GeM head / last conv block on COIL-20."""
+"""Fine-tuning the GeM head / last conv block on COIL-20.
+
+The fine-tuning run and the saliency of the fine-tuned model (frozen maps of all 1440
+images, a 100-step training run, two gradient compilations through the backbone) are
+marked slow (`make test-slow`); the head's starting point is checked on 8 images."""
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -25,27 +29,34 @@ def _heldout_map(desc, labels):
 
 
 @pytest.fixture(scope="module")
-def coil():
-    """Frozen EfficientNet-Lite0 maps of all 1440 COIL-20 images (input of the last conv block)."""
+def lite0_coil():
+    """EfficientNet-Lite0 and the COIL-20 images at SIZE px."""
     root = require_data("coil20")
     from retrieval_jax.backbones import load_efficientnet_lite
-    backbone = load_efficientnet_lite("lite0")
-    data = load_coil20(root, size=SIZE, images=True)
+    return load_efficientnet_lite("lite0"), load_coil20(root, size=SIZE, images=True)
+
+
+@pytest.fixture(scope="module")
+def coil(lite0_coil):
+    """Frozen EfficientNet-Lite0 maps of all 1440 COIL-20 images (input of the last conv block)."""
+    backbone, data = lite0_coil
     maps = backbone_feature_maps(backbone, data.images, pre_head=True)
     return backbone, data, maps
 
 
-def test_head_starts_at_imagenet_gem(coil):
-    backbone, data, maps = coil
-    params = init_head(maps[:8], conv_head=conv_head_params(backbone))
+def test_head_starts_at_imagenet_gem(lite0_coil):
+    backbone, data = lite0_coil
+    maps = backbone_feature_maps(backbone, data.images[:8], pre_head=True)
+    params = init_head(maps, conv_head=conv_head_params(backbone))
     rgb = np.repeat(data.images[:8, :, :, None], 3, axis=-1)
     reference = l2_normalize(gem(backbone.features(rgb), 3.0))
-    np.testing.assert_allclose(embed_with_head(params, maps[:8]), reference, atol=1e-5)
+    np.testing.assert_allclose(embed_with_head(params, maps), reference, atol=1e-5)
     # the whitening-only head on last-conv maps starts at the same descriptor
     last = backbone_feature_maps(backbone, data.images[:8])
     np.testing.assert_allclose(embed_with_head(init_head(last), last), reference, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_finetuning_improves_heldout_objects(coil, tmp_path):
     backbone, data, maps = coil
     train, test = data.labels < 10, data.labels >= 10          # objects 1-10 / 11-20
@@ -73,6 +84,7 @@ def test_finetuning_improves_heldout_objects(coil, tmp_path):
     assert int(load_checkpoint(ckpt)["step"]) == TRAIN_STEPS
 
 
+@pytest.mark.slow
 def test_saliency_of_finetuned_model_on_coil(coil):
     """head_model reproduces embed_with_head end to end; its gradient saliency is finite,
     in [0, 1], and larger on the object than on the black background."""
