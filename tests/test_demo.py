@@ -21,6 +21,7 @@ def digits_demo(tmp_path_factory):
     return out, rows, printed.getvalue()
 
 
+@pytest.mark.slow  # the whole demo run (make demo's job): make test-slow
 def test_demo_on_digits(digits_demo):
     tmp_path, rows, printed = digits_demo
     assert "digits: 1797 items" in printed
@@ -45,6 +46,7 @@ def _ap(row, q, labels):
     return float(np.sum((p0 + p1) / 2) / (np.sum(labels == labels[q]) - 1))
 
 
+@pytest.mark.slow  # the whole demo run (make demo's job): make test-slow
 def test_demo_shows_the_largest_ap_gains(digits_demo):
     """The pictured queries are the n_show largest AP gains of diffusion over kNN search,
     recomputed here (the two rankings from the methods, AP and the choice by hand)."""
