@@ -92,7 +92,8 @@ def test_a_query_with_no_positive_similarity_warns():
 
 
 def test_search_pads_batches_to_bucket_sizes():
-    from retrieval_jax.methods import KNN_SEARCH, KnnConfig, bucket_size
+    from retrieval_jax.methods import KNN_SEARCH, KnnConfig
+    from retrieval_jax.methods.base import bucket_size
     from retrieval_jax.methods.knn import _knn_search
     rng = np.random.default_rng(1)
     db = rng.normal(size=(50, 4)).astype(np.float32)
@@ -112,7 +113,8 @@ def test_a_nan_right_hand_side_gives_nan_not_zero(small):
     y = np.zeros((2, 100), np.float32)
     y[0, 0] = 1.0
     y[1, 0] = np.nan
-    from retrieval_jax.diffusion import CG, diffusion_operator, solve_unchecked
+    from retrieval_jax.diffusion import CG, diffusion_operator
+    from retrieval_jax.diffusion.solvers import solve_unchecked
     res = solve_unchecked(diffusion_operator(w, 0.9), jnp.asarray(y), CG(tol=1e-6, max_iter=50))
     assert np.isfinite(np.asarray(res.scores[0])).all() and np.isnan(np.asarray(res.scores[1])).all()
     # a NaN cotangent reaching the backward solve propagates instead of vanishing

@@ -80,8 +80,8 @@ def test_rows_equal_dense_solve_on_each_subgraph(X, reference, state):
 
 
 def test_rows_chunking_and_batching_do_not_change_rows(X, state):
-    # the state's graph search (cfg: graph_method "exact"): the same W, so only the chunking differs
-    w = normalize(knn_graph(X, K, gamma=GAMMA, method="exact"))
+    # the state's own graph search: the same W, so only the chunking differs
+    w = normalize(knn_graph(X, K, gamma=GAMMA, method=state.config.graph_method))
     rows, info = offline_rows(w, X, T, alpha=ALPHA, tol=1e-7, max_iter=500, chunk_size=N, batch_size=64,
                               return_info=True, show_progress=True)
     np.testing.assert_allclose(rows.to_dense(), state.rows.to_dense(), atol=1e-6)

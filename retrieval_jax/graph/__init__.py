@@ -3,13 +3,14 @@ from .affinity import affinity_graph, reciprocal_partners, similarity_power, uni
 from .components import ComponentBlocks, ComponentLayout, blocks_from_labels, component_blocks, dense_blocks
 from .core import Graph, NormalizedGraph
 from .io import load_graph, save_graph
-from .neighbours import affinity_matrix, connected_components, isolated_nodes, knn, knn_graph, knn_traced, normalize
+from .neighbours import (affinity_lists, affinity_matrix, connected_components, isolated_nodes, knn, knn_graph,
+                         knn_traced, normalize, search_route)
 from .order import (LOCALITY_MIN_NODES, LocalityLayout, locality_layout, locality_order, permute_graph,
                     with_locality)
 
 __all__ = ["LOCALITY_MIN_NODES", "LocalityLayout", "locality_layout", "with_locality",
            "ComponentBlocks", "ComponentLayout", "Graph", "NormalizedGraph", "affinity_graph",
-           "affinity_matrix", "blocks_from_labels", "component_blocks", "connected_components",
+           "affinity_lists", "affinity_matrix", "blocks_from_labels", "component_blocks", "connected_components",
            "dense_blocks", "isolated_nodes", "knn", "knn_graph", "knn_traced", "load_graph",
-           "locality_order", "normalize", "permute_graph", "reciprocal_partners", "save_graph",
+           "locality_order", "normalize", "permute_graph", "reciprocal_partners", "save_graph", "search_route",
            "similarity_power", "union_capacity"]

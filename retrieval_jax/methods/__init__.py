@@ -22,7 +22,8 @@ options, defaults and size checks, nothing else to edit::
 
     POWER = register(make_method("power", build, search, search_items, PowerConfig))
 """
-from .base import Method, bucket_size, check_config, check_items, check_queries, make_method, similarities
+from .base import Method, make_method, similarities
+from .diffusion import UnreachedQueryWarning
 from .diffusion import (AUTO_INVERSE_MAX_BYTES, AUTO_INVERSE_MAX_NODES, DIFFUSION, DiffusionConfig, DiffusionParams,
                         DiffusionState, DiffusionStatic, diffusion_state_from_graph)
 from .fsr import FSR, FsrConfig, FsrState, fsr_state_from_graph
@@ -69,8 +70,8 @@ __all__ = ["ALPHA_QE", "AUTO_INVERSE_MAX_BYTES", "AUTO_INVERSE_MAX_NODES", "Alph
            "DBA_ALPHA_QE", "DIFFUSION", "DbaQEConfig", "DbaQEState", "DiffusionConfig", "DiffusionParams",
            "DiffusionState", "DiffusionStatic", "FSR",
            "FsrConfig", "FsrState", "KNN_SEARCH", "KnnConfig", "KnnState", "METHODS", "Method", "OFFLINE_DIFFUSION",
-           "OfflineDiffusionConfig", "OfflineDiffusionState", "Option", "bucket_size",
-           "check_config", "check_items", "check_queries", "config_options", "diffusion_state_from_graph",
+           "OfflineDiffusionConfig", "OfflineDiffusionState", "Option", "config_options", "diffusion_state_from_graph",
            "finite_float", "fsr_state_from_graph", "make_method", "nonneg_int", "offline_diffusion_state_from_graph",
-           "offline_diffusion_state_from_rows", "option", "positive_int", "register", "resolve", "similarities",
+           "offline_diffusion_state_from_rows", "option", "positive_int",
+           "UnreachedQueryWarning", "register", "resolve", "similarities",
            "unregister"]

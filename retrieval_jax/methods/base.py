@@ -162,7 +162,8 @@ GRAPH_OPTIONS = {
                 warn=lambda k, n: defaults.k_warning(k, n) if n >= 2 else None),
     "gamma": Option("similarity exponent", parse=finite_float),
     "mutual": Option("keep reciprocal neighbour pairs only (Iscen et al.'s mutual kNN graph)"),
-    "graph_method": Option("neighbour search: exact (blocked matmul + top-k), nndescent (approximate "
+    "graph_method": Option("neighbour search: auto (faiss on a CPU host where it is installed, else the "
+                           "JAX search), exact (blocked matmul + top-k), nndescent (approximate "
                            "pynndescent, for large n), faiss (faiss-cpu, exact); see "
                            "retrieval_jax.graph.knn_graph", choices=SEARCH_METHODS),
     "query_k": Option("database neighbours forming an out-of-graph query (default min(10, k))",

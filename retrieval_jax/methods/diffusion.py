@@ -13,7 +13,8 @@ import warnings
 from typing import Any
 
 from .. import _checks, defaults
-from ..diffusion import CG, DiffusionOperator, SparseObservation, cg_truncated_diffusion
+from ..diffusion import CG, DiffusionOperator, SparseObservation
+from ..diffusion.manifold_ranking import cg_truncated_diffusion
 from ..diffusion.operator import check_normalized
 from ..diffusion.solvers import SOLVERS, Auto, AutoState, resolve_solver, solve_unchecked
 from ..graph.core import Graph, NormalizedGraph
@@ -46,7 +47,8 @@ class DiffusionConfig:
       gamma: similarity exponent for graph edges and y.
       tol, max_iter: CG stopping rule (relative residual, steps).
       mutual: reciprocal kNN graph.
-      graph_method: "exact" or "nndescent".
+      graph_method: the neighbour search (`graph.SEARCH_METHODS`): "auto" (the fastest
+        installed exact route, `graph.search_route`), "exact", "faiss" or "nndescent".
       truncate: None for the full solve, else T: each query solves on its T
         nearest database items only; the other items follow, in similarity order.
       batch_size: queries per vmapped batch in truncated mode.
@@ -76,7 +78,7 @@ class DiffusionConfig:
     tol: float = option(1e-6, "CG relative residual", parse=finite_float)
     max_iter: int = option(20, "CG steps at most", parse=positive_int)
     mutual: bool = option(True, GRAPH_OPTIONS["mutual"])
-    graph_method: str = option("exact", GRAPH_OPTIONS["graph_method"])
+    graph_method: str = option("auto", GRAPH_OPTIONS["graph_method"])
     truncate: int | None = option(None, "truncated diffusion on each query's top-T shortlist (default: the "
                                   "full solve up to 100,000 items, else T = 2000)", parse=positive_int,
                                   choose=_chosen_truncate, rule="n > 100,000")

@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 
 from .. import _checks, defaults
-from ..diffusion import DiffusionOperator, SparseObservation, Spectral, solve_unchecked
+from ..diffusion import DiffusionOperator, SparseObservation, Spectral
+from ..diffusion.solvers import solve_unchecked
 from ..graph.core import Graph
 from ..graph.neighbours import normalize
 from ..spectral import heat_kernel_filter, regularized_laplacian_filter
@@ -44,7 +45,7 @@ class FsrConfig:
     alpha: float = option(0.99, GRAPH_OPTIONS["alpha"])
     gamma: float = option(3.0, GRAPH_OPTIONS["gamma"])
     mutual: bool = option(True, GRAPH_OPTIONS["mutual"])
-    graph_method: str = option("exact", GRAPH_OPTIONS["graph_method"])
+    graph_method: str = option("auto", GRAPH_OPTIONS["graph_method"])
     rank: int = option(400, "eigenpairs kept, r (default min(400, n): exact when n <= 400)", parse=positive_int,
                        choose=lambda n, values: defaults.default_rank(n), rule="min(400, n)")
     mode: str = option("approx", "FSR.rank-r or FSR.approx", flag="--fsr-mode", choices=FSR_MODES)

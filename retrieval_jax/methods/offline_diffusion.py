@@ -69,7 +69,7 @@ class OfflineDiffusionConfig:
     tol: float = option(1e-6, "CG relative residual", parse=finite_float)
     max_iter: int = option(20, "CG steps at most", parse=positive_int)
     mutual: bool = option(True, GRAPH_OPTIONS["mutual"])
-    graph_method: str = option("exact", GRAPH_OPTIONS["graph_method"])
+    graph_method: str = option("auto", GRAPH_OPTIONS["graph_method"])
     chunk_size: int = 1024
     batch_size: int = 64
 
