@@ -34,7 +34,8 @@ lint: $(DEV)
 
 # the suite without the end-to-end runs (tests marked slow: experiments/ scripts, notebooks,
 # several processes, bench --quick), then those alone; CI runs both
-PYTEST := RETRIEVAL_JAX_NO_PROGRESS=1 $(PY) -m pytest -q -n 2 --dist loadfile
+# (tests/conftest.py starts the longest files first)
+PYTEST := RETRIEVAL_JAX_NO_PROGRESS=1 $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 test: $(DEV)
 	$(PYTEST) -m "not slow" tests

@@ -18,6 +18,27 @@ except ImportError:  # hypothesis is a test extra
     pass
 
 
+# The files that take longest, heaviest first (measured on 2 cores): those of `make test-slow`
+# (they hold little else), then those of `make test`. Under pytest-xdist (`--dist loadfile
+# --no-loadscope-reorder`) the workers take files in collection order, so these start first and
+# the short files fill in at the end: neither worker is left running one long file alone. A file
+# missing from the list only runs later; the order of the tests inside a file never changes.
+HEAVY_FIRST = ("test_spectral_experiment.py", "test_experiments.py", "test_notebooks.py",
+               "test_learn_diffusion.py", "test_finetune.py", "test_feature_experiments.py",
+               "test_bench_converged.py", "test_bench_defaults.py", "test_multiprocess.py",
+               "test_diffusion.py", "test_backbones.py", "test_composable.py", "test_spectral.py",
+               "test_cli.py", "test_methods.py", "test_component_spectra.py", "test_cli_defaults.py",
+               "test_preconditioned.py", "test_offline_diffusion.py", "test_learned_diffusion.py",
+               "test_pooling.py", "test_graph.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not hasattr(config, "workerinput"):  # only in pytest-xdist workers
+        return
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept otherwise
+
+
 def data_dir() -> Path:
     return Path(os.environ.get("RETRIEVAL_JAX_DATA", REPO.parent / "shared" / "data"))
 
