@@ -41,7 +41,7 @@ same run (a 512 MB array copy, read + write counted). Two byte counts for the pr
 
 Writes ``bench_converged.csv`` (one row per route), ``bandwidth.csv`` and
 ``bench_converged.png`` under --out. --quick: n = 3000, d = 32, k = 10, 40 queries,
-two repeats (used by tests/test_bench_converged.py).
+two repeats (used by tests/experiments/test_bench_converged.py).
 """
 from __future__ import annotations
 

@@ -38,7 +38,7 @@ the converged scipy solution (tol 1e-6, 1000 steps), the relative residual ||y -
 Writes ``bench_defaults.csv`` (one row per route), ``bench_defaults.png``, ``top100.npz``
 (the first 100 items of each route's ranking for the queries scipy solved: keys search,
 items, diffuse; and item_ids, the items of search_items) and ``config.json`` under --out.
---quick: n = 3,000, 40 queries, 10 for scipy, 2 runs (tests/test_bench_defaults.py).
+--quick: n = 3,000, 40 queries, 10 for scipy, 2 runs (tests/experiments/test_bench_defaults.py).
 """
 from __future__ import annotations
 

@@ -43,7 +43,7 @@ the reference and pynndescent: the per-round ratios t(reference) / t(default), m
 and min-max. Writes ``knn_speed.csv`` and ``knn_speed.png`` (atomically).
 
 --core: the three graph routes and pynndescent only. --quick (used by
-tests/test_bench_knn.py): n = 2000, d = 32, k = 10, two rounds, no pynndescent.
+tests/experiments/test_bench_knn.py): n = 2000, d = 32, k = 10, two rounds, no pynndescent.
 """
 from __future__ import annotations
 

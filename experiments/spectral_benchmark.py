@@ -43,7 +43,7 @@ Four parts, each measured in one process (routes interleaved, medians reported):
    (h(lambda_i)^2 |u_i^T y|^2): diffusion keeps the low graph frequencies
    (lambda near 1) and removes the rest, i.e. it is a low-pass filter.
 
---quick (used by tests/test_spectral_experiment.py) runs every part small: ranks
+--quick (used by tests/experiments/test_spectral_experiment.py) runs every part small: ranks
 up to 200, one offline size n = 2000 at r = 50, two timing repeats.
 """
 from __future__ import annotations

@@ -26,10 +26,10 @@ except ImportError:  # hypothesis is a test extra
 HEAVY_FIRST = ("test_spectral_experiment.py", "test_experiments.py", "test_notebooks.py",
                "test_learn_diffusion.py", "test_finetune.py", "test_feature_experiments.py",
                "test_bench_converged.py", "test_bench_defaults.py", "test_multiprocess.py",
-               "test_diffusion.py", "test_backbones.py", "test_composable.py", "test_spectral.py",
-               "test_cli.py", "test_methods.py", "test_component_spectra.py", "test_cli_defaults.py",
-               "test_preconditioned.py", "test_offline_diffusion.py", "test_learned_diffusion.py",
-               "test_pooling.py", "test_graph.py")
+               "test_manifold_ranking.py", "test_backbones.py", "test_composable.py", "test_fsr.py",
+               "test_cli.py", "test_build_search.py", "test_components.py", "test_cli_defaults.py",
+               "test_preconditioned.py", "test_offline.py", "test_learned_diffusion.py",
+               "test_pooling.py", "test_neighbours.py")
 
 
 def pytest_collection_modifyitems(config, items):

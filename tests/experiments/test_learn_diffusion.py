@@ -7,7 +7,7 @@ public method API (``DIFFUSION.build`` + ``search_items`` with the exact inverse
 kNN graph, ``label_map``), and that the grid's one vmapped program gives the loop of
 builds' mAP in every cell. This is the end-to-end test of the scripts; the model itself
 (``retrieval_jax.training.learned_diffusion``) is tested against references in
-tests/test_learned_diffusion.py.
+tests/training/test_learned_diffusion.py.
 """
 import json
 

@@ -75,6 +75,7 @@ def _exact_diffusion(W_dense, y, alpha=ALPHA):
 
 
 # ----------------------------------------------------------------------------- eigenpairs
+@pytest.mark.slow
 def test_coil20_eigenpairs_match_eigsh(coil_graph):
     W = coil_graph.to_scipy().astype(np.float64)
     r = 30  # COIL-20, k = 5 mutual: 21 components with edges -> eigenvalue 1 repeated 21 times
@@ -89,6 +90,7 @@ def test_coil20_eigenpairs_match_eigsh(coil_graph):
     assert np.abs(np.asarray(whole.values) - ref).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_mpeg7_eigenpairs_match_dense_eigh(mpeg_graph):
     # MPEG-7, k = 10 mutual: many components and isolated nodes, eigenvalue 1 repeated once
     # per non-trivial component (about 70). ARPACK's eigsh is not a reliable reference here:

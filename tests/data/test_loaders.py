@@ -320,7 +320,7 @@ def test_default_data_dir(monkeypatch, tmp_path):
     with pytest.raises(FileNotFoundError, match="RETRIEVAL_JAX_DATA"):
         load_coil20()
     monkeypatch.delenv("RETRIEVAL_JAX_DATA")
-    real = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    real = Path(__file__).resolve().parents[2].parent / "shared" / "data"
     if real.is_dir():
         assert default_data_dir() == real
     else:
