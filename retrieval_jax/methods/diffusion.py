@@ -83,10 +83,11 @@ class DiffusionConfig:
                                   "full solve up to 100,000 items, else T = 2000)", parse=positive_int,
                                   choose=_chosen_truncate, rule="n > 100,000")
     batch_size: int = 64
-    solver: str = option("cg", "cg: conjugate gradient per batch; inverse: the exact (I - alpha W)^-1, "
-                         "computed once, one dense block per connected component (components up to "
-                         "~20,000 nodes); auto: inverse when the components are small, else cg",
-                         choices=tuple(SOLVERS))
+    solver: str = option("cg", "cg: conjugate gradient per batch; pcg: two-level (aggregation) "
+                         "preconditioned CG; inverse: the exact (I - alpha W)^-1, computed once, one "
+                         "dense block per connected component (components up to ~20,000 nodes); "
+                         "spectral: FSR's low-rank resolvent; auto: inverse when the components are "
+                         "small, else cg", choices=tuple(SOLVERS))
 
     def __post_init__(self):
         _checks.check_alpha(self.alpha)
