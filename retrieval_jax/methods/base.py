@@ -214,3 +214,30 @@ def make_method(name: str, build, search_jit, search_items_jit, config_type: typ
         config_type,
         **extra,
     )
+
+
+def rerank_shortlist(scores, shortlist, shortlist_scores) -> jax.Array:
+    """Scores float32[nq, n] that rank a re-ranked shortlist first, the rest after it.
+
+    A re-ranking method scores only the top M items of a first search (its shortlist); a
+    `Method` still returns a score for every database item. Items of the shortlist get
+    ``shortlist_scores``; every other item keeps its first-search score shifted down by a
+    per-row constant so that it ranks after the whole shortlist, in its first-search order:
+
+        out[q, shortlist[q, m]] = shortlist_scores[q, m]
+        out[q, j] = scores[q, j] - (max_j' scores[q, j'] - min_m shortlist_scores[q, m]) - 1,  j not listed
+
+    Args:
+      scores: float[nq, n] first-search scores (higher is better).
+      shortlist: int[nq, M] database ids of each query's shortlist (distinct within a row).
+      shortlist_scores: float[nq, M] the re-ranked scores of the shortlist.
+
+    Returns:
+      float32[nq, n]. Works under jit / vmap / grad (M is static through the shapes).
+    """
+    scores = jnp.asarray(scores, jnp.float32)
+    new = jnp.asarray(shortlist_scores, jnp.float32)
+    rows = jnp.arange(scores.shape[0])[:, None]
+    offset = jnp.max(scores, axis=1, keepdims=True) - jnp.min(new, axis=1, keepdims=True) + 1.0
+    out = scores - offset
+    return out.at[rows, shortlist].set(new)
