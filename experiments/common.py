@@ -110,16 +110,16 @@ LOOP_PRODUCTS = 6
 
 
 def neighbour_products(indices, weights, x, count, unroll: int):
-    """x <- W x, ``count`` times (traced: one while loop), Graph.matvec's slot loop with
-    ``unroll`` slots fused per pass; operands in x's dtype, accumulated in float32."""
+    """x <- W x, ``count`` times (traced: one while loop), by `graph.core.neighbour_product`
+    (the loop of `Graph.matvec`) with ``unroll`` slots fused per pass; operands in x's
+    dtype, accumulated in float32."""
     import jax
     import jax.numpy as jnp
 
+    from retrieval_jax.graph.core import neighbour_product
+
     def one(_, v):
-        def slot(k, acc):
-            return acc + weights[:, k, None].astype(jnp.float32) * v[indices[:, k]].astype(jnp.float32)
-        return jax.lax.fori_loop(0, indices.shape[1], slot, jnp.zeros(v.shape, jnp.float32),
-                                 unroll=unroll).astype(v.dtype)
+        return neighbour_product(indices, weights, v, unroll=unroll, accumulate=jnp.float32)
     return jax.lax.fori_loop(0, count, one, x)
 
 

@@ -36,7 +36,7 @@ import numpy as np
 
 from .. import _checks
 from .._progress import progress
-from ..graph.core import Graph
+from ..graph.core import Graph, neighbour_product
 from ..graph.neighbours import knn_traced
 from .operator import DiffusionOperator
 from .solvers import CG, solve_unchecked
@@ -279,7 +279,8 @@ def cosine_scores(unit: OfflineRows, query_rows, *, dense: bool | None = None):
     row scores 0). With ``dense`` (default: n * n <= ``DENSE_COSINE_MAX_ENTRIES``) the
     rows are scattered into an [n, n] matrix and multiplied at once; otherwise row j's
     score sum_l unit.values[j, l] * q[unit.indices[j, l]] is accumulated one slot l at a
-    time (`Graph.matvec`: no [nq, n, L] intermediate, memory O(nq * n)).
+    time (`graph.core.neighbour_product`, the loop of `Graph.matvec`, without building a
+    `Graph` and checking its ids on every call: no [nq, n, L] intermediate, memory O(nq * n)).
     """
     q = jnp.asarray(query_rows, jnp.float32)
     norm = jnp.sqrt(jnp.sum(q * q, axis=1, keepdims=True))
@@ -290,7 +291,7 @@ def cosine_scores(unit: OfflineRows, query_rows, *, dense: bool | None = None):
     if dense:
         m = jnp.zeros((n, n), jnp.float32).at[jnp.arange(n)[:, None], unit.indices].set(unit.values)
         return jnp.matmul(q, m.T, precision=jax.lax.Precision.HIGHEST)
-    return Graph(indices=unit.indices, weights=unit.values).matvec(q.T).T
+    return neighbour_product(unit.indices, unit.values, q.T).T
 
 
 # --------------------------------------------------------------------------- storage

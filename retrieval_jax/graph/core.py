@@ -84,6 +84,41 @@ def _id_range(indices) -> tuple[int, int]:
     return lo, hi
 
 
+def neighbour_product(indices, weights, x, *, unroll: int | None = None, accumulate=None) -> jax.Array:
+    """y = A x for the fixed-K neighbour lists of A: y_i = sum_k weights[i, k] x[indices[i, k]].
+
+    The product `Graph.matvec` runs, for lists that are not (yet) a `Graph` (no id check:
+    the caller vouches for ids in [0, n)). One neighbour slot after another (``fori_loop``
+    over K): each slot gathers n rows of x and adds them with a fused multiply-add, so no
+    [n, K, B] intermediate is ever built.
+
+    Args:
+      indices: int[n, K] neighbour ids in [0, n).
+      weights: float[n, K] edge weights (0 on padding slots).
+      x: float[n] or float[n, B] (node axis first).
+      unroll: neighbour slots fused per pass (static); default `matvec_unroll`'s choice.
+      accumulate: the accumulator's dtype (e.g. float32 for bfloat16 operands); default x's.
+
+    Returns:
+      [n] or [n, B] in the dtype of x. Cost O(n K B) multiply-adds, O(n B) memory.
+    """
+    x = jnp.asarray(x)
+    acc_dtype = x.dtype if accumulate is None else jnp.dtype(accumulate)
+    w = jnp.asarray(weights).astype(acc_dtype)
+    idx = jnp.asarray(indices)
+    if x.ndim == 1:
+        def body(k, acc):
+            return acc + w[:, k] * x[idx[:, k]].astype(acc_dtype)
+    else:
+        def body(k, acc):
+            return acc + w[:, k, None] * x[idx[:, k]].astype(acc_dtype)
+    if unroll is None:
+        batch = 1 if x.ndim == 1 else int(np.prod(x.shape[1:]))
+        unroll = matvec_unroll(idx.shape[0], idx.shape[1], batch, jnp.dtype(acc_dtype).itemsize)
+    y = jax.lax.fori_loop(0, idx.shape[1], body, jnp.zeros(x.shape, acc_dtype), unroll=max(1, int(unroll)))
+    return y.astype(x.dtype)
+
+
 @_graph_pytree
 @dataclasses.dataclass(frozen=True)
 class Graph:
@@ -162,20 +197,10 @@ class Graph:
         writes it once instead of once per 8 slots. Cost: O(n K B) multiply-adds and
         gathered values, O(n B) memory (the one-shot gather
         ``einsum('nk,nkb->nb', w, x[idx])`` would hold [n, K, B]). Against other layouts
-        (BCOO, BCSR, scipy CSR): docs/benchmarks/bench_matvec.md.
+        (BCOO, BCSR, scipy CSR): docs/benchmarks/bench_matvec.md. The loop is
+        `neighbour_product`, which takes bare neighbour lists.
         """
-        x = jnp.asarray(x)
-        w = self.weights.astype(x.dtype)
-        idx = self.indices
-        if x.ndim == 1:
-            def body(k, acc):
-                return acc + w[:, k] * x[idx[:, k]]
-        else:
-            def body(k, acc):
-                return acc + w[:, k, None] * x[idx[:, k]]
-        batch = 1 if x.ndim == 1 else int(np.prod(x.shape[1:]))
-        return jax.lax.fori_loop(0, idx.shape[1], body, jnp.zeros_like(x),
-                                 unroll=matvec_unroll(idx.shape[0], idx.shape[1], batch, x.dtype.itemsize))
+        return neighbour_product(self.indices, self.weights, x)
 
     def check_overflow(self) -> "Graph":
         """The graph itself, or a ValueError if edges overflowed its capacity (host side)."""
