@@ -193,6 +193,8 @@ def test_bad_arguments(digits, tmp_path, capsys):
     np.save(tmp_path / "lab_short.npy", np.zeros(10, np.int64))
     run(["rank", X, "--queries", tmp_path / "small.npy", "--method", "knn", "-o",
          tmp_path / "ext.npz"])
+    rk = tmp_path / "rk.npz"  # rankings of every item, made here so the test stands alone
+    run(["rank", X, "--items", "--method", "knn", "--top", "all", "-o", rk])
     cases = [
         ([], "choose a command"),
         (["nope"], "invalid choice"),
@@ -239,20 +241,20 @@ def test_bad_arguments(digits, tmp_path, capsys):
         (["rank", X, "--queries", X, "--queries-key", "Z", "-o", out], "--queries-key 'Z'"),
         (["evaluate", tmp_path / "none.npz", "--labels", lab], "does not exist"),
         (["evaluate", d / "graph.npz", "--labels", lab], "no 'ranking' array"),
-        (["evaluate", d / "diff.npz"], "one of the arguments --gnd --labels is required"),
-        (["evaluate", d / "diff.npz", "--labels", tmp_path / "lab_short.npy"],
+        (["evaluate", rk], "one of the arguments --gnd --labels is required"),
+        (["evaluate", rk, "--labels", tmp_path / "lab_short.npy"],
          f"has 10 labels but the rankings are over {N}"),
         (["evaluate", tmp_path / "ext.npz", "--labels", lab], "pass --query-labels"),
         (["evaluate", tmp_path / "ext.npz", "--labels", lab, "--query-labels", lab],
          f"{N} query labels for 20 ranked queries"),
-        (["evaluate", d / "diff.npz", "--labels", lab, "--ks", 0], "expected a positive integer"),
-        (["evaluate", d / "diff.npz", "--labels", lab, "--ks", 5, N], f"--ks {N} exceeds the {N - 1}"),
-        (["evaluate", d / "diff.npz", "--labels", lab, "--ukbench", "--query-labels", lab],
+        (["evaluate", rk, "--labels", lab, "--ks", 0], "expected a positive integer"),
+        (["evaluate", rk, "--labels", lab, "--ks", 5, N], f"--ks {N} exceeds the {N - 1}"),
+        (["evaluate", rk, "--labels", lab, "--ukbench", "--query-labels", lab],
          "--ukbench needs every database item"),
-        (["evaluate", d / "diff.npz", "--labels", lab, "-o", tmp_path / "r.txt"],
+        (["evaluate", rk, "--labels", lab, "-o", tmp_path / "r.txt"],
          "should end in .json"),
-        (["evaluate", d / "diff.npz", "--gnd", lab], "cannot read ground truth"),
-        (["evaluate", d / "diff.npz", "--gnd", lab, "--bullseye"], "--bullseye and --ukbench apply"),
+        (["evaluate", rk, "--gnd", lab], "cannot read ground truth"),
+        (["evaluate", rk, "--gnd", lab, "--bullseye"], "--bullseye and --ukbench apply"),
         (["extract", tmp_path / "no_such_folder", "-o", out], "does not exist"),
         (["extract", tmp_path, "-o", out, "--max-size", -3], "expected a positive integer"),
         (["extract", tmp_path, "-o", out, "--model", "resnet"], "invalid choice"),
