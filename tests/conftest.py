@@ -1,4 +1,8 @@
+import contextlib
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -93,3 +97,26 @@ def assert_valid_png(path, min_width: int = 100, min_height: int = 100):
         im.verify()
     with Image.open(path) as im:
         assert im.format == "PNG" and im.size[0] > min_width and im.size[1] > min_height, im.size
+
+
+def temp_files(directory) -> list[str]:
+    """Names of the ``.tmp`` files in ``directory``, sorted (atomic writes' temporaries)."""
+    return sorted(p.name for p in Path(directory).iterdir() if p.name.endswith(".tmp"))
+
+
+@contextlib.contextmanager
+def writer_at_half(script: str, *args):
+    """A Python subprocess running ``script`` with ``args``, once it has printed "half"
+    (mid-write); killed with SIGKILL when the block ends, whatever happens in it."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen([sys.executable, "-c", script, *map(str, args)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "half", proc.stderr.read()
+        yield proc
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

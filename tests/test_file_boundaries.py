@@ -10,10 +10,7 @@ import io
 import json
 import os
 import pickle
-import signal
 import struct
-import subprocess
-import sys
 import textwrap
 import time
 import tracemalloc
@@ -24,13 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import temp_files, writer_at_half
 from retrieval_jax.data import clean_stale_temps, load_descriptors, load_gnd, read_npz
 from retrieval_jax.files import atomic_write
 from retrieval_jax.backbones import torch_pickle as tp
 from retrieval_jax.training import checkpoints
 from retrieval_jax.graph import knn_graph, load_graph, save_graph
 
-REPO = Path(__file__).resolve().parents[1]
 MEMORY_BUDGET = 20 * 2**20  # far below what any of the malicious files asks for
 
 
@@ -210,10 +207,6 @@ def test_npz_member_declaring_more_than_the_file_is_refused(tmp_path):
 # 2. Atomic writes of .pth files, and stale temporary files
 # ---------------------------------------------------------------------------
 
-def _temps(directory):
-    return sorted(p.name for p in Path(directory).iterdir() if p.name.endswith(".tmp"))
-
-
 def test_save_torch_zip_failure_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypatch):
     path = tmp_path / "w.pth"
     old = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
@@ -233,7 +226,7 @@ def test_save_torch_zip_failure_keeps_old_file_and_leaves_no_temp(tmp_path, monk
         tp.save_torch_zip({"w": np.zeros((50, 50), np.float32)}, path)
     monkeypatch.undo()
     assert path.read_bytes() == before
-    assert _temps(tmp_path) == []
+    assert temp_files(tmp_path) == []
     np.testing.assert_array_equal(tp.load_torch_state_dict(path)["w"], old["w"])
 
 
@@ -262,27 +255,16 @@ def test_save_torch_zip_killed_mid_write_keeps_old_file_and_orphan_is_cleaned(tm
     old = {"w": np.arange(5, dtype=np.float32)}
     tp.save_torch_zip(old, path)
     before = path.read_bytes()
-    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.Popen([sys.executable, "-c", _SLOW_WRITER, str(path)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        line = proc.stdout.readline()
-        assert line.strip() == "half", proc.stderr.read()
-        orphans = _temps(tmp_path)
+    with writer_at_half(_SLOW_WRITER, path):
+        orphans = temp_files(tmp_path)
         assert len(orphans) == 1 and orphans[0].startswith(".w.pth.")
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert path.read_bytes() == before  # the old file survived the kill
     np.testing.assert_array_equal(tp.load_torch_state_dict(path)["w"], old["w"])
     # the killed writer's temporary file stays ...
-    assert _temps(tmp_path) == orphans
+    assert temp_files(tmp_path) == orphans
     # ... until the next write of the same target removes it (no live writer holds it)
     tp.save_torch_zip(old, path)
-    assert _temps(tmp_path) == []
+    assert temp_files(tmp_path) == []
 
 
 def test_clean_stale_temps_removes_only_old_orphans_of_atomic_write(tmp_path):

@@ -8,18 +8,14 @@ checkpoint). Under ``jax.jit`` values cannot be checked, so there the result rec
 carries the verdict (`CGResult.status`) and the checks run at the concrete entry point.
 """
 import json
-import os
-import signal
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import temp_files, writer_at_half
 from retrieval_jax.diffusion import (conjugate_gradient, diffuse, diffusion_inverse, indicator_vectors,
                                      ranking_from_scores, top_n)
 from retrieval_jax.diffusion.cg import CGStatus
@@ -30,7 +26,6 @@ from retrieval_jax.spectral import (fast_spectral_ranking, fast_spectral_ranking
                                     regularized_laplacian_filter, spectral_embedding)
 from retrieval_jax.training.checkpoints import load_checkpoint, save_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -209,34 +204,20 @@ _SLOW_WRITER = textwrap.dedent("""
 """)
 
 
-def _temps(directory):
-    return sorted(p.name for p in Path(directory).iterdir() if p.name.endswith(".tmp"))
-
-
 def test_killed_writer_temp_is_removed_by_the_next_write(tmp_path):
     path = tmp_path / "out.bin"
     atomic_write(path, lambda f: f.write(b"old"))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
     for _ in range(2):
-        proc = subprocess.Popen([sys.executable, "-c", _SLOW_WRITER, str(path)], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            assert proc.stdout.readline().strip() == "half", proc.stderr.read()
-            live = _temps(tmp_path)
+        with writer_at_half(_SLOW_WRITER, path):
+            live = temp_files(tmp_path)
             assert len(live) == 1 and live[0].startswith(".out.bin.")
             # a writer still at work keeps its temporary file through another write
             atomic_write(path, lambda f: f.write(b"mid"))
-            assert _temps(tmp_path) == live and path.read_bytes() == b"mid"
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            assert temp_files(tmp_path) == live and path.read_bytes() == b"mid"
         assert path.read_bytes() == b"mid"      # the killed writer never replaced the file
-        assert _temps(tmp_path) == live          # its orphan is there ...
+        assert temp_files(tmp_path) == live          # its orphan is there ...
         atomic_write(path, lambda f: f.write(b"new"))
-        assert _temps(tmp_path) == []            # ... until the next write of the target
+        assert temp_files(tmp_path) == []            # ... until the next write of the target
         assert path.read_bytes() == b"new"
 
 
