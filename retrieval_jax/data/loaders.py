@@ -12,6 +12,10 @@ Formats:
   * descriptors: ``.npy`` ([n, d]), ``.npz`` (several named [n, d] arrays) and the
     revisitop ``.mat`` files with ``X`` (database) and ``Q`` (queries) stored
     d x n, i.e. one descriptor per column; they are transposed to [n, d].
+  * the TEXMEX vector files of the ANN_SIFT1M / ANN_GIST1M / ANN_SIFT1B corpora
+    (Jegou, Douze and Schmid, "Product quantization for nearest neighbor
+    search", TPAMI 2011): ``.fvecs`` (float32), ``.ivecs`` (int32) and ``.bvecs``
+    (uint8); each row is a little-endian int32 dimension d followed by d values.
 """
 from __future__ import annotations
 
@@ -30,6 +34,8 @@ _INDEX_FIELDS = ("easy", "hard", "junk", "ok", "good")
 _PROTOCOLS = {"revisited": ("easy", "hard", "junk"), "classic": ("ok", "junk")}
 
 _NPY_MAGIC = b"\x93NUMPY"
+# TEXMEX vector files: extension -> little-endian value type of each row's d values.
+_TEXMEX = {".fvecs": np.dtype("<f4"), ".ivecs": np.dtype("<i4"), ".bvecs": np.dtype("u1")}
 _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
 
 
@@ -534,6 +540,55 @@ def _pick(keys: list[str], key: str | None, path: Path) -> str:
     return key
 
 
+def _read_texmex(path: Path, value: np.dtype) -> np.ndarray:
+    """The [n, d] values of a TEXMEX ``.fvecs`` / ``.ivecs`` / ``.bvecs`` file (a read-only memory map).
+
+    Every row is ``int32 d`` then ``d`` values of ``value``, little-endian. The first
+    row's d fixes the row length; it must be positive and its row must fit in the
+    file, the file must be a whole number of rows, and every row must repeat the same
+    d. Nothing is allocated before that: the rows are mapped, not read, and the map
+    covers exactly the bytes of the file.
+    """
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(f"{path} is empty (a {path.suffix} file holds at least one row)")
+    if size < 4:
+        raise ValueError(f"{path} is truncated: {size} byte(s), less than the 4-byte dimension "
+                         "that starts every row")
+    d = int(np.frombuffer(_head(path, 4), "<i4")[0])
+    room = (size - 4) // value.itemsize
+    if d <= 0:
+        raise ValueError(f"{path}: row 0 declares dimension {d}; a {path.suffix} row starts with "
+                         "its dimension, a positive little-endian int32 (is this a TEXMEX file?)")
+    if d > room:
+        raise ValueError(f"{path}: row 0 declares dimension {d}, which would need "
+                         f"{4 + d * value.itemsize} bytes, but the file holds {size}; the file is "
+                         "truncated or not a TEXMEX file")
+    row_bytes = 4 + d * value.itemsize
+    n, rest = divmod(size, row_bytes)
+    rows = np.memmap(path, dtype=np.dtype([("d", "<i4"), ("x", value, (d,))]), mode="r", shape=(n,))
+    dims = rows["d"]
+    changed = np.flatnonzero(dims != d)
+    if changed.size:
+        i = int(changed[0])
+        raise ValueError(f"{path}: row {i} declares dimension {int(dims[i])} but row 0 declares {d}; "
+                         "every row of a TEXMEX file has the same dimension")
+    if rest:
+        tail = _tail(path, n * row_bytes, min(rest, 4))
+        if len(tail) == 4 and int(np.frombuffer(tail, "<i4")[0]) != d:
+            raise ValueError(f"{path}: row {n} declares dimension {int(np.frombuffer(tail, '<i4')[0])} but "
+                             f"row 0 declares {d}; every row of a TEXMEX file has the same dimension")
+        raise ValueError(f"{path} ends in a truncated row: {rest} byte(s) after {n} whole row(s) of "
+                         f"{row_bytes} bytes (dimension {d})")
+    return rows["x"]
+
+
+def _tail(path: Path, offset: int, n: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(n)
+
+
 def load_descriptors(path, key: str | None = None, *, dtype=np.float32) -> np.ndarray:
     """Load a descriptor matrix as [n, d], one descriptor per row.
 
@@ -543,6 +598,11 @@ def load_descriptors(path, key: str | None = None, *, dtype=np.float32) -> np.nd
       * ``.mat``: the revisitop layout, matrices ``X`` (database) and ``Q``
         (queries) of shape d x n, transposed here to [n, d]; ``key`` selects one
         (optional if the file holds a single matrix).
+      * ``.fvecs`` / ``.ivecs`` / ``.bvecs``: TEXMEX vectors (float32 / int32 /
+        uint8), each row a little-endian int32 d then its d values (``key`` must
+        be None). The file is memory-mapped and checked before anything is
+        allocated: a positive d whose row fits in the file, the same d on every
+        row, no truncated last row.
 
     Args:
       path: the file.
@@ -555,7 +615,8 @@ def load_descriptors(path, key: str | None = None, *, dtype=np.float32) -> np.nd
     Raises:
       FileNotFoundError: no such file.
       KeyError: missing / ambiguous key.
-      ValueError: not 2-D, non-finite values, content not matching the extension.
+      ValueError: not 2-D, non-finite values, content not matching the extension,
+        a malformed TEXMEX file (bad or changing dimension, truncated row).
       TypeError: not numeric.
     """
     path = _check_file(path)
@@ -591,9 +652,20 @@ def load_descriptors(path, key: str | None = None, *, dtype=np.float32) -> np.nd
             raise ValueError(f"{path}[{name!r}] must be a 2-D matrix d x n, got shape {arr.shape}")
         arr = arr.T  # revisitop stores one descriptor per column
         what = f"{path}[{name!r}] (transposed from d x n)"
+    elif suffix in _TEXMEX:
+        if key is not None:
+            raise KeyError(f"{path} is a single {suffix} matrix; key={key!r} does not apply")
+        # a row starting with d = 128 begins with 0x80, a pickle's first byte: only the
+        # magic strings (each an absurd d as an int32) are taken as another format
+        kind = "" if head[:1] == b"\x80" else _sniff(head)
+        if kind:
+            raise ValueError(f"{path} is not a {suffix} file (it looks like {kind})")
+        arr = _read_texmex(path, _TEXMEX[suffix])
+        arr = arr.astype(arr.dtype.newbyteorder("="), copy=False) if dtype is None else arr
+        what = str(path)
     else:
         raise ValueError(f"{path}: unknown descriptor format {suffix!r}; "
-                         "expected .npy, .npz or .mat")
+                         "expected .npy, .npz, .mat, .fvecs, .ivecs or .bvecs")
     return np.ascontiguousarray(_check_descriptors(arr, what, dtype))
 
 
