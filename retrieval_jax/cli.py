@@ -688,7 +688,7 @@ def _add_graph_parser(sub):
                                 "weights float32[n, K] (padded neighbour lists, unnormalised) "
                                 "with k, gamma, mutual, method. Warns when the graph splits "
                                 "into components too small for diffusion to help.",
-                    source=("descriptors", "descriptors .npy / .npz / revisitop .mat (d x n)"),
+                    source=("descriptors", "descriptors .npy / .npz / revisitop .mat (d x n) / .[fbi]vecs"),
                     output="graph file to write (.npz)", key=True)
     # the graph options of the graph methods (their k, gamma, mutual, graph_method), with
     # DiffusionConfig's defaults; the neighbour search is --method here
@@ -731,7 +731,7 @@ def _add_rank_parser(sub):
     r = _subcommand(sub, "rank", raw=True,
                     help=f"descriptors + queries -> top-N rankings .npz ({', '.join(METHODS)})",
                     description=_rank_description(),
-                    source=("descriptors", "database descriptors .npy / .npz / .mat"),
+                    source=("descriptors", "database descriptors .npy / .npz / .mat / .[fbi]vecs"),
                     output="rankings file to write (.npz)", key=True)
     q = r.add_mutually_exclusive_group(required=True)
     q.add_argument("--queries", help="query descriptors file (may be the same .mat, Q is used)")
