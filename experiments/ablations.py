@@ -2,6 +2,7 @@
 
     python -m experiments.ablations [--quick] [--out results/ablations]
                                     [--datasets digits coil20 mpeg7] [--params alpha k]
+    python -m experiments.ablations --method aqe --sweep n=0,1,2,4,8 [--sweep ...]
 
 For each parameter, converged diffusion (``DIFFUSION``, solver "auto": the exact
 inverse per connected component when they are small, else CG to tolerance) is run
@@ -14,6 +15,11 @@ in ``<param>.png``; every point in ``ablations.csv``; settings in
 A new parameter (e.g. the rank r of Fast Spectral Ranking) is one more entry of
 ``ABLATIONS``: name -> (values, quick values, method, config from (base, value),
 log-scale x axis).
+
+Any registered method (``retrieval_jax.methods.METHODS``) is swept by its registry name:
+``--method NAME --sweep FIELD=v1,v2,...`` sweeps one option of its config (values parsed
+as the command line parses that option), the others at the config's defaults; the
+parameter is named ``NAME.FIELD`` in the CSV and the plot.
 """
 from __future__ import annotations
 
@@ -25,7 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from retrieval_jax.diffusion import ranking_from_scores
-from retrieval_jax.methods import DIFFUSION, FSR, OFFLINE_DIFFUSION, DiffusionConfig, FsrConfig, OfflineDiffusionConfig
+from retrieval_jax.methods import (DIFFUSION, FSR, METHODS, OFFLINE_DIFFUSION, DiffusionConfig, FsrConfig,
+                                   OfflineDiffusionConfig, config_options)
 
 from experiments import reproduce
 from experiments.common import (available_label_datasets, label_experiment_parser, parse_experiment_args,
@@ -71,6 +78,30 @@ ABLATIONS = {
 }
 
 
+def registry_ablation(method: str, spec: str) -> tuple[str, Ablation]:
+    """(``method.field``, an `Ablation`) from ``FIELD=v1,v2,...`` for a method of `METHODS`:
+    the option ``field`` of its config swept over the values (parsed by the option's own
+    parser), every other option at its default. ValueError for an unknown method, field
+    or value."""
+    if method not in METHODS:
+        raise ValueError(f"no method named {method!r} is registered (registered: {', '.join(METHODS)})")
+    m = METHODS[method]
+    field, sep, text = spec.partition("=")
+    options = {name: opt for name, opt, _ in config_options(m.config_type)}
+    if not sep or field not in options:
+        raise ValueError(f"--sweep takes FIELD=v1,v2,... with FIELD an option of {method} "
+                         f"({', '.join(options) or 'none'}), got {spec!r}")
+    parse = options[field].parse or (lambda t: type(getattr(m.config_type(), field))(t))
+    try:
+        values = tuple(parse(v) for v in text.split(",") if v.strip())
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"--sweep {spec}: {exc}") from None
+    if not values:
+        raise ValueError(f"--sweep {spec}: no values")
+    return f"{method}.{field}", Ablation(values, values[:2], m, lambda s, v: m.config_type(**{field: v}),
+                                         label=f"{method} {field}")
+
+
 def sweep(param: str, ab: Ablation, name: str, data, settings, *, quick: bool, log=print):
     X, labels = data.X, np.asarray(data.labels)
     n = X.shape[0]
@@ -107,7 +138,7 @@ def plot(path: Path, param: str, ab: Ablation, records) -> None:
     ax.minorticks_off()
     ax.set_xlabel(ab.label or param)
     ax.set_ylabel("mAP (%)")
-    ax.set_title(f"diffusion: mAP vs {param}")
+    ax.set_title(f"{ab.method.name}: mAP vs {param}")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -115,32 +146,39 @@ def plot(path: Path, param: str, ab: Ablation, records) -> None:
 
 
 def run(out="results/ablations", *, quick: bool = False, datasets=None, params=None,
-        data_dir=None, log=print):
+        data_dir=None, method: str | None = None, sweeps=(), log=print):
+    """Sweep ``params`` (names of `ABLATIONS`; default all of them), or with ``method`` the
+    ``sweeps`` (``FIELD=v1,v2,...``) of that registered method, on every data set."""
     settings = reproduce.QUICK if quick else reproduce.FULL
     names = list(datasets) if datasets else available_label_datasets(data_dir)
+    ablations = dict(ABLATIONS)
+    if method is not None:
+        ablations = dict(registry_ablation(method, spec) for spec in sweeps)
+        params = list(ablations)
     params = list(params) if params else list(ABLATIONS)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     loaded = {name: load_label_dataset(name, data_dir) for name in names}
     records = []
     for param in params:
-        ab = ABLATIONS[param]
+        ab = ablations[param]
         log(f"{param}: {ab.quick_values if quick else ab.values}")
         recs = []
         for name, data in loaded.items():
             recs += sweep(param, ab, name, data, settings, quick=quick, log=log)
         if recs:
-            plot(out / f"{param}.png", param, ab, recs)
-            log(f"wrote {out / f'{param}.png'}")
+            plot(out / f"{param.replace('.', '_')}.png", param, ab, recs)
+            log(f"wrote {out / (param.replace('.', '_') + '.png')}")
         records += recs
     write_csv(out / "ablations.csv", records,
               ("param", "value", "dataset", "mAP", "mP@10", "n_queries", "seconds"),
               float_format="{:.4f}")
     config = {"command": sys.argv, "quick": quick, "datasets": names,
               "settings": dataclasses.asdict(settings),
-              "params": {p: list(ABLATIONS[p].quick_values if quick else ABLATIONS[p].values)
+              "params": {p: list(ablations[p].quick_values if quick else ablations[p].values)
                          for p in params},
-              "base_config": dataclasses.asdict(_diff(settings)),
+              "base_config": dataclasses.asdict(_diff(settings) if method is None
+                                                else METHODS[method].config_type()),
               "versions": versions()}
     write_json(out / "config.json", config)
     log(f"wrote {out / 'ablations.csv'}, {out / 'config.json'}")
@@ -152,9 +190,22 @@ def main(argv=None):
                                 quick="2 values per parameter, every 4th item a query, CG <= 200 steps")
     p.add_argument("--params", nargs="+", choices=list(ABLATIONS), default=None,
                    help="parameters to sweep (default: all)")
+    p.add_argument("--method", choices=list(METHODS), default=None,
+                   help="sweep options of this registered method instead (with --sweep)")
+    p.add_argument("--sweep", action="append", default=[], metavar="FIELD=v1,v2,...",
+                   help="an option of --method's config and its values (repeatable)")
     args = parse_experiment_args(p, argv)
+    if (args.method is None) != (not args.sweep):
+        p.error("--method and --sweep go together")
+    if args.method is not None and args.params:
+        p.error("--params sweeps diffusion's parameters; with --method use --sweep")
+    try:
+        for spec in args.sweep:
+            registry_ablation(args.method, spec)
+    except ValueError as exc:
+        p.error(str(exc))
     run(args.out, quick=args.quick, datasets=args.datasets, params=args.params,
-        data_dir=args.data_dir)
+        data_dir=args.data_dir, method=args.method, sweeps=args.sweep)
     return 0
 
 

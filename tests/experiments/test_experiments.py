@@ -91,6 +91,32 @@ def test_ablations_quick(tmp_path):
     assert json.loads((out / "config.json").read_text())["params"]["k"] == [5, 20]
 
 
+def test_ablations_sweep_any_registered_method_by_name(tmp_path, capsys):
+    out = tmp_path / "abl"
+    assert ablations.main(["--quick", "--datasets", "digits", "--out", str(out),
+                           "--method", "alpha-qe", "--sweep", "n=1,5"]) == 0
+    rows = read_csv(out / "ablations.csv")
+    assert [(r["param"], int(float(r["value"]))) for r in rows] == [("alpha-qe.n", 1), ("alpha-qe.n", 5)]
+    assert_valid_png(out / "alpha-qe_n.png")
+    # the mAP of n = 1 is that of the method built by hand with that config
+    from retrieval_jax.diffusion import ranking_from_scores
+    from retrieval_jax.methods import METHODS
+    from retrieval_jax.data import load_digits
+    data = load_digits()
+    qids = np.arange(0, data.X.shape[0], reproduce.QUICK.query_stride, dtype=np.int32)
+    m = METHODS["alpha-qe"]
+    scores = np.asarray(m.search_items(m.build(data.X, m.config_type(n=1)), qids))
+    res = reproduce.label_scores(ranking_from_scores(scores, exclude=qids), np.asarray(data.labels), qids)
+    assert abs(float(rows[0]["mAP"]) - 100 * res.map) < 1e-3
+    for argv, match in ((["--method", "alpha-qe"], "--method and --sweep go together"),
+                        (["--method", "alpha-qe", "--sweep", "m=1"], "an option of alpha-qe"),
+                        (["--method", "alpha-qe", "--sweep", "n=x"], "expected an integer"),
+                        (["--method", "nope", "--sweep", "n=1"], "invalid choice")):
+        with pytest.raises(SystemExit) as exc:
+            ablations.main(["--out", str(out)] + argv)
+        assert exc.value.code == 2 and match in capsys.readouterr().err, argv
+
+
 @pytest.mark.slow
 def test_results_page(tmp_path):
     out = tmp_path / "page"
