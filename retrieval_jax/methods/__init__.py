@@ -27,6 +27,7 @@ from .diffusion import UnreachedQueryWarning
 from .diffusion import (AUTO_INVERSE_MAX_BYTES, AUTO_INVERSE_MAX_NODES, DIFFUSION, DiffusionConfig, DiffusionParams,
                         DiffusionState, DiffusionStatic, diffusion_state_from_graph)
 from .fsr import FSR, FsrConfig, FsrState, fsr_state_from_graph
+from .gnn_reranking import GNN, GnnConfig, GnnState
 from .knn import KNN_SEARCH, KnnConfig, KnnState
 from .offline_diffusion import (OFFLINE_DIFFUSION, OfflineDiffusionConfig, OfflineDiffusionState,
                                 offline_diffusion_state_from_graph, offline_diffusion_state_from_rows)
@@ -62,7 +63,7 @@ def unregister(name: str) -> Method:
     return METHODS.pop(name)
 
 
-for _method in (KNN_SEARCH, DIFFUSION, FSR, ALPHA_QE, DBA_ALPHA_QE, OFFLINE_DIFFUSION):
+for _method in (KNN_SEARCH, DIFFUSION, FSR, ALPHA_QE, DBA_ALPHA_QE, OFFLINE_DIFFUSION, GNN):
     register(_method)
 del _method
 
@@ -74,4 +75,4 @@ __all__ = ["ALPHA_QE", "AUTO_INVERSE_MAX_BYTES", "AUTO_INVERSE_MAX_NODES", "Alph
            "finite_float", "fsr_state_from_graph", "make_method", "nonneg_int", "offline_diffusion_state_from_graph",
            "offline_diffusion_state_from_rows", "option", "positive_int",
            "UnreachedQueryWarning", "register", "resolve", "similarities",
-           "unregister"]
+           "unregister", "GNN", "GnnConfig", "GnnState"]
