@@ -27,6 +27,7 @@ from .diffusion import UnreachedQueryWarning
 from .diffusion import (AUTO_INVERSE_MAX_BYTES, AUTO_INVERSE_MAX_NODES, DIFFUSION, DiffusionConfig, DiffusionParams,
                         DiffusionState, DiffusionStatic, diffusion_state_from_graph)
 from .fsr import FSR, FsrConfig, FsrState, fsr_state_from_graph
+from .gss import GSS, GssConfig, GssState
 from .gnn_reranking import GNN, GnnConfig, GnnState
 from .knn import KNN_SEARCH, KnnConfig, KnnState
 from .offline_diffusion import (OFFLINE_DIFFUSION, OfflineDiffusionConfig, OfflineDiffusionState,
@@ -63,14 +64,15 @@ def unregister(name: str) -> Method:
     return METHODS.pop(name)
 
 
-for _method in (KNN_SEARCH, DIFFUSION, FSR, ALPHA_QE, DBA_ALPHA_QE, OFFLINE_DIFFUSION, GNN):
+for _method in (KNN_SEARCH, DIFFUSION, FSR, ALPHA_QE, DBA_ALPHA_QE, OFFLINE_DIFFUSION, GSS, GNN):
     register(_method)
 del _method
 
 __all__ = ["ALPHA_QE", "AUTO_INVERSE_MAX_BYTES", "AUTO_INVERSE_MAX_NODES", "AlphaQEConfig", "AlphaQEState",
            "DBA_ALPHA_QE", "DIFFUSION", "DbaQEConfig", "DbaQEState", "DiffusionConfig", "DiffusionParams",
            "DiffusionState", "DiffusionStatic", "FSR",
-           "FsrConfig", "FsrState", "KNN_SEARCH", "KnnConfig", "KnnState", "METHODS", "Method", "OFFLINE_DIFFUSION",
+           "FsrConfig", "FsrState", "GSS", "GssConfig", "GssState",
+           "KNN_SEARCH", "KnnConfig", "KnnState", "METHODS", "Method", "OFFLINE_DIFFUSION",
            "OfflineDiffusionConfig", "OfflineDiffusionState", "Option", "config_options", "diffusion_state_from_graph",
            "finite_float", "fsr_state_from_graph", "make_method", "nonneg_int", "offline_diffusion_state_from_graph",
            "offline_diffusion_state_from_rows", "option", "positive_int",
