@@ -29,6 +29,7 @@ from .diffusion import (AUTO_INVERSE_MAX_BYTES, AUTO_INVERSE_MAX_NODES, DIFFUSIO
 from .fsr import FSR, FsrConfig, FsrState, fsr_state_from_graph
 from .gss import GSS, GssConfig, GssState
 from .gnn_reranking import GNN, GnnConfig, GnnState
+from .regularized_diffusion import RDP, RdpConfig, RdpState
 from .knn import KNN_SEARCH, KnnConfig, KnnState
 from .offline_diffusion import (OFFLINE_DIFFUSION, OfflineDiffusionConfig, OfflineDiffusionState,
                                 offline_diffusion_state_from_graph, offline_diffusion_state_from_rows)
@@ -64,7 +65,7 @@ def unregister(name: str) -> Method:
     return METHODS.pop(name)
 
 
-for _method in (KNN_SEARCH, DIFFUSION, FSR, ALPHA_QE, DBA_ALPHA_QE, OFFLINE_DIFFUSION, GSS, GNN):
+for _method in (KNN_SEARCH, DIFFUSION, FSR, ALPHA_QE, DBA_ALPHA_QE, OFFLINE_DIFFUSION, GSS, GNN, RDP):
     register(_method)
 del _method
 
@@ -77,4 +78,4 @@ __all__ = ["ALPHA_QE", "AUTO_INVERSE_MAX_BYTES", "AUTO_INVERSE_MAX_NODES", "Alph
            "finite_float", "fsr_state_from_graph", "make_method", "nonneg_int", "offline_diffusion_state_from_graph",
            "offline_diffusion_state_from_rows", "option", "positive_int",
            "UnreachedQueryWarning", "register", "resolve", "similarities",
-           "unregister", "GNN", "GnnConfig", "GnnState"]
+           "unregister", "GNN", "GnnConfig", "GnnState", "RDP", "RdpConfig", "RdpState"]
