@@ -311,6 +311,12 @@ class UnreachedQueryWarning(RuntimeWarning):
     observation y = max(s, 0)^gamma is zero and so are all its diffusion scores."""
 
 
+@jax.jit
+def _zero_rows(scores):
+    """bool[nq]: rows of ``scores`` that are all zero (one fused program, not two eager ops)."""
+    return jnp.all(scores == 0, axis=1)
+
+
 def _search_warning_unreached(search):
     """``search`` that warns (`UnreachedQueryWarning`) about queries whose scores are all
     zero: y = 0 exactly when every one of its ``query_k`` neighbours has similarity <= 0
@@ -319,7 +325,7 @@ def _search_warning_unreached(search):
     def run(state, queries):
         scores = search(state, queries)
         if state.static.truncate is None and not _checks.is_traced(scores):
-            dead = np.flatnonzero(np.asarray(jnp.all(scores == 0, axis=1)))
+            dead = np.flatnonzero(np.asarray(_zero_rows(scores)))
             if dead.size:
                 warnings.warn(f"{dead.size} query(ies) (first: row {dead[0]}) have no database neighbour with "
                               f"positive similarity among their query_k = {state.static.query_k} nearest items: "
