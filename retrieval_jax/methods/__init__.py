@@ -30,6 +30,7 @@ from .fsr import FSR, FsrConfig, FsrState, fsr_state_from_graph
 from .gss import GSS, GssConfig, GssState
 from .gnn_reranking import GNN, GnnConfig, GnnState
 from .regularized_diffusion import RDP, RdpConfig, RdpState
+from .k_reciprocal import K_RECIPROCAL, KReciprocalConfig, KReciprocalState
 from .knn import KNN_SEARCH, KnnConfig, KnnState
 from .offline_diffusion import (OFFLINE_DIFFUSION, OfflineDiffusionConfig, OfflineDiffusionState,
                                 offline_diffusion_state_from_graph, offline_diffusion_state_from_rows)
@@ -65,13 +66,14 @@ def unregister(name: str) -> Method:
     return METHODS.pop(name)
 
 
-for _method in (KNN_SEARCH, DIFFUSION, FSR, ALPHA_QE, DBA_ALPHA_QE, OFFLINE_DIFFUSION, GSS, GNN, RDP):
+for _method in (KNN_SEARCH, DIFFUSION, FSR, ALPHA_QE, DBA_ALPHA_QE, OFFLINE_DIFFUSION, GSS, GNN, RDP, K_RECIPROCAL):
     register(_method)
 del _method
 
 __all__ = ["ALPHA_QE", "AUTO_INVERSE_MAX_BYTES", "AUTO_INVERSE_MAX_NODES", "AlphaQEConfig", "AlphaQEState",
            "DBA_ALPHA_QE", "DIFFUSION", "DbaQEConfig", "DbaQEState", "DiffusionConfig", "DiffusionParams",
            "DiffusionState", "DiffusionStatic", "FSR",
+           "K_RECIPROCAL", "KReciprocalConfig", "KReciprocalState",
            "FsrConfig", "FsrState", "GSS", "GssConfig", "GssState",
            "KNN_SEARCH", "KnnConfig", "KnnState", "METHODS", "Method", "OFFLINE_DIFFUSION",
            "OfflineDiffusionConfig", "OfflineDiffusionState", "Option", "config_options", "diffusion_state_from_graph",
