@@ -175,7 +175,6 @@ def _em_step(x, a, mu, pi, var_e, valid, min_sigma):
     return mu_new, pi_new, var, valid
 
 
-@functools.partial(jax.jit, static_argnames=("capacity", "iterations", "init"))
 def _egm_one(m, expansion, threshold, init_sigma, min_sigma, *, capacity, iterations, init):
     m = jnp.maximum(jnp.nan_to_num(m.astype(jnp.float32)), 0.0)
     h, w = m.shape
@@ -186,17 +185,15 @@ def _egm_one(m, expansion, threshold, init_sigma, min_sigma, *, capacity, iterat
     mu, pi, valid, overflow = _start(m, capacity, init)
     var = jnp.full((capacity,), init_sigma ** 2, jnp.float32)
 
-    def round_(_, state):
+    def round_(t, state):
         mu, pi, var, valid = state
         mu, pi, var, valid = _em_step(x, a, mu, pi, expansion * var, valid, min_sigma)
-        valid = purge(pi, mu, expansion * var, valid, threshold)
+        # the last round is E/M only: the kept components' share of the data after the last purge
+        valid = jnp.where(t < iterations, purge(pi, mu, expansion * var, valid, threshold), valid)
         pi = jnp.where(valid, pi, 0.0)
-        pi = pi / jnp.maximum(jnp.sum(pi), _TINY)
         return mu, pi, var, valid
 
-    mu, pi, var, valid = jax.lax.fori_loop(0, iterations, round_, (mu, pi, var, valid))
-    # the kept components' share of the data after the last purge: one more E/M
-    mu, pi, var, valid = _em_step(x, a, mu, pi, expansion * var, valid, min_sigma)
+    mu, pi, var, valid = jax.lax.fori_loop(0, iterations + 1, round_, (mu, pi, var, valid))
     mass = jnp.where(valid, pi * total, 0.0)
     order = jnp.argsort(-jnp.where(valid, mass, -1.0))
     valid = valid[order]
@@ -205,7 +202,7 @@ def _egm_one(m, expansion, threshold, init_sigma, min_sigma, *, capacity, iterat
                    mass=mass[order], valid=valid, overflow=overflow.astype(jnp.int32))
 
 
-def egm_regions_traced(saliency, *, capacity: int = 32, iterations: int = 20, expansion=2.0, threshold=0.5,
+def egm_regions_traced(saliency, *, capacity: int = 32, iterations: int = 20, expansion=1.5, threshold=0.5,
                init_sigma=1.0, min_sigma=0.5, init: str = "maxima") -> Regions:
     """`egm_regions` without value checks: for use inside ``jit`` / ``vmap`` (static checks only).
 
@@ -221,11 +218,17 @@ def egm_regions_traced(saliency, *, capacity: int = 32, iterations: int = 20, ex
         raise ValueError(f"a saliency map must be [h, w] (or a batch [..., h, w]), got shape {tuple(s.shape)}")
     if s.shape[-1] == 0 or s.shape[-2] == 0:
         raise ValueError(f"the saliency map is empty (shape {tuple(s.shape)})")
-    fn = functools.partial(_egm_one, capacity=capacity, iterations=iterations, init=init)
     params = [jnp.asarray(v, jnp.float32) for v in (expansion, threshold, init_sigma, min_sigma)]
-    for _ in range(s.ndim - 2):
-        fn = jax.vmap(fn, in_axes=(0, None, None, None, None))
-    return fn(s, *params)
+    lead = s.shape[:-2]
+    flat = s.reshape((-1,) + s.shape[-2:])
+    out = _egm_many(flat, *params, capacity=capacity, iterations=iterations, init=init)
+    return jax.tree_util.tree_map(lambda x: x.reshape(lead + x.shape[1:]), out)
+
+
+@functools.partial(jax.jit, static_argnames=("capacity", "iterations", "init"))
+def _egm_many(maps, expansion, threshold, init_sigma, min_sigma, *, capacity, iterations, init):
+    fn = functools.partial(_egm_one, capacity=capacity, iterations=iterations, init=init)
+    return jax.vmap(fn, in_axes=(0, None, None, None, None))(maps, expansion, threshold, init_sigma, min_sigma)
 
 
 def check_saliency_map(saliency, name: str = "saliency") -> np.ndarray:
@@ -266,7 +269,7 @@ def _check_params(expansion, threshold, init_sigma, min_sigma):
     return expansion, threshold, init_sigma, min_sigma
 
 
-def egm_regions(saliency, *, capacity: int = 32, iterations: int = 20, expansion=2.0, threshold=0.5,
+def egm_regions(saliency, *, capacity: int = 32, iterations: int = 20, expansion=1.5, threshold=0.5,
         init_sigma=1.0, min_sigma=0.5, init: str = "maxima") -> Regions:
     """Salient regions of a non-negative 2-D map by expanding Gaussian mixtures.
 
