@@ -91,10 +91,12 @@ class GnnConfig:
       block_size: database rows per block of the offline normalisers.
     """
 
-    k1: int = option(40, "GNN re-ranking: top-k1 graph of the node features (the node itself included)",
-                     flag="--gnn-k1", parse=positive_int)
-    k2: int = option(10, "GNN re-ranking: neighbours aggregated per layer (the node itself included), <= k1",
-                     flag="--gnn-k2", parse=positive_int)
+    k1: int = option(40, "GNN re-ranking: top-k1 graph of the node features (the node itself included; "
+                     "default 40, at most n)", flag="--gnn-k1", parse=positive_int,
+                     choose=lambda n, values: max(2, min(40, n)), rule="min(40, n)")
+    k2: int = option(10, "GNN re-ranking: neighbours aggregated per layer (the node itself included, <= k1; "
+                     "default 10, at most k1)", flag="--gnn-k2", parse=positive_int,
+                     choose=lambda n, values: min(10, values["k1"]), rule="min(10, k1)")
     layers: int = option(2, "GNN re-ranking: message-passing layers (0: shared top-k1 neighbours)",
                          flag="--gnn-layers", parse=nonneg_int)
     lam: float = option(0.0, "GNN re-ranking: weight of the original similarity in the scores, in [0, 1]",

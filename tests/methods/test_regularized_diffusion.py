@@ -94,7 +94,7 @@ def test_jit_and_vmap_over_mu():
     np.testing.assert_allclose(np.asarray(jitted), direct, rtol=1e-5, atol=1e-7)
     ids = jnp.arange(4, dtype=jnp.int32)
     mus = jnp.array([0.25, 1.0], jnp.float32)
-    grid = jax.vmap(lambda m: rdp_item_scores(dataclasses.replace(state, mu=m), ids))(mus)
+    grid = jax.jit(jax.vmap(lambda m: rdp_item_scores(dataclasses.replace(state, mu=m), ids)))(mus)
     s, _ = _dense_s(x, _MAIN)
     for g, mu in zip(np.asarray(grid), (0.25, 1.0)):
         np.testing.assert_allclose(g, paper_solution(s, mu)[:, :4].T, rtol=1e-4, atol=1e-6)
