@@ -27,9 +27,11 @@ neighbour lists and diagonals. Nothing here holds an [N, N] array: B_l is applie
 
 (2^l products with A_0, gathers for A_0 and P, per-slot scatter-adds for their
 transposes), and the scores of a feature u against the database are A_L u = D_L P
-B_{L-1} u. Offline, ``build`` stores the neighbour lists and the normalisers D_1..D_L
-(one pass over the database in blocks of rows, O(2^L N^2 k) work and O(2^L N m) memory);
-a query then costs O(2^L N k) per layer.
+B_{L-1} u. Offline, ``build`` stores the neighbour lists and the normalisers D_1..D_L:
+scipy sparse products on the host, H_l a block of rows at a time with only its row norms
+kept, A_1 .. A_{L-1} stored sparse (A_1 has at most k2 (k1 + in-degree) entries a row;
+H_2's rows up to about 2 k2^2 k1, so the offline work of the default grows as N k2^2 k1).
+A query then costs O(2^l N k) per layer l, on [N, nq] vectors.
 
 A database item ranked as a query (``search_items``) has its own row A_L[i]: the ranking
 is exactly the authors' algorithm run on the database. An out-of-database query q is a
@@ -58,6 +60,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.sparse as sp
 
 from .. import _checks
 from .._progress import progress
@@ -88,7 +91,7 @@ class GnnConfig:
         code, 0.3 in the PyTorch port. A traced value of the state (no recompilation).
       knn_method: the neighbour search of `retrieval_jax.graph.knn` ("auto", "exact",
         "faiss").
-      block_size: database rows per block of the offline normalisers.
+      block_size: database rows per block of the offline normalisers (host sparse products).
     """
 
     k1: int = option(40, "GNN re-ranking: top-k1 graph of the node features (the node itself included; "
@@ -102,7 +105,7 @@ class GnnConfig:
     lam: float = option(0.0, "GNN re-ranking: weight of the original similarity in the scores, in [0, 1]",
                         flag="--gnn-lambda", parse=finite_float)
     knn_method: str = "auto"
-    block_size: int = 256
+    block_size: int = 1024
 
     def __post_init__(self):
         k1 = _checks.check_positive_int(self.k1, "GnnConfig.k1")
@@ -257,14 +260,36 @@ def gnn_item_scores(state: GnnState, ids) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------- build
-@functools.partial(jax.jit, static_argnames=("level",))
-def _row_norms(a0, p_idx, p_w, inv_norms, block, level: int):
-    """||H_{level+1}[i]|| for the rows i of ``block`` int[m]: H[i]^T = B_level P^T e_i."""
+def _normalisers(a0: np.ndarray, p_idx: np.ndarray, p_w: np.ndarray, layers: int, block: int,
+                 show_progress) -> np.ndarray:
+    """1 / ||H_l[i]|| for l = 1..L, float32[L, N], by scipy sparse products on the host.
+
+    H_l = P B_{l-1} is formed a block of rows at a time and only its row norms are kept,
+    except below the last layer, where A_l = D_l H_l is the next layer's input (sparse:
+    at most k2 (k1 + in-degree) entries a row for A_1). Work and memory follow the
+    non-zeros of the rows (dense rows on a small database)."""
     n = a0.shape[0]
-    m = block.shape[0]
-    pt = jnp.zeros((m, n), jnp.float32).at[jnp.arange(m)[:, None], p_idx[block]].add(p_w[block]).T
-    h = _apply_b(a0, p_idx, p_w, inv_norms, level, pt)
-    return jnp.sqrt(jnp.sum(h * h, axis=0))
+    a = sp.csr_matrix((np.ones(a0.size), (np.repeat(np.arange(n), a0.shape[1]), a0.ravel())), shape=(n, n))
+    p = sp.csr_matrix((p_w.ravel().astype(np.float64), (np.repeat(np.arange(n), p_idx.shape[1]), p_idx.ravel())),
+                      shape=(n, n))
+    out = np.empty((layers, n), np.float32)
+    starts = range(0, n, block)
+    for level in range(layers):
+        b = (a + a.T).tocsr()
+        keep = level < layers - 1
+        norms = np.empty(n)
+        rows = []
+        for start in progress(starts, desc=f"gnn layer {level + 1} normalisers", total=len(starts),
+                              enable=show_progress):
+            h = (p[start:start + block] @ b).tocsr()
+            norms[start:start + block] = np.sqrt(np.asarray(h.multiply(h).sum(axis=1)).ravel())
+            if keep:
+                rows.append(h)
+        inv = 1.0 / np.maximum(norms, _EPS)
+        out[level] = inv
+        if keep:
+            a = sp.diags(inv) @ sp.vstack(rows).tocsr()
+    return out
 
 
 def _gnn_check_sizes(config: GnnConfig, n: int) -> None:
@@ -284,18 +309,9 @@ def _gnn_build(database, config: GnnConfig = GnnConfig(), *, show_progress: bool
     a0 = jnp.asarray(np.concatenate([self_ids, i], axis=1))
     p_idx = jnp.asarray(np.concatenate([self_ids, i[:, :config.k2 - 1]], axis=1))
     p_w = jnp.asarray(np.concatenate([self_sim, s[:, :config.k2 - 1]], axis=1) ** 2)
-    inv = jnp.ones((config.layers, n), jnp.float32)
-    m = int(min(config.block_size, n))
-    starts = range(0, n, m)
-    for level in range(config.layers):
-        norms = np.empty(n, np.float32)
-        for start in progress(starts, desc=f"gnn layer {level + 1} normalisers", total=len(starts),
-                              enable=show_progress):
-            block = np.arange(start, start + m) % n   # the last block wraps round: one compiled shape
-            norms[start:start + m] = np.asarray(_row_norms(a0, p_idx, p_w, inv, jnp.asarray(block), level))[
-                :min(m, n - start)]
-        inv = inv.at[level].set(jnp.asarray(1.0 / np.maximum(norms, _EPS)))
-    return GnnState(database=jnp.asarray(db), a0=a0, p_idx=p_idx, p_w=p_w, inv_norms=inv,
+    inv = _normalisers(np.asarray(a0), np.asarray(p_idx), np.asarray(p_w), config.layers, config.block_size,
+                       show_progress)
+    return GnnState(database=jnp.asarray(db), a0=a0, p_idx=p_idx, p_w=p_w, inv_norms=jnp.asarray(inv),
                     lam=jnp.float32(config.lam), static=dataclasses.replace(config, lam=0.0))
 
 
