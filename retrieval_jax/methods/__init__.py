@@ -23,6 +23,7 @@ options, defaults and size checks, nothing else to edit::
     POWER = register(make_method("power", build, search, search_items, PowerConfig))
 """
 from .base import Method, make_method, similarities
+from .cluster_aware import CAS, CasConfig, CasState
 from .diffusion import UnreachedQueryWarning
 from .diffusion import (AUTO_INVERSE_MAX_BYTES, AUTO_INVERSE_MAX_NODES, DIFFUSION, DiffusionConfig, DiffusionParams,
                         DiffusionState, DiffusionStatic, diffusion_state_from_graph)
@@ -66,7 +67,8 @@ def unregister(name: str) -> Method:
     return METHODS.pop(name)
 
 
-for _method in (KNN_SEARCH, DIFFUSION, FSR, ALPHA_QE, DBA_ALPHA_QE, OFFLINE_DIFFUSION, GSS, GNN, RDP, K_RECIPROCAL):
+for _method in (KNN_SEARCH, DIFFUSION, FSR, ALPHA_QE, DBA_ALPHA_QE, OFFLINE_DIFFUSION, GSS, GNN, RDP, K_RECIPROCAL,
+                CAS):
     register(_method)
 del _method
 
@@ -74,6 +76,7 @@ __all__ = ["ALPHA_QE", "AUTO_INVERSE_MAX_BYTES", "AUTO_INVERSE_MAX_NODES", "Alph
            "DBA_ALPHA_QE", "DIFFUSION", "DbaQEConfig", "DbaQEState", "DiffusionConfig", "DiffusionParams",
            "DiffusionState", "DiffusionStatic", "FSR",
            "K_RECIPROCAL", "KReciprocalConfig", "KReciprocalState",
+           "CAS", "CasConfig", "CasState",
            "FsrConfig", "FsrState", "GSS", "GssConfig", "GssState",
            "KNN_SEARCH", "KnnConfig", "KnnState", "METHODS", "Method", "OFFLINE_DIFFUSION",
            "OfflineDiffusionConfig", "OfflineDiffusionState", "Option", "config_options", "diffusion_state_from_graph",
