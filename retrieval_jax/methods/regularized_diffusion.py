@@ -39,10 +39,12 @@ the exact inverse's 20,000-node components):
   route), components of at most 20,000 nodes.
 
 The graph is the library's (`graph.knn_graph`: mutual kNN, max(s, 0)^gamma), not the
-paper's Gaussian kernel on shape distances; the paper's own values of k and mu were not
-available to us: the defaults here are the library's diffusion graph (k = 50,
-query_k = 10, gamma = 3) and mu = 0.02 (alpha = 1 / 1.02 ~ 0.98 = 0.99^2: the weight
-of a two-step move of Iscen et al.'s alpha = 0.99).
+paper's Gaussian kernel on shape and object distances, and the defaults are not the
+paper's settings: the library's diffusion graph (k = 50, query_k = 10, gamma = 3) and
+mu = 0.02 (alpha = 1 / 1.02 ~ 0.98 ~ 0.99^2, the weight of a two-step move under Iscen
+et al.'s alpha = 0.99). Since (I - alpha S^2)^-1 = ((I - a S)^-1 + (I + a S)^-1) / 2 with
+a = sqrt(alpha), RDP at alpha = a^2 is the mean of Iscen et al.'s diffusion at a and of
+(I + a S)^-1, which cancels its odd powers of S (the paths of odd length).
 
 Public API:
   * ``RDP`` / ``RdpConfig`` / ``RdpState``: the `Method` (registered as "rdp").
