@@ -281,7 +281,7 @@ class KReciprocalConfig:
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=["database", "threshold", "half", "v_ids", "v_w", "qe_ids", "qe_w", "lam",
                                 "overflow"],
-                   meta_fields=["config", "shortlist"])
+                   meta_fields=["k1", "k2", "shortlist"])
 @dataclasses.dataclass(frozen=True)
 class KReciprocalState:
     """The database and its offline k-reciprocal structures.
@@ -295,8 +295,10 @@ class KReciprocalState:
       qe_ids, qe_w: int32 / float32[n, qe_capacity], the largest entries of V'.
       lam: float32 scalar, lambda (traced: a new value does not recompile).
       overflow: int32[2], the entries of V and of V' dropped over all items (0: exact).
-      config: the `KReciprocalConfig` (static).
+      k1, k2: the config's k1 and k2 (static).
       shortlist: M = min(config.shortlist, n) (static).
+
+    States of configs that differ in lambda only share one compiled search.
     """
 
     database: jax.Array
@@ -308,8 +310,9 @@ class KReciprocalState:
     qe_w: jax.Array
     lam: jax.Array
     overflow: jax.Array
-    config: KReciprocalConfig = KReciprocalConfig()
-    shortlist: int = 200
+    k1: int
+    k2: int
+    shortlist: int
 
 
 def _check_sizes(config: KReciprocalConfig, n: int) -> None:
@@ -350,7 +353,7 @@ def _build(database, config: KReciprocalConfig = KReciprocalConfig(), *,
                       "raise the capacities for the exact encodings", stacklevel=2)
     return KReciprocalState(database=x, threshold=threshold, half=half, v_ids=jnp.asarray(v_ids),
                             v_w=jnp.asarray(v_w), qe_ids=jnp.asarray(qe_ids), qe_w=jnp.asarray(qe_w),
-                            lam=jnp.float32(config.lam), overflow=jnp.asarray(overflow), config=config,
+                            lam=jnp.float32(config.lam), overflow=jnp.asarray(overflow), k1=k1, k2=k2,
                             shortlist=min(config.shortlist, n))
 
 
@@ -378,8 +381,7 @@ def _scatter_rows(nq: int, n: int, ids, w):
 
 @jax.jit
 def _search(state: KReciprocalState, queries):
-    cfg = state.config
-    k1, k2 = cfg.k1, cfg.k2
+    k1, k2 = state.k1, state.k2
     x = state.database
     n = x.shape[0]
     nq = queries.shape[0]

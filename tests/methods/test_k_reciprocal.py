@@ -125,6 +125,8 @@ def _with(state, **changes):
 
 def test_lambda_one_is_knn_ranking(state):
     one = _with(state, lam=np.float32(1.0))    # lambda is a leaf: the same compiled search
+    built = K_RECIPROCAL.build(X, dataclasses.replace(CFG, lam=1.0))
+    np.testing.assert_allclose(K_RECIPROCAL.search(built, Q), K_RECIPROCAL.search(one, Q), atol=1e-6)
     knn = KNN_SEARCH.build(X, KnnConfig())
     for ours, base in ((K_RECIPROCAL.search(one, Q), KNN_SEARCH.search(knn, Q)),
                        (K_RECIPROCAL.search_items(one, np.arange(3)), KNN_SEARCH.search_items(knn, np.arange(3)))):
