@@ -24,6 +24,7 @@ options, defaults and size checks, nothing else to edit::
 """
 from .base import Method, make_method, similarities
 from .cluster_aware import CAS, CasConfig, CasState
+from .discriminative_qe import DQE, DqeConfig, DqeState
 from .diffusion import UnreachedQueryWarning
 from .diffusion import (AUTO_INVERSE_MAX_BYTES, AUTO_INVERSE_MAX_NODES, DIFFUSION, DiffusionConfig, DiffusionParams,
                         DiffusionState, DiffusionStatic, diffusion_state_from_graph)
@@ -36,6 +37,8 @@ from .knn import KNN_SEARCH, KnnConfig, KnnState
 from .offline_diffusion import (OFFLINE_DIFFUSION, OfflineDiffusionConfig, OfflineDiffusionState,
                                 offline_diffusion_state_from_graph, offline_diffusion_state_from_rows)
 from .query_expansion import ALPHA_QE, DBA_ALPHA_QE, AlphaQEConfig, AlphaQEState, DbaQEConfig, DbaQEState
+from .query_expansion import AQE, AQEWD, AqeConfig, AqeState, AqewdConfig, AqewdState
+from .superglobal import SUPERGLOBAL, SuperGlobalConfig, SuperGlobalState
 
 from .options import Option, config_options, finite_float, nonneg_int, option, positive_int, resolve
 
@@ -68,7 +71,7 @@ def unregister(name: str) -> Method:
 
 
 for _method in (KNN_SEARCH, DIFFUSION, FSR, ALPHA_QE, DBA_ALPHA_QE, OFFLINE_DIFFUSION, GSS, GNN, RDP, K_RECIPROCAL,
-                CAS):
+                CAS, AQE, AQEWD, DQE, SUPERGLOBAL):
     register(_method)
 del _method
 
@@ -83,4 +86,6 @@ __all__ = ["ALPHA_QE", "AUTO_INVERSE_MAX_BYTES", "AUTO_INVERSE_MAX_NODES", "Alph
            "finite_float", "fsr_state_from_graph", "make_method", "nonneg_int", "offline_diffusion_state_from_graph",
            "offline_diffusion_state_from_rows", "option", "positive_int",
            "UnreachedQueryWarning", "register", "resolve", "similarities",
-           "unregister", "GNN", "GnnConfig", "GnnState", "RDP", "RdpConfig", "RdpState"]
+           "unregister", "GNN", "GnnConfig", "GnnState", "RDP", "RdpConfig", "RdpState",
+           "AQE", "AQEWD", "AqeConfig", "AqeState", "AqewdConfig", "AqewdState", "DQE", "DqeConfig", "DqeState",
+           "SUPERGLOBAL", "SuperGlobalConfig", "SuperGlobalState"]
