@@ -157,20 +157,22 @@ def _start(m, capacity, init):
 
 def _em_step(x, a, mu, pi, var_e, valid, min_sigma):
     """One E-step and expanding M-step. x [P, 2], a [P] (sums to 1)."""
-    d2 = jnp.sum((x[:, None, :] - mu[None, :, :]) ** 2, axis=-1)                  # [P, C]
+    xr, xc = x[:, 0:1], x[:, 1:2]                                                   # [P, 1]
+    d2 = (xr - mu[None, :, 0]) ** 2 + (xc - mu[None, :, 1]) ** 2                    # [P, C]
     safe_var = jnp.where(valid, var_e, 1.0)
-    logp = (jnp.log(jnp.where(valid, pi, 1.0)) - d2 / (2.0 * safe_var) - jnp.log(2.0 * math.pi * safe_var))
+    logp = jnp.log(jnp.where(valid, pi, 1.0)) - jnp.log(2.0 * math.pi * safe_var) - d2 / (2.0 * safe_var)
     logp = jnp.where(valid[None, :], logp, -jnp.inf)
-    r = jax.nn.softmax(logp, axis=-1)
-    wgt = a[:, None] * r                                                            # [P, C]
+    top = jnp.max(logp, axis=1, keepdims=True)
+    e = jnp.exp(logp - jnp.where(jnp.isfinite(top), top, 0.0))
+    wgt = a[:, None] * e / jnp.maximum(jnp.sum(e, axis=1, keepdims=True), _TINY)   # a_n r_nk [P, C]
     nk = jnp.sum(wgt, axis=0)
     valid = valid & (nk > _TINY)
     safe_nk = jnp.where(valid, nk, 1.0)
-    mu_new = jnp.sum(wgt[:, :, None] * x[:, None, :], axis=0) / safe_nk[:, None]
-    d2_new = jnp.sum((x[:, None, :] - mu_new[None, :, :]) ** 2, axis=-1)
-    var = jnp.sum(wgt * d2_new, axis=0) / (2.0 * safe_nk)
+    mr = jnp.sum(wgt * xr, axis=0) / safe_nk
+    mc = jnp.sum(wgt * xc, axis=0) / safe_nk
+    var = jnp.sum(wgt * ((xr - mr) ** 2 + (xc - mc) ** 2), axis=0) / (2.0 * safe_nk)
     var = jnp.maximum(var, min_sigma ** 2)
-    mu_new = jnp.where(valid[:, None], mu_new, mu)
+    mu_new = jnp.where(valid[:, None], jnp.stack([mr, mc], axis=-1), mu)
     pi_new = jnp.where(valid, nk, 0.0)
     return mu_new, pi_new, var, valid
 

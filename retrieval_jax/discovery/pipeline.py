@@ -160,6 +160,9 @@ def discover(feature_maps, *, batch_size: int = 32, k: int = 10, gamma: float = 
         `check_feature_maps`), mixed channel counts, a collection of one image, or
         too few regions for k.
     """
+    if hasattr(feature_maps, "shape") and len(feature_maps.shape) == 4 and feature_maps.shape[0] < 2:
+        raise ValueError(f"a collection of {feature_maps.shape[0]} image(s): object discovery finds what recurs "
+                         "across images, it needs at least 2")
     source, total = _source(feature_maps, batch_size)
     opts = dict(egm_options or {})
     os_neighbours = _checks.check_positive_int(os_neighbours, "os_neighbours")
