@@ -37,7 +37,7 @@ from .egm import Regions, egm_regions_traced
 from .regions import other_image_neighbours, region_centrality, region_graph
 from .saliency_maps import check_feature_maps, feature_saliency_map, object_saliency
 
-__all__ = ["Discovery", "discover", "feature_map_batches"]
+__all__ = ["CollectedRegions", "Discovery", "collect_regions", "discover", "feature_map_batches"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +123,80 @@ def _local(a, whitening):
     return apply_whitening(whitening, u) if whitening is not None else u
 
 
+@dataclasses.dataclass(frozen=True)
+class CollectedRegions:
+    """The regions of pass 1 (`collect_regions`), R of them over N images (host arrays).
+
+    Attributes:
+      descriptors: float32[R, C] max-pooled (or GeM), L2-normalised, not whitened.
+      image: int32[R] the image of each region.
+      slot: int32[R] its slot in ``regions``.
+      mass: float32[R] its FS mass over its image's FS mass (f_i).
+      regions: `Regions` [N, capacity] of every image.
+      num_images: N.
+    """
+
+    descriptors: np.ndarray
+    image: np.ndarray
+    slot: np.ndarray
+    mass: np.ndarray
+    regions: Regions
+    num_images: int
+
+
+def collect_regions(feature_maps, *, batch_size: int = 32, c: float = 2.0, p: float | None = None,
+                    fs_eps: float = 1e-6, show_progress: bool | None = None,
+                    egm_options: dict | None = None) -> CollectedRegions:
+    """Pass 1 of `discover`: per batch, FS maps, their EGM regions and regional descriptors.
+
+    Only the valid regions' C-vectors are kept on the host; one batch of feature maps
+    is in memory at a time. Arguments as in `discover` (``feature_maps`` may also be a
+    one-shot iterable here: it is read once).
+
+    Raises:
+      ValueError: a bad batch (`check_feature_maps`), mixed channel counts, an empty
+        collection, or a collection of one image.
+    """
+    if callable(feature_maps) or hasattr(feature_maps, "shape") or isinstance(feature_maps, (list, tuple)):
+        source, total = _source(feature_maps, batch_size)
+        batches = source()
+    else:
+        batches, total = iter(feature_maps), None
+    opts = dict(egm_options or {})
+    raw, images, slots, masses, regions_all = [], [], [], [], []
+    n_images, channels = 0, None
+    for batch in progress(batches, desc="discovery pass 1: FS maps, EGM regions", total=total,
+                          enable=show_progress):
+        a = check_feature_maps(batch, "a feature map batch", ndim=4)
+        if channels is None:
+            channels = a.shape[-1]
+        elif a.shape[-1] != channels:
+            raise ValueError(f"feature map batches must share the channel count: {channels} then {a.shape[-1]}")
+        fs = feature_saliency_map(a, fs_eps)
+        reg = egm_regions_traced(fs, **opts)
+        vec = np.asarray(regional_descriptors(a, reg, c=c, p=p))
+        valid = np.asarray(reg.valid)
+        total_mass = np.asarray(jnp.sum(fs, axis=(-2, -1)))
+        b_idx, s_idx = np.nonzero(valid)
+        raw.append(vec[b_idx, s_idx])
+        images.append(b_idx + n_images)
+        slots.append(s_idx)
+        masses.append(np.asarray(reg.mass)[b_idx, s_idx] / np.maximum(total_mass[b_idx], 1e-30))
+        regions_all.append(jax.tree_util.tree_map(np.asarray, reg))
+        n_images += a.shape[0]
+    if n_images == 0:
+        raise ValueError("the collection is empty: no feature map batch was given")
+    if n_images < 2:
+        raise ValueError("a collection of one image: object discovery finds what recurs across images, "
+                         "it needs at least 2")
+    return CollectedRegions(descriptors=np.concatenate(raw).astype(np.float32),
+                            image=np.concatenate(images).astype(np.int32),
+                            slot=np.concatenate(slots).astype(np.int32),
+                            mass=np.concatenate(masses).astype(np.float32),
+                            regions=jax.tree_util.tree_map(lambda *x: np.concatenate(x), *regions_all),
+                            num_images=n_images)
+
+
 def discover(feature_maps, *, batch_size: int = 32, k: int = 10, gamma: float = 3.0, alpha: float = 0.99,
              os_neighbours: int = 10, c: float = 2.0, p: float | None = None, whiten: bool = True,
              whiten_dim: int | None = None, shrinkage: float = 0.0, same_image_edges: bool = False,
@@ -167,38 +241,11 @@ def discover(feature_maps, *, batch_size: int = 32, k: int = 10, gamma: float = 
     opts = dict(egm_options or {})
     os_neighbours = _checks.check_positive_int(os_neighbours, "os_neighbours")
 
-    # ---------------------------------------------------------------- pass 1: FS, EGM, regions
-    raw, images, slots, masses, regions_all = [], [], [], [], []
-    n_images, channels = 0, None
-    for batch in progress(source(), desc="discovery pass 1: FS maps, EGM regions", total=total,
-                          enable=show_progress):
-        a = check_feature_maps(batch, "a feature map batch", ndim=4)
-        if channels is None:
-            channels = a.shape[-1]
-        elif a.shape[-1] != channels:
-            raise ValueError(f"feature map batches must share the channel count: {channels} then {a.shape[-1]}")
-        fs = feature_saliency_map(a, fs_eps)
-        reg = egm_regions_traced(fs, **opts)
-        vec = np.asarray(regional_descriptors(a, reg, c=c, p=p))
-        valid = np.asarray(reg.valid)
-        total_mass = np.asarray(jnp.sum(fs, axis=(-2, -1)))
-        b_idx, s_idx = np.nonzero(valid)
-        raw.append(vec[b_idx, s_idx])
-        images.append(b_idx + n_images)
-        slots.append(s_idx)
-        masses.append(np.asarray(reg.mass)[b_idx, s_idx] / np.maximum(total_mass[b_idx], 1e-30))
-        regions_all.append(jax.tree_util.tree_map(np.asarray, reg))
-        n_images += a.shape[0]
-    if n_images == 0:
-        raise ValueError("the collection is empty: no feature map batch was given")
-    if n_images < 2:
-        raise ValueError("a collection of one image: object discovery finds what recurs across images, "
-                         "it needs at least 2")
-    raw = np.concatenate(raw).astype(np.float32)
-    region_image = np.concatenate(images).astype(np.int32)
-    region_slot = np.concatenate(slots).astype(np.int32)
-    region_mass = np.concatenate(masses).astype(np.float32)
-    regions = jax.tree_util.tree_map(lambda *x: np.concatenate(x), *regions_all)
+    collected = collect_regions(feature_maps, batch_size=batch_size, c=c, p=p, fs_eps=fs_eps,
+                                show_progress=show_progress, egm_options=opts)
+    raw, region_image, channels = collected.descriptors, collected.image, collected.descriptors.shape[1]
+    region_slot, region_mass, regions = collected.slot, collected.mass, collected.regions
+    n_images = collected.num_images
 
     whitening = None
     if whiten:
