@@ -50,6 +50,7 @@ Public API:
   * ``RDP`` / ``RdpConfig`` / ``RdpState``: the `Method` (registered as "rdp").
   * ``rdp_scores(state, queries)``, ``rdp_item_scores(state, ids)``: pure, jittable
     scores float32[nq, N] (``RDP.search`` checks and pads).
+  * ``rdp_state_from_graph(database, graph, config)``: a state on a graph built elsewhere.
   * ``squared_graph(w)``: S^2 of a normalised graph, as a `NormalizedGraph` (host).
 """
 from __future__ import annotations
@@ -69,11 +70,13 @@ from ..diffusion.solvers import solve_spd, solve_unchecked
 from ..graph.affinity import similarity_power
 from ..graph.core import Graph, NormalizedGraph
 from ..graph.neighbours import normalize
-from .base import GRAPH_OPTIONS, checked_database, config_graph, make_method, with_graph_k
+from ..spectral import check_symmetric_graph
+from .base import GRAPH_OPTIONS, check_database_graph, checked_database, config_graph, make_method, with_graph_k
 from .base import similarities as _similarities
 from .options import finite_float, option, positive_int
 
-__all__ = ["RDP", "RdpConfig", "RdpState", "rdp_item_scores", "rdp_scores", "squared_graph"]
+__all__ = ["RDP", "RdpConfig", "RdpState", "rdp_item_scores", "rdp_scores", "rdp_state_from_graph",
+           "squared_graph"]
 
 RDP_SOLVERS = ("cg", "inverse")
 
@@ -234,7 +237,26 @@ def _check_sizes(config: RdpConfig, n: int) -> None:
 def _rdp_build(database, config: RdpConfig = RdpConfig(), *, show_progress: bool | None = None) -> RdpState:
     db = checked_database(database, config, RdpConfig, "rdp")
     with_graph_k(_check_sizes)(config, db.shape[0])
-    a = config_graph(db, config, show_progress=show_progress)
+    return _state(db, config_graph(db, config, show_progress=show_progress), config)
+
+
+def rdp_state_from_graph(database, graph: Graph, config: RdpConfig = RdpConfig()) -> RdpState:
+    """An `RdpState` on a kNN affinity graph W built elsewhere (``config.k`` and the graph
+    options are then informative only; W is normalised here).
+
+    Raises:
+      TypeError: ``config`` is not an `RdpConfig`; ``graph`` is not a `Graph`.
+      ValueError: a graph of another size, an asymmetric W, or a query_k that does not fit.
+    """
+    db = checked_database(database, config, RdpConfig, "rdp")
+    db, graph = check_database_graph(db, graph)
+    _check_sizes(config, db.shape[0])
+    check_symmetric_graph(graph)
+    return _state(db, graph, config)
+
+
+def _state(db, a: Graph, config: RdpConfig) -> RdpState:
+    """The state on checked inputs: S = normalize(W), D^-1/2, and the "inverse" route's S^2 and inverse."""
     deg = np.asarray(a.degree(), np.float64)
     inv_sqrt = np.where(deg > 0, 1.0 / np.sqrt(np.where(deg > 0, deg, 1.0)), 0.0).astype(np.float32)
     w = normalize(a)
@@ -263,6 +285,6 @@ def _rdp_search_items(state: RdpState, ids):
 
 
 RDP = make_method("rdp", _rdp_build, _rdp_search, _rdp_search_items, RdpConfig,
-                  check_sizes=with_graph_k(_check_sizes), unreached=0.0,
+                  check_sizes=with_graph_k(_check_sizes), from_graph=rdp_state_from_graph, unreached=0.0,
                   summary="regularized diffusion process: (I - alpha S^2) x = y on the kNN graph's two-step "
                           "graph, by CG or the exact inverse per component (Bai et al. 2017)")

@@ -45,6 +45,11 @@ def test_items_are_the_columns_of_the_papers_tensor_product_solution():
     s, _ = _dense_s(x, _MAIN)
     a = paper_solution(s, _MAIN.mu)
     np.testing.assert_allclose(got, a.T, rtol=1e-4, atol=1e-6)   # row i of the scores = column i of A*
+    # a state on the same graph built elsewhere ranks the same (one compiled program)
+    graph = knn_graph(x, _MAIN.k, gamma=_MAIN.gamma, mutual=_MAIN.mutual, method="exact")
+    again = RDP.from_graph(x, graph, _MAIN)
+    np.testing.assert_allclose(np.asarray(RDP.search_items(again, np.arange(24, dtype=np.int32))), got,
+                               rtol=1e-5, atol=1e-7)
     # the iterative framework converges to the same fixed point, from any start
     alpha = 1 / (1 + _MAIN.mu)
     it = np.random.default_rng(0).random((24, 24))
@@ -121,6 +126,11 @@ def test_bad_input_is_refused_clearly():
         RDP.build(x, KnnConfig())
     with pytest.raises(ValueError, match="NaN"):
         RDP.build(np.full((24, 5), np.nan, np.float32), _MAIN)
+    asym = Graph.from_dense(np.triu(np.ones((24, 24)), 1))
+    with pytest.raises(ValueError, match="not symmetric"):
+        RDP.from_graph(x, asym, _MAIN)
+    with pytest.raises(ValueError, match="24 nodes but the database has 20 items"):
+        RDP.from_graph(x[:20], knn_graph(x, 3, method="exact"), _MAIN)
     state = RDP.build(x, _MAIN)
     with pytest.raises(ValueError, match="dimension mismatch"):
         RDP.search(state, x[:, :3])
