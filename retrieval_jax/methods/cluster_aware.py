@@ -28,12 +28,13 @@ m = K + 1 items, the query (node 0) and its K nearest database items (K = ``shor
    term: "bidirectional"); F is kept on the local clusters only, P_i = F_i restricted to L_i.
 4. neighbour-guided similarity smoothing (NSS): a two-step transition matrix
    T = (N N), N the row-normalised A over ranks 1 <= r < k3; per row i with more than one
-   confident and more than one other candidate, the anchor a_i = mean_{c in C_i} T_cc, the
-   weights t_ij = a_i on C_i and min(mean_{c in C_i} T_jc, a_i) on L_i \\ C_i, and
+   confident and more than one other candidate (and a_i^2 + 2 beta > 0), the anchor
+   a_i = mean_{c in C_i} T_cc, the weights t_ij = a_i on C_i and min(mean_{c in C_i} T_jc, a_i)
+   on L_i \\ C_i, and
 
        P_ij = (F_ij (a_i t_ij + 2 beta) + a_i^2 mean_L F_i - a_i mean_L (F_i t_i)) / (a_i^2 + 2 beta),  j in L_i,
 
-   the minimiser of the code's smoothing objective; rows L1-normalised.
+   as the authors' code smooths (other rows keep F_ij on L_i); rows L1-normalised.
 5. neighbourhood-direct diffusion: each row averaged over the item's k4 nearest (itself
    included) and mixed with its confident neighbours' rows, M = ((1/k4) sum P_nn +
    lv C~ P) / (1 + lv) (C~ = C row-normalised), L1-normalised; one Markov step
@@ -225,7 +226,7 @@ def _local(xl, p: CasParams, cfg: CasStatic):
     w = jnp.where((rank < cfg.k1) & ~eye, aff, 0.0)
     w = jnp.where(conf, p.confident_weight * w, w)
     w = (w + w.T) / 2
-    dv = 1.0 / jnp.sqrt(jnp.sum(w, axis=1))
+    dv = 1.0 / jnp.sqrt(jnp.maximum(jnp.sum(w, axis=1), _TINY))
     s = w * dv[:, None] * dv[None, :]
     s = (s + s.T) / 2
     alpha = 1.0 / (1.0 + p.mu)
@@ -249,7 +250,7 @@ def _local(xl, p: CasParams, cfg: CasStatic):
     fc = jnp.where(cand, f, 0.0)
     tmp = anchor ** 2 * jnp.sum(fc, axis=1) / candn - anchor * jnp.sum(fc * tw, axis=1) / candn
     smooth = jnp.where(cand, (f * (a * tw + 2.0 * p.beta) + tmp[:, None]) / (a * a + 2.0 * p.beta), 0.0)
-    use = (jnp.sum(conf, axis=1) > 1) & (jnp.sum(semi, axis=1) > 1)
+    use = (jnp.sum(conf, axis=1) > 1) & (jnp.sum(semi, axis=1) > 1) & (anchor * anchor + 2.0 * p.beta > 0)
     feat = _l1(jnp.where(use[:, None], smooth, fc))
     # neighbourhood-direct diffusion and one Markov step
     near = (rank < cfg.k4).astype(f32)

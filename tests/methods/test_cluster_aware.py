@@ -65,8 +65,8 @@ def cas_reference(x, cfg):
         ci, li = np.flatnonzero(conf[i]), np.flatnonzero(cand[i])
         si = np.flatnonzero(cand[i] & ~conf[i])
         feat[i, li] = f[i, li]
-        if len(ci) > 1 and len(si) > 1:
-            a = np.mean(t[ci, ci])
+        a = np.mean(t[ci, ci])
+        if len(ci) > 1 and len(si) > 1 and a ** 2 + 2 * cfg.beta > 0:
             tw = np.zeros(m)
             tw[ci] = a
             tw[si] = np.minimum(t[si][:, ci].mean(axis=1), a)
