@@ -34,6 +34,7 @@ _LAZY = {
     "descriptors": ("retrieval_jax.descriptors", None),
     "training": ("retrieval_jax.training", None),
     "explanation": ("retrieval_jax.explanation", None),
+    "discovery": ("retrieval_jax.discovery", None),
     "sharding": ("retrieval_jax.sharding", None),
 }
 
@@ -49,7 +50,7 @@ def __getattr__(name):
 __all__ = [
     "Auto", "CG", "DIFFUSION", "DiffusionConfig", "ExactInverse", "FSR", "FsrConfig", "Graph", "KNN_SEARCH",
     "KnnConfig", "METHODS", "NormalizedGraph", "Solution", "Spectral", "average_precision", "bullseye_score",
-    "classic_map", "data", "diffuse", "diffusion", "diffusion_inverse", "diffusion_operator", "evaluation",
+    "classic_map", "data", "diffuse", "discovery", "diffusion", "diffusion_inverse", "diffusion_operator", "evaluation",
     "extract", "fast_spectral_ranking", "gem", "graph", "graph_eigenpairs", "indicator_vectors",
     "katz_centrality", "knn", "knn_graph", "label_map", "load_efficientnet_lite", "methods", "normalize",
     "observe_items", "observe_neighbours", "query_vectors", "ranking_from_scores", "revisited_map", "solve",
