@@ -228,11 +228,11 @@ def _check_values(c, bias, prefix: str = ""):
 def _check_static(static: "DqeStatic", n_db: int, *, items: bool, prefix: str = "") -> None:
     for name in DqeStatic._fields:
         _checks.check_positive_int(getattr(static, name), prefix + name)
-    others = n_db - 1 if items else n_db
-    if static.n_pos + static.n_neg > others:
+    needed = static.n_pos + static.n_neg + (1 if items else 0)
+    if n_db < needed:
         raise ValueError(f"{prefix}n_pos + {prefix}n_neg = {static.n_pos} + {static.n_neg} training items need a "
-                         f"database of more than {static.n_pos + static.n_neg} items (positives and negatives "
-                         f"apart, the query item excluded), got {n_db}")
+                         f"database of at least {needed} items (positives and negatives apart"
+                         f"{', the query item excluded' if items else ''}), got {n_db}")
 
 
 # ----------------------------------------------------------------------------- the Method
