@@ -52,7 +52,8 @@ class Discovery:
       region_image: int32[R] image of each region (the valid slots of ``regions``, image by image).
       region_slot: int32[R] its slot in ``regions``.
       region_descriptors: float32[R, D] whitened, L2-normalised regional descriptors v_i.
-      region_mass: float32[R] f_i, the region's FS mass over its image's FS mass.
+      region_mass: float32[R] f_i, the region's FS mass over its image's FS mass (or the
+        FS mass itself with ``relative_mass=False``).
       centrality: float32[R] Katz centrality g_i.
       graph: the normalised region graph W.
       whitening: the PCA whitening learned on the regions.
@@ -131,7 +132,8 @@ class CollectedRegions:
       descriptors: float32[R, C] max-pooled (or GeM), L2-normalised, not whitened.
       image: int32[R] the image of each region.
       slot: int32[R] its slot in ``regions``.
-      mass: float32[R] its FS mass over its image's FS mass (f_i).
+      mass: float32[R] its FS mass (`Regions.mass`).
+      image_mass: float32[R] the FS mass of its image (sum of the image's FS map).
       regions: `Regions` [N, capacity] of every image.
       num_images: N.
     """
@@ -140,6 +142,7 @@ class CollectedRegions:
     image: np.ndarray
     slot: np.ndarray
     mass: np.ndarray
+    image_mass: np.ndarray
     regions: Regions
     num_images: int
 
@@ -163,7 +166,7 @@ def collect_regions(feature_maps, *, batch_size: int = 32, c: float = 2.0, p: fl
     else:
         batches, total = iter(feature_maps), None
     opts = dict(egm_options or {})
-    raw, images, slots, masses, regions_all = [], [], [], [], []
+    raw, images, slots, masses, image_masses, regions_all = [], [], [], [], [], []
     n_images, channels = 0, None
     for batch in progress(batches, desc="discovery pass 1: FS maps, EGM regions", total=total,
                           enable=show_progress):
@@ -181,7 +184,8 @@ def collect_regions(feature_maps, *, batch_size: int = 32, c: float = 2.0, p: fl
         raw.append(vec[b_idx, s_idx])
         images.append(b_idx + n_images)
         slots.append(s_idx)
-        masses.append(np.asarray(reg.mass)[b_idx, s_idx] / np.maximum(total_mass[b_idx], 1e-30))
+        masses.append(np.asarray(reg.mass)[b_idx, s_idx])
+        image_masses.append(total_mass[b_idx])
         regions_all.append(jax.tree_util.tree_map(np.asarray, reg))
         n_images += a.shape[0]
     if n_images == 0:
@@ -193,6 +197,7 @@ def collect_regions(feature_maps, *, batch_size: int = 32, c: float = 2.0, p: fl
                             image=np.concatenate(images).astype(np.int32),
                             slot=np.concatenate(slots).astype(np.int32),
                             mass=np.concatenate(masses).astype(np.float32),
+                            image_mass=np.concatenate(image_masses).astype(np.float32),
                             regions=jax.tree_util.tree_map(lambda *x: np.concatenate(x), *regions_all),
                             num_images=n_images)
 
@@ -200,7 +205,7 @@ def collect_regions(feature_maps, *, batch_size: int = 32, c: float = 2.0, p: fl
 def discover(feature_maps, *, batch_size: int = 32, k: int = 10, gamma: float = 3.0, alpha: float = 0.99,
              os_neighbours: int = 10, c: float = 2.0, p: float | None = None, whiten: bool = True,
              whiten_dim: int | None = None, shrinkage: float = 0.0, same_image_edges: bool = False,
-             fs_eps: float = 1e-6, keep_maps: bool = False, method: str = "auto",
+             fs_eps: float = 1e-6, relative_mass: bool = True, keep_maps: bool = False, method: str = "auto",
              show_progress: bool | None = None, egm_options: dict | None = None) -> Discovery:
     """Unsupervised object discovery in a collection (Simeoni et al., WACV 2018): two passes.
 
@@ -221,6 +226,9 @@ def discover(feature_maps, *, batch_size: int = 32, k: int = 10, gamma: float = 
       shrinkage: covariance shrinkage of the whitening (`learn_pca_whitening`).
       same_image_edges: keep graph edges between regions of one image (default dropped).
       fs_eps: eps of the FS channel weights.
+      relative_mass: f_i is the region's share of its image's FS mass (default, our
+        reading: every image votes with the same total, whatever its activation
+        scale); False uses the region's FS mass itself.
       keep_maps: keep the FS and OS maps in the result.
       method: the neighbour search (`retrieval_jax.graph.knn`).
       show_progress: progress bars (None: by number of batches).
@@ -244,7 +252,8 @@ def discover(feature_maps, *, batch_size: int = 32, k: int = 10, gamma: float = 
     collected = collect_regions(feature_maps, batch_size=batch_size, c=c, p=p, fs_eps=fs_eps,
                                 show_progress=show_progress, egm_options=opts)
     raw, region_image, channels = collected.descriptors, collected.image, collected.descriptors.shape[1]
-    region_slot, region_mass, regions = collected.slot, collected.mass, collected.regions
+    region_slot, regions = collected.slot, collected.regions
+    region_mass = collected.mass / np.maximum(collected.image_mass, 1e-30) if relative_mass else collected.mass
     n_images = collected.num_images
 
     whitening = None
