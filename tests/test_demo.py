@@ -124,3 +124,14 @@ def test_readme_composable_example_matches_diffuse():
     fd = (f(0.9 + 1e-3) - f(0.9 - 1e-3)) / 2e-3
     assert abs(float(scope["ga"]) - fd) < 2e-2 * abs(fd)
     assert scope["gX"].shape == X.shape and bool(jnp.isfinite(scope["gX"]).all())
+
+
+def test_readme_method_table_is_the_registry():
+    """The README's method table names every method of METHODS, in registry order, and no other."""
+    from retrieval_jax.methods import METHODS
+    text = (Path(REPO) / "README.md").read_text()
+    table = text.split("## Methods", 1)[1].split("\n## ", 1)[0]
+    names = re.findall(r"^\| `([^`]+)` \|", table, re.M)
+    assert names == list(METHODS), (names, list(METHODS))
+    listing = (Path(REPO) / "docs" / "methods.md").read_text()
+    assert set(re.findall(r"^\| `([^`]+)` \| `", listing, re.M)) == set(METHODS)

@@ -70,8 +70,10 @@ def unregister(name: str) -> Method:
     return METHODS.pop(name)
 
 
-for _method in (KNN_SEARCH, DIFFUSION, FSR, ALPHA_QE, DBA_ALPHA_QE, OFFLINE_DIFFUSION, GSS, GNN, RDP, K_RECIPROCAL,
-                CAS, AQE, AQEWD, DQE, SUPERGLOBAL):
+# the order of a paper's baseline table: search, query expansion, shortlist re-ranking,
+# graph diffusion, learned (the command line and the baseline table list them so)
+for _method in (KNN_SEARCH, AQE, AQEWD, ALPHA_QE, DBA_ALPHA_QE, DQE, SUPERGLOBAL, K_RECIPROCAL, GNN, DIFFUSION, RDP,
+                CAS, OFFLINE_DIFFUSION, FSR, GSS):
     register(_method)
 del _method
 
