@@ -1,8 +1,9 @@
 """Object discovery's region graph at scale, on synthetic feature maps.
 
 Runs the first half of `retrieval_jax.discovery.discover` step by step on N synthetic
-images (`retrieval_jax.discovery.synthetic_batch`: one recurring object and ``clutter``
-blobs of their own per image, about ten EGM regions per image), batch by batch:
+images (`retrieval_jax.discovery.synthetic_batch`: per image one of ``objects``
+recurring objects and ``clutter`` blobs of its own, about nine EGM regions per image),
+batch by batch:
 
 1. pass 1 (`collect_regions`): FS maps, EGM regions, max-pooled regional descriptors;
 2. PCA whitening learned on all regions and applied;
@@ -14,7 +15,7 @@ each with its wall time and peak resident memory, then the whole two-pass `disco
 the FS and OS mass inside the object's box. Quality check at scale: the mean
 centrality of the regions on the object against the others.
 
-    python -m experiments.discovery_scale                 # 11,000 images, ~100,000 regions
+    python -m experiments.discovery_scale                 # 11,200 images, ~100,000 regions
     python -m experiments.discovery_scale --quick         # 300 images, a smoke run
 
 Writes experiments/results/discovery_scale/discovery_scale.json (atomically).
@@ -58,20 +59,21 @@ def _step(rows, name, fn):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=int, default=11_000, help="images of the graph run")
+    p.add_argument("--images", type=int, default=11_200, help="images of the graph run")
     p.add_argument("--discover-images", type=int, default=500, help="images of the end-to-end discover run")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--size", type=int, default=28, help="feature map height = width")
     p.add_argument("--channels", type=int, default=32)
     p.add_argument("--clutter", type=int, default=9, help="clutter blobs per image")
+    p.add_argument("--objects", type=int, default=1000, help="distinct recurring objects, one per image")
     p.add_argument("--capacity", type=int, default=16, help="EGM components per image (static)")
     p.add_argument("--k", type=int, default=10, help="neighbours per region in the graph")
     p.add_argument("--quick", action="store_true", help="300 images, discover on 64: a smoke run")
     p.add_argument("--out", default=str(RESULTS / "discovery_scale"))
     args = p.parse_args(argv)
     if args.quick:
-        args.images, args.discover_images, args.batch_size = 300, 64, 64
-    data = dict(shape=(args.size, args.size), channels=args.channels, clutter=args.clutter)
+        args.images, args.discover_images, args.batch_size, args.objects = 300, 64, 64, 10
+    data = dict(shape=(args.size, args.size), channels=args.channels, clutter=args.clutter, objects=args.objects)
     egm = dict(capacity=args.capacity)
     rows = []
 

@@ -4,8 +4,10 @@ Each image's map A [h, w, C] >= 0 is a sum of Gaussian blobs, each blob a spatia
 Gaussian (standard deviation ``sigma`` cells, cut to 0 beyond 2 sigma) times a sparse non-negative channel
 signature, plus sparse weak background activations:
 
-* the object: ONE signature shared by the collection (up to a small per-image jitter),
-  present in a fraction ``object_rate`` of the images at a random position;
+* the object: one of ``objects`` signatures shared by the collection (up to a small
+  per-image jitter), present in a fraction ``object_rate`` of the images at a random
+  position (with several objects, each image draws one at random: an object then recurs
+  in about N / ``objects`` images);
 * clutter: ``clutter`` blobs per image, each with its own random signature (nothing
   recurs), of the same size and strength as the object.
 
@@ -31,7 +33,8 @@ def _signature(rng, channels: int, active: int) -> np.ndarray:
 
 
 def synthetic_batch(n_images: int, *, shape=(16, 16), channels: int = 32, clutter: int = 2,
-                    object_rate: float = 1.0, sigma: float = 1.5, active: int = 6, jitter: float = 0.05,
+                    objects: int = 1, object_rate: float = 1.0, sigma: float = 1.5, active: int = 6,
+                    jitter: float = 0.05,
                     background: float = 0.02, seed: int = 0, object_seed: int = 12345):
     """One batch of synthetic feature maps.
 
@@ -40,13 +43,14 @@ def synthetic_batch(n_images: int, *, shape=(16, 16), channels: int = 32, clutte
       shape: (h, w) of the maps.
       channels: C.
       clutter: clutter blobs per image, each with a signature of its own.
+      objects: distinct recurring objects (signatures drawn with ``object_seed``).
       object_rate: probability that an image holds the object.
       sigma: blob standard deviation in cells.
       active: channels on in a signature.
       jitter: relative noise on the object's signature per image.
       background: density of weak (0.05-0.15) random background activations.
       seed: seed of this batch (positions, clutter, background).
-      object_seed: seed of the object's signature (the same across batches).
+      object_seed: seed of the objects' signatures (the same across batches).
 
     Returns:
       (maps float32[n, h, w, C], boxes float32[n, 4] the object's box
@@ -56,7 +60,9 @@ def synthetic_batch(n_images: int, *, shape=(16, 16), channels: int = 32, clutte
     n_images = _checks.check_positive_int(n_images, "n_images")
     h, w = (int(v) for v in shape)
     rng = np.random.default_rng(seed)
-    obj = _signature(np.random.default_rng(object_seed), channels, active)
+    objects = _checks.check_positive_int(objects, "objects")
+    obj_rng = np.random.default_rng(object_seed)
+    signatures = [_signature(obj_rng, channels, active) for _ in range(objects)]
     rows, cols = np.mgrid[:h, :w].astype(np.float32)
     maps = np.zeros((n_images, h, w, channels), np.float32)
     boxes = np.zeros((n_images, 4), np.float32)
@@ -76,6 +82,7 @@ def synthetic_batch(n_images: int, *, shape=(16, 16), channels: int = 32, clutte
         blobs = []
         if has[i]:
             y, x = position()
+            obj = signatures[int(rng.integers(objects))] if objects > 1 else signatures[0]
             sig = np.maximum(obj * (1.0 + jitter * rng.standard_normal(channels).astype(np.float32)), 0.0)
             blobs.append((y, x, sig))
             boxes[i] = [max(y - 2 * sigma, 0), max(x - 2 * sigma, 0), min(y + 2 * sigma, h - 1),
