@@ -39,7 +39,7 @@ COLAB = REPO / "colab"
 NOTEBOOKS = sorted(COLAB.glob("*.ipynb"))
 # Notebooks committed executed (outputs, figures, source hashes); a new notebook joins this
 # list once stored with `python tests/test_notebooks.py <name>`.
-STORED = [COLAB / f"{name}.ipynb" for name in ("quickstart", "spectral", "finetuning")]
+STORED = [COLAB / f"{name}.ipynb" for name in ("quickstart", "spectral", "finetuning", "object_discovery")]
 KERNEL = "retrieval-jax-test"
 TIMEOUT = 600   # seconds per cell
 MAX_NOTEBOOK_BYTES = 600_000
@@ -193,6 +193,20 @@ def test_finetuning(tmp_path, monkeypatch):
         # held-out objects (never trained on) are retrieved better after fine-tuning
         # (quick mode measured: 0.962 -> 0.985); the digits fallback promises no transfer
         assert s["heldout_map_after"] > s["heldout_map_before"] + 0.005, s
+    _assert_repo_untouched()
+
+
+@pytest.mark.slow
+def test_object_discovery(tmp_path, monkeypatch):
+    s, elapsed = _execute(COLAB / "object_discovery.ipynb", tmp_path, monkeypatch)
+    print(f"object_discovery: {elapsed:.1f} s")
+    assert s["quick"] is True and s["n_queries"] < s["n_scenes"] and s["regions"] >= s["n_scenes"]
+    # both maps put more of their mass in the object's box than its share of the scene
+    assert 0.0 < s["box_share"] < min(s["fs_precision"], s["os_precision"]) <= 1.0, s
+    names = {key.split("/")[0] for key in s["map"]}
+    assert names == {"MAC", "GeM", "R-MAC", "CroW", "FS.EGM", "OS.EGM"}, names
+    chance = 100 * (s["per_object"] - 1) / (s["n_scenes"] - 1)   # the positives' share: a random ranking's mAP
+    assert all(chance < v <= 100.0 for v in s["map"].values()), s
     _assert_repo_untouched()
 
 
