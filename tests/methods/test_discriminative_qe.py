@@ -119,11 +119,11 @@ def _np_dqe_scores(queries, db, n_pos, n_neg, c, bias, exclude=None):
 
 def test_dqe_method_matches_reference_and_items_exclude_self():
     rng = np.random.default_rng(11)
-    db, q = _unit(rng, 40), _unit(rng, 3)
+    db, q = _unit(rng, 40), _unit(rng, 2)
     cfg = DqeConfig(n_pos=5, n_neg=6, c=1.0, bias=1.0, epochs=800)
     state = DQE.build(db, cfg)
     np.testing.assert_allclose(np.asarray(DQE.search(state, q)), _np_dqe_scores(q, db, 5, 6, 1.0, 1.0), atol=5e-4)
-    ids = np.array([0, 17, 39])
+    ids = np.array([0, 39])
     np.testing.assert_allclose(np.asarray(DQE.search_items(state, ids)),
                                _np_dqe_scores(db[ids], db, 5, 6, 1.0, 1.0, exclude=ids), atol=5e-4)
     np.testing.assert_allclose(np.asarray(discriminative_directions(q, db, 5, 6, 1.0, 800, 1.0)) @ db.T,

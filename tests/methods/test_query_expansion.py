@@ -51,8 +51,8 @@ def _np_rank_expand(v, db, n, decay, exclude=None):
 
 
 # ----------------------------------------------------------------------------- laws
-@settings(max_examples=15, deadline=None)
-@given(seed=st.integers(0, 2**16), n=st.integers(1, 6))
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**16), n=st.sampled_from([2, 6]))
 def test_law_aqe_zero_is_knn_and_decay_one_is_aqe_one(seed, n):
     rng = np.random.default_rng(seed)
     db, q = _unit(rng, 20), _unit(rng, 3)
@@ -80,7 +80,7 @@ def test_decay_weights_by_hand_and_aqewd_two_neighbours():
     np.testing.assert_allclose(np.asarray(average_query_expansion(q, db, 2))[0], ref, atol=1e-6)
 
 
-@pytest.mark.parametrize("n", [0, 1, 4, 8])
+@pytest.mark.parametrize("n", [0, 5])
 def test_aqe_and_aqewd_methods_match_numpy(n):
     rng = np.random.default_rng(20 + n)
     db, q = _unit(rng, 50), _unit(rng, 5)
