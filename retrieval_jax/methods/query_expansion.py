@@ -22,9 +22,10 @@ with the query itself at weight 1, and the ranking by <q', x>. The weights:
     alpha-QE:   w_i = max(s_i, 0)^alpha                  (Radenovic et al.; n = 10, alpha = 3)
 
 AQEwD's weights fall linearly with the rank: 1 for the nearest item, (n - 1) / n
-for the second, ..., 1 / n for the n-th (Gordo et al.'s "weights decreasing with
-the rank", the 0-based w_i = (n - i) / n, i = 0..n-1, of the common code, with the
-query at weight 1). AQE with n = 0 is the kNN search (q' = q / ||q||: the same
+for the second, ..., 1 / n for the n-th (Gordo et al.'s weights decreasing with the
+rank, read here as w_i = (n - i) / n for the i-th nearest, i = 0..n-1, the query at
+weight 1; a reading that counts the query as rank 0 would instead give the n-th
+neighbour weight 0). AQE with n = 0 is the kNN search (q' = q / ||q||: the same
 ranking); AQEwD with n = 1 is AQE with n = 1; alpha-QE with ``alpha = 0`` is AQE
 (0^0 = 1) and a large alpha keeps only the closest neighbours.
 
