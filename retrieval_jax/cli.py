@@ -201,7 +201,7 @@ def _discover_folder(folder: Path, model, extraction, args):
             yield np.asarray(model.features(_fit_image(img, args.max_size)[None]), np.float32)
 
     batches.num_batches = len(paths)
-    found = discovery.discover(batches, k=args.region_k)
+    found = discovery.discover(batches, k=args.region_k, whiten_dim=args.whiten_dim)
     desc = found.descriptors if args.pooling == "os-egm" else found.fs_descriptors
     return extraction.Extracted(desc, tuple(kept), tuple(skipped)), found.num_regions, found.empty_os
 
@@ -250,7 +250,8 @@ def cmd_extract(args, parser) -> int:
                names=np.asarray([_relative_name(n, folder) for n in res.names]),
                config=np.asarray(json.dumps({"model": args.model, "pooling": args.pooling,
                                              "gem_p": args.gem_p, "max_size": args.max_size,
-                                             **({"region_k": args.region_k} if discovered else {})})))
+                                             **({"region_k": args.region_k, "whiten_dim": args.whiten_dim}
+                                                if discovered else {})})))
     print(f"wrote {out}: {res.descriptors.shape[0]} descriptors of dimension "
           f"{res.descriptors.shape[1]}" + (f" ({len(res.skipped)} unreadable images skipped)"
                                            if res.skipped else ""))
@@ -756,6 +757,10 @@ def _add_extract_parser(sub):
                         "summed (two passes over the folder, each image at its own size)")
     e.add_argument("--region-k", type=positive_int, default=10,
                    help="fs-egm / os-egm: neighbours of each region in the folder's region graph")
+    e.add_argument("--whiten-dim", type=positive_int, default=None,
+                   help="fs-egm / os-egm: dimensions kept by the PCA whitening learned on the folder's "
+                        "regions (default: min(channels, regions - 1)); with a few hundred regions a "
+                        "small value such as 64 ranks much better (docs/benchmarks/object_discovery.md)")
     e.add_argument("--gem-p", type=finite_float, default=3.0, help="GeM power p")
     e.add_argument("--max-size", type=positive_int, default=None,
                    help="resize so the longer side is this many pixels (without it: keep the size)")

@@ -181,6 +181,17 @@ def test_egm_poolings_are_the_discovery_drivers_descriptors(scenes, tmp_path):
     assert not np.allclose(_read(tmp_path / "os.npz")[0], _read(tmp_path / "fs.npz")[0])
 
 
+def test_whiten_dim_sets_the_egm_descriptors_dimension(scenes, tmp_path, capsys):
+    cli_run(["extract", scenes, "-o", tmp_path / "w.npz", "--pooling", "os-egm", "--region-k", 2,
+             "--whiten-dim", 3])
+    X, _, config = _read(tmp_path / "w.npz")
+    assert X.shape == (6, 3) and config["whiten_dim"] == 3
+    np.testing.assert_allclose(np.linalg.norm(X, axis=1), 1.0, rtol=1e-4)
+    # more dimensions than the regions have: a clean error
+    cli_fails(["extract", scenes, "-o", tmp_path / "v.npz", "--pooling", "os-egm", "--region-k", 2,
+               "--whiten-dim", 50], capsys, "dim = 50 must lie in")
+
+
 def test_egm_pooling_skips_a_bad_image_once(scenes, tmp_path, capsys):
     (scenes / "broken.png").write_bytes(b"not a png")
     capsys.readouterr()
