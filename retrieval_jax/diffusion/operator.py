@@ -48,8 +48,23 @@ class DiffusionOperator:
         return self.graph.num_nodes
 
     def mv(self, x: jax.Array) -> jax.Array:
-        """M x = x - alpha W x."""
-        return x - self.alpha.astype(x.dtype) * self.graph.matvec(x)
+        """M x = x - alpha W x.
+
+        Under a trace W's leaves pass one ``lax.optimization_barrier`` together with x
+        (a no-op at run time). Inside a solver's while loop x changes every step, so XLA
+        no longer sees W's neighbour-slot columns as loop invariants: it fuses each slot's
+        column into the product instead of hoisting 2 K column slices out of the loop as
+        2 K separate kernels, which roughly halved the kernels of the default search (its
+        compile time: docs/benchmarks/bench_defaults.md, "Compilation").
+        """
+        graph = self.graph
+        if _checks.is_traced(x):
+            leaves, tree = jax.tree_util.tree_flatten(graph)
+            leaves, x_in = jax.lax.optimization_barrier((leaves, x))
+            graph = jax.tree_util.tree_unflatten(tree, leaves)
+        else:
+            x_in = x
+        return x - self.alpha.astype(x.dtype) * graph.matvec(x_in)
 
     def in_layout(self):
         """(P M P^T, layout) when W carries a `LocalityLayout` (`normalize` of a large
