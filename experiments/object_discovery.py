@@ -406,6 +406,12 @@ def claims(rows: list[dict], sal: list[dict]) -> list[str]:
         lines.append(f"- {b}: OS.EGM - R-MAC mAP points: {text}; OS.EGM at least as good as R-MAC: "
                      f"**{'holds' if ranks else 'does not hold'}**; a larger gain under alpha-QE than "
                      f"under kNN: **{'holds' if qe else 'does not hold'}**.")
+        white = {m: table[(b, "OS.EGM", m)] - table[(b, "R-MAC PCA-w", m)] for m in METHOD_NAMES
+                 if (b, "R-MAC PCA-w", m) in table and (b, "OS.EGM", m) in table}
+        if white:
+            lines.append(f"- {b}: against R-MAC whitened as OS.EGM is (R-MAC PCA-w): "
+                         + ", ".join(f"{m} {100 * g:+.2f}" for m, g in white.items())
+                         + f": **{'holds' if all(g >= 0 for g in white.values()) else 'does not hold'}**.")
     return lines + [""]
 
 
