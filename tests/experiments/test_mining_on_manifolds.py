@@ -5,6 +5,8 @@ and a small generated labelled image folder. Checked: the CSV's columns and rows
 off-the-shelf row is the same on a re-evaluation by an independent numpy mAP, the history
 and the plot. The miner itself is tested in tests/training/test_mining.py.
 """
+import json
+
 import numpy as np
 import pytest
 
@@ -31,15 +33,17 @@ def test_labels_file_must_match_the_folder(tmp_path):
 
 
 def _np_map(desc, labels):
-    """Label mAP (%) by brute force: every item against the others, ties broken by index."""
+    """Label mAP (%) by brute force: every item against the others, Oxford AP (Philbin et al.
+    2007: the mean over positives at 0-based ranks r_j of (j / r_j + (j + 1) / (r_j + 1)) / 2)."""
     s = desc @ desc.T
     aps = []
     for q in range(len(desc)):
         others = np.array([j for j in np.argsort(-s[q], kind="stable") if j != q])
-        rel = labels[others] == labels[q]
-        if rel.any():
-            hits = np.cumsum(rel)
-            aps.append(np.mean(hits[rel] / (np.flatnonzero(rel) + 1)))
+        r = np.flatnonzero(labels[others] == labels[q])
+        if r.size:
+            j = np.arange(r.size)
+            p0 = np.where(r == 0, 1.0, j / np.maximum(r, 1))
+            aps.append(np.mean((p0 + (j + 1) / (r + 1)) / 2))
     return 100 * np.mean(aps)
 
 
@@ -51,7 +55,9 @@ def _check_outputs(out, name, epochs):
     hist = read_csv(out / f"{name}_history.csv")
     assert len(hist) == epochs and all(np.isfinite(float(h["mined_loss"])) for h in hist)
     assert_valid_png(out / f"{name}_curves.png")
-    assert (out / "config.json").is_file()
+    summary = json.loads((out / "config.json").read_text())["summary"][name]
+    agreement = summary["initial_mining_label_agreement"]
+    assert agreement["positive_pairs"] > 0 and 0 <= agreement["positives_same_class"] <= 1
     return {(r["method"], r["split"]): float(r["map"]) for r in rows}
 
 
