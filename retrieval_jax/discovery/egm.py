@@ -323,8 +323,14 @@ def region_boxes(regions: Regions, c=2.0, shape=None) -> jax.Array:
     if h < 1 or w < 1:
         raise ValueError(f"shape must be positive, got {shape!r}")
     c = _checks.check_positive(c, "c")
-    half = jnp.maximum(c * regions.sigma, 0.5)
-    r, q = regions.centre[..., 0], regions.centre[..., 1]
+    return _boxes(regions.centre, regions.sigma, regions.valid, jnp.float32(c) if not _checks.is_traced(c) else c,
+                  h=h, w=w)
+
+
+@functools.partial(jax.jit, static_argnames=("h", "w"))
+def _boxes(centre, sigma, valid, c, *, h, w):
+    half = jnp.maximum(c * sigma, 0.5)
+    r, q = centre[..., 0], centre[..., 1]
     boxes = jnp.stack([jnp.clip(r - half, 0.0, h - 1.0), jnp.clip(q - half, 0.0, w - 1.0),
                        jnp.clip(r + half, 0.0, h - 1.0), jnp.clip(q + half, 0.0, w - 1.0)], axis=-1)
-    return jnp.where(regions.valid[..., None], boxes, 0.0).astype(jnp.float32)
+    return jnp.where(valid[..., None], boxes, 0.0).astype(jnp.float32)

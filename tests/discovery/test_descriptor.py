@@ -40,19 +40,20 @@ def test_pooling_inside_boxes_matches_numpy():
 
 
 def test_egm_descriptor_sums_the_whitened_regional_vectors():
-    maps, _, _ = synthetic_batch(2, shape=(16, 16), channels=12, clutter=2, seed=3)
+    # the shapes of test_pipeline's collection: one compiled EGM for both when they share a process
+    maps, _, _ = synthetic_batch(8, shape=(16, 16), channels=24, clutter=2, seed=3)
     fs = maps.sum(axis=-1)
-    w = learn_pca_whitening(np.random.default_rng(1).random((50, 12)), dim=8)
+    w = learn_pca_whitening(np.random.default_rng(1).random((50, 24)), dim=8)
     got, regions = egm_descriptor(maps, fs, w, c=2.0, capacity=8, return_regions=True)
     ref_regions = egm_regions(fs, capacity=8)
     np.testing.assert_array_equal(np.asarray(regions.valid), np.asarray(ref_regions.valid))
     boxes = np.asarray(region_boxes(ref_regions, 2.0, (16, 16)))
-    for b in range(2):
+    for b in range(8):
         vs = [_ref_whiten(w, _ref_pool(maps[b], boxes[b, r])) for r in range(8) if ref_regions.valid[b, r]]
         want = np.sum(vs, axis=0)
         np.testing.assert_allclose(np.asarray(got[b]), want / np.linalg.norm(want), rtol=1e-3, atol=1e-4)
     with pytest.raises(ValueError, match="constant"):
-        egm_descriptor(maps, np.zeros((2, 16, 16)), w)
+        egm_descriptor(maps, np.zeros((8, 16, 16)), w)
     with pytest.raises(ValueError, match="matching"):
         egm_descriptor(maps, fs[:, :8], w)
 
