@@ -259,6 +259,9 @@ def mine_on_manifold(X, *, k: int = 30, gamma: float = 3.0, alpha: float = 0.99,
         pool = np.ones(n, bool)
     else:
         anchors = random_walk_anchors(graph, num_anchors, iterations=walk_iterations)
+        if anchors.size == 0:
+            raise ValueError("the stationary vector has no strict local maximum on the largest component "
+                             "(a regular graph: every node ties); use num_anchors=None (every item an anchor)")
         pool = np.zeros(n, bool)
         pool[_largest_component(graph)] = True
     size = int(pool.sum())
@@ -459,7 +462,8 @@ def finetune_mined(feature_maps, *, epochs: int = 10, steps_per_epoch: int | Non
       margin: triplet margin on squared distances (0.5), or contrastive margin.
       loss: "triplet" or "contrastive".
       negatives: negatives per anchor and step, at most the negative pool size.
-      remine: mine again from the current descriptors at every epoch.
+      remine: mine again from the current descriptors at every epoch (the previous
+        tuples stay if the new ones hold no positive pair).
       k: kNN graph neighbours of the mining.
       gamma: affinity exponent of the mining graph.
       alpha: diffusion parameter of the mining.
@@ -518,7 +522,9 @@ def finetune_mined(feature_maps, *, epochs: int = 10, steps_per_epoch: int | Non
     history = {"loss": [], "epoch_loss": [], "positives": [], "callback": []}
     for epoch in range(int(epochs)):
         if epoch and remine:
-            mined = mine(np.asarray(desc))
+            fresh = mine(np.asarray(desc))
+            if bool(np.asarray(fresh.positive_mask).any()):   # else keep the previous tuples
+                mined = fresh
         history["positives"].append(int(np.asarray(mined.positive_mask).sum()))
         neg_idx, neg_ok = _rank_negatives(desc, mined, negatives=int(negatives))
         steps = steps_per_epoch or max(1, math.ceil(mined.num_anchors / batch))
