@@ -1,10 +1,31 @@
 """Regional pooling, the EGM descriptor and saliency precision against numpy and hand counts."""
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from retrieval_jax.descriptors import learn_pca_whitening
 from retrieval_jax.discovery import (egm_descriptor, egm_regions, pool_regions, region_boxes, saliency_precision,
                                      synthetic_batch)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2 ** 31 - 1), r0=st.integers(0, 5), c0=st.integers(0, 6), dr=st.integers(0, 5),
+       dc=st.integers(0, 6), cut=st.integers(0, 5))
+def test_precision_is_a_share_and_adds_over_disjoint_boxes(seed, r0, c0, dr, dc, cut):
+    """Law: in [0, 1], 1 on the whole map, and additive over a box split into two along a row."""
+    s = np.random.default_rng(seed).random((6, 7)).astype(np.float32)
+    r1, c1 = min(r0 + dr, 5), min(c0 + dc, 6)
+    box = np.array([r0, c0, r1, c1], np.float32)
+    whole = float(saliency_precision(s, box))
+    assert 0.0 <= whole <= 1.0
+    assert float(saliency_precision(s, np.array([0, 0, 5, 6.0]))) == pytest.approx(1.0, abs=1e-6)
+    np.testing.assert_allclose(whole, s[r0:r1 + 1, c0:c1 + 1].sum() / s.sum(), rtol=1e-5)
+    m = r0 + cut
+    if m < r1:
+        top = float(saliency_precision(s, np.array([r0, c0, m, c1], np.float32)))
+        bottom = float(saliency_precision(s, np.array([m + 1, c0, r1, c1], np.float32)))
+        assert top + bottom == pytest.approx(whole, rel=1e-5, abs=1e-7)
 
 
 def _ref_pool(a, box, p=None):
@@ -76,3 +97,4 @@ def test_saliency_precision_by_hand():
         saliency_precision(np.zeros((4, 4)), np.array([0, 0, 1, 1.0]))
     with pytest.raises(ValueError, match="row_min <= row_max"):
         saliency_precision(s, np.array([2, 0, 1, 1.0]))
+
