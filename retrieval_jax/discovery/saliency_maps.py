@@ -88,7 +88,7 @@ def feature_saliency_map(feature_maps, eps=1e-6) -> jax.Array:
 
     Args:
       feature_maps: float[h, w, C] or a batch float[..., h, w, C] (the weights are per
-        image; vmapped in one program).
+        image; batched in one program).
       eps: > 0; a channel positive at every position gets w = -log(1 + eps) ~ 0, one
         never positive w = -log(eps) (it contributes nothing: its activations are 0).
 
