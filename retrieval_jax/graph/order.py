@@ -231,8 +231,11 @@ def locality_layout(graph: Graph, *, method: str = "aggregation") -> LocalityLay
 def _layout(graph: Graph, order: np.ndarray) -> LocalityLayout:
     inverse = np.argsort(order)
     indices = inverse[np.asarray(graph.indices)[order]]
-    return LocalityLayout(order=jnp.asarray(order, jnp.int32), inverse=jnp.asarray(inverse, jnp.int32),
-                          indices=jnp.asarray(indices, jnp.int32))
+    # cast on the host and transferred: jnp.asarray(int64 array, jnp.int32) compiles an eager
+    # convert (and jnp.asarray a staging program) per shape
+    return LocalityLayout(order=jax.device_put(np.asarray(order, np.int32)),
+                          inverse=jax.device_put(np.asarray(inverse, np.int32)),
+                          indices=jax.device_put(np.asarray(indices, np.int32)))
 
 
 def with_locality(graph: NormalizedGraph, *, method: str = "aggregation") -> NormalizedGraph:

@@ -186,8 +186,10 @@ def bucket_size(nq: int) -> int:
 def padded(fn: Callable[[Any, jax.Array], jax.Array]) -> Callable[[Any, jax.Array], jax.Array]:
     """Wrap a jitted ``fn(state, batch)`` so concrete batches are padded to `bucket_size`.
 
-    Padding rows repeat the first row; their outputs are dropped. Under a trace the
-    batch passes through unchanged (its size is already fixed by the caller).
+    Padding rows repeat the first row; their outputs are dropped. The batch (queries
+    [nq, d] or ids [nq], small) is padded on the host, so a new batch size compiles no
+    eager padding ops. Under a trace the batch passes through unchanged (its size is
+    already fixed by the caller).
     """
     def run(state, batch):
         if _checks.is_traced(batch) or batch.shape[0] == 0:
@@ -195,8 +197,9 @@ def padded(fn: Callable[[Any, jax.Array], jax.Array]) -> Callable[[Any, jax.Arra
         nq = batch.shape[0]
         size = bucket_size(nq)
         if size != nq:
-            pad = jnp.broadcast_to(batch[:1], (size - nq,) + batch.shape[1:])
-            batch = jnp.concatenate([batch, pad.astype(batch.dtype)])
+            rows = np.asarray(batch)
+            pad = np.broadcast_to(rows[:1], (size - nq,) + rows.shape[1:])
+            batch = jax.device_put(np.concatenate([rows, pad]))   # a transfer; jnp.asarray compiles per shape
         return fn(state, batch)[:nq]
     return run
 

@@ -313,8 +313,11 @@ class UnreachedQueryWarning(RuntimeWarning):
 
 @jax.jit
 def _zero_rows(scores):
-    """bool[nq]: rows of ``scores`` that are all zero (one fused program, not two eager ops)."""
-    return jnp.all(scores == 0, axis=1)
+    """bool[nq]: rows of ``scores`` that are all zero (one fused program, not two eager ops).
+
+    max |x| == 0 rather than all(x == 0): the same rows (NaN rows are not zero either
+    way), and a float max reduction compiles several times faster than a boolean one."""
+    return jnp.max(jnp.abs(scores), axis=1) == 0
 
 
 def _search_warning_unreached(search):
