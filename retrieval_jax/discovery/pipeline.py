@@ -22,6 +22,7 @@ Each pass shows a progress bar.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Callable, Iterable
 
 import jax
@@ -37,7 +38,7 @@ from .egm import Regions, egm_regions_traced
 from .regions import other_image_neighbours, region_centrality, region_graph
 from .saliency_maps import check_feature_maps, feature_saliency_map, object_saliency
 
-__all__ = ["CollectedRegions", "Discovery", "collect_regions", "discover", "feature_map_batches"]
+__all__ = ["CollectedRegions", "Discovery", "collect_regions", "discover", "feature_map_batches", "whitening_dim"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,6 +203,21 @@ def collect_regions(feature_maps, *, batch_size: int = 32, c: float = 2.0, p: fl
                             num_images=n_images)
 
 
+def whitening_dim(channels: int, num_regions: int, requested: int | None = None) -> int:
+    """The PCA-whitening dimension `discover` learns on ``num_regions`` regions of
+    ``channels`` channels: ``requested`` (lowered to num_regions - 1 with a warning: PCA on
+    R samples has at most R - 1 directions), else min(C, R - 1, max(32, R // 8)), at least 1."""
+    most = max(1, int(num_regions) - 1)
+    if requested is None:
+        return max(1, min(int(channels), most, max(32, int(num_regions) // 8)))
+    requested = _checks.check_positive_int(requested, "whiten_dim")
+    if requested > most:
+        warnings.warn(f"whiten_dim = {requested} exceeds the {most} directions that {num_regions} regions "
+                      f"span; whitening to {most}", RuntimeWarning, stacklevel=3)
+        return most
+    return requested
+
+
 def discover(feature_maps, *, batch_size: int = 32, k: int = 10, gamma: float = 3.0, alpha: float = 0.99,
              os_neighbours: int = 10, c: float = 2.0, p: float | None = None, whiten: bool = True,
              whiten_dim: int | None = None, shrinkage: float = 0.0, same_image_edges: bool = False,
@@ -222,7 +238,10 @@ def discover(feature_maps, *, batch_size: int = 32, k: int = 10, gamma: float = 
       c: region box half-width in standard deviations (`region_boxes`).
       p: None for max-pooled regions (the paper's), else the GeM exponent.
       whiten: learn PCA whitening on the regions (the paper's); False keeps raw L2 vectors.
-      whiten_dim: whitened dimension (default min(C, R - 1)).
+      whiten_dim: whitened dimension; default min(C, R - 1, max(32, R // 8)) for R regions
+        (`whitening_dim`: at least 8 regions per learned dimension beyond the first 32;
+        on a few hundred regions the full min(C, R - 1) whitening fits noise and ranks
+        near chance). A value above R - 1 is lowered to R - 1 with a warning.
       shrinkage: covariance shrinkage of the whitening (`learn_pca_whitening`).
       same_image_edges: keep graph edges between regions of one image (default dropped).
       fs_eps: eps of the FS channel weights.
@@ -258,7 +277,7 @@ def discover(feature_maps, *, batch_size: int = 32, k: int = 10, gamma: float = 
 
     whitening = None
     if whiten:
-        dim = min(channels, raw.shape[0] - 1) if whiten_dim is None else whiten_dim
+        dim = whitening_dim(channels, raw.shape[0], whiten_dim)
         whitening = learn_pca_whitening(raw, dim=dim, shrinkage=shrinkage)
         v = np.asarray(apply_whitening(whitening, raw))
     else:

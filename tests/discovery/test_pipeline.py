@@ -60,3 +60,16 @@ def test_bad_collections_get_clear_errors(collection):
         discover(iter([maps]), **OPTIONS)
     with pytest.raises(ValueError, match="empty"):
         discover([], **OPTIONS)
+
+
+def test_whitening_dim_keeps_eight_regions_per_dimension_and_lowers_what_pca_cannot_learn():
+    from retrieval_jax.discovery import whitening_dim
+    assert whitening_dim(1280, 555) == 69            # R // 8 on a few hundred regions
+    assert whitening_dim(1280, 100_000) == 1280      # every channel on a large collection
+    assert whitening_dim(1280, 100) == 32            # at least 32 where the regions span them
+    assert whitening_dim(24, 24) == 23 and whitening_dim(64, 5) == 4
+    assert whitening_dim(1280, 555, 64) == 64
+    with pytest.warns(RuntimeWarning, match="exceeds the 554 directions"):
+        assert whitening_dim(1280, 555, 600) == 554
+    with pytest.raises(ValueError):
+        whitening_dim(1280, 555, 0)
