@@ -29,9 +29,12 @@ except ImportError:  # hypothesis is a test extra
 # missing from the list only runs later; the order of the tests inside a file never changes.
 HEAVY_FIRST = ("test_spectral_experiment.py", "test_experiments.py", "test_notebooks.py",
                "test_learn_diffusion.py", "test_finetune.py", "test_feature_experiments.py",
-               "test_bench_converged.py", "test_bench_defaults.py", "test_multiprocess.py",
+               "test_bench_converged.py", "test_bench_defaults.py", "test_object_discovery.py",
+               "test_gss_vs_diffusion.py", "test_baseline_table.py", "test_mining_on_manifolds.py",
+               "test_discovery_scale.py", "test_multiprocess.py",
                "test_manifold_ranking.py", "test_backbones.py", "test_composable.py", "test_fsr.py",
-               "test_cli.py", "test_build_search.py", "test_components.py", "test_cli_defaults.py",
+               "test_cli.py", "test_build_search.py", "test_mining.py", "test_cluster_aware.py", "test_gss.py",
+               "test_cli_pooling.py", "test_components.py", "test_cli_defaults.py",
                "test_preconditioned.py", "test_offline.py", "test_learned_diffusion.py",
                "test_pooling.py", "test_neighbours.py")
 
