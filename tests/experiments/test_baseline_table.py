@@ -96,3 +96,26 @@ def test_ranking_order_ties_exclusion_and_unreached():
     sims = np.array([[0.9, 0.2, 0.1, 0.8]])
     assert _ranked(ranking_key(scores, sims, 0.1), 4).tolist() == [[0, 2, 3, 1]]
     assert _ranked(ranking_key(scores, sims, None), 4).tolist() == [[0, 2, 1, 3]]
+
+
+def test_outputs_read_back_for_resume(tmp_path):
+    from experiments.baseline_table import _earlier_rows, quality_text, write_outputs
+    rows = [{"dataset": "coil20", "n": 1440, "queries": 1440, "method": "knn", "status": "ok", "mAP": 61.5,
+             "ms_per_query": 0.19, "offline_s": 0.2, "peak_mb": 63.0, "note": ""},
+            {"dataset": "revisited", "n": 5000, "queries": 70, "method": "knn", "status": "ok", "mAP_easy": 98.0,
+             "mAP_medium": 77.5, "mAP_hard": 40.25, "ms_per_query": 0.02, "offline_s": 0.1, "peak_mb": 30.0,
+             "note": "a | b"},
+            {"dataset": "revisited", "n": 5000, "queries": 70, "method": "fsr", "status": "stopped",
+             "note": "still running after 600 s (--timeout)"}]
+    for r in rows:
+        r["quality"] = quality_text(r)
+    assert [r["quality"] for r in rows] == ["mAP 61.50", "E 98.00 / M 77.50 / H 40.25", ""]
+    write_outputs(tmp_path, rows, "# t")
+    back = _earlier_rows(tmp_path / "baseline_table.csv")
+    assert list(back) == [("coil20", None, "knn"), ("revisited", 5000, "knn"), ("revisited", 5000, "fsr")]
+    for r in rows:
+        b = back[(r["dataset"], r["n"] if r["dataset"] == "revisited" else None, r["method"])]
+        assert {k: v for k, v in b.items() if v is not None} == {k: v for k, v in r.items() if v != ""}
+    md = (tmp_path / "baseline_table.md").read_text()
+    assert "| revisited | 5,000 | fsr |  |  |  |  | **stopped**: still running after 600 s" in md
+    assert "a / b" in md  # a note cannot break the table
