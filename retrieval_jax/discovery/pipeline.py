@@ -206,11 +206,15 @@ def collect_regions(feature_maps, *, batch_size: int = 32, c: float = 2.0, p: fl
 def whitening_dim(channels: int, num_regions: int, requested: int | None = None) -> int:
     """The PCA-whitening dimension `discover` learns on ``num_regions`` regions of
     ``channels`` channels: ``requested`` (lowered to num_regions - 1 with a warning: PCA on
-    R samples has at most R - 1 directions), else min(C, R - 1, max(32, R // 8)), at least 1."""
+    R samples has at most R - 1 directions; one above C is refused), else
+    min(C, R - 1, max(32, R // 8)), at least 1."""
     most = max(1, int(num_regions) - 1)
     if requested is None:
         return max(1, min(int(channels), most, max(32, int(num_regions) // 8)))
     requested = _checks.check_positive_int(requested, "whiten_dim")
+    if requested > int(channels):
+        raise ValueError(f"whiten_dim = {requested} exceeds the {channels} channels of the feature maps; "
+                         f"choose whiten_dim <= {channels}")
     if requested > most:
         warnings.warn(f"whiten_dim = {requested} exceeds the {most} directions that {num_regions} regions "
                       f"span; whitening to {most}", RuntimeWarning, stacklevel=3)

@@ -187,9 +187,9 @@ def test_whiten_dim_sets_the_egm_descriptors_dimension(scenes, tmp_path, capsys)
     X, _, config = _read(tmp_path / "w.npz")
     assert X.shape == (6, 3) and config["whiten_dim"] == 3
     np.testing.assert_allclose(np.linalg.norm(X, axis=1), 1.0, rtol=1e-4)
-    # more dimensions than the regions have: a clean error
+    # more dimensions than the feature maps have channels: a clean error
     cli_fails(["extract", scenes, "-o", tmp_path / "v.npz", "--pooling", "os-egm", "--region-k", 2,
-               "--whiten-dim", 50], capsys, "dim = 50 must lie in")
+               "--whiten-dim", 50], capsys, "whiten_dim = 50 exceeds the 8 channels")
 
 
 def test_egm_pooling_skips_a_bad_image_once(scenes, tmp_path, capsys):

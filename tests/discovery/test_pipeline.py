@@ -73,3 +73,5 @@ def test_whitening_dim_keeps_eight_regions_per_dimension_and_lowers_what_pca_can
         assert whitening_dim(1280, 555, 600) == 554
     with pytest.raises(ValueError):
         whitening_dim(1280, 555, 0)
+    with pytest.raises(ValueError, match="exceeds the 8 channels"):
+        whitening_dim(8, 555, 9)
