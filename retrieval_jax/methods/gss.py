@@ -232,7 +232,7 @@ def gss_loss(embeddings, beta, *, block_size: int | None = None) -> jax.Array:
         rows = jnp.pad(e, ((0, nb * b - n), (0, 0))).reshape(nb, b, d)
         valid = (jnp.arange(nb * b) < n).reshape(nb, b)
         total = jnp.sum(jax.lax.map(jax.checkpoint(lambda a: block_sum(*a)), (rows, valid)))
-    return -0.5 * total / (n * n)
+    return -0.5 * total / (float(n) * float(n))  # a float: n * n overflows int32 past n = 46,340
 
 
 def gss_objective(params, graphdef, graph: Graph, features, beta, layer_decay=0.3, weight_decay=1e-5, *,
