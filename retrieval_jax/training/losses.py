@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from .._precision import HIGHEST as _HIGHEST
 from .. import _checks
 
-__all__ = ["contrastive_loss", "triplet_loss", "mine_hard_negatives"]
+__all__ = ["check_triplets", "contrastive_loss", "triplet_loss", "mine_hard_negatives"]
 
 
 
@@ -68,6 +68,21 @@ def contrastive_loss(a, b, target, margin: float = 0.7, mask=None) -> jax.Array:
     return _masked_mean(target * sq + (1.0 - target) * hinge ** 2, mask)
 
 
+def check_triplets(anchor, positive, negative):
+    """(anchor [P, D], positive [P, D], negative [P, K, D]) as float arrays, a negative
+    [P, D] given one per anchor (K = 1); a ValueError naming the shapes otherwise."""
+    anchor, positive, negative = _f32(anchor), _f32(positive), _f32(negative)
+    if anchor.ndim != 2 or positive.shape != anchor.shape:
+        raise ValueError(f"anchor and positive must both be [P, D] with the same shape, got "
+                         f"{anchor.shape} and {positive.shape}")
+    if negative.ndim == 2:
+        negative = negative[:, None, :]
+    if negative.ndim != 3 or negative.shape[0] != anchor.shape[0] or negative.shape[2] != anchor.shape[1]:
+        raise ValueError(f"negative must be [P, D] or [P, K, D] with P = {anchor.shape[0]}, "
+                         f"D = {anchor.shape[1]}, got {negative.shape}")
+    return anchor, positive, negative
+
+
 def triplet_loss(anchor, positive, negative, margin: float = 0.1, mask=None) -> jax.Array:
     """Triplet loss of Schroff et al. (2015), mean over triplets.
 
@@ -83,15 +98,7 @@ def triplet_loss(anchor, positive, negative, margin: float = 0.1, mask=None) -> 
     Returns:
       float32 scalar.
     """
-    anchor, positive, negative = _f32(anchor), _f32(positive), _f32(negative)
-    if anchor.ndim != 2 or positive.shape != anchor.shape:
-        raise ValueError(f"anchor and positive must both be [P, D] with the same shape, got "
-                         f"{anchor.shape} and {positive.shape}")
-    if negative.ndim == 2:
-        negative = negative[:, None, :]
-    if negative.ndim != 3 or negative.shape[0] != anchor.shape[0] or negative.shape[2] != anchor.shape[1]:
-        raise ValueError(f"negative must be [P, D] or [P, K, D] with P = {anchor.shape[0]}, "
-                         f"D = {anchor.shape[1]}, got {negative.shape}")
+    anchor, positive, negative = check_triplets(anchor, positive, negative)
     _check_margin(margin)
     d_pos = jnp.sum((anchor - positive) ** 2, axis=-1)  # [P]
     d_neg = jnp.sum((anchor[:, None, :] - negative) ** 2, axis=-1)  # [P, K]

@@ -54,6 +54,7 @@ from .._progress import progress
 from ..diffusion import CG, SparseObservation, diffusion_operator, solve
 from ..graph import Graph, connected_components, knn_graph, normalize
 from .finetune import embed_with_head, init_head
+from .losses import check_triplets
 from .step import TrainState, make_train_step
 
 __all__ = ["MinedTuples", "mine_on_manifold", "random_walk_anchors", "stationary_distribution",
@@ -298,15 +299,8 @@ def _f32(x) -> jax.Array:
 
 
 def _check_tuples(anchor, positive, negative, weight, margin):
-    anchor, positive, negative, weight = _f32(anchor), _f32(positive), _f32(negative), _f32(weight)
-    if anchor.ndim != 2 or positive.shape != anchor.shape:
-        raise ValueError(f"anchor and positive must both be [P, D] with the same shape, got "
-                         f"{anchor.shape} and {positive.shape}")
-    if negative.ndim == 2:
-        negative = negative[:, None, :]
-    if negative.ndim != 3 or negative.shape[0] != anchor.shape[0] or negative.shape[2] != anchor.shape[1]:
-        raise ValueError(f"negative must be [P, D] or [P, K, D] with P = {anchor.shape[0]}, "
-                         f"D = {anchor.shape[1]}, got {negative.shape}")
+    anchor, positive, negative = check_triplets(anchor, positive, negative)
+    weight = _f32(weight)
     if weight.shape != anchor.shape[:1]:
         raise ValueError(f"weight must be [P] = {anchor.shape[:1]}, got {weight.shape}")
     if isinstance(margin, (int, float)) and not margin >= 0:
