@@ -165,6 +165,7 @@ def _scene_maps(folder):
                            for p in sorted(folder.glob("s*.png"))])
 
 
+@pytest.mark.slow  # end to end: make test-slow
 def test_egm_poolings_are_the_discovery_drivers_descriptors(scenes, tmp_path):
     from retrieval_jax.discovery import discover
     cli_run(["extract", scenes, "-o", tmp_path / "os.npz", "--pooling", "os-egm", "--region-k", 2])

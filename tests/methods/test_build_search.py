@@ -82,6 +82,7 @@ def test_bad_config_and_queries():
         DIFFUSION.build(x, DiffusionConfig(k=5, query_k=10, truncate=5))
 
 
+@pytest.mark.slow  # end to end: make test-slow
 def test_diffusion_beats_knn_on_coil20():
     root = require_data("coil20")
     data = load_coil20(root, size=32)

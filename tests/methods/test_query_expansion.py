@@ -187,6 +187,7 @@ def test_state_is_pytree_with_static_config_and_search_jits():
         assert method.search(state, q).dtype == np.float32
 
 
+@pytest.mark.slow  # end to end: make test-slow
 def test_qe_improves_knn_on_digits():
     data = load_digits()
     full = np.arange(len(data.X))

@@ -201,6 +201,7 @@ def test_one_training_step_lowers_the_weighted_loss():
     assert float(before) > 0 and float(after) < float(before)
 
 
+@pytest.mark.slow  # end to end: make test-slow
 def test_finetune_mined_trains_and_reports():
     maps = _maps()
     seen = []
