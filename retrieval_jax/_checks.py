@@ -146,6 +146,17 @@ def check_positive(value, name: str):
     return value
 
 
+def check_nonnegative(value, name: str, what: str = "a finite number >= 0") -> float:
+    """A concrete Python float that is finite and >= 0 (booleans refused): an exponent or
+    weight that 0 switches off (alpha-QE's alpha, SuperGlobal's beta)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    value = _as_float(value, name)
+    if not np.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be {what}, got {value}")
+    return value
+
+
 def _as_float(value, name: str) -> float:
     """A Python float from a real scalar (Python, numpy or a concrete 0-d JAX array)."""
     shape = np.shape(value)

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import NamedTuple
 
 import jax
@@ -213,16 +212,11 @@ def discriminative_directions(queries, database, n_pos: int = 20, n_neg: int = 2
 
 # ----------------------------------------------------------------------------- validation
 def _check_values(c, bias, prefix: str = ""):
-    out = []
-    for name, value, positive in (("c", c, True), ("bias", bias, False)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
-            raise TypeError(f"{prefix}{name} must be a number, got {value!r}")
-        value = float(value)
-        if not math.isfinite(value) or (value <= 0 if positive else value < 0):
-            what = "> 0" if positive else ">= 0"
-            raise ValueError(f"{prefix}{name} must be a finite number {what}, got {value}")
-        out.append(value)
-    return out
+    """(C > 0, bias >= 0) as finite Python floats."""
+    c = _checks.check_nonnegative(c, prefix + "c")
+    if c == 0:
+        raise ValueError(f"{prefix}c must be a finite number > 0, got {c}")
+    return c, _checks.check_nonnegative(bias, prefix + "bias")
 
 
 def _check_static(static: "DqeStatic", n_db: int, *, items: bool, prefix: str = "") -> None:

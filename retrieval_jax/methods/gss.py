@@ -402,10 +402,7 @@ class GssConfig:
             raise ValueError(f"GssConfig.k counts the item itself and must be >= 2, got {self.k}")
         _checks.check_positive(self.lr, "GssConfig.lr")
         for name in ("layer_decay", "init_std", "weight_decay"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-                    or not np.isfinite(value) or value < 0:
-                raise ValueError(f"GssConfig.{name} must be finite and >= 0, got {value}")
+            _checks.check_nonnegative(getattr(self, name), f"GssConfig.{name}")
         p = self.beta_percentile
         if isinstance(p, bool) or not isinstance(p, (int, float, np.integer, np.floating)) or not 0 <= p <= 100:
             raise ValueError(f"GssConfig.beta_percentile must lie in [0, 100], got {p}")

@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -73,6 +72,7 @@ __all__ = [
 ]
 
 _EPS = 1e-12
+_EXPONENT = "a finite exponent >= 0 (0 = average query expansion)"
 
 
 # ----------------------------------------------------------------------------- validation
@@ -86,19 +86,6 @@ def _check_n(n, n_db: int, name: str = "n") -> int:
         raise ValueError(f"{name} = {n} neighbours needs a database of more than {n} items, got "
                          f"{n_db}; choose {name} <= {n_db - 1}")
     return n
-
-
-def _check_alpha_exponent(alpha, name: str = "alpha") -> float:
-    if isinstance(alpha, bool):
-        raise TypeError(f"{name} must be a number, got {alpha!r}")
-    try:
-        alpha = float(alpha)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{name} must be a number, got {alpha!r}") from exc
-    if not math.isfinite(alpha) or alpha < 0:
-        raise ValueError(f"{name} must be a finite exponent >= 0 (0 = average query expansion), "
-                         f"got {alpha}")
-    return alpha
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -204,7 +191,7 @@ def alpha_query_expansion(queries, database, n: int = 10, alpha: float = 3.0) ->
     db = _checks.as_matrix(database, "database")
     _checks.check_same_dim(q, db, "queries", "database")
     n = _check_n(n, db.shape[0])
-    alpha = _check_alpha_exponent(alpha)
+    alpha = _checks.check_nonnegative(alpha, "alpha", _EXPONENT)
     return _alpha_qe(jnp.asarray(q), jnp.asarray(db), n, jnp.float32(alpha))
 
 
@@ -288,7 +275,7 @@ def database_augmentation(database, n: int = 10, alpha: float = 3.0, *,
     """
     db = _checks.as_matrix(database, "database")
     n = _check_n(n, db.shape[0])
-    alpha = _check_alpha_exponent(alpha)
+    alpha = _checks.check_nonnegative(alpha, "alpha", _EXPONENT)
     s, i = knn(db, db, n, exclude_self=True, show_progress=show_progress)
     dbj = jnp.asarray(db)
     return expand(dbj, s, i, dbj, jnp.float32(alpha))
@@ -307,7 +294,7 @@ class AlphaQEConfig:
 
     def __post_init__(self):
         _checks.check_positive_int(self.n, "AlphaQEConfig.n")
-        _check_alpha_exponent(self.alpha, "AlphaQEConfig.alpha")
+        _checks.check_nonnegative(self.alpha, "AlphaQEConfig.alpha", _EXPONENT)
 
 
 @database_state
@@ -457,7 +444,7 @@ class DbaQEConfig:
         if not _checks.is_int(self.qe_n) or self.qe_n < 0:
             raise ValueError(f"DbaQEConfig.qe_n must be an int >= 0 (0 = no query expansion), "
                              f"got {self.qe_n!r}")
-        _check_alpha_exponent(self.alpha, "DbaQEConfig.alpha")
+        _checks.check_nonnegative(self.alpha, "DbaQEConfig.alpha", _EXPONENT)
 
 
 @database_state

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import NamedTuple
 
 import jax
@@ -148,23 +147,11 @@ def superglobal_rerank(queries, database, m: int = 400, k: int = 9, beta: float 
     db = _checks.as_matrix(database, "database")
     _checks.check_same_dim(q, db, "queries", "database")
     _check_static(SuperGlobalStatic(m, k), db.shape[0], items=False)
-    beta = _check_beta(beta)
+    beta = _checks.check_nonnegative(beta, "beta")
     return _rerank_jit(jnp.asarray(q), jnp.asarray(db), m, k, jnp.float32(beta))
 
 
 # ----------------------------------------------------------------------------- validation
-def _check_beta(beta, name: str = "beta") -> float:
-    if isinstance(beta, bool):
-        raise TypeError(f"{name} must be a number, got {beta!r}")
-    try:
-        beta = float(beta)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{name} must be a number, got {beta!r}") from exc
-    if not math.isfinite(beta) or beta < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {beta}")
-    return beta
-
-
 def _check_static(static: "SuperGlobalStatic", n_db: int, *, items: bool, prefix: str = "") -> None:
     for name in SuperGlobalStatic._fields:
         _checks.check_positive_int(getattr(static, name), prefix + name)
@@ -199,7 +186,7 @@ class SuperGlobalConfig:
             _checks.check_positive_int(getattr(self, name), f"SuperGlobalConfig.{name}")
         if self.k >= self.m:
             raise ValueError(f"SuperGlobalConfig.k = {self.k} must be < SuperGlobalConfig.m = {self.m}")
-        _check_beta(self.beta, "SuperGlobalConfig.beta")
+        _checks.check_nonnegative(self.beta, "SuperGlobalConfig.beta")
 
 
 class SuperGlobalStatic(NamedTuple):
