@@ -47,15 +47,17 @@ def query_label_map(scores, q_labels, db_labels, *, top: int | None = None) -> f
 
 
 # ----------------------------------------------------------------------------- command lines
-def label_experiment_parser(doc: str, *, out: str, quick: str):
+def label_experiment_parser(doc: str, *, out: str, quick: str, datasets=None,
+                            datasets_help: str = "label data sets (default: digits and every one found "
+                                                 "in the data dir)"):
     """The flags of an experiment over the label data sets: --out, --quick (``quick``
-    says what it shrinks), --datasets and --data-dir. Parse with `parse_experiment_args`."""
+    says what it shrinks), --datasets (among ``datasets``, default every label data set) and --data-dir. Parse with
+    `parse_experiment_args`."""
     import argparse
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=out, help="output folder")
     p.add_argument("--quick", action="store_true", help=quick)
-    p.add_argument("--datasets", nargs="+", choices=LABEL_DATASETS, default=None,
-                   help="label data sets (default: digits and every one found in the data dir)")
+    p.add_argument("--datasets", nargs="+", choices=datasets or LABEL_DATASETS, default=None, help=datasets_help)
     p.add_argument("--data-dir", default=None, help="folder holding coil20/ and mpeg7/")
     return p
 

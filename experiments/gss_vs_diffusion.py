@@ -44,7 +44,6 @@ training objective), ``diffusion_grid.csv`` (every k x alpha cell on both halves
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 import time
@@ -53,7 +52,8 @@ from pathlib import Path
 import numpy as np
 
 from experiments import learn_diffusion
-from experiments.common import pyplot, save_figure, versions, write_csv, write_json, write_text
+from experiments.common import (label_experiment_parser, parse_experiment_args, pyplot, save_figure, versions,
+                                write_csv, write_json, write_text)
 from retrieval_jax.data import default_data_dir
 from retrieval_jax.graph import knn_graph
 from retrieval_jax.methods import DIFFUSION, DiffusionConfig, diffusion_state_from_graph
@@ -263,15 +263,10 @@ def run(out="results/gss_vs_diffusion", *, quick=False, datasets=None, data_dir=
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true",
-                   help="COIL-20 only, every 2nd pose, GSS lr 1e-3 for 20 epochs, a 2 x 3 diffusion grid")
-    p.add_argument("--out", default="results/gss_vs_diffusion", help="output folder")
-    p.add_argument("--datasets", nargs="+", choices=("coil20", "mpeg7"), default=None)
-    p.add_argument("--data-dir", default=None, help="folder holding coil20/ and mpeg7/")
-    a = p.parse_args(argv)
-    if a.data_dir is not None and not Path(a.data_dir).is_dir():
-        p.error(f"--data-dir {a.data_dir} is not a directory")
+    p = label_experiment_parser(__doc__.split("\n")[0], out="results/gss_vs_diffusion", datasets=("coil20", "mpeg7"),
+                                quick="COIL-20 only, every 2nd pose, GSS lr 1e-3 for 20 epochs, a 2 x 3 diffusion grid",
+                                datasets_help="coil20 and / or mpeg7 (default: both)")
+    a = parse_experiment_args(p, argv)
     run(a.out, quick=a.quick, datasets=a.datasets, data_dir=a.data_dir)
 
 

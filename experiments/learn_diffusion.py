@@ -50,7 +50,6 @@ for an independent re-evaluation) and ``config.json``.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -65,6 +64,7 @@ import jax.numpy as jnp
 import optax
 
 from experiments import ablation_grid
+from experiments.common import label_experiment_parser, parse_experiment_args
 from retrieval_jax._progress import progress
 from retrieval_jax.data import atomic_write, default_data_dir, load_mpeg7, write_csv
 from retrieval_jax.diffusion import ranking_from_scores
@@ -437,14 +437,11 @@ def run(out="results/learn_diffusion", *, quick=False, datasets=None, steps=None
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true",
-                   help="COIL-20 only, every 2nd pose, 12 steps, a 3 x 2 grid, tol 1e-5")
-    p.add_argument("--out", default="results/learn_diffusion")
-    p.add_argument("--datasets", nargs="+", choices=("coil20", "mpeg7"), default=None)
+    p = label_experiment_parser(__doc__.split("\n")[0], out="results/learn_diffusion", datasets=("coil20", "mpeg7"),
+                                quick="COIL-20 only, every 2nd pose, 12 steps, a 3 x 2 grid, tol 1e-5",
+                                datasets_help="coil20 and / or mpeg7 (default: both)")
     p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--data-dir", default=None, help="folder holding coil20/ and mpeg7/")
-    a = p.parse_args(argv)
+    a = parse_experiment_args(p, argv)
     run(a.out, quick=a.quick, datasets=a.datasets, steps=a.steps, data_dir=a.data_dir)
 
 
