@@ -35,7 +35,7 @@ from ..descriptors.whitening import Whitening, apply_whitening, learn_pca_whiten
 from ..graph import NormalizedGraph, normalize
 from .descriptor import regional_descriptors, sum_regions
 from .egm import Regions, egm_regions_traced
-from .regions import other_image_neighbours, region_centrality, region_graph
+from .regions import GRAPH_METHODS, other_image_neighbours, region_centrality, region_graph
 from .saliency_maps import check_feature_maps, feature_saliency_map, object_saliency
 
 __all__ = ["CollectedRegions", "Discovery", "collect_regions", "discover", "feature_map_batches", "whitening_dim"]
@@ -226,7 +226,8 @@ def discover(feature_maps, *, batch_size: int = 32, k: int = 10, gamma: float = 
              os_neighbours: int = 10, c: float = 2.0, p: float | None = None, whiten: bool = True,
              whiten_dim: int | None = None, shrinkage: float = 0.0, same_image_edges: bool = False,
              fs_eps: float = 1e-6, relative_mass: bool = True, keep_maps: bool = False, method: str = "auto",
-             show_progress: bool | None = None, egm_options: dict | None = None) -> Discovery:
+             graph_method: str | None = None, show_progress: bool | None = None,
+             egm_options: dict | None = None) -> Discovery:
     """Unsupervised object discovery in a collection (Simeoni et al., WACV 2018): two passes.
 
     Args:
@@ -253,7 +254,12 @@ def discover(feature_maps, *, batch_size: int = 32, k: int = 10, gamma: float = 
         reading: every image votes with the same total, whatever its activation
         scale); False uses the region's FS mass itself.
       keep_maps: keep the FS and OS maps in the result.
-      method: the neighbour search (`retrieval_jax.graph.knn`).
+      method: the neighbour search of pass 2, positions against the regions
+        (`retrieval_jax.graph.knn`: "auto", "exact" or "faiss"), and of the region graph
+        unless ``graph_method`` is given.
+      graph_method: the region graph's search (`region_graph`: "auto", "exact", "faiss"
+        or "nndescent", approximate, for large collections; its "auto" runs NN-descent
+        from `NNDESCENT_MIN_REGIONS` regions on); None: ``method``.
       show_progress: progress bars (None: by number of batches).
       egm_options: `egm_regions` keywords for both detections (capacity, iterations, ...).
 
@@ -268,6 +274,13 @@ def discover(feature_maps, *, batch_size: int = 32, k: int = 10, gamma: float = 
     if hasattr(feature_maps, "shape") and len(feature_maps.shape) == 4 and feature_maps.shape[0] < 2:
         raise ValueError(f"a collection of {feature_maps.shape[0]} image(s): object discovery finds what recurs "
                          "across images, it needs at least 2")
+    if method == "nndescent":
+        raise ValueError("discover's method also searches the positions of every image against the regions "
+                         "(pass 2), which NN-descent, a self-search, cannot: pass graph_method='nndescent' "
+                         "for the region graph instead")
+    if method not in GRAPH_METHODS or (graph_method is not None and graph_method not in GRAPH_METHODS):
+        raise ValueError(f"method and graph_method must be one of {GRAPH_METHODS}, "
+                         f"got {method!r} and {graph_method!r}")
     source, total = _source(feature_maps, batch_size)
     opts = dict(egm_options or {})
     os_neighbours = _checks.check_positive_int(os_neighbours, "os_neighbours")
@@ -287,7 +300,8 @@ def discover(feature_maps, *, batch_size: int = 32, k: int = 10, gamma: float = 
     else:
         v = raw
     graph = normalize(region_graph(v, region_image, k, gamma=gamma, same_image_edges=same_image_edges,
-                                   method=method, show_progress=show_progress))
+                                   method=method if graph_method is None else graph_method,
+                                   show_progress=show_progress))
     centrality = region_centrality(graph, alpha)
     vote = region_mass * centrality
 

@@ -4,7 +4,7 @@ from .components import ComponentBlocks, ComponentLayout, blocks_from_labels, co
 from .core import Graph, NormalizedGraph, neighbour_product
 from .io import load_graph, save_graph
 from .neighbours import (affinity_lists, affinity_matrix, connected_components, isolated_nodes, knn, knn_graph,
-                         knn_traced, normalize, search_route)
+                         knn_traced, nndescent_knn, nndescent_width, normalize, search_route)
 from .order import (LOCALITY_MIN_NODES, LocalityLayout, locality_layout, locality_order, permute_graph,
                     with_locality)
 
@@ -12,6 +12,7 @@ __all__ = ["LOCALITY_MIN_NODES", "LocalityLayout", "locality_layout", "with_loca
            "ComponentBlocks", "ComponentLayout", "Graph", "NormalizedGraph", "affinity_graph",
            "affinity_lists", "affinity_matrix", "blocks_from_labels", "component_blocks", "connected_components",
            "dense_blocks", "isolated_nodes", "knn", "knn_graph", "knn_traced", "load_graph",
-           "locality_order", "neighbour_product", "normalize", "permute_graph", "reciprocal_partners", "save_graph",
+           "locality_order", "neighbour_product",
+           "nndescent_knn", "nndescent_width", "normalize", "permute_graph", "reciprocal_partners", "save_graph",
            "search_route",
            "similarity_power", "union_capacity"]

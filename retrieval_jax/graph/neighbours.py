@@ -157,24 +157,62 @@ def nndescent_width(k: int) -> int:
     return max(k + 1, min(2 * k, k + 20))
 
 
-def _nndescent_knn(X: np.ndarray, k: int, *, seed: int = 0):
-    """Approximate kNN of X among itself with pynndescent (self excluded); lists of
-    `nndescent_width` (k) while searching, the best k kept."""
+def nndescent_knn(X, k: int, *, seed: int = 0, chunk_size: int = 65536):
+    """Approximate k nearest neighbours of every row of X among the other rows (NN-descent).
+
+    The self-search of `knn` (``exclude_self=True``) done approximately: pynndescent's
+    NN-descent (Dong, Moses & Li, "Efficient k-nearest neighbor graph construction for
+    generic similarity measures", WWW 2011) refines lists of `nndescent_width` (k)
+    neighbours from random-projection-tree seeds by exploring neighbours of
+    neighbours; the node itself is dropped and the best k kept. O(n k) memory, about
+    O(n^1.14) time empirically, nothing [n, n] formed.
+
+    pynndescent's "dot" metric searches on L2-normalised rows (cosine); the returned
+    similarities are the inner products <x_i, x_j> of the rows as given, recomputed
+    on the host (``chunk_size`` rows at a time), and each list is sorted by them. On
+    L2-normalised rows (the descriptors of this library) the order is that of
+    cosine. A row whose list NN-descent could not fill (rare: fewer reachable rows
+    than slots) holds -1 with similarity -inf in its last slots.
+
+    Args:
+      X: float[n, d] descriptors (concrete; n >= 2).
+      k: neighbours per row, 1 <= k <= n - 1.
+      seed: the random state of the search (trees and initial lists).
+      chunk_size: rows per chunk of the similarity recomputation (positive int).
+
+    Returns:
+      (sims float32[n, k], idx int32[n, k]) numpy arrays in decreasing similarity; row i
+      never lists i.
+
+    Raises:
+      ValueError: X not a finite [n, d] matrix, or k outside [1, n - 1].
+      ImportError: pynndescent is not installed.
+    """
+    X = _checks.as_matrix(X, "X")
+    n = X.shape[0]
+    k = _checks.check_k(k, n - 1, what="other items (k must be < n)")
+    chunk_size = _checks.check_positive_int(chunk_size, "chunk_size")
     try:
         import pynndescent
     except ImportError as exc:  # pragma: no cover
         raise ImportError("method='nndescent' needs pynndescent: pip install pynndescent") from exc
-    index = pynndescent.NNDescent(X, metric="dot", n_neighbors=min(nndescent_width(k), X.shape[0]),
+    index = pynndescent.NNDescent(X, metric="dot", n_neighbors=min(nndescent_width(k), n),
                                   random_state=seed, low_memory=True)
-    idx, dist = index.neighbor_graph
-    sims = 1.0 - dist  # pynndescent's "dot" distance is 1 - <x, y>
-    n = X.shape[0]
+    idx, _ = index.neighbor_graph
+    idx = np.asarray(idx)
     # drop self, keep k per row (a row may lack itself when the search is approximate)
-    is_self = idx == np.arange(n)[:, None]
-    order = np.argsort(is_self, axis=1, kind="stable")
-    idx = np.take_along_axis(idx, order, axis=1)[:, :k]
-    sims = np.take_along_axis(sims, order, axis=1)[:, :k]
-    return sims.astype(np.float32), idx.astype(np.int32)
+    drop = (idx == np.arange(n)[:, None]) | (idx < 0)
+    order = np.argsort(drop, axis=1, kind="stable")[:, :k]
+    idx = np.take_along_axis(idx, order, axis=1).astype(np.int32)
+    missing = np.take_along_axis(drop, order, axis=1)
+    idx[missing] = -1
+    sims = np.empty((n, k), np.float32)
+    for start in range(0, n, chunk_size):
+        rows = slice(start, start + chunk_size)
+        part = np.einsum("id,ikd->ik", X[rows], X[np.maximum(idx[rows], 0)], dtype=np.float32)
+        sims[rows] = np.where(missing[rows], -np.inf, part)
+    order = np.argsort(-sims, axis=1, kind="stable")
+    return np.take_along_axis(sims, order, axis=1), np.take_along_axis(idx, order, axis=1)
 
 
 def affinity_matrix(sims, idx, n: int, *, gamma: float = 3.0, mutual: bool = True) -> sp.csr_matrix:
@@ -276,8 +314,8 @@ def knn_graph(X, k: int = 50, *, gamma: float = 3.0, mutual: bool = True, method
       method: "auto" (`search_route`: faiss on a CPU host when installed, else the JAX
         search), "exact" (the JAX blocked matmul + top_k, `knn`), "faiss" (faiss-cpu
         exact inner-product search, `faiss_backend.faiss_knn`) or "nndescent"
-        (pynndescent, approximate; it searches with lists of `nndescent_width` (k) and
-        keeps the best k). Under a trace "auto" is "exact" and only these two apply.
+        (`nndescent_knn`: pynndescent, approximate; it searches with lists of
+        `nndescent_width` (k) and keeps the best k). Under a trace "auto" is "exact" and only these two apply.
       max_degree: pad the neighbour lists to this width (default: the widest row); the
         capacity of a union graph built under a trace.
 
@@ -301,7 +339,10 @@ def knn_graph(X, k: int = 50, *, gamma: float = 3.0, mutual: bool = True, method
     if route == "exact":
         sims, idx = _jax_knn(X, X, k, True, 256, 8192, show_progress)
     elif route == "nndescent":
-        sims, idx = _nndescent_knn(X, k, seed=seed)
+        sims, idx = nndescent_knn(X, k, seed=seed)
+        if (idx < 0).any():
+            raise ValueError(f"NN-descent left {int((idx < 0).sum())} neighbour slots empty; "
+                             "use a smaller k or an exact search (method='exact' or 'faiss')")
     else:
         from .faiss_backend import faiss_knn
         sims, idx = faiss_knn(X, X, k, exclude_self=True, show_progress=show_progress)
