@@ -17,7 +17,7 @@ from . import descriptor, egm, pipeline, regions, saliency_maps, synthetic
 from .descriptor import egm_descriptor, pool_regions, regional_descriptors, saliency_precision, sum_regions
 from .egm import Regions, check_saliency_map, egm_regions, egm_regions_traced, overlaps, purge, region_boxes
 from .pipeline import CollectedRegions, Discovery, collect_regions, discover, feature_map_batches, whitening_dim
-from .regions import other_image_neighbours, region_centrality, region_graph
+from .regions import GRAPH_METHODS, NNDESCENT_MIN_REGIONS, other_image_neighbours, region_centrality, region_graph
 from .saliency_maps import (check_feature_maps, feature_saliency_map, fs_channel_weights, normalized_saliency,
                             object_saliency)
 from .synthetic import synthetic_batch, synthetic_batches
@@ -27,7 +27,7 @@ __all__ = [
     "Regions", "check_saliency_map", "egm_regions", "egm_regions_traced", "overlaps", "purge", "region_boxes",
     "check_feature_maps", "feature_saliency_map", "fs_channel_weights", "normalized_saliency", "object_saliency",
     "egm_descriptor", "pool_regions", "regional_descriptors", "saliency_precision", "sum_regions",
-    "other_image_neighbours", "region_centrality", "region_graph",
+    "GRAPH_METHODS", "NNDESCENT_MIN_REGIONS", "other_image_neighbours", "region_centrality", "region_graph",
     "CollectedRegions", "Discovery", "collect_regions", "discover", "feature_map_batches", "whitening_dim",
     "synthetic_batch", "synthetic_batches",
 ]
