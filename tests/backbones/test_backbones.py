@@ -186,6 +186,7 @@ def test_pretrained_predictions(variant, lite0, photos):
     assert top5[0, 0] in CAT and top5[1, 0] in CUP
 
 
+@pytest.mark.slow  # 30-60 s: make test-slow (make test stays under 10 minutes)
 def test_features_shape_and_bfloat16(lite0, photos):
     x = np.stack([_center_crop(p, 224) for p in photos])
     f32 = lite0.features(x)

@@ -272,6 +272,7 @@ def test_bad_ground_truth_sizes(tmp_path, capsys):
           "cannot read labels")
 
 
+@pytest.mark.slow  # 30-60 s: make test-slow (make test stays under 10 minutes)
 def test_rank_fsr_and_inverse_agree_with_cg(tmp_path):
     """The exact routes of the CLI rank like converged CG."""
     from sklearn.datasets import load_digits

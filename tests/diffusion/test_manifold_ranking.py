@@ -217,6 +217,7 @@ def test_diffusion_inverse_blocks_by_component():
 @settings(max_examples=6, deadline=None)
 @given(seed=st.integers(0, 10_000), alpha=st.floats(0.3, 0.99), k=st.integers(1, 6),
        n=st.integers(2, 70))
+@pytest.mark.slow  # 30-60 s: make test-slow (make test stays under 10 minutes)
 def test_inverse_per_component_is_the_inverse(seed, alpha, k, n):
     """(I - alpha W) inv = I on any mutual kNN graph, however it splits into components."""
     from retrieval_jax.diffusion import diffusion_inverse

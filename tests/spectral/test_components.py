@@ -64,6 +64,7 @@ def _assert_component_pairs(pairs, w, r):
 # 40: the bucket of the 60- and 45-node components (45 padded to 60) goes through Lanczos, the
 # others through the dense eigh, in one call (each Lanczos size is one compilation)
 @pytest.mark.parametrize("dense_size", [2048, 40])
+@pytest.mark.slow  # 30-60 s: make test-slow (make test stays under 10 minutes)
 def test_each_component_matches_eigh_of_its_block(graph, dense_size):
     w = _normalised_dense(graph[0])
     r = 6

@@ -106,6 +106,7 @@ def test_mpeg7_eigenpairs_match_dense_eigh(mpeg_graph):
     _check_pairs(graph_eigenpairs(mpeg_graph, r), W, ref)
 
 
+@pytest.mark.slow  # 30-60 s: make test-slow (make test stays under 10 minutes)
 def test_lanczos_random_matvec_vs_eigsh():
     rng = np.random.default_rng(0)
     n, r = 400, 25
@@ -123,6 +124,7 @@ def test_lanczos_random_matvec_vs_eigsh():
     np.testing.assert_allclose(np.asarray(pairs.values), ref, rtol=1e-4)
 
 
+@pytest.mark.slow  # 30-60 s: make test-slow (make test stays under 10 minutes)
 def test_disconnected_graph_with_isolated_node_multiplicities():
     rng = np.random.default_rng(1)
     comp = _random_graph(rng, 30, density=0.2).to_scipy()  # one component twice: all eigenvalues doubled
@@ -208,6 +210,7 @@ def test_heat_kernel_full_rank_equals_expm(small_graph):
     np.testing.assert_allclose(got, scipy.linalg.expm(-t * (np.eye(n) - W)), atol=1e-5)
 
 
+@pytest.mark.slow  # 30-60 s: make test-slow (make test stays under 10 minutes)
 def test_sparse_queries_and_sparsified_embedding(coil_graph):
     n, r = coil_graph.num_nodes, 30
     pairs = graph_eigenpairs(coil_graph, r)
