@@ -178,6 +178,41 @@ def similarities(state, queries):
     return jnp.matmul(queries.astype(jnp.float32), state.database.T, precision=HIGHEST)
 
 
+def top_k_scores(scores, k: int) -> tuple[jax.Array, jax.Array]:
+    """The k largest entries of each row of query-database scores [nq, n], best first:
+    (values [nq, k], ids int32[nq, k]), as ``lax.top_k(scores, k)``, behind an optimisation barrier.
+
+    A re-ranking method's jitted search computes S = Q X^T [nq, n], takes each query's
+    shortlist by top-k and works on from there. XLA on CPU may fuse the [nq, n] product
+    into the work that follows the top-k, and the whole search then runs many times
+    slower at large n (query expansion, k-reciprocal and GNN re-ranking; measured with
+    and without the barrier for every method by ``experiments/bench_top_k.py``, see
+    docs/benchmarks/bench_top_k.md: methods where it does not help keep ``lax.top_k``).
+    ``lax.optimization_barrier`` on (values, ids) keeps the product and the top-k a
+    program of their own. It changes no value (the same product and top-k, bit for bit),
+    and works under jit / vmap (``k`` static, 1 <= k <= n, unchecked).
+    """
+    return jax.lax.optimization_barrier(jax.lax.top_k(scores, k))
+
+
+def top_similar(queries, database, k: int, exclude=None) -> tuple[jax.Array, jax.Array]:
+    """Each query's k most similar database items by inner product: (sims float32[nq, k], ids int32[nq, k]).
+
+        sims[q, j] = <q, x_ids[q, j]>, the k largest of <q, x> over the database (`top_k_scores`)
+
+    Args:
+      queries: float[nq, d].
+      database: float[n, d].
+      k: 1 <= k <= n (static; unchecked, less one with ``exclude``).
+      exclude: optional int[nq]; database item ``exclude[q]`` is never among q's results
+        (a database item ranked as a query, left out of its own neighbours).
+    """
+    sims = jnp.matmul(jnp.asarray(queries, jnp.float32), database.T, precision=HIGHEST)
+    if exclude is not None:
+        sims = sims.at[jnp.arange(sims.shape[0]), exclude].set(-jnp.inf)
+    return top_k_scores(sims, k)
+
+
 def bucket_size(nq: int) -> int:
     """The padded batch size for nq queries: the next power of two (at least 8)."""
     return max(8, 1 << max(0, int(nq) - 1).bit_length())

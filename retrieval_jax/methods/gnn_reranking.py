@@ -66,7 +66,7 @@ from .. import _checks
 from .._progress import progress
 from ..graph.neighbours import knn
 from .base import HIGHEST as _HIGHEST
-from .base import checked_database, make_method
+from .base import checked_database, make_method, top_k_scores
 from .options import finite_float, nonneg_int, option, positive_int
 
 __all__ = ["GNN", "GnnConfig", "GnnState", "gnn_item_scores", "gnn_scores"]
@@ -224,7 +224,7 @@ def gnn_scores(state: GnnState, queries) -> jax.Array:
     q = jnp.asarray(queries, jnp.float32)
     n = state.database.shape[0]
     sims = jnp.matmul(q, state.database.T, precision=_HIGHEST)                    # [nq, N]
-    s, idx = jax.lax.top_k(sims, cfg.k1 - 1)
+    s, idx = top_k_scores(sims, cfg.k1 - 1)
     rows = jnp.arange(q.shape[0])[:, None]
     u = jnp.zeros((q.shape[0], n), jnp.float32).at[rows, idx].set(1.0).T           # u_0 [N, nq]
     if cfg.layers:

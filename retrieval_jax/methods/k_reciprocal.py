@@ -58,7 +58,7 @@ from .. import _checks
 from .._progress import progress
 from ..graph.neighbours import knn
 from .base import HIGHEST as _HIGHEST
-from .base import checked_database, make_method, rerank_shortlist
+from .base import checked_database, make_method, rerank_shortlist, top_k_scores
 from .options import finite_float, option, positive_int
 
 __all__ = ["K_RECIPROCAL", "KReciprocalConfig", "KReciprocalState", "expanded_sets", "half_k",
@@ -386,7 +386,7 @@ def _search(state: KReciprocalState, queries):
     n = x.shape[0]
     nq = queries.shape[0]
     sims = jnp.matmul(queries.astype(jnp.float32), x.T, precision=_HIGHEST)
-    short_s, short_i = jax.lax.top_k(sims, state.shortlist)
+    short_s, short_i = top_k_scores(sims, state.shortlist)
     # R(q, k1): q itself and its k1 nearest g for which q would enter N(g, k1)
     fwd_s, fwd_i = short_s[:, :k1], short_i[:, :k1]
     members = jnp.where(fwd_s >= state.threshold[fwd_i], fwd_i, -1)        # [nq, k1]
@@ -411,7 +411,7 @@ def _search_items(state: KReciprocalState, ids):
     x = state.database
     n = x.shape[0]
     sims = jnp.matmul(x[ids], x.T, precision=_HIGHEST)
-    short_s, short_i = jax.lax.top_k(sims, state.shortlist)
+    short_s, short_i = top_k_scores(sims, state.shortlist)
     vq = _scatter_rows(ids.shape[0], n, state.qe_ids[ids], state.qe_w[ids])
     return _jaccard_rerank(state, sims, short_s, short_i, vq, jnp.sum(state.qe_w[ids], axis=1))
 

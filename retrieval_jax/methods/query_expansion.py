@@ -61,7 +61,7 @@ import jax.numpy as jnp
 from .. import _checks
 from ..graph.neighbours import knn
 from .base import HIGHEST as _HIGHEST
-from .base import checked_database, database_state, make_method
+from .base import checked_database, database_state, make_method, top_similar
 from .options import finite_float, nonneg_int, option, positive_int
 
 __all__ = [
@@ -156,21 +156,9 @@ def expand(x, sims, idx, database, alpha) -> jax.Array:
     return expand_weighted(x, alpha_weights(sims, alpha), idx, database)
 
 
-def _top_neighbours(queries, database, n: int, exclude=None):
-    """Top-n inner products of queries in the database; ``exclude[q]`` is never returned.
-
-    The (values, ids) pass an optimisation barrier: without it XLA on CPU fuses the
-    [nq, N] similarity product into what follows the top-k and the search after an
-    expansion ran about 70 times slower (64 queries, N = 100,000)."""
-    sims = jnp.matmul(queries, database.T, precision=_HIGHEST)
-    if exclude is not None:
-        sims = sims.at[jnp.arange(queries.shape[0]), exclude].set(-jnp.inf)
-    return jax.lax.optimization_barrier(jax.lax.top_k(sims, n))
-
-
 @functools.partial(jax.jit, static_argnames=("n",))
 def _alpha_qe(queries, database, n: int, alpha):
-    s, i = _top_neighbours(queries, database, n)
+    s, i = top_similar(queries, database, n)
     return expand(queries, s, i, database, alpha)
 
 
@@ -208,7 +196,7 @@ def _rank_expanded(queries, database, n: int, decay: bool, exclude=None):
     if n == 0:
         empty = jnp.zeros((queries.shape[0], 0), jnp.int32)
         return expand_weighted(queries, empty.astype(jnp.float32), empty, database)
-    _, i = _top_neighbours(queries, database, n, exclude)
+    _, i = top_similar(queries, database, n, exclude)
     w = jnp.broadcast_to(decay_weights(n) if decay else jnp.ones((n,), jnp.float32), i.shape)
     return expand_weighted(queries, w, i, database)
 
@@ -317,7 +305,7 @@ def _qe_build(database, config: AlphaQEConfig = AlphaQEConfig()) -> AlphaQEState
 
 def _qe_scores(database, queries, n, alpha, exclude=None):
     queries = queries.astype(jnp.float32)
-    s, i = _top_neighbours(queries, database, n, exclude)
+    s, i = top_similar(queries, database, n, exclude)
     q2 = expand(queries, s, i, database, jnp.float32(alpha))
     return jnp.matmul(q2, database.T, precision=_HIGHEST)
 
