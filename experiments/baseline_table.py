@@ -542,7 +542,17 @@ def _earlier_rows(path: Path) -> dict:
     return out
 
 
+def table_order(rows) -> list:
+    """The rows as a paper's table: by data set, size, then the registry's order of methods
+    (a row re-run with ``--resume`` goes back to its place)."""
+    from retrieval_jax.methods import METHODS
+    names = {name: i for i, name in enumerate(METHODS)}
+    return sorted(rows, key=lambda r: (DATASETS.index(r["dataset"]) if r["dataset"] in DATASETS else len(DATASETS),
+                                       r.get("n") or 0, names.get(r["method"], len(names)), r["method"]))
+
+
 def write_outputs(out: Path, rows, header: str) -> None:
+    rows = table_order(rows)
     write_csv(out / "baseline_table.csv", rows, COLUMNS)
     write_text(out / "baseline_table.md", markdown(rows, header))
     plot(rows, out / "baseline_table.png")
