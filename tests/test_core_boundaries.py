@@ -104,7 +104,11 @@ def test_search_pads_batches_to_bucket_sizes():
         assert out.shape == (nq, 50)
         np.testing.assert_allclose(np.asarray(out), db[:nq] @ db.T, rtol=1e-5, atol=1e-5)
     assert _knn_search._cache_size() - before <= 2          # buckets 8 and 16, not 16 programs
-    assert [bucket_size(n) for n in (1, 8, 9, 100)] == [8, 8, 16, 128]
+    assert [bucket_size(n) for n in (1, 8, 9, 64, 65, 100, 200, 256, 257)] == [8, 8, 16, 64, 80, 112, 224, 256, 320]
+    sizes = np.array([bucket_size(n) for n in range(1, 5000)])
+    assert (sizes >= np.arange(1, 5000)).all() and (np.diff(sizes) >= 0).all()
+    assert (sizes[64:] <= 1.25 * np.arange(65, 5000)).all()                  # at most a quarter padded
+    assert len(np.unique(sizes[256:])) <= 4 * 5                               # four sizes per octave
 
 
 def test_a_nan_right_hand_side_gives_nan_not_zero(small):

@@ -46,6 +46,17 @@ class SparseObservation:
         return jnp.zeros((self.weights.shape[0], self.num_nodes), self.weights.dtype).at[
             rows, self.indices].add(self.weights)
 
+    def node_first(self, positions=None) -> jax.Array:
+        """y^T as float[n, nq] (node axis first), scattered straight into place.
+
+        ``positions`` maps node ids to rows (a `LocalityLayout`'s ``positions``), else row
+        = node id. Repeated ids add up. One scatter of nq * k values into a zeroed
+        [n, nq] array: no [nq, n] intermediate, no transpose, no renumbering gather."""
+        rows = self.indices if positions is None else positions(self.indices)
+        cols = jnp.broadcast_to(jnp.arange(self.weights.shape[0])[:, None], rows.shape)
+        return jnp.zeros((self.num_nodes, self.weights.shape[0]), self.weights.dtype).at[
+            rows, cols].add(self.weights)
+
 
 def observe_neighbours(similarities, indices, n: int, *, gamma=3.0) -> SparseObservation:
     """The observation of queries given their k nearest database items.

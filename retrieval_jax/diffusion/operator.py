@@ -79,9 +79,7 @@ def node_first(y, layout=None) -> jax.Array:
     """The right-hand sides b = y^T [n, nq] (node axis first) of y [nq, n] or a
     `SparseObservation`, renumbered into ``layout`` (a `LocalityLayout`) when given."""
     if isinstance(y, SparseObservation):
-        if layout is not None:
-            y = SparseObservation(y.weights, layout.positions(y.indices), y.num_nodes)
-        return y.todense().T
+        return y.node_first(None if layout is None else layout.positions)
     b = y.T
     return b if layout is None else layout.to_layout(b)
 

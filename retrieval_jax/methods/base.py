@@ -213,9 +213,24 @@ def top_similar(queries, database, k: int, exclude=None) -> tuple[jax.Array, jax
     return top_k_scores(sims, k)
 
 
+BUCKETS_PER_OCTAVE_FROM = 64
+"""Above this many queries `bucket_size` steps by a quarter octave instead of an octave."""
+
+
 def bucket_size(nq: int) -> int:
-    """The padded batch size for nq queries: the next power of two (at least 8)."""
-    return max(8, 1 << max(0, int(nq) - 1).bit_length())
+    """The padded batch size for nq queries.
+
+    Up to `BUCKETS_PER_OCTAVE_FROM`: the next power of two (at least 8). Above it, the
+    next multiple of a quarter of the octave's lower power of two (80, 96, 112, 128,
+    160, 192, 224, 256, 320, ...): four programs per doubling of the batch, and padding
+    of at most a quarter of the batch where the next power of two padded 200 queries
+    to 256 (a search's cost is linear in the padded batch).
+    """
+    nq = max(1, int(nq))
+    if nq <= BUCKETS_PER_OCTAVE_FROM:
+        return max(8, 1 << (nq - 1).bit_length())
+    step = 1 << ((nq - 1).bit_length() - 3)
+    return -(-nq // step) * step
 
 
 def padded(fn: Callable[[Any, jax.Array], jax.Array]) -> Callable[[Any, jax.Array], jax.Array]:

@@ -226,3 +226,17 @@ def test_inverse_per_component_is_the_inverse(seed, alpha, k, n):
     inv = np.asarray(diffusion_inverse(w, alpha).todense(), np.float64)
     m = np.eye(n) - alpha * w.to_dense().astype(np.float64)
     assert np.abs(m @ inv - np.eye(n)).max() < 1e-4 * (1 + alpha) / (1 - alpha)
+
+
+def test_sparse_observation_node_first_is_the_transposed_dense_y():
+    from retrieval_jax.diffusion import SparseObservation
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(rng.integers(0, 30, (5, 4)).astype(np.int32)).at[0, 1].set(7).at[0, 2].set(7)  # a repeat
+    y = SparseObservation(jnp.asarray(rng.random((5, 4), dtype=np.float32)), ids, 30)
+    dense = np.zeros((5, 30), np.float32)
+    np.add.at(dense, (np.repeat(np.arange(5), 4), np.asarray(ids).ravel()), np.asarray(y.weights).ravel())
+    np.testing.assert_allclose(np.asarray(y.node_first()), dense.T, rtol=1e-6)
+    perm = rng.permutation(30)                       # node perm[p] sits at row p
+    pos = np.argsort(perm)
+    b = y.node_first(lambda i: jnp.asarray(pos)[i])
+    np.testing.assert_allclose(np.asarray(b), dense.T[perm], rtol=1e-6)
