@@ -18,7 +18,9 @@ call pays:
     items row, each timed on its own;
 (b) the function API: ``diffuse(normalize(knn_graph(X, 20)), Y, tol=1e-6, max_iter=1000)``
     with Y = ``query_vectors`` of the queries' 10 nearest items (similarity^3), prepared
-    outside the timing; the graph build is timed with it.
+    outside the timing; the graph build is timed with it, and the same runs less their
+    graph build give the row "A given" (what ``diffuse`` costs given the affinity, as the
+    scipy loop is given it).
 
 Only the public defaults are called, so the timings follow whatever route the library
 takes by default. Each route is also timed warm (a second call, the state kept): the
@@ -33,7 +35,9 @@ route's queries; ratios = t(scipy) / t(route) per query, the median run over the
 scipy loop, with the spread over the runs (min-max). Agreement, over the queries scipy
 solved: the top-100 overlap with the scipy solution of the same stopping rule and with
 the converged scipy solution (tol 1e-6, 1000 steps), the relative residual ||y - M x|| /
-||y|| in float64.
+||y|| in float64. ``queries_for_10x``: the batch at which a route's whole run would reach
+10x the scipy loop, its fixed cost (whole - warm) spread over more queries (`queries_for`;
+inf when even the warm route is slower than a tenth of the scipy loop).
 
 Writes ``bench_defaults.csv`` (one row per route), ``bench_defaults.png``, ``top100.npz``
 (the first 100 items of each route's ranking for the queries scipy solved: keys search,
@@ -65,10 +69,11 @@ from experiments.common import (clustered_database, pause, pyplot, save_figure, 
 K, ALPHA, TOL, QUERY_K, GAMMA, DIFFUSE_MAX_ITER = 20, 0.99, 1e-6, 10, 3.0, 1000
 COLUMNS = ("route", "n", "queries", "ms_per_query", "ms_min", "ms_max", "runs", "warm_ms_per_query",
            "vs_scipy", "vs_scipy_min", "vs_scipy_max", "warm_vs_scipy", "baseline", "offline_s", "max_iter",
-           "top100_vs_scipy_same_rule", "top100_vs_scipy_converged", "residual_max", "note")
+           "top100_vs_scipy_same_rule", "top100_vs_scipy_converged", "residual_max", "queries_for_10x", "note")
 SEARCH = "DIFFUSION.search from a given graph (default config, tol 1e-6)"
 ITEMS = "DIFFUSION.search_items from a given graph (default config, tol 1e-6)"
 DIFFUSE = "diffuse(normalize(knn_graph(X, 20)), Y, tol=1e-6, max_iter=1000)"
+DIFFUSE_GIVEN = "diffuse(normalize(A), Y, tol=1e-6, max_iter=1000), A given"
 
 
 def scipy_rows(m32, y, max_iter: int, label: str, repeat: int):
@@ -154,12 +159,15 @@ def run(n: int, d: int, nq: int, nsc: int, repeat: int, out: Path, log=print):
 
     def diffuse_run():
         t0 = time.perf_counter()
-        w = normalize(knn_graph(db, K, gamma=GAMMA))
+        graph = jax.block_until_ready(knn_graph(db, K, gamma=GAMMA))
+        diffuse_run.graph_s.append(time.perf_counter() - t0)
+        w = normalize(graph)
         jax.block_until_ready(w)
         t_off = time.perf_counter() - t0
         call = lambda: diffuse(w, y_search, alpha=ALPHA, tol=TOL, max_iter=DIFFUSE_MAX_ITER)  # noqa: E731
         return call(), t_off, call
 
+    diffuse_run.graph_s = []
     results = {}
     for name, fn, y in ((SEARCH, method_run("search"), y_search), (ITEMS, method_run("items"), y_items),
                         (DIFFUSE, diffuse_run, y_search)):
@@ -169,6 +177,11 @@ def run(n: int, d: int, nq: int, nsc: int, repeat: int, out: Path, log=print):
         log(f"  {1e3 * np.median(times) / nq:.1f} ms per query (min-max {1e3 * min(times) / nq:.1f}-"
             f"{1e3 * max(times) / nq:.1f}), offline {np.median(offline):.1f} s, warm {1e3 * warm / nq:.2f} ms "
             f"per query", flush=True)
+    # the same runs without the graph build: what `diffuse` costs given the affinity A, as
+    # the scipy loop is given it (normalize, the layout, compilation and the solve)
+    scores, times, offline, warm, y = results[DIFFUSE]
+    results[DIFFUSE_GIVEN] = (scores, [t - g for t, g in zip(times, diffuse_run.graph_s)],
+                              [o - g for o, g in zip(offline, diffuse_run.graph_s)], warm, y)
     state_config = method_run.state.config
     method_iter = state_config.max_iter
 
@@ -181,10 +194,11 @@ def run(n: int, d: int, nq: int, nsc: int, repeat: int, out: Path, log=print):
     ref_items_conv = (ref_items if method_iter >= DIFFUSE_MAX_ITER else
                       np.stack([sla.cg(m32, b, rtol=TOL, maxiter=DIFFUSE_MAX_ITER)[0] for b in y_items[:nsc]]))
     baselines = {SEARCH: (ref_search, t_search, ref_conv), ITEMS: (ref_items, t_items, ref_items_conv),
-                 DIFFUSE: (ref_conv, t_conv, ref_conv)}
+                 DIFFUSE: (ref_conv, t_conv, ref_conv), DIFFUSE_GIVEN: (ref_conv, t_conv, ref_conv)}
     scipy_label = {SEARCH: f"scipy cg loop, float32 CSR (tol 1e-6, max_iter {method_iter})",
                    ITEMS: f"scipy cg loop on items, float32 CSR (tol 1e-6, max_iter {method_iter})",
                    DIFFUSE: f"scipy cg loop, float32 CSR (tol 1e-6, max_iter {DIFFUSE_MAX_ITER})"}
+    scipy_label[DIFFUSE_GIVEN] = scipy_label[DIFFUSE]
 
     rows = []
     for name, (scores, times, offline, warm, y) in results.items():
@@ -192,6 +206,7 @@ def run(n: int, d: int, nq: int, nsc: int, repeat: int, out: Path, log=print):
         per_query = np.asarray(times) / nq
         base = float(np.median(t_ref))
         st = spread(per_query)
+        converged = name in (DIFFUSE, DIFFUSE_GIVEN)
         rows.append({
             "route": name, "n": n, "queries": nq, "ms_per_query": 1e3 * st["median"], "ms_min": 1e3 * st["min"],
             "ms_max": 1e3 * st["max"], "runs": st["runs"], "warm_ms_per_query": 1e3 * warm / nq,
@@ -199,11 +214,13 @@ def run(n: int, d: int, nq: int, nsc: int, repeat: int, out: Path, log=print):
             "vs_scipy_max": max(t_ref) / st["min"], "warm_vs_scipy": base / (warm / nq),
             "baseline": scipy_label[name],
             "offline_s": float(np.median(offline)),
-            "max_iter": DIFFUSE_MAX_ITER if name == DIFFUSE else method_iter,
+            "max_iter": DIFFUSE_MAX_ITER if converged else method_iter,
             "top100_vs_scipy_same_rule": float(top_overlap(scores[:nsc], ref, min(100, n - 1)).mean()),
             "top100_vs_scipy_converged": float(top_overlap(scores[:nsc], conv, min(100, n - 1)).mean()),
             "residual_max": float(residuals(m64, scores[:nsc], y[:nsc]).max()),
-            "note": (f"config {state_config}" if name != DIFFUSE else "graph build and normalize timed with it")})
+            "queries_for_10x": queries_for(10.0, base, st["median"] * nq, warm, nq),
+            "note": {DIFFUSE: "graph build and normalize timed with it",
+                     DIFFUSE_GIVEN: "the DIFFUSE runs less their graph build"}.get(name, f"config {state_config}")})
         st_ref = spread(np.asarray(t_ref))
         rows.append({
             "route": scipy_label[name], "n": n, "queries": nsc, "ms_per_query": 1e3 * st_ref["median"],
@@ -211,10 +228,11 @@ def run(n: int, d: int, nq: int, nsc: int, repeat: int, out: Path, log=print):
             "warm_ms_per_query": float("nan"), "vs_scipy": 1.0, "vs_scipy_min": float("nan"),
             "vs_scipy_max": float("nan"), "warm_vs_scipy": float("nan"), "baseline": scipy_label[name],
             "offline_s": 0.0,
-            "max_iter": DIFFUSE_MAX_ITER if name == DIFFUSE else method_iter,
+            "max_iter": DIFFUSE_MAX_ITER if converged else method_iter,
             "top100_vs_scipy_same_rule": 1.0,
             "top100_vs_scipy_converged": float(top_overlap(ref, conv, min(100, n - 1)).mean()),
-            "residual_max": float(residuals(m64, ref, y[:nsc]).max()), "note": "the given graph's W, solve only"})
+            "residual_max": float(residuals(m64, ref, y[:nsc]).max()), "queries_for_10x": float("nan"),
+            "note": "the given graph's W, solve only"})
     report(rows, log)
     write_csv(out / "bench_defaults.csv", rows, COLUMNS)
     tops = {key: np.argsort(-results[name][0][:nsc], axis=1, kind="stable")[:, :100].astype(np.int32)
@@ -229,11 +247,23 @@ def run(n: int, d: int, nq: int, nsc: int, repeat: int, out: Path, log=print):
     return rows
 
 
+def queries_for(ratio: float, scipy_s: float, whole_s: float, warm_s: float, nq: int) -> float:
+    """Queries a route needs to run at ``ratio`` times the scipy loop, compilation and
+    offline work included: its fixed cost F = whole - nq * warm per query paid once,
+    then warm / nq per query, so the ratio at N queries is scipy / (warm / nq + F / N).
+    inf when even the warm route is slower than scipy / ratio."""
+    per_query = warm_s / nq
+    margin = scipy_s / ratio - per_query
+    if not np.isfinite(warm_s) or margin <= 0:
+        return float("inf")
+    return float(np.ceil(max(0.0, whole_s - nq * per_query) / margin))
+
+
 def report(rows, log):
     log("\nms per query = a whole run (compilation, offline work, graph build for diffuse) / its queries; "
         "vs scipy = t(scipy loop, same stopping rule) / t(route); warm = the online call alone, state kept")
     log(f"| {'route':<72} | ms/query (min-max)      | warm ms/q | vs scipy (range)   | warm vs scipy | "
-        f"offline s | top-100 same / conv | residual |")
+        f"offline s | top-100 same / conv | residual | queries for 10x |")
     for r in rows:
         rng = "" if not np.isfinite(r["vs_scipy_min"]) else f"({r['vs_scipy_min']:.2f}-{r['vs_scipy_max']:.2f})"
         warm = "-" if not np.isfinite(r["warm_vs_scipy"]) else f"{r['warm_vs_scipy']:.2f}x"
@@ -241,7 +271,7 @@ def report(rows, log):
             f"{r['warm_ms_per_query']:9.2f} | {r['vs_scipy']:6.2f}x {rng:<11} | {warm:>13} | "
             f"{r['offline_s']:9.2f} | "
             f"{r['top100_vs_scipy_same_rule']:.3f} / {r['top100_vs_scipy_converged']:.3f} | "
-            f"{r['residual_max']:.1e} |", flush=True)
+            f"{r['residual_max']:.1e} | {r['queries_for_10x']:>15} |", flush=True)
 
 
 def plot(path, rows, n):

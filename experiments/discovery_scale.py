@@ -33,9 +33,8 @@ import numpy as np
 
 from experiments.common import RESULTS, peak_rss_mb, reset_peak_rss, versions, write_json
 from retrieval_jax.descriptors import apply_whitening, learn_pca_whitening
-from retrieval_jax.discovery import (collect_regions, discover, other_image_neighbours, region_centrality,
-                                     region_graph, saliency_precision, synthetic_batch)
-from retrieval_jax.discovery.regions import GRAPH_METHODS
+from retrieval_jax.discovery import (GRAPH_METHODS, collect_regions, discover, other_image_neighbours,
+                                     region_centrality, region_graph, saliency_precision, synthetic_batch)
 from retrieval_jax.graph import normalize
 
 

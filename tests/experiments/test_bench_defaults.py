@@ -32,7 +32,7 @@ def out(tmp_path_factory):
 def test_csv_structure_and_ratios(out):
     rows = read_csv(out / "bench_defaults.csv")
     assert list(rows[0]) == list(bench_defaults.COLUMNS)
-    routes = [bench_defaults.SEARCH, bench_defaults.ITEMS, bench_defaults.DIFFUSE]
+    routes = [bench_defaults.SEARCH, bench_defaults.ITEMS, bench_defaults.DIFFUSE, bench_defaults.DIFFUSE_GIVEN]
     assert [r["route"] for r in rows[0::2]] == routes
     by = {r["route"]: r for r in rows}
     for name in routes:
@@ -50,7 +50,13 @@ def test_csv_structure_and_ratios(out):
                                    float(base["ms_per_query"]) / float(r["warm_ms_per_query"]), rtol=1e-6)
         assert float(r["vs_scipy_min"]) <= float(r["vs_scipy"]) <= float(r["vs_scipy_max"])
         assert int(r["max_iter"]) == int(base["max_iter"])
-    assert int(by[bench_defaults.DIFFUSE]["max_iter"]) == 1000
+    assert int(by[bench_defaults.DIFFUSE]["max_iter"]) == int(by[bench_defaults.DIFFUSE_GIVEN]["max_iter"]) == 1000
+    # the same runs less the graph build: cheaper, same warm call and ranking
+    given, whole = by[bench_defaults.DIFFUSE_GIVEN], by[bench_defaults.DIFFUSE]
+    assert float(given["ms_per_query"]) < float(whole["ms_per_query"])
+    assert float(given["offline_s"]) < float(whole["offline_s"])
+    assert given["warm_ms_per_query"] == whole["warm_ms_per_query"]
+    assert given["top100_vs_scipy_same_rule"] == whole["top100_vs_scipy_same_rule"]
     # converged to tol: the true residual is small, the ranking the scipy loop's
     diffused = by[bench_defaults.DIFFUSE]
     assert float(diffused["residual_max"]) < 1e-4
@@ -84,3 +90,13 @@ def test_rankings_match_a_direct_solve(out):
     # the method's default step limit may stop short of convergence: close to the exact ranking
     assert overlap(tops["search"], exact_q) >= 0.95
     assert overlap(tops["items"], exact_items) >= 0.95
+
+
+def test_queries_for_a_ratio():
+    # scipy 40 ms per query; warm 2 ms per query (0.2 s for 100); whole 1.2 s: F = 1 s,
+    # so N queries run at 40 / (2 + 1000 / N) ms: 10x from N = 500 on
+    assert bench_defaults.queries_for(10.0, 0.040, 1.2, 0.2, 100) == 500
+    assert 0.040 / (0.002 + 1.0 / 500) == pytest.approx(10.0)
+    assert bench_defaults.queries_for(10.0, 0.040, 0.2, 0.2, 100) == 0          # no fixed cost
+    assert bench_defaults.queries_for(10.0, 0.040, 1.2, 0.4, 100) == float("inf")   # warm only 10x
+    assert bench_defaults.queries_for(10.0, 0.040, 1.2, float("nan"), 100) == float("inf")
