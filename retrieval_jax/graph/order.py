@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sp
+from scipy.sparse import csgraph
 
 from .. import _checks
 from .aggregation import coarsen, without_diagonal
@@ -87,25 +88,30 @@ def locality_order(graph: Graph, *, method: str = "aggregation", block_size: int
 
 def _breadth_first_rank(adjacency: sp.csr_matrix) -> np.ndarray:
     """int64[n]: each node's position in a breadth-first order over ``adjacency``
-    (neighbours in CSR order), restarted at the lowest-numbered node not yet reached."""
-    n = adjacency.shape[0]
-    indptr, indices = adjacency.indptr.tolist(), adjacency.indices.tolist()
-    rank = [-1] * n
+    (neighbours in CSR order), restarted at the lowest-numbered node not yet reached.
+
+    That order visits the connected components one after another, in the order of their
+    lowest node id, each breadth-first from that node: isolated nodes are ranked at once,
+    every other component by one ``scipy.sparse.csgraph.breadth_first_order`` (compiled;
+    it follows each row's neighbours in CSR order, as the rule says)."""
+    a = sp.csr_matrix(adjacency)
+    n = a.shape[0]
+    rank = np.empty(n, np.int64)
+    if n == 0:
+        return rank
+    _, labels = csgraph.connected_components(a, directed=False)
+    comps, first = np.unique(labels, return_index=True)   # first: each component's lowest id
+    sizes = np.bincount(labels)[comps]
+    order = np.argsort(first, kind="stable")
     r = 0
-    for start in range(n):
-        if rank[start] >= 0:
-            continue
-        rank[start] = r
-        r += 1
-        queue = deque([start])
-        while queue:
-            u = queue.popleft()
-            for v in indices[indptr[u]:indptr[u + 1]]:
-                if rank[v] < 0:
-                    rank[v] = r
-                    r += 1
-                    queue.append(v)
-    return np.asarray(rank, np.int64)
+    for start, size in zip(first[order].tolist(), sizes[order].tolist()):
+        if size == 1:
+            rank[start] = r
+        else:
+            nodes = csgraph.breadth_first_order(a, start, directed=True, return_predecessors=False)
+            rank[nodes] = np.arange(r, r + size)
+        r += size
+    return rank
 
 
 def _aggregation_order(graph: Graph, coarsest: int) -> np.ndarray:

@@ -209,3 +209,41 @@ def test_standard_aggregation_equals_the_node_by_node_rule(seed):
         m.data = np.round(m.data * 3) + 1.0        # many equal weights: ties go to the first edge
     a = without_diagonal(m + m.T)
     np.testing.assert_array_equal(standard_aggregation(a), _aggregation_reference(a))
+
+
+def _breadth_first_reference(a):
+    """Breadth-first ranks by the rule, node by node: from the lowest unranked id,
+    neighbours in CSR order."""
+    from collections import deque
+    n = a.shape[0]
+    rank, r = -np.ones(n, np.int64), 0
+    for start in range(n):
+        if rank[start] >= 0:
+            continue
+        rank[start], r = r, r + 1
+        queue = deque([start])
+        while queue:
+            u = queue.popleft()
+            for v in a.indices[a.indptr[u]:a.indptr[u + 1]]:
+                if rank[v] < 0:
+                    rank[v], r = r, r + 1
+                    queue.append(v)
+    return rank
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_breadth_first_rank_equals_the_node_by_node_rule(seed):
+    import scipy.sparse as sp
+    from retrieval_jax.graph.aggregation import without_diagonal
+    from retrieval_jax.graph.order import _breadth_first_rank
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 400))
+    m = sp.random(n, n, density=float(rng.uniform(0.0005, 0.03)), random_state=seed, format="csr")
+    a = without_diagonal(m + m.T)          # many components, isolated nodes among them
+    a.indices = a.indices.copy()
+    for i in range(n):                     # neighbours in no particular order within a row
+        lo, hi = a.indptr[i], a.indptr[i + 1]
+        perm = rng.permutation(hi - lo)
+        a.indices[lo:hi], a.data[lo:hi] = a.indices[lo:hi][perm], a.data[lo:hi][perm]
+    a.has_sorted_indices = False
+    np.testing.assert_array_equal(_breadth_first_rank(a), _breadth_first_reference(a))
