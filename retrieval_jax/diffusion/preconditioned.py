@@ -357,5 +357,5 @@ class PreconditionedCG:
         b = node_first(y, layout)                          # node axis first: [n, nq]
         res = two_level_solve(op.mv, b, state, op.alpha, tol=self.tol, max_iter=self.max_iter,
                               mode=self.mode)
-        x = res.x if layout is None else layout.from_layout(res.x)
-        return x.T, res.iterations, res.residual
+        x = res.x.T if layout is None else layout.from_layout_transposed(res.x)
+        return x, res.iterations, res.residual

@@ -131,8 +131,8 @@ class CG:
         op, layout = operator.in_layout()
         b = node_first(y, layout)       # node axis first: [n, nq]
         res: CGResult = solve_spd(op.mv, b, tol=self.tol, max_iter=self.max_iter)
-        x = res.x if layout is None else layout.from_layout(res.x)
-        return x.T, res.iterations, res.residual
+        x = res.x.T if layout is None else layout.from_layout_transposed(res.x)
+        return x, res.iterations, res.residual
 
 
 # ----------------------------------------------------------------------------- exact inverse

@@ -15,6 +15,8 @@ from retrieval_jax.diffusion import (CG, PreconditionedCG, diffuse, diffusion_op
                                      observe_neighbours, solve, truncated_diffuse)
 from retrieval_jax.graph import Graph, NormalizedGraph, knn, knn_graph, normalize, with_locality
 import retrieval_jax.graph.neighbours as neighbours
+import retrieval_jax.graph.order as order_module
+from retrieval_jax.graph.order import LocalityLayout
 import retrieval_jax.methods.diffusion as method_module
 from retrieval_jax.methods import DIFFUSION, DiffusionConfig, diffusion_state_from_graph
 
@@ -36,6 +38,29 @@ def _dense(w: Graph, y, alpha=ALPHA):
 def small_threshold(monkeypatch):
     monkeypatch.setattr(neighbours, "LOCALITY_MIN_NODES", 100)
     monkeypatch.setattr(method_module, "LOCALITY_MIN_NODES", 100)
+    # the scores leave the layout in blocks of rows, the last one padded (240 = 34 x 7 + 2)
+    monkeypatch.setattr(order_module, "UNPERMUTE_BLOCK", 7)
+
+
+def test_blocked_unpermutation_equals_gather_then_transpose():
+    n, b = 3001, 5                                  # 6 blocks of 512 rows, the last one padded
+    rng = np.random.default_rng(7)
+    order = rng.permutation(n)
+    inverse = np.argsort(order)
+    layout = LocalityLayout(order=jnp.asarray(order, jnp.int32), inverse=jnp.asarray(inverse, jnp.int32),
+                            indices=jnp.zeros((n, 1), jnp.int32))
+    assert n >= 4 * order_module.UNPERMUTE_BLOCK    # the blocked route, not the small-array one
+    x = rng.standard_normal((n, b)).astype(np.float32)
+    ref = x[inverse].T
+    np.testing.assert_array_equal(np.asarray(layout.from_layout_transposed(jnp.asarray(x))), ref)
+    np.testing.assert_array_equal(np.asarray(jax.jit(layout.from_layout_transposed)(x)), ref)
+    xs = rng.standard_normal((3, n, b)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(jax.vmap(layout.from_layout_transposed)(xs)),
+                                  xs[:, inverse].transpose(0, 2, 1))
+    # a permutation and a transpose: the gradient of <c, P(x)> is c moved back
+    c = rng.standard_normal((b, n)).astype(np.float32)
+    g = jax.grad(lambda v: jnp.sum(jnp.asarray(c) * layout.from_layout_transposed(v)))(jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(g), c.T[order])
 
 
 def test_normalize_attaches_the_layout_from_the_threshold_on(small_threshold):
