@@ -320,7 +320,10 @@ def two_level_solve(matvec, b, pre: AggregationPreconditioner, alpha, *, tol, ma
 class PreconditionedCG:
     """Batched CG to a relative residual ``tol`` with the two-level aggregation preconditioner.
 
-    The same solution and stopping rule as `CG(tol, max_iter)` in fewer steps.
+    The same solution and stopping rule as `CG(tol, max_iter)`, in fewer steps when the
+    aggregates capture the graph's slow modes (a graph of fewer weakly linked clusters
+    than ``max_coarse``); with many more clusters than aggregates (a million items in
+    10,000 clusters) it takes as many steps as CG, each dearer: docs/benchmarks/bench_million.md.
     ``init`` builds `aggregation_preconditioner` (host, once per graph; in W's
     `LocalityLayout` when it has one, as `CG`); ``run`` is pure and jittable,
     ``alpha`` traced (a different alpha refactorises the m x m coarse
