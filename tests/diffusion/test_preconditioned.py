@@ -198,16 +198,23 @@ def _aggregation_reference(a):
     return agg
 
 
+def _random_symmetric(seed, nodes, density, *, ties=False):
+    """(rng, a): a random symmetric CSR graph without self-loops, its node count drawn from
+    ``nodes`` (low, high) and its density from ``density``; ``ties``: integer weights, many equal."""
+    import scipy.sparse as sp
+    from retrieval_jax.graph.aggregation import without_diagonal
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(*nodes))
+    m = sp.random(n, n, density=float(rng.uniform(*density)), random_state=seed, format="csr")
+    if ties:
+        m.data = np.round(m.data * 3) + 1.0
+    return rng, without_diagonal(m + m.T)
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_standard_aggregation_equals_the_node_by_node_rule(seed):
-    import scipy.sparse as sp
-    from retrieval_jax.graph.aggregation import standard_aggregation, without_diagonal
-    rng = np.random.default_rng(seed)
-    n = int(rng.integers(2, 300))
-    m = sp.random(n, n, density=float(rng.uniform(0.002, 0.05)), random_state=seed, format="csr")
-    if seed % 2:
-        m.data = np.round(m.data * 3) + 1.0        # many equal weights: ties go to the first edge
-    a = without_diagonal(m + m.T)
+    from retrieval_jax.graph.aggregation import standard_aggregation
+    _, a = _random_symmetric(seed, (2, 300), (0.002, 0.05), ties=bool(seed % 2))   # ties go to the first edge
     np.testing.assert_array_equal(standard_aggregation(a), _aggregation_reference(a))
 
 
@@ -233,15 +240,10 @@ def _breadth_first_reference(a):
 
 @pytest.mark.parametrize("seed", range(6))
 def test_breadth_first_rank_equals_the_node_by_node_rule(seed):
-    import scipy.sparse as sp
-    from retrieval_jax.graph.aggregation import without_diagonal
     from retrieval_jax.graph.order import _breadth_first_rank
-    rng = np.random.default_rng(seed)
-    n = int(rng.integers(1, 400))
-    m = sp.random(n, n, density=float(rng.uniform(0.0005, 0.03)), random_state=seed, format="csr")
-    a = without_diagonal(m + m.T)          # many components, isolated nodes among them
+    rng, a = _random_symmetric(seed, (1, 400), (0.0005, 0.03))   # many components, isolated nodes among them
     a.indices = a.indices.copy()
-    for i in range(n):                     # neighbours in no particular order within a row
+    for i in range(a.shape[0]):            # neighbours in no particular order within a row
         lo, hi = a.indptr[i], a.indptr[i + 1]
         perm = rng.permutation(hi - lo)
         a.indices[lo:hi], a.data[lo:hi] = a.indices[lo:hi][perm], a.data[lo:hi][perm]
