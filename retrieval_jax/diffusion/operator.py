@@ -84,6 +84,12 @@ def node_first(y, layout=None) -> jax.Array:
     return b if layout is None else layout.to_layout(b)
 
 
+def query_first(x: jax.Array, layout=None) -> jax.Array:
+    """The scores [nq, n] of node-first solutions x [n, nq], back in the graph's node order
+    from ``layout`` (a `LocalityLayout`) when given: the inverse of `node_first`."""
+    return x.T if layout is None else layout.from_layout_transposed(x)
+
+
 def diffusion_operator(graph: Graph, alpha=0.99) -> DiffusionOperator:
     """M = I - alpha W, after the boundary checks of W (`check_normalized`) and alpha.
 

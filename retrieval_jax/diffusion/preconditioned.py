@@ -48,7 +48,7 @@ from .. import _checks
 from ..graph.aggregation import aggregate_nodes, standard_aggregation  # noqa: F401 (public here too)
 from ..graph.core import Graph
 from .cg import CGResult
-from .operator import DiffusionOperator, node_first
+from .operator import DiffusionOperator, node_first, query_first
 
 MODES = ("deflation", "additive")
 
@@ -360,5 +360,4 @@ class PreconditionedCG:
         b = node_first(y, layout)                          # node axis first: [n, nq]
         res = two_level_solve(op.mv, b, state, op.alpha, tol=self.tol, max_iter=self.max_iter,
                               mode=self.mode)
-        x = res.x.T if layout is None else layout.from_layout_transposed(res.x)
-        return x, res.iterations, res.residual
+        return query_first(res.x, layout), res.iterations, res.residual

@@ -49,7 +49,7 @@ from ..spectral.fsr import FSR_MODES
 from .cg import CGResult, conjugate_gradient
 from .inverse import DiffusionInverse, diffusion_inverse, plan_inverse
 from .observation import SparseObservation
-from .operator import DiffusionOperator, node_first
+from .operator import DiffusionOperator, node_first, query_first
 from .preconditioned import PreconditionedCG
 
 # Auto picks the exact inverse when every component has at most this many nodes (a
@@ -131,8 +131,7 @@ class CG:
         op, layout = operator.in_layout()
         b = node_first(y, layout)       # node axis first: [n, nq]
         res: CGResult = solve_spd(op.mv, b, tol=self.tol, max_iter=self.max_iter)
-        x = res.x.T if layout is None else layout.from_layout_transposed(res.x)
-        return x, res.iterations, res.residual
+        return query_first(res.x, layout), res.iterations, res.residual
 
 
 # ----------------------------------------------------------------------------- exact inverse

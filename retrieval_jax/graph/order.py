@@ -233,8 +233,8 @@ class LocalityLayout:
         and one transpose, XLA on CPU assigns the gather a column-major output, so every
         gathered row is written with a stride of n; here blocks of `UNPERMUTE_BLOCK` rows
         are gathered and transposed one at a time (each in cache) and the [B, n / T, T]
-        result is flattened by moving whole runs of T values (the same array, about 2x
-        faster at n = 100,000, B = 224: docs/benchmarks/bench_defaults.md).
+        result is flattened by moving whole runs of T values: the same array, measured on
+        docs/benchmarks/bench_defaults.md.
         """
         n = x.shape[0]
         if x.ndim != 2 or n < 4 * UNPERMUTE_BLOCK:
