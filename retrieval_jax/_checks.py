@@ -123,6 +123,9 @@ def check_alpha(alpha):
         raise ValueError(
             f"alpha must lie strictly between 0 and 1 (got {alpha}): (I - alpha W) is singular "
             "at alpha = 1 and the ranking degenerates to the query itself at alpha = 0")
+    if np.float32(alpha) >= 1.0:
+        raise ValueError(f"alpha = {alpha!r} rounds to 1 in float32, the dtype the operator is applied in, "
+                         "where (I - alpha W) is singular; use alpha <= 1 - 1e-7 (e.g. 0.9999999)")
     return alpha
 
 
@@ -146,6 +149,18 @@ def check_positive(value, name: str):
     return value
 
 
+def check_tolerance(value, name: str = "tol"):
+    """A relative residual tolerance, 0 < tol < 1, as a float (tol >= 1 would stop an
+    iterative solver before its first step, at x = 0); a traced value is returned as is."""
+    if is_traced(value):
+        return check_traced_scalar(value, name)
+    value = check_positive(value, name)
+    if value >= 1.0:
+        raise ValueError(f"{name} is a relative residual tolerance and must be below 1 (at {name} = {value} "
+                         "the solver stops before its first step and returns zero scores); e.g. 1e-6")
+    return value
+
+
 def check_nonnegative(value, name: str, what: str = "a finite number >= 0") -> float:
     """A concrete Python float that is finite and >= 0 (booleans refused): an exponent or
     weight that 0 switches off (alpha-QE's alpha, SuperGlobal's beta)."""
@@ -159,6 +174,8 @@ def check_nonnegative(value, name: str, what: str = "a finite number >= 0") -> f
 
 def _as_float(value, name: str) -> float:
     """A Python float from a real scalar (Python, numpy or a concrete 0-d JAX array)."""
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be a real number, got the string {value!r}")
     shape = np.shape(value)
     if shape != ():
         raise ValueError(f"{name} must be a scalar, got shape {shape}")

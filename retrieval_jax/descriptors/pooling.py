@@ -8,9 +8,13 @@ padded position never contributes, and pooling a padded map with its mask
 gives the same descriptor as pooling the unpadded map (R-MAC excepted: its
 region boxes are laid out on the static ``H x W`` grid, see `rmac_boxes`).
 
-All functions are pure and jittable; shape checks are static (they read
-``.shape`` / ``.ndim`` only) so they also work on tracers. Outputs are float32
-unless the input is a wider float.
+All functions are pure and jittable. Shapes and dtypes are checked always (also on
+tracers); values only when concrete, at the call: a concrete map (or descriptor)
+holding NaN or inf at a valid position, and a parameter (GeM's ``p``, ``eps``,
+CroW's ``a`` / ``b``) that is not positive and finite, whether a Python number or
+a concrete array, raise a ValueError; a complex or non-numeric map a TypeError
+(a cast would drop the imaginary part). Under jit / vmap / grad the values pass
+unchecked. Outputs are float32 unless the input is a wider float.
 
 References:
   MAC   - Razavian et al., "Visual instance retrieval with deep convolutional
@@ -43,16 +47,74 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------- helpers
-def _float(x) -> jax.Array:
+def _float(x, name: str = "x") -> jax.Array:
+    """``x`` as a real float array (float32 unless a wider float); complex and non-numeric
+    dtypes are refused (a cast would drop the imaginary part silently)."""
+    _check_real(x, name)
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating) or jnp.finfo(x.dtype).bits < 32:
         x = x.astype(jnp.float32)
     return x
 
 
+def _check_real(x, name: str = "x") -> None:
+    """A TypeError unless ``x``'s dtype is real: float, int or bool (static: works on tracers)."""
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
+        try:
+            dtype = np.asarray(x).dtype
+        except Exception as exc:  # ragged nested lists and the like
+            raise TypeError(f"{name} must be a numeric array, got {type(x).__name__}") from exc
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        raise TypeError(f"{name} has complex dtype {dtype}; feature maps and descriptors must be real "
+                        "(take the real part or the magnitude first)")
+    if not (jnp.issubdtype(dtype, jnp.number) or jnp.issubdtype(dtype, jnp.bool_)):
+        raise TypeError(f"{name} must hold real numbers, got dtype {dtype}")
+
+
+def _check_finite(x, name: str, mask=None,
+                  fix: str = "clean or drop those descriptors first, NaN spreads into every result") -> None:
+    """A ValueError if a concrete ``x`` holds NaN or inf (where ``mask`` [B, H, W] is true,
+    for a map [B, H, W, C]: padded positions never contribute). Traced values (jit, vmap,
+    grad) cannot be read and pass unchecked."""
+    if _checks.is_traced(x) or (mask is not None and _checks.is_traced(mask)):
+        return
+    with jax.ensure_compile_time_eval():     # concrete values inside someone's jit: evaluate now
+        finite = jnp.isfinite(x)
+        if mask is not None:
+            finite = finite | ~mask[..., None]
+        if bool(jnp.all(finite)):
+            return
+    bad = np.argwhere(~np.asarray(finite))
+    raise ValueError(f"{name} has {len(bad)} NaN or inf value(s) (first at index {tuple(bad[0].tolist())}); "
+                     f"{fix}")
+
+
+def _check_positive_param(value, name: str, shapes=((),), what: str = "a scalar") -> None:
+    """A parameter that must be positive and finite: Python numbers and concrete arrays are
+    checked by value (a traced array by shape only); its shape must be one of ``shapes``
+    (``what`` says so in words)."""
+    if isinstance(value, bool) or value is None or isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be a positive number, got {value!r}")
+    shape = tuple(np.shape(value))
+    if shape not in shapes:
+        raise ValueError(f"{name} must be {what} (shape {' or '.join(map(str, shapes))}), got shape {shape}")
+    if _checks.is_traced(value):
+        return
+    arr = np.asarray(value)
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise TypeError(f"{name} must be a real number, got dtype {arr.dtype}")
+    if not (np.all(np.isfinite(arr)) and np.all(arr > 0)):
+        shown = arr.item() if arr.ndim == 0 else arr
+        raise ValueError(f"{name} must be positive and finite, got {shown}")
+
+
 def _check_map(x, mask, name: str = "x"):
-    """Static validation of a feature map and its mask; returns (x, mask or None)."""
-    x = _float(x)
+    """Validation of a feature map and its mask; returns (x, mask or None).
+
+    Shapes and dtypes are checked always (also on tracers); a concrete map's values
+    are checked for NaN / inf at its valid positions."""
+    x = _float(x, name)
     if x.ndim != 4:
         raise ValueError(f"{name} must be a feature map [B, H, W, C] (channels last), got shape "
                          f"{tuple(x.shape)}")
@@ -60,6 +122,8 @@ def _check_map(x, mask, name: str = "x"):
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
     if mask is not None:
         mask = _checks.check_mask(mask, x.shape[:3], f"[B, H, W] to match {name}")
+    _check_finite(x, name, mask, fix="pooling would spread them into the descriptor: check the backbone's "
+                  "input and output, or mask the invalid positions")
     return x, mask
 
 
@@ -75,21 +139,43 @@ def l2_normalize(x, axis: int = -1, eps: float = 1e-12) -> jax.Array:
 
     A zero row stays zero (no NaN), and the gradient is finite everywhere: the
     norm is computed as sqrt(max(sum x^2, eps^2)), which is constant near 0.
+
+    Raises:
+      TypeError: complex or non-numeric ``x``; ``axis`` not an int.
+      ValueError: ``axis`` out of range; ``eps`` not positive and finite (a concrete
+        value; eps = 0 would turn a zero row into NaN); a concrete ``x`` holding NaN or
+        inf. Traced values (jit, vmap, grad) are checked for shape and dtype only.
     """
     x = _float(x)
+    if x.ndim == 0:
+        raise ValueError("x must have at least one axis to normalise along, got a scalar")
+    if not _checks.is_int(axis):
+        raise TypeError(f"axis must be an int, got {axis!r}")
+    if not -max(x.ndim, 1) <= axis < max(x.ndim, 1):
+        raise ValueError(f"axis = {axis} is out of range for an array of shape {tuple(x.shape)}")
+    _check_positive_param(eps, "eps")
+    _check_finite(x, "x")
     sq = jnp.sum(x * x, axis=axis, keepdims=True)
     return x * jax.lax.rsqrt(jnp.maximum(sq, jnp.asarray(eps, x.dtype) ** 2))
 
 
 def combine_scales(descriptors: Sequence) -> jax.Array:
-    """Multi-scale combination: l2_normalize(sum_s f_s) over descriptors [..., C] of each scale."""
+    """Multi-scale combination: l2_normalize(sum_s f_s) over descriptors [..., C] of each scale.
+
+    Raises:
+      ValueError: no descriptors, shapes that differ, or a concrete scale holding NaN / inf.
+      TypeError: a complex or non-numeric scale.
+    """
     descriptors = list(descriptors)
     if not descriptors:
         raise ValueError("combine_scales needs at least one descriptor array")
     shapes = {tuple(jnp.shape(d)) for d in descriptors}
     if len(shapes) != 1:
         raise ValueError(f"all scales must give descriptors of the same shape, got {sorted(shapes)}")
-    return l2_normalize(functools.reduce(jnp.add, [_float(d) for d in descriptors]))
+    floats = [_float(d, f"descriptors[{i}]") for i, d in enumerate(descriptors)]
+    for i, d in enumerate(floats):
+        _check_finite(d, f"descriptors[{i}]")
+    return l2_normalize(functools.reduce(jnp.add, floats))
 
 
 # ----------------------------------------------------------------------------- global pooling
@@ -100,6 +186,10 @@ def mac(x, mask=None) -> jax.Array:
       x: float[B, H, W, C]; mask: optional bool[B, H, W] of valid positions.
     Returns:
       float[B, C] (not normalised). An image with no valid position gives 0.
+
+    Raises:
+      ValueError / TypeError: see the module docstring (map shape, mask shape, NaN / inf
+        in a concrete map, complex or non-numeric dtype).
     """
     return _mac(*_check_map(x, mask))
 
@@ -120,6 +210,10 @@ def spoc(x, mask=None) -> jax.Array:
     p = 1 equal to SPoC). The paper's centre prior is not applied.
 
     Returns float[B, C].
+
+    Raises:
+      ValueError / TypeError: see the module docstring (map shape, mask shape, NaN / inf
+        in a concrete map, complex or non-numeric dtype).
     """
     return _spoc(*_check_map(x, mask))
 
@@ -144,12 +238,19 @@ def gem(x, p=3.0, eps: float = 1e-6, mask=None) -> jax.Array:
     m is treated as a constant), so a large p neither overflows nor underflows.
 
     Returns float[B, C].
+
+    Raises:
+      ValueError: a map that is not [B, H, W, C], a mask of another shape, a concrete map
+        holding NaN / inf at a valid position, ``p`` or ``eps`` not positive and finite
+        (Python numbers and concrete arrays are checked by value, traced ones by shape),
+        or ``p`` of a shape other than () / [1] / [C].
+      TypeError: a complex or non-numeric map, or ``p`` / ``eps`` that is not a number.
     """
     x, mask = _check_map(x, mask)
-    if isinstance(p, (int, float)) and not (p > 0 and math.isfinite(p)):
-        raise ValueError(f"GeM power p must be positive and finite, got {p}")
-    if isinstance(eps, (int, float)) and not eps > 0:
-        raise ValueError(f"eps must be positive, got {eps}")
+    c = x.shape[-1]
+    _check_positive_param(p, "GeM power p", shapes=((), (1,), (c,)),
+                          what=f"a scalar or one power per channel (C = {c})")
+    _check_positive_param(eps, "eps")
     return _gem(x, jnp.asarray(p, dtype=x.dtype), jnp.asarray(eps, x.dtype), mask)
 
 
@@ -216,11 +317,22 @@ def rmac_boxes(height: int, width: int, levels: int = 3) -> np.ndarray:
     return np.array(_rmac_boxes_cached(int(height), int(width), int(levels)), dtype=np.int64)
 
 
-def _check_whitening(whitening, c: int) -> None:
-    proj, mean = jnp.shape(whitening.projection), jnp.shape(whitening.mean)
-    if len(proj) != 2 or proj[0] != c or mean != (c,):
-        raise ValueError(f"whitening expects mean [d] and projection [d, dim] with d = C = {c} "
-                         f"channels, got mean {mean} and projection {proj}")
+def _check_whitening(whitening, c: int | None = None, what: str = "channels") -> tuple:
+    """(mean [d], projection [d, dim]) of a `Whitening` (or any object with ``mean`` and
+    ``projection``) as real float arrays, d = ``c`` when given; concrete values must be
+    finite. A TypeError for something else (e.g. the arguments of `apply_whitening` swapped)."""
+    if not (hasattr(whitening, "mean") and hasattr(whitening, "projection")):
+        raise TypeError(f"whitening must be a Whitening (from learn_pca_whitening) or an object with "
+                        f"mean [d] and projection [d, dim], got {type(whitening).__name__}")
+    mean = _float(whitening.mean, "whitening.mean")
+    proj = _float(whitening.projection, "whitening.projection")
+    if proj.ndim != 2 or mean.shape != proj.shape[:1] or (c is not None and proj.shape[0] != c):
+        need = "" if c is None else f" with d = C = {c} {what}"
+        raise ValueError(f"whitening expects mean [d] and projection [d, dim]{need}, got mean "
+                         f"{tuple(mean.shape)} and projection {tuple(proj.shape)}")
+    _check_finite(mean, "whitening.mean")
+    _check_finite(proj, "whitening.projection")
+    return mean, proj
 
 
 def _project(v, whitening):
@@ -242,12 +354,17 @@ def rmac_regions(x, levels: int = 3, whitening=None, mask=None, eps: float = 1e-
         a region ignores invalid positions; a region with none is invalid).
     Returns:
       (regions float[B, R, C or D], valid bool[B, R]); invalid regions are zero.
+
+    Raises:
+      ValueError / TypeError: see the module docstring (map shape, mask shape, NaN / inf
+        in a concrete map, complex or non-numeric dtype; eps not positive; a whitening that
+        is not one, of the wrong d, or not finite).
     """
     x, mask = _check_map(x, mask)
     rmac_boxes(x.shape[1], x.shape[2], levels)  # validates levels
+    _check_positive_param(eps, "eps")
     if whitening is not None:
-        _check_whitening(whitening, x.shape[-1])
-        whitening = (jnp.asarray(whitening.mean), jnp.asarray(whitening.projection))
+        whitening = _check_whitening(whitening, x.shape[-1])
     return _rmac_regions(x, mask, whitening, levels=int(levels), eps=float(eps))
 
 
@@ -282,6 +399,11 @@ def rmac(x, levels: int = 3, whitening=None, mask=None, eps: float = 1e-12) -> j
     static H, W). No extra full-image region is added (cirtorch's ``rmac`` adds one).
 
     Returns float[B, C] (or [B, D] with whitening), L2-normalised.
+
+    Raises:
+      ValueError / TypeError: see the module docstring (map shape, mask shape, NaN / inf
+        in a concrete map, complex or non-numeric dtype; eps not positive; a whitening that
+        is not one, of the wrong d, or not finite).
     """
     regions, valid = rmac_regions(x, levels=levels, whitening=whitening, mask=mask, eps=eps)
     return _rmac_sum(regions, valid, eps)
@@ -301,8 +423,7 @@ def _safe_pow(z, e):
 
 def _check_crow_args(a, b, eps) -> None:
     for name, v in (("a", a), ("b", b), ("eps", eps)):
-        if isinstance(v, (int, float)) and not (v > 0 and math.isfinite(v)):
-            raise ValueError(f"CroW {name} must be positive and finite, got {v}")
+        _check_positive_param(v, f"CroW {name}")
 
 
 def crow_weights(x, a: float = 2.0, b: float = 2.0, mask=None, eps: float = 1e-12):
@@ -317,6 +438,11 @@ def crow_weights(x, a: float = 2.0, b: float = 2.0, mask=None, eps: float = 1e-1
 
     Returns:
       (spatial float[B, H, W] (0 on invalid positions), channel float[B, C]).
+
+    Raises:
+      ValueError / TypeError: see the module docstring (map shape, mask shape, NaN / inf
+        in a concrete map, complex or non-numeric dtype; a, b or eps not positive and
+        finite).
     """
     x, mask = _check_map(x, mask)
     _check_crow_args(a, b, eps)
@@ -348,6 +474,11 @@ def crow(x, a: float = 2.0, b: float = 2.0, mask=None, eps: float = 1e-12) -> ja
     Not normalised: the paper follows with L2, PCA whitening and L2 again.
 
     Returns float[B, C].
+
+    Raises:
+      ValueError / TypeError: see the module docstring (map shape, mask shape, NaN / inf
+        in a concrete map, complex or non-numeric dtype; a, b or eps not positive and
+        finite).
     """
     x, mask = _check_map(x, mask)
     _check_crow_args(a, b, eps)

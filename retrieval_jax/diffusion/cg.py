@@ -33,7 +33,8 @@ class CGResult(NamedTuple):
     Attributes:
       x: solution, same shape as ``b`` ([n] or [n, B]); NaN where the solve failed.
       iterations: int32[B] (scalar for 1-D b): CG steps taken by each right-hand side.
-      residual: float32[B]: final relative residual ||b - A x|| / ||b|| (0 for b = 0).
+      residual: float32[B]: final relative residual ||b - A x|| / ||b|| (0 for b = 0; NaN
+        for a column that failed).
       status: int32[B] (scalar for 1-D b) `CGStatus` codes, as lineax's ``Solution.result``:
         under ``jax.jit`` a failure cannot raise, so the record says it; None from
         solvers that do not report one.
@@ -62,6 +63,10 @@ def conjugate_gradient(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, *
     checks b for NaN / inf before it starts and raises on a failed column after it;
     under a trace it cannot, and the caller reads ``status``.
 
+    Every column is first scaled by a power of two near its largest entry (exact in
+    floating point): right-hand sides of any magnitude (1e-20 or 1e20 in float32) solve
+    as well as unit ones.
+
     Args:
       matvec: x [n, B] -> A x [n, B] (also called on [n] when b is 1-D).
       b: float[n] or float[n, B].
@@ -73,17 +78,33 @@ def conjugate_gradient(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, *
       `CGResult` (x, iterations, residual, status).
 
     Raises:
-      ValueError: (concrete values only) b holds NaN or inf, or a column broke down
-        (A not positive definite, or NaN / inf from ``matvec``).
+      ValueError: tol not in (0, 1) (when concrete), max_iter not an int >= 1, x0 or
+        ``matvec``'s output not of b's shape; (concrete values only) b holds NaN or inf,
+        or a column broke down (A not positive definite, or NaN / inf from ``matvec``).
     """
     b = jnp.asarray(b)
     if b.ndim not in (1, 2):
         raise ValueError(f"b must be [n] or [n, B] (node axis first), got shape {b.shape}")
     if not jnp.issubdtype(b.dtype, jnp.floating):
         raise TypeError(f"b must be a real floating-point array, got dtype {b.dtype}")
+    if not _checks.is_int(max_iter) or max_iter < 1:
+        raise ValueError(f"max_iter must be an int >= 1 (static: it bounds the loop), got {max_iter!r}")
+    tol = _checks.check_tolerance(tol, "tol")
+    if x0 is not None and jnp.shape(x0) != b.shape:
+        raise ValueError(f"x0 must have b's shape {b.shape}, got {jnp.shape(x0)}")
+    out = jax.eval_shape(matvec, jax.ShapeDtypeStruct(b.shape, b.dtype))
+    if getattr(out, "shape", None) != b.shape:
+        raise ValueError(f"matvec must map an array of b's shape {b.shape} to the same shape, "
+                         f"got {getattr(out, 'shape', type(out).__name__)}")
     if not _checks.is_traced(b) and not np.isfinite(np.asarray(b)).all():
         bad = np.flatnonzero(~np.isfinite(np.asarray(b)).reshape(b.shape[0], -1).all(axis=0))
         raise ValueError(f"b (the right-hand side) has NaN or inf (column {bad[0]}); CG would return NaN")
+    # each column is scaled by a power of two near its largest entry (exact in floating
+    # point, so the iterates are those of the unscaled recurrence): ||b||^2 and r^T r can
+    # then neither overflow (entries ~1e20 in float32) nor underflow (~1e-20)
+    scale = _power_of_two_scale(b)
+    b = b / scale
+    x0 = None if x0 is None else jnp.asarray(x0) / scale
     squeeze = b.ndim == 1
     if squeeze:
         b = b[:, None]
@@ -144,12 +165,22 @@ def conjugate_gradient(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, *
     # never a silent zero or a plausible-looking iterate
     x = jnp.where(failed, jnp.nan, x)
     res = jnp.where(b_norm > 0, jnp.sqrt(rs) / jnp.where(b_norm > 0, b_norm, 1), 0).astype(dtype)
-    res = jnp.where(jnp.isfinite(b_norm), res, jnp.nan)
+    res = jnp.where(jnp.isfinite(b_norm) & ~failed, res, jnp.nan)
     if not _checks.is_traced(status):
         _raise_failures(np.asarray(status))
+    x = x * scale
     if squeeze:
         return CGResult(x[:, 0], its[0], res[0], status[0])
     return CGResult(x, its, res, status)
+
+
+def _power_of_two_scale(b: jax.Array) -> jax.Array:
+    """Per column of b ([n] or [n, B]): 2^e with 2^(e-1) <= max |b| < 2^e (1 for a zero or
+    non-finite column), shape [B] (or [] for 1-D b)."""
+    peak = jnp.max(jnp.abs(b), axis=0)
+    _, e = jnp.frexp(peak)
+    scale = jnp.ldexp(jnp.ones_like(peak), e)
+    return jnp.where((peak > 0) & jnp.isfinite(peak), scale, jnp.ones_like(peak)).astype(b.dtype)
 
 
 def _raise_failures(status: np.ndarray) -> None:

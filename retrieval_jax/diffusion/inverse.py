@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,7 +28,7 @@ from ..graph.components import ComponentBlocks, ComponentLayout, component_block
 from .operator import check_normalized
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["blocks", "layout"], meta_fields=[])
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["blocks", "layout", "alpha"], meta_fields=[])
 @dataclasses.dataclass(frozen=True)
 class DiffusionInverse:
     """(I - alpha W)^-1 of an n-node graph, block diagonal over connected components.
@@ -37,10 +38,13 @@ class DiffusionInverse:
         bucket's C_b components, each padded to P_b nodes (identity on padding).
       layout: the `graph.ComponentLayout` of the blocks (each node's bucket, component
         and position, int32[n] arrays with the node axis leading).
+      alpha: the alpha the blocks invert I - alpha W for (a scalar; None if unknown):
+        `solve` refuses the state for an operator of another alpha.
     """
 
     blocks: tuple
     layout: ComponentLayout
+    alpha: Any = None
 
     @property
     def num_nodes(self) -> int:
@@ -173,4 +177,4 @@ def diffusion_inverse(graph: Graph, alpha: float = 0.99, *, max_nodes: int = 20_
         raise ValueError(
             "I - alpha W is not positive definite (its Cholesky factorisation failed): pass the "
             "normalised graph W = normalize(A), symmetric with spectrum in [-1, 1], not the affinity A")
-    return DiffusionInverse(blocks=blocks, layout=layout)
+    return DiffusionInverse(blocks=blocks, layout=layout, alpha=jnp.asarray(alpha, jnp.float32))

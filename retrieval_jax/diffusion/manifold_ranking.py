@@ -24,7 +24,7 @@ from ..graph.core import Graph
 from .cg import CGResult
 from .observation import observe_items, observe_neighbours
 from .operator import DiffusionOperator, diffusion_operator
-from .solvers import CG, check_observations, solve_unchecked
+from .solvers import CG, check_observations, checked_solution, raise_failed_rows, solve_unchecked
 
 
 class DiffusionInfo(NamedTuple):
@@ -65,7 +65,7 @@ def _check_max_iter(max_iter) -> int:
 
 
 def _checked_cg(tol, max_iter) -> CG:
-    return CG(_checks.check_positive(tol, "tol"), _check_max_iter(max_iter))
+    return CG(_checks.check_tolerance(tol, "tol"), _check_max_iter(max_iter))
 
 
 def diffuse(graph: Graph, y, *, alpha: float = 0.99, tol: float = 1e-6, max_iter: int = 20,
@@ -101,13 +101,14 @@ def diffuse(graph: Graph, y, *, alpha: float = 0.99, tol: float = 1e-6, max_iter
 
     Raises:
       TypeError: graph is not a `Graph`; y is complex or not numeric.
-      ValueError: y's shape, NaN/inf in y, a bad alpha / tol / max_iter, or a concrete
-        plain `Graph` that is not a symmetric normalised W.
+      ValueError: y's shape, NaN/inf in y, a bad alpha / tol / max_iter, a concrete
+        plain `Graph` that is not a symmetric normalised W, or (concrete values) a query
+        whose CG broke down (under a trace: NaN scores and residual).
     """
     operator = diffusion_operator(graph, alpha)
     solver = _checked_cg(tol, max_iter)
     y = check_observations(y, operator.num_nodes)
-    sol = solve_unchecked(operator, y, solver)
+    sol = checked_solution(solve_unchecked(operator, y, solver))
     if return_info:
         return sol.scores, DiffusionInfo(sol.iterations, sol.residual)
     return sol.scores
@@ -125,7 +126,7 @@ def katz_centrality(graph: Graph, alpha: float = 0.99, *, tol: float = 1e-6, max
     operator = diffusion_operator(graph, alpha)
     solver = _checked_cg(tol, max_iter)
     ones = jnp.ones((1, operator.num_nodes), jnp.float32) * (1.0 - operator.alpha.astype(jnp.float32))
-    sol = solve_unchecked(operator, ones, solver)
+    sol = checked_solution(solve_unchecked(operator, ones, solver))
     if return_info:
         return sol.scores[0], DiffusionInfo(sol.iterations, sol.residual)
     return sol.scores[0]
@@ -166,13 +167,18 @@ def truncated_diffuse(graph: Graph, y, shortlist, *, alpha: float = 0.99, tol: f
     shortlist = shortlist.astype(jnp.int32)
     if not _checks.is_traced(shortlist):
         s = np.asarray(shortlist)
-        if s.min() < 0 or s.max() >= graph.num_nodes:
+        if s.size and (s.min() < 0 or s.max() >= graph.num_nodes):
             raise ValueError(f"shortlist ids must lie in [0, {graph.num_nodes})")
         srt = np.sort(s, axis=1)
         if (srt[:, 1:] == srt[:, :-1]).any():
             raise ValueError("a shortlist row repeats a database id; shortlist rows must be distinct ids")
-    y_s = jnp.take_along_axis(y, shortlist, axis=1)
-    res = cg_truncated_diffusion(graph, y_s, shortlist, operator.alpha, solver.tol, solver.max_iter, batch_size)
+    if shortlist.shape[0] == 0:
+        res = CGResult(jnp.zeros(shortlist.shape, y.dtype), jnp.zeros((0,), jnp.int32), jnp.zeros((0,), y.dtype))
+    else:
+        y_s = jnp.take_along_axis(y, shortlist, axis=1)
+        res = cg_truncated_diffusion(graph, y_s, shortlist, operator.alpha, solver.tol, solver.max_iter, batch_size)
+    if not _checks.is_traced(res.residual):
+        raise_failed_rows(res.residual)
     if return_info:
         return res.x, DiffusionInfo(res.iterations, res.residual)
     return res.x

@@ -38,7 +38,7 @@ from .. import _checks
 from .._progress import progress
 from ..graph.core import Graph, neighbour_product
 from ..graph.neighbours import knn_traced
-from .operator import DiffusionOperator
+from .operator import DiffusionOperator, check_normalized
 from .solvers import CG, solve_unchecked
 
 __all__ = ["OfflineInfo", "OfflineRows", "cosine_scores", "direct_scores", "load_offline", "offline_nbytes",
@@ -182,14 +182,13 @@ def offline_rows(graph: Graph, database, truncate: int, *, alpha: float = 0.99, 
     Returns:
       `OfflineRows` ([n, L], or [m, L] with ``items``) (and `OfflineInfo`).
     """
-    if not isinstance(graph, Graph):
-        raise TypeError(f"graph must be a retrieval_jax.graph.Graph, got {type(graph).__name__}")
+    graph = check_normalized(graph)
     db = _checks.as_matrix(database, "database")
     n = db.shape[0]
     if graph.num_nodes != n:
         raise ValueError(f"the graph has {graph.num_nodes} nodes but the database has {n} items")
     alpha = _checks.check_alpha(alpha)
-    _checks.check_positive(tol, "tol")
+    _checks.check_tolerance(tol, "tol")
     max_iter = _checks.check_positive_int(max_iter, "max_iter")
     t = _checks.check_k(truncate, n, name="truncate")
     top_l = t if top_l is None else _checks.check_k(top_l, t, name="top_l", what="shortlist items (top_l <= truncate)")

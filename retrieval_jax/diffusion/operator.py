@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import _checks
-from ..graph.core import Graph, NormalizedGraph
+from ..graph.core import AffinityGraph, Graph, NormalizedGraph
 from .observation import SparseObservation
 
 
@@ -107,7 +107,8 @@ def check_normalized(graph: Graph) -> Graph:
 
     A `NormalizedGraph` (the output of `normalize`, or of `load_graph` for a W that
     `save_graph` wrote from one, checked once at load) carries that fact in its type and
-    passes at once; a traced graph is checked for its type and shapes only. Any other
+    passes at once; an `AffinityGraph` (`knn_graph`'s A) is refused at once, traced or
+    not; any other traced graph is checked for its type and shapes only. Any other
     concrete `Graph` is checked here, at every call, O(nnz) on the host: finite
     non-negative weights, neighbour ids in range, W = W^T, and a largest eigenvalue at
     most 1 (a few power-iteration steps from the all-ones vector: an unnormalised
@@ -121,6 +122,9 @@ def check_normalized(graph: Graph) -> Graph:
     if not isinstance(graph, Graph):
         raise TypeError(f"graph must be a retrieval_jax.graph.Graph, got {type(graph).__name__}")
     graph.check_overflow()
+    if isinstance(graph, AffinityGraph):
+        raise ValueError("this is the affinity A that knn_graph returns, not normalised: diffusion needs "
+                         "W = D^-1/2 A D^-1/2, pass normalize(A)")
     if isinstance(graph, NormalizedGraph) or _checks.is_traced(graph.indices, graph.weights):
         return graph
     w = np.asarray(graph.weights)

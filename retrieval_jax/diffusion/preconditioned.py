@@ -337,7 +337,7 @@ class PreconditionedCG:
     route = "pcg"
 
     def validate(self) -> "PreconditionedCG":
-        _checks.check_positive(self.tol, "tol")
+        _checks.check_tolerance(self.tol, "tol")
         if not _checks.is_int(self.max_iter) or self.max_iter < 1:
             raise ValueError(f"max_iter must be an int >= 1 (static: it bounds the loop), got {self.max_iter!r}")
         _checks.check_positive_int(self.max_coarse, "max_coarse")
@@ -354,6 +354,16 @@ class PreconditionedCG:
         op, _ = operator.in_layout()
         return aggregation_preconditioner(op.graph, float(op.alpha), max_coarse=self.max_coarse,
                                           dtype=op.graph.weights.dtype)
+
+    def check_state(self, operator: DiffusionOperator, state) -> None:
+        """An `AggregationPreconditioner` of the operator's n nodes (another alpha is fine:
+        the coarse operator is refactorised)."""
+        if not isinstance(state, AggregationPreconditioner):
+            raise TypeError("PreconditionedCG needs the state PreconditionedCG(...).init(operator) returns (an "
+                            f"AggregationPreconditioner), got {type(state).__name__}")
+        if state.num_nodes != operator.num_nodes:
+            raise ValueError(f"the PreconditionedCG state is for {state.num_nodes} nodes, the operator has "
+                             f"{operator.num_nodes}: a state from another graph")
 
     def run(self, operator: DiffusionOperator, state: AggregationPreconditioner, y):
         op, layout = operator.in_layout()

@@ -119,13 +119,17 @@ class CG:
     route = "cg"
 
     def validate(self) -> "CG":
-        _checks.check_positive(self.tol, "tol")
+        _checks.check_tolerance(self.tol, "tol")
         if not _checks.is_int(self.max_iter) or self.max_iter < 1:
             raise ValueError(f"max_iter must be an int >= 1 (static: it bounds the loop), got {self.max_iter!r}")
         return self
 
     def init(self, operator: DiffusionOperator) -> None:
         return None
+
+    def check_state(self, operator: DiffusionOperator, state) -> None:
+        if state is not None:
+            raise TypeError(f"CG has no offline state; pass state=None, got {type(state).__name__}")
 
     def run(self, operator: DiffusionOperator, state, y):
         op, layout = operator.in_layout()
@@ -151,7 +155,19 @@ class ExactInverse:
         """Offline: ``plan`` (`plan_inverse`, host side) may be given to build under a trace."""
         return diffusion_inverse(operator.graph, operator.alpha, max_nodes=self.max_nodes, plan=plan)
 
+    def check_state(self, operator: DiffusionOperator, state) -> None:
+        """A `DiffusionInverse` of the operator's n nodes, built for its alpha (when both are concrete)."""
+        expect_state(state, DiffusionInverse, "ExactInverse", operator.num_nodes)
+        if state.alpha is not None and not _checks.is_traced(state.alpha, operator.alpha):
+            built, now = np.float32(state.alpha), np.float32(operator.alpha)
+            if built != now:
+                raise ValueError(f"this ExactInverse state inverts I - alpha W for alpha = {built}, the operator has "
+                                 f"alpha = {now}; rebuild it with ExactInverse().init(operator)")
+
     def run(self, operator: DiffusionOperator, state: DiffusionInverse, y):
+        nq = y.weights.shape[0] if isinstance(y, SparseObservation) else y.shape[0]
+        if nq == 0:
+            return (jnp.zeros((0, operator.num_nodes), state.blocks[0].dtype), *_no_steps(0, state.blocks[0].dtype))
         if isinstance(y, SparseObservation):
             x = state.weighted_rows(y.weights, y.indices)
         else:
@@ -174,6 +190,8 @@ class Spectral:
     transfer: Any = None
     mode: str = "approx"
     route = "spectral"
+    _HOST_INIT = ("Spectral.init finds W's eigenpairs on the host: call state = Spectral(...).init(operator) "
+                  "outside jax.jit and pass it in, solve(operator, y, solver, state)")
 
     def validate(self) -> "Spectral":
         _checks.check_positive_int(self.rank, "rank")
@@ -188,11 +206,19 @@ class Spectral:
 
     def init(self, operator: DiffusionOperator) -> SpectralEmbedding:
         """Offline: the ``rank`` largest eigenpairs of W (host, Lanczos), filtered."""
+        if _checks.is_traced(operator.graph.indices, operator.graph.weights):
+            raise TypeError(self._HOST_INIT)
         n = operator.num_nodes
         if self.rank > n:
             raise ValueError(f"rank = {self.rank} exceeds the graph's {n} nodes; choose rank <= {n}")
-        emb = spectral_embedding(operator.graph, self.rank, lambda lam: lam, mode=FSR_MODES[0])
+        try:
+            emb = spectral_embedding(operator.graph, self.rank, lambda lam: lam, mode=FSR_MODES[0])
+        except jax.errors.TracerArrayConversionError as exc:
+            raise TypeError(self._HOST_INIT) from exc
         return filter_embedding(emb, self._filter(operator), mode=self.mode)
+
+    def check_state(self, operator: DiffusionOperator, state) -> None:
+        expect_state(state, SpectralEmbedding, "Spectral", operator.num_nodes)
 
     def run(self, operator: DiffusionOperator, state: SpectralEmbedding, y):
         # re-filtered here so the scores follow a traced alpha or transfer parameter
@@ -258,6 +284,11 @@ class Auto:
             return AutoState("inverse", ExactInverse().init(operator, plan=plan))
         return AutoState("cg", None)
 
+    def check_state(self, operator: DiffusionOperator, state) -> None:
+        expect_state(state, AutoState, "Auto", None)
+        if state.route == "inverse":
+            ExactInverse().check_state(operator, state.inner)
+
     def run(self, operator: DiffusionOperator, state: AutoState, y):
         if state.route == "inverse":
             return ExactInverse().run(operator, state.inner, y)
@@ -295,12 +326,15 @@ def route_of(solver, state) -> str:
 
 def check_observations(y, n: int):
     """y as the right-hand side of a diffusion on n nodes: a `SparseObservation` of n
-    nodes, or a real array [nq, n] (floating; integers become float32), finite when
+    nodes, or a real array [nq, n] (floating; integers, float16 and bfloat16 become
+    float32), finite when
     concrete. Complex y is refused (diffusion scores are real; a cast would drop the
     imaginary part)."""
     if isinstance(y, SparseObservation):
         if y.num_nodes != n:
             raise ValueError(f"the observation has {y.num_nodes} nodes but the graph has {n}")
+        if jnp.issubdtype(y.weights.dtype, jnp.floating) and jnp.finfo(y.weights.dtype).bits < 32:
+            y = dataclasses.replace(y, weights=y.weights.astype(jnp.float32))
         return y
     y = jnp.asarray(y)
     if jnp.issubdtype(y.dtype, jnp.complexfloating):
@@ -312,11 +346,24 @@ def check_observations(y, n: int):
     if y.ndim != 2 or y.shape[1] != n:
         raise ValueError(f"y must be [n_queries, n] with n = {n} graph nodes (or a SparseObservation), "
                          f"got shape {y.shape}")
-    if not jnp.issubdtype(y.dtype, jnp.floating):
+    if not jnp.issubdtype(y.dtype, jnp.floating) or jnp.finfo(y.dtype).bits < 32:
+        # integers, and half precision, whose 3 significant digits CG cannot iterate in
+        # (its recurrence breaks down): the solve runs in float32
         y = y.astype(jnp.float32)
     if not _checks.is_traced(y) and not np.isfinite(np.asarray(y)).all():
         raise ValueError("y contains NaN or inf")
     return y
+
+
+def expect_state(state, cls, solver: str, n: int | None) -> None:
+    """Raise unless ``state`` is a ``cls`` (of ``n`` nodes when given): the offline state
+    ``solver``.init(operator) returns for this operator."""
+    if not isinstance(state, cls):
+        raise TypeError(f"{solver} needs the state {solver}(...).init(operator) returns (a {cls.__name__}), "
+                        f"got {type(state).__name__}")
+    if n is not None and state.num_nodes != n:
+        raise ValueError(f"the {solver} state is for {state.num_nodes} nodes, the operator has {n}: "
+                         "a state from another graph")
 
 
 def solve(operator: DiffusionOperator, y, solver=None, state=None) -> Solution:
@@ -337,6 +384,11 @@ def solve(operator: DiffusionOperator, y, solver=None, state=None) -> Solution:
     Returns:
       `Solution` (scores [nq, n], iterations, residual, route). Jittable and
       differentiable given ``state``.
+
+    Raises:
+      TypeError / ValueError: a bad operator, solver, y, or a ``state`` that is not the
+        solver's for this operator (another type, graph or alpha); on concrete values, a
+        query whose solve broke down (NaN residual and scores under a trace instead).
     """
     if not isinstance(operator, DiffusionOperator):
         raise TypeError(f"operator must be a DiffusionOperator (diffusion_operator(W, alpha)), "
@@ -344,7 +396,17 @@ def solve(operator: DiffusionOperator, y, solver=None, state=None) -> Solution:
     solver = CG() if solver is None else resolve_solver(solver)
     solver.validate()
     y = check_observations(y, operator.num_nodes)
-    return solve_unchecked(operator, y, solver, state)
+    if state is not None and hasattr(solver, "check_state"):
+        solver.check_state(operator, state)
+    return checked_solution(solve_unchecked(operator, y, solver, state))
+
+
+def checked_solution(sol: Solution) -> Solution:
+    """``sol``, after raising for the queries whose solve failed when it is concrete (the
+    public entries' last check; under a trace the NaN residual and scores say it)."""
+    if not _checks.is_traced(sol.residual):
+        raise_failed_rows(sol.residual)
+    return sol
 
 
 def solve_unchecked(operator: DiffusionOperator, y, solver, state=None) -> Solution:
@@ -354,6 +416,16 @@ def solve_unchecked(operator: DiffusionOperator, y, solver, state=None) -> Solut
         state = solver.init(operator)
     scores, its, res = _run(solver, operator, state, y)
     return Solution(scores=scores, iterations=its, residual=res, route=route_of(solver, state))
+
+
+def raise_failed_rows(residual) -> None:
+    """Raise for the queries whose solve failed (a NaN relative residual: the iterative
+    solvers' record of a breakdown, whose scores are NaN); concrete values only."""
+    bad = np.flatnonzero(np.isnan(np.asarray(residual)).reshape(-1))
+    if bad.size:
+        raise ValueError(f"the solve failed on {bad.size} query(ies) (first: row {bad[0]}): NaN or inf appeared "
+                         "in a product with I - alpha W, or it is not positive definite on the query's Krylov "
+                         "space; pass the normalised, symmetric W (normalize(A)) and 0 < alpha < 1")
 
 
 @jax.jit

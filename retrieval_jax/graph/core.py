@@ -84,6 +84,79 @@ def _id_range(indices) -> tuple[int, int]:
     return lo, hi
 
 
+def _is_array_like(value) -> bool:
+    """An array, tracer or shape/dtype spec (``jax.ShapeDtypeStruct``): what has a static
+    shape and dtype to check. Anything else (None, a Python int, an ``object()``) is a
+    pytree placeholder or a ``vmap`` axis spec, which a `Graph` holds unchecked."""
+    return hasattr(value, "shape") and hasattr(value, "dtype")
+
+
+def _as_field(value, name: str):
+    """A Graph field as given, except that a list / tuple or another array-like with
+    ``__array__`` (not a numpy or JAX array) becomes a JAX array."""
+    if isinstance(value, (np.ndarray, jax.Array)):
+        return value
+    if isinstance(value, (list, tuple)) or (hasattr(value, "__array__") and not _is_array_like(value)):
+        try:
+            return jnp.asarray(value)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"a Graph's {name} must be a rectangular [n, K] array of numbers, "
+                            f"got a {type(value).__name__} that is not one ({exc})") from None
+    return value
+
+
+def _real_weights(w):
+    """Edge weights as a real floating-point array: bool / integer weights (a 0/1 adjacency)
+    become float32, which `normalize` and the solvers need (an integer W would truncate
+    every normalised weight to 0); anything else non-floating is a TypeError."""
+    dtype = w.dtype
+    if jnp.issubdtype(dtype, jnp.floating):
+        return w
+    if (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.bool_)) and hasattr(w, "astype"):
+        return w.astype(np.float32 if isinstance(w, np.ndarray) else jnp.float32)
+    raise TypeError(f"a Graph's weights must be real floating-point edge weights, got dtype {dtype}; "
+                    "pass float32 weights (bool / integer arrays are converted to float32)")
+
+
+def _float_dtype(dtype):
+    """The weights' dtype of `Graph.from_scipy`: a real floating-point dtype, else a TypeError."""
+    try:
+        d = jnp.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype must be a real floating-point dtype such as np.float32, got {dtype!r}") from None
+    if not jnp.issubdtype(d, jnp.floating):
+        raise TypeError(f"dtype must be a real floating-point dtype such as np.float32, got {d}: "
+                        "integer or bool edge weights would be truncated to 0 when the graph is normalised")
+    return d
+
+
+def _as_csr(matrix) -> sp.csr_matrix:
+    """``matrix`` (scipy sparse, or anything ``np.asarray`` reads) as a CSR matrix of real
+    numbers, or a clear error: 2-D, square, bool / integer / floating entries."""
+    def refuse(shape, dtype):
+        return ValueError(f"a graph needs a 2-D square real matrix (an n x n affinity), "
+                          f"got shape {tuple(shape)} and dtype {dtype}")
+
+    if sp.issparse(matrix):
+        if matrix.ndim != 2 or matrix.dtype.kind not in "biuf":
+            raise refuse(matrix.shape, matrix.dtype)
+        mat = sp.csr_matrix(matrix)
+    else:
+        try:
+            arr = np.asarray(matrix)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"a graph needs a 2-D square real matrix (an n x n affinity), got a "
+                             f"{type(matrix).__name__} that is not a rectangular array ({exc})") from None
+        if arr.ndim != 2 or not (arr.dtype.kind in "biuf" or jnp.issubdtype(arr.dtype, jnp.floating)):
+            raise refuse(arr.shape, arr.dtype)
+        if arr.dtype.kind == "V" or arr.dtype == np.float16:
+            arr = arr.astype(np.float32)   # bfloat16 / float16: exact in float32, which scipy stores
+        mat = sp.csr_matrix(arr)
+    if mat.shape[0] != mat.shape[1]:
+        raise ValueError(f"a graph needs a square matrix, got shape {mat.shape}")
+    return mat
+
+
 def neighbour_product(indices, weights, x, *, unroll: int | None = None, accumulate=None) -> jax.Array:
     """y = A x for the fixed-K neighbour lists of A: y_i = sum_k weights[i, k] x[indices[i, k]].
 
@@ -112,6 +185,8 @@ def neighbour_product(indices, weights, x, *, unroll: int | None = None, accumul
     else:
         def body(k, acc):
             return acc + w[:, k, None] * x[idx[:, k]].astype(acc_dtype)
+    if idx.shape[1] == 0:   # no neighbour slots: A x = 0 (fori_loop would still trace the body)
+        return jnp.zeros(x.shape, x.dtype)
     if unroll is None:
         batch = 1 if x.ndim == 1 else int(np.prod(x.shape[1:]))
         unroll = matvec_unroll(idx.shape[0], idx.shape[1], batch, jnp.dtype(acc_dtype).itemsize)
@@ -140,15 +215,20 @@ class Graph:
     The leading axis is the node axis, so sharding a graph across devices is a
     matter of placing rows.
 
-    Construction checks what `matvec` relies on: ``indices`` integer and of the shape
-    of ``weights``, and (when concrete) every id in [0, n), O(n K) once; an id out of
-    range would gather garbage (JAX clamps out-of-range gathers). Under a trace only
-    shapes and dtypes are checked. A pytree transformation rebuilds a graph without
-    checking it again.
+    Construction checks what `matvec` relies on: ``indices`` an integer [n, K] array
+    with K >= 1, ``weights`` of the same shape, and (when concrete) every id in [0, n),
+    O(n K) once; an id out of range would gather garbage (JAX clamps out-of-range
+    gathers). Lists become JAX arrays; bool / integer weights (a 0/1 adjacency) become
+    float32, since a normalised W needs real weights. Under a trace only shapes and
+    dtypes are checked. A pytree transformation rebuilds a graph without checking it
+    again, and a graph of non-array leaves (a ``vmap`` axis spec such as
+    ``Graph(0, None)``) is not checked.
 
     Raises:
-      ValueError: indices and weights of different shapes, or ids outside [0, n).
-      TypeError: non-integer indices.
+      ValueError: indices or weights not 2-D, of different shapes, with K = 0 slots, or
+        ids outside [0, n).
+      TypeError: non-integer indices, non-real (e.g. complex) weights, or one field an
+        array and the other not (None weights).
     """
 
     indices: jax.Array
@@ -156,18 +236,32 @@ class Graph:
     overflow: jax.Array | None = None
 
     def __post_init__(self):
-        idx, w = self.indices, self.weights
-        shape_i, shape_w = getattr(idx, "shape", None), getattr(w, "shape", None)
-        if shape_i is None or shape_w is None:
-            return
-        if tuple(shape_i) != tuple(shape_w):
+        idx = _as_field(self.indices, "indices")
+        w = _as_field(self.weights, "weights")
+        if not (_is_array_like(idx) or _is_array_like(w)):
+            return   # a pytree placeholder or a vmap in_axes spec such as Graph(0, None): nothing to check
+        for name, value in (("indices", idx), ("weights", w)):
+            if not _is_array_like(value):
+                raise TypeError(f"a Graph's {name} must be an [n, K] array, got {type(value).__name__}")
+        shape_i, shape_w = tuple(idx.shape), tuple(w.shape)
+        if len(shape_i) != 2 or len(shape_w) != 2:
+            raise ValueError(f"a Graph's indices and weights must be 2-D arrays [n, K] (row i: node i's K "
+                             f"neighbour ids / edge weights), got shapes {shape_i} and {shape_w}; "
+                             "for one neighbour per node use shape [n, 1]")
+        if shape_i != shape_w:
             raise ValueError(f"a Graph's indices and weights must have the same shape [n, K], "
-                             f"got {tuple(shape_i)} and {tuple(shape_w)}")
-        dtype = getattr(idx, "dtype", None)
-        if dtype is not None and not jnp.issubdtype(dtype, jnp.integer):
-            raise TypeError(f"a Graph's indices must be integer neighbour ids, got dtype {dtype}")
-        if (len(shape_i) == 2 and shape_i[0] * shape_i[1] and isinstance(idx, (np.ndarray, jax.Array))
-                and not _checks.is_traced(idx)):
+                             f"got {shape_i} and {shape_w}")
+        if shape_i[1] == 0:
+            raise ValueError(f"a Graph needs at least one neighbour slot per node (K >= 1), got shape {shape_i}; "
+                             "a node without neighbours holds its own id with weight 0")
+        if not jnp.issubdtype(idx.dtype, jnp.integer):
+            raise TypeError(f"a Graph's indices must be integer neighbour ids, got dtype {idx.dtype}")
+        w = _real_weights(w)
+        if idx is not self.indices:
+            object.__setattr__(self, "indices", idx)
+        if w is not self.weights:
+            object.__setattr__(self, "weights", w)
+        if shape_i[0] and isinstance(idx, (np.ndarray, jax.Array)) and not _checks.is_traced(idx):
             lo, hi = _id_range(idx)
             n = shape_i[0]
             if lo < 0 or hi >= n:
@@ -236,12 +330,16 @@ class Graph:
         must be at least the largest number of non-zeros in a row.
 
         Raises:
-          ValueError: a non-square matrix, NaN / inf or negative entries, or a
-            ``max_degree`` below the widest row.
+          ValueError: not a 2-D square matrix of real (bool, integer or floating)
+            numbers, NaN / inf or negative entries, a ``max_degree`` that is not a
+            positive int or is below the widest row.
+          TypeError: a ``dtype`` that is not a real floating-point dtype (integer
+            weights would be truncated by `normalize`).
         """
-        mat = sp.csr_matrix(matrix)
-        if mat.shape[0] != mat.shape[1]:
-            raise ValueError(f"a graph needs a square matrix, got shape {mat.shape}")
+        dtype = _float_dtype(dtype)
+        if max_degree is not None:
+            max_degree = _checks.check_positive_int(max_degree, "max_degree")
+        mat = _as_csr(matrix)
         mat.sum_duplicates()
         mat.eliminate_zeros()
         n = mat.shape[0]
@@ -255,7 +353,7 @@ class Graph:
         if max_degree is not None:
             if max_degree < width:
                 raise ValueError(f"max_degree = {max_degree} is smaller than the largest row ({width} non-zeros)")
-            width = int(max_degree)
+            width = max_degree
         indices = np.repeat(np.arange(n, dtype=np.int32)[:, None], width, axis=1)
         weights = np.zeros((n, width), dtype=dtype)
         # position of every stored entry inside its row
@@ -268,7 +366,7 @@ class Graph:
     @classmethod
     def from_dense(cls, matrix, **kwargs) -> "Graph":
         """`from_scipy` of a dense square array (same checks)."""
-        return cls.from_scipy(sp.csr_matrix(np.asarray(matrix)), **kwargs)
+        return cls.from_scipy(matrix, **kwargs)
 
 
 def _rows_matvec(indices, weights, x: np.ndarray, rows: int) -> np.ndarray:
@@ -352,3 +450,16 @@ class NormalizedGraph(Graph):
     """
 
     layout: Any = None
+
+
+@_graph_pytree
+@dataclasses.dataclass(frozen=True)
+class AffinityGraph(Graph):
+    """A `Graph` known to be an affinity A (`knn_graph`'s output), not the normalised W.
+
+    The type carries the fact so that the diffusion solvers can refuse A where they
+    need W = `normalize` (A), under ``jax.jit`` too, where the value check of a plain
+    `Graph` cannot run: an A with small weights (a small k, gamma = 3) has a spectrum
+    inside [-1, 1] and would otherwise diffuse without a word, to another ranking.
+    Anything that takes a graph takes it; `normalize` returns a `NormalizedGraph`.
+    """

@@ -21,19 +21,44 @@ def save_graph(path, graph: Graph, **meta) -> Path:
     returns it as one. The file is written to a temporary name and renamed, so a crash
     never leaves a half-written graph.
 
+    A graph built with a fixed capacity that overflowed (edges lost, see
+    `Graph.check_overflow`) is refused: the file would not record the loss.
+
     Raises:
-      TypeError: ``graph`` is not a `Graph`.
-      ValueError: a metadata key is reserved (indices, weights, normalized).
+      TypeError: ``graph`` is not a concrete `Graph` (e.g. a traced one, inside
+        ``jax.jit``), or a metadata value is not a number, string or array of them
+        (the archive stores no pickled Python objects, which `load_graph` refuses).
+      ValueError: a metadata key is reserved (indices, weights, normalized), or the
+        graph overflowed its capacity (rebuild it with a larger ``max_degree``).
     """
+    from .. import _checks
     from ..files import atomic_write
 
     if not isinstance(graph, Graph):
         raise TypeError(f"graph must be a retrieval_jax.graph.Graph, got {type(graph).__name__}")
+    if _checks.is_traced(graph.indices, graph.weights, graph.overflow):
+        raise TypeError("save_graph needs a concrete graph, got a traced one: return the graph from the "
+                        "jitted function and save it outside jax.jit")
+    try:
+        graph.check_overflow()
+    except ValueError as exc:
+        raise ValueError(f"refusing to save an incomplete graph: {exc}") from None
     for key in _RESERVED:
         if key in meta:
             raise ValueError(f"metadata key {key!r} is reserved for the graph itself")
+    stored = {}
+    for key, value in meta.items():
+        try:
+            arr = np.asarray(value)
+        except (TypeError, ValueError):
+            arr = None
+        if arr is None or arr.dtype.kind == "O":
+            raise TypeError(f"metadata {key!r} must be a number, string or array of them, got "
+                            f"{type(value).__name__}: the archive stores no Python objects (load_graph "
+                            "refuses them); convert it, e.g. str(value) or np.asarray(value, float)")
+        stored[key] = arr
     arrays = {"indices": np.asarray(graph.indices, np.int32), "weights": np.asarray(graph.weights, np.float32),
-              **{k: np.asarray(v) for k, v in meta.items()}}
+              **stored}
     if isinstance(graph, NormalizedGraph):
         arrays[NORMALIZED_KEY] = np.bool_(True)
     return atomic_write(path, lambda f: np.savez(f, **arrays))

@@ -17,7 +17,7 @@ from .._precision import HIGHEST as _HIGHEST
 from .. import _checks
 from .._progress import progress
 from .affinity import affinity_graph, union_capacity
-from .core import Graph, NormalizedGraph
+from .core import AffinityGraph, Graph, NormalizedGraph
 from .order import LOCALITY_MIN_NODES, with_locality
 
 
@@ -283,8 +283,9 @@ def search_route(method: str = "auto", X=None) -> str:
 
 
 def knn_graph(X, k: int = 50, *, gamma: float = 3.0, mutual: bool = True, method: str = "auto",
-              max_degree: int | None = None, seed: int = 0, show_progress: bool | None = None) -> Graph:
-    """kNN affinity graph over the rows of X (not normalised; see `normalize`).
+              max_degree: int | None = None, seed: int = 0, show_progress: bool | None = None) -> AffinityGraph:
+    """kNN affinity graph over the rows of X (not normalised; see `normalize`): an `AffinityGraph`,
+    which the diffusion solvers refuse in place of W = normalize(A).
 
     A_ij = max(<x_i, x_j>, 0)^gamma if j in NN_k(i) [and i in NN_k(j) when mutual],
     made symmetric (min over the two directions when mutual, max for the union). Self-loops
@@ -331,7 +332,8 @@ def knn_graph(X, k: int = 50, *, gamma: float = 3.0, mutual: bool = True, method
     if max_degree is not None:
         max_degree = _checks.check_positive_int(max_degree, "max_degree")
     if _checks.is_traced(X):
-        return _traced_knn_graph(X, k, gamma, mutual, route, max_degree)
+        graph = _traced_knn_graph(X, k, gamma, mutual, route, max_degree)
+        return AffinityGraph(indices=graph.indices, weights=graph.weights, overflow=graph.overflow)
     X = _checks.as_matrix(X, "X")
     n = X.shape[0]
     _checks.check_k(k, n - 1, what="other items (k must be < n)")
@@ -368,7 +370,7 @@ def knn_graph(X, k: int = 50, *, gamma: float = 3.0, mutual: bool = True, method
         graph = _pad_slots(graph, max_degree)
     # checked here, on the host: a concrete graph carries no overflow count
     graph.check_overflow()
-    return Graph(indices=graph.indices, weights=graph.weights)
+    return AffinityGraph(indices=graph.indices, weights=graph.weights)
 
 
 def affinity_lists(sims, idx, gamma: float = 3.0, *, mutual: bool = True):
@@ -490,7 +492,7 @@ def normalize(graph: Graph, *, locality: bool | None = None) -> NormalizedGraph:
     diffusion score is then its own query mass. The spectrum of W lies in [-1, 1].
     The result's type, `NormalizedGraph`, records that W is normalised. Jittable and
     differentiable with respect to the weights; a concrete graph is checked first
-    (finite, non-negative weights). A concrete graph of `LOCALITY_MIN_NODES` nodes or
+    (finite, non-negative weights, A = A^T: `check_symmetric`). A concrete graph of `LOCALITY_MIN_NODES` nodes or
     more also gets its `LocalityLayout` (host, once: `with_locality`), in which the CG
     solvers then run; under a trace nothing is added. ``locality``: True / False to
     attach the layout to a concrete graph of any size / never (None: by the threshold).
@@ -505,10 +507,31 @@ def normalize(graph: Graph, *, locality: bool | None = None) -> NormalizedGraph:
         raise ValueError("the graph has NaN or inf weights; rebuild it from finite descriptors")
     if (w < 0).any():
         raise ValueError("the graph has negative weights; an affinity must be non-negative")
+    check_symmetric(graph.check_overflow())   # a graph that lost edges is also asymmetric: say why
     out = _normalize(graph)
     if locality is None:
         locality = graph.num_nodes >= LOCALITY_MIN_NODES
     return with_locality(out) if locality else out
+
+
+def check_symmetric(graph: Graph, *, rtol: float = 1e-5):
+    """Raise ValueError unless the graph's matrix equals its transpose (host side, O(nnz)):
+    max |A - A^T| <= rtol max |A|. Returns the scipy CSR matrix (for the caller to reuse).
+
+    Diffusion and spectral ranking need an undirected graph: on a directed one, D^-1/2 A
+    D^-1/2 is not symmetric, I - alpha W is not positive definite and CG returns NaN or
+    a plausible but wrong ranking."""
+    mat = graph.to_scipy()
+    if mat.nnz:
+        diff = abs(mat - mat.T)
+        worst = diff.max() if diff.nnz else 0.0
+        scale = abs(mat).max()
+        if worst > rtol * scale:
+            raise ValueError(
+                f"the graph is not symmetric (max |A - A^T| = {worst:.3g} for max |A| = {scale:.3g}); diffusion "
+                "and spectral ranking need an undirected graph: build it with knn_graph (mutual or union "
+                "neighbours) or symmetrise it, (A + A^T) / 2")
+    return mat
 
 
 @jax.jit

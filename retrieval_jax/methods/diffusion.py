@@ -21,7 +21,6 @@ from ..graph.core import Graph, NormalizedGraph
 from ..graph.affinity import similarity_power
 from ..graph.neighbours import SEARCH_METHODS, normalize
 from ..graph.order import LOCALITY_MIN_NODES, with_locality
-from ..spectral import check_symmetric_graph
 from .base import (GRAPH_OPTIONS, check_database_graph, checked_database, config_graph, make_method,
                    with_graph_k)
 from .options import finite_float, option, positive_int
@@ -92,7 +91,7 @@ class DiffusionConfig:
     def __post_init__(self):
         _checks.check_alpha(self.alpha)
         _checks.check_gamma(self.gamma)
-        _checks.check_positive(self.tol, "tol")
+        _checks.check_tolerance(self.tol, "tol")
         for name in ("k", "query_k", "max_iter", "batch_size"):
             _checks.check_positive_int(getattr(self, name), f"DiffusionConfig.{name}")
         if self.truncate is not None and (not isinstance(self.truncate, (int, np.integer)) or self.truncate < 1):
@@ -217,9 +216,7 @@ def diffusion_state_from_graph(database, graph: Graph, config: DiffusionConfig =
         if not isinstance(w, NormalizedGraph):
             w = NormalizedGraph(indices=w.indices, weights=w.weights, overflow=w.overflow)
     else:
-        if not _checks.is_traced(graph.indices, graph.weights):
-            check_symmetric_graph(graph)
-        w = normalize(graph)
+        w = normalize(graph)    # checks a concrete A: finite, non-negative, symmetric
     return _state(db, w, config)
 
 

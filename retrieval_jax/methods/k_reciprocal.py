@@ -34,6 +34,11 @@ entries dropped, 0 when everything fits). Online, a query q
 * re-scores its shortlist by d* against the shortlisted items' offline V' and returns the
   re-ranked shortlist first, the rest in first-search order (`base.rerank_shortlist`).
 
+Descriptors must be L2-normalised (database and queries): ``build`` and ``search`` raise a
+ValueError for a concrete row whose norm is off 1 by more than `UNIT_NORM_TOL` (on raw
+descriptors exp(-d) overflows and every score would be NaN); traced queries (under jit /
+vmap) are not checked.
+
 A database item used as a query (``search_items``) is the paper's definition over the
 database exactly (its own offline V'), so with M = n and no overflow the re-ranking is the
 paper's on the database. lambda = 1 gives the kNN ranking.
@@ -58,7 +63,7 @@ from .. import _checks
 from .._progress import progress
 from ..graph.neighbours import knn
 from .base import HIGHEST as _HIGHEST
-from .base import checked_database, make_method, rerank_shortlist, top_k_scores
+from .base import check_queries, checked_database, make_method, padded, rerank_shortlist, top_k_scores
 from .options import finite_float, option, positive_int
 
 __all__ = ["K_RECIPROCAL", "KReciprocalConfig", "KReciprocalState", "expanded_sets", "half_k",
@@ -66,6 +71,10 @@ __all__ = ["K_RECIPROCAL", "KReciprocalConfig", "KReciprocalState", "expanded_se
 
 # Entries gathered at once in the offline blocks (ids x descriptor floats).
 _BLOCK_FLOATS = 1 << 24
+
+UNIT_NORM_TOL = 1e-2
+"""How far from 1 a descriptor's L2 norm may be: |norm - 1| <= UNIT_NORM_TOL (loose enough
+for descriptors stored in float16 / bfloat16, tight enough to catch raw, unnormalised ones)."""
 
 
 def half_k(k1: int) -> int:
@@ -315,6 +324,21 @@ class KReciprocalState:
     shortlist: int
 
 
+def check_unit_rows(x: np.ndarray, name: str) -> None:
+    """A ValueError unless every row of the host matrix ``x`` [n, d] has L2 norm 1 (within
+    `UNIT_NORM_TOL`). The distance d = 2 - 2 <x_p, x_g> and its weights exp(-d) hold for
+    unit vectors only: on raw descriptors exp(2 <x_p, x_g> - 2) overflows to inf and
+    every score is NaN."""
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x))       # no copy of x; float32 is ample for the tolerance
+    bad = np.flatnonzero(np.abs(norms - 1.0) > UNIT_NORM_TOL)
+    if bad.size:
+        raise ValueError(
+            f"k-reciprocal needs L2-normalised descriptors (its distance is 2 - 2 <x, y> of unit vectors), "
+            f"but {bad.size} row(s) of {name} have norms off 1 (first: row {bad[0]}, norm {norms[bad[0]]:.4g}; "
+            f"norms in [{norms.min():.4g}, {norms.max():.4g}]); apply "
+            "retrieval_jax.descriptors.l2_normalize to database and queries alike")
+
+
 def _check_sizes(config: KReciprocalConfig, n: int) -> None:
     _checks.check_k(config.k1, n - 1, name="KReciprocalConfig.k1", what="other database items")
     _checks.check_k(config.k2, n, name="KReciprocalConfig.k2")
@@ -325,7 +349,16 @@ def _check_sizes(config: KReciprocalConfig, n: int) -> None:
 
 def _build(database, config: KReciprocalConfig = KReciprocalConfig(), *,
            show_progress: bool | None = None) -> KReciprocalState:
+    """The k-reciprocal state of ``database`` float[n, d] (L2-normalised rows).
+
+    Raises:
+      TypeError: ``config`` is not a `KReciprocalConfig`.
+      ValueError: the database is not a finite 2-D real matrix without zero rows, a row's
+        norm is off 1 by more than `UNIT_NORM_TOL` (apply ``descriptors.l2_normalize``),
+        or a size of ``config`` does not fit n.
+    """
     db = checked_database(database, config, KReciprocalConfig, "k-reciprocal")
+    check_unit_rows(db, "database")
     n, d = db.shape
     _check_sizes(config, n)
     k1, k2, h = config.k1, config.k2, half_k(config.k1)
@@ -416,6 +449,21 @@ def _search_items(state: KReciprocalState, ids):
     return _jaccard_rerank(state, sims, short_s, short_i, vq, jnp.sum(state.qe_w[ids], axis=1))
 
 
+_padded_search = padded(_search)
+
+
+def _checked_search(state: KReciprocalState, queries):
+    """`check_queries`, then (concrete queries) unit norms (`check_unit_rows`), then the padded
+    jitted search. Traced queries pass unchecked (their values cannot be read)."""
+    if _checks.is_traced(queries):
+        return _padded_search(state, queries)
+    q = _checks.as_matrix(queries, "queries")
+    checked = check_queries(state, q)            # the dimension (q is not scanned twice)
+    check_unit_rows(q, "queries")
+    return _padded_search(state, checked)
+
+
 K_RECIPROCAL = make_method("k-reciprocal", _build, _search, _search_items, KReciprocalConfig,
                            check_sizes=_check_sizes,
-                           summary="k-reciprocal re-ranking of a top-M shortlist (Jaccard of k-reciprocal encodings)")
+                           summary="k-reciprocal re-ranking of a top-M shortlist (Jaccard of k-reciprocal encodings)"
+                           )._replace(search=_checked_search)

@@ -76,7 +76,7 @@ class OfflineDiffusionConfig:
     def __post_init__(self):
         _checks.check_alpha(self.alpha)
         _checks.check_gamma(self.gamma)
-        _checks.check_positive(self.tol, "OfflineDiffusionConfig.tol")
+        _checks.check_tolerance(self.tol, "OfflineDiffusionConfig.tol")
         for name in ("k", "truncate", "query_k", "max_iter", "chunk_size", "batch_size"):
             _checks.check_positive_int(getattr(self, name), f"OfflineDiffusionConfig.{name}")
         if self.top_l is not None:

@@ -121,7 +121,7 @@ class RdpConfig:
     def __post_init__(self):
         _check_mu(self.mu)
         _checks.check_gamma(self.gamma)
-        _checks.check_positive(self.tol, "RdpConfig.tol")
+        _checks.check_tolerance(self.tol, "RdpConfig.tol")
         for name in ("k", "query_k", "max_iter"):
             _checks.check_positive_int(getattr(self, name), f"RdpConfig.{name}")
         if self.solver not in RDP_SOLVERS:

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..graph.core import Graph
-from ..graph.neighbours import connected_components
+from ..graph.neighbours import check_symmetric as check_symmetric_graph, connected_components
 from .._precision import HIGHEST as _HI
 from .. import _checks
 
@@ -437,22 +437,6 @@ def lanczos(matvec: Callable, n: int, r: int, *, num_iter: int | None = None, ke
     sizes = np.bincount(labels)
     return _run(_UserOp(matvec), None, n, r, num_iter=num_iter, key=key, dtype=dtype, tol=tol,
                 max_restarts=max_restarts, labels=labels, sizes=sizes)
-
-
-def check_symmetric_graph(graph, *, rtol: float = 1e-5):
-    """Raise ValueError unless the graph's matrix equals its transpose (host side).
-
-    Returns the scipy CSR matrix (reused by the caller)."""
-    mat = graph.to_scipy()
-    if mat.nnz:
-        diff = abs(mat - mat.T)
-        worst = diff.max() if diff.nnz else 0.0
-        scale = abs(mat).max()
-        if worst > rtol * scale:
-            raise ValueError(
-                f"the graph is not symmetric (max |W - W^T| = {worst:.3g} for max |W| = {scale:.3g}); "
-                "spectral ranking needs an undirected graph, e.g. knn_graph(..., mutual=True) + normalize")
-    return mat
 
 
 @functools.partial(jax.jit, static_argnames=("r",))

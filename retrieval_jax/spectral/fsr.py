@@ -108,12 +108,23 @@ def _eval_filter(h, lam: np.ndarray, what: str) -> np.ndarray:
     return out
 
 
+def check_normalized_spectrum(values, slack: float = 1e-3) -> None:
+    """Raise unless the eigenvalues lie in [-1, 1] (up to ``slack``), as those of a
+    normalised W = D^-1/2 A D^-1/2 do: an affinity A passed for W has eigenvalues up to
+    its degrees, where the filters meant for [-1, 1] turn negative or blow up."""
+    v = np.asarray(values)
+    if v.size and (v.max() > 1 + slack or v.min() < -1 - slack):
+        raise ValueError(f"the eigenvalues span [{v.min():.4g}, {v.max():.4g}], outside [-1, 1]: spectral "
+                         "ranking needs the normalised graph W = normalize(A), not the affinity A")
+
+
 def spectral_embedding(source, r: int, h, *, mode: str = "rank_r", sparsify: int | None = None,
                        per_component: bool = False, **eig_kwargs):
     """Offline FSR: eigenpairs of W, filtered by h (host side, not jitted).
 
     Args:
-      source: a symmetric (normalised) `Graph`, whose r largest eigenpairs are
+      source: the symmetric normalised `Graph` W (its eigenvalues must lie in [-1, 1],
+        checked), whose r largest eigenpairs are
         computed by `graph_eigenpairs` (``eig_kwargs`` are passed on), or
         precomputed `Eigenpairs` with at least r pairs (the r largest are used).
       r: rank of the approximation, 1 <= r <= n.
@@ -156,6 +167,7 @@ def spectral_embedding(source, r: int, h, *, mode: str = "rank_r", sparsify: int
         values, vectors = np.asarray(pairs.values), pairs.vectors
     if not np.isfinite(values).all():
         raise ValueError("the eigenvalues contain NaN or inf (the eigen-solver did not converge)")
+    check_normalized_spectrum(values)
     hv = _eval_filter(h, values, "the eigenvalues")
     if mode == "approx":
         h0 = float(_eval_filter(h, np.zeros((), np.float32), "0 (needed by mode='approx')"))
@@ -183,6 +195,7 @@ def _component_embedding(source, r, h, mode, sparsify, eig_kwargs) -> ComponentS
     else:
         pairs = component_eigenpairs(source, r, **eig_kwargs)
     for values in pairs.values:
+        check_normalized_spectrum(values)
         _eval_filter(h, np.asarray(values), "the eigenvalues")
     if mode == "approx":
         _eval_filter(h, np.zeros((), np.float32), "0 (needed by mode='approx')")

@@ -1,6 +1,8 @@
 """Metric-learning losses and hard-negative mining for descriptor fine-tuning.
 
-All functions are pure and jittable; their checks read static shapes only.
+All functions are pure and jittable. Shapes are checked always; values only when
+concrete (NaN / inf descriptors, contrastive targets other than 0 / 1, anchors short
+of negatives): under jit / vmap / grad traced values pass unchecked.
 
 References:
   Hadsell, Chopra & LeCun, "Dimensionality reduction by learning an invariant
@@ -11,9 +13,11 @@ References:
 from __future__ import annotations
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .._precision import HIGHEST as _HIGHEST
 from .. import _checks
@@ -32,6 +36,32 @@ def _masked_mean(values, mask):
         return jnp.mean(values)
     m = jnp.broadcast_to(jnp.asarray(mask, dtype=values.dtype), values.shape)
     return jnp.sum(values * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def _valid_rows(mask, p: int):
+    """bool[p] of the rows a concrete ``mask`` (None, scalar or [P]) keeps; None when the
+    mask is traced (its values cannot be read)."""
+    if mask is None:
+        return np.ones(p, bool)
+    if _checks.is_traced(mask):
+        return None
+    m = np.asarray(mask)
+    if m.shape not in ((), (1,), (p,)):
+        raise ValueError(f"mask must have shape [P] = ({p},) (or be a scalar), got {m.shape}")
+    return np.broadcast_to(m != 0, (p,))
+
+
+def _check_finite_rows(x, name: str, what: str = "row") -> None:
+    """A ValueError if a concrete ``x`` [P, ...] has NaN / inf in a row; traced ``x``
+    passes unchecked."""
+    if _checks.is_traced(x):
+        return
+    with jax.ensure_compile_time_eval():
+        ok = np.asarray(jnp.all(jnp.isfinite(x).reshape(x.shape[0], -1), axis=1))
+    bad = np.flatnonzero(~ok)
+    if bad.size:
+        raise ValueError(f"{name} has NaN or inf in {bad.size} {what}(s) (first: {what} {bad[0]}); the result "
+                         "would be NaN: check the descriptors")
 
 
 def _check_margin(margin):
@@ -53,14 +83,29 @@ def contrastive_loss(a, b, target, margin: float = 0.7, mask=None) -> jax.Array:
     Returns:
       float32 scalar. The distance uses a safe square root, so the gradient is
       finite for identical descriptors.
+    Raises:
+      ValueError: shapes that do not match; a negative margin; for concrete values, a
+        target other than 0 / 1 in a pair the mask keeps (padded pairs with mask 0 are
+        not checked), or NaN / inf descriptors in any pair (NaN * 0 is NaN: the mask
+        cannot hide them). Traced values pass unchecked.
     """
     a, b = _f32(a), _f32(b)
     if a.ndim != 2 or a.shape != b.shape:
         raise ValueError(f"a and b must both be [P, D] with the same shape, got {a.shape} and {b.shape}")
+    raw_target = target
     target = jnp.asarray(target).astype(a.dtype)
     if target.shape != a.shape[:1]:
         raise ValueError(f"target must have shape [P] = {a.shape[:1]}, got {target.shape}")
     _check_margin(margin)
+    valid = _valid_rows(mask, a.shape[0])
+    if valid is not None and not _checks.is_traced(raw_target):
+        t = np.asarray(raw_target)
+        bad = np.flatnonzero(valid & (t != 0) & (t != 1))
+        if bad.size:
+            raise ValueError(f"target must be 1 (matching pair) or 0 (non-matching pair), got {t[bad[0]].item()!r} "
+                             f"for pair {bad[0]} ({bad.size} such pair(s)); for soft weights use the mask")
+    _check_finite_rows(a, "a", "pair")        # every pair: NaN * mask 0 is still NaN in the mean
+    _check_finite_rows(b, "b", "pair")
     sq = jnp.sum((a - b) ** 2, axis=-1)
     pos = sq > 0
     dist = jnp.where(pos, jnp.sqrt(jnp.where(pos, sq, 1.0)), 0.0)
@@ -133,7 +178,12 @@ def mine_hard_negatives(anchors_desc, anchor_labels, pool_desc, pool_labels, num
     Returns:
       (sims float32[na, num], idx int32[na, num]). If an anchor has fewer than
       ``num`` differently-labelled pool items, the missing slots have sim = -inf
-      (and an arbitrary same-label index): mask them with ``jnp.isfinite(sims)``.
+      (and an arbitrary same-label index, not a negative): mask them with
+      ``jnp.isfinite(sims)``, as the jitted fine-tuning loop does. With concrete
+      labels this case also warns (a RuntimeWarning naming the first such anchor).
+    Raises:
+      ValueError: shapes that do not match, ``num`` outside [1, n_pool], or concrete
+        descriptors holding NaN / inf.
     """
     a, p = _f32(anchors_desc), _f32(pool_desc)
     la, lp = jnp.asarray(anchor_labels), jnp.asarray(pool_labels)
@@ -145,4 +195,23 @@ def mine_hard_negatives(anchors_desc, anchor_labels, pool_desc, pool_labels, num
                          f"{a.shape[:1]}, pool_labels {lp.shape} vs {p.shape[:1]}")
     if not _checks.is_int(num) or not 1 <= num <= p.shape[0]:
         raise ValueError(f"num must be an int in [1, n_pool = {p.shape[0]}], got {num!r}")
+    _check_finite_rows(a, "anchors_desc", "anchor")
+    _check_finite_rows(p, "pool_desc", "pool item")
+    if not _checks.is_traced(la, lp):
+        _warn_short_of_negatives(np.asarray(la), np.asarray(lp), int(num))
     return _mine(a, la, p, lp, num=int(num))
+
+
+def _warn_short_of_negatives(la: np.ndarray, lp: np.ndarray, num: int) -> None:
+    """A RuntimeWarning when an anchor has fewer than ``num`` pool items of another label."""
+    values, counts = np.unique(lp, return_counts=True)
+    pos = np.clip(np.searchsorted(values, la), 0, values.size - 1)
+    same = np.where(values[pos] == la, counts[pos], 0)
+    negatives = lp.size - same
+    short = np.flatnonzero(negatives < num)
+    if short.size:
+        i = short[0]
+        warnings.warn(f"mine_hard_negatives: {short.size} anchor(s) have fewer than num = {num} negatives in the "
+                      f"pool (first: anchor {i}, label {la[i].item()!r}, {negatives[i]} negative(s)); their "
+                      "missing slots hold sim = -inf and a same-label index, not a negative: mask them with "
+                      "jnp.isfinite(sims), or lower num", RuntimeWarning, stacklevel=3)
