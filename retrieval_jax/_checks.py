@@ -8,6 +8,7 @@ from __future__ import annotations
 import weakref
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -149,6 +150,14 @@ def check_positive(value, name: str):
     return value
 
 
+def check_bool(value, name: str) -> bool:
+    """A flag: True or False (numpy's bool too), never a truthy string or number ("no" is
+    true in Python)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
 def check_tolerance(value, name: str = "tol"):
     """A relative residual tolerance, 0 < tol < 1, as a float (tol >= 1 would stop an
     iterative solver before its first step, at x = 0); a traced value is returned as is."""
@@ -221,3 +230,36 @@ def check_mask(mask, shape, what: str) -> jax.Array:
     if tuple(mask.shape) != tuple(shape):
         raise ValueError(f"mask must have shape {what} = {tuple(shape)}, got {tuple(mask.shape)}")
     return mask if mask.dtype == jnp.bool_ else mask != 0
+
+
+def check_real_dtype(x, name: str = "x") -> None:
+    """A TypeError unless ``x``'s dtype is real: float, int or bool (static: works on tracers)."""
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
+        try:
+            dtype = np.asarray(x).dtype
+        except Exception as exc:  # ragged nested lists and the like
+            raise TypeError(f"{name} must be a numeric array, got {type(x).__name__}") from exc
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        raise TypeError(f"{name} has complex dtype {dtype}; it must hold real numbers "
+                        "(take the real part or the magnitude first)")
+    if not (jnp.issubdtype(dtype, jnp.number) or jnp.issubdtype(dtype, jnp.bool_)):
+        raise TypeError(f"{name} must hold real numbers, got dtype {dtype}")
+
+
+def check_finite_values(x, name: str, mask=None,
+                        fix: str = "clean or drop those descriptors first, NaN spreads into every result") -> None:
+    """A ValueError if a concrete ``x`` holds NaN or inf (where ``mask`` [B, H, W] is true,
+    for a map [B, H, W, C]: padded positions never contribute). Traced values (jit, vmap,
+    grad) cannot be read and pass unchecked."""
+    if is_traced(x) or (mask is not None and is_traced(mask)):
+        return
+    with jax.ensure_compile_time_eval():     # concrete values inside someone's jit: evaluate now
+        finite = jnp.isfinite(x)
+        if mask is not None:
+            finite = finite | ~mask[..., None]
+        if bool(jnp.all(finite)):
+            return
+    bad = np.argwhere(~np.asarray(finite))
+    raise ValueError(f"{name} has {len(bad)} NaN or inf value(s) (first at index {tuple(bad[0].tolist())}); "
+                     f"{fix}")

@@ -50,44 +50,11 @@ __all__ = [
 def _float(x, name: str = "x") -> jax.Array:
     """``x`` as a real float array (float32 unless a wider float); complex and non-numeric
     dtypes are refused (a cast would drop the imaginary part silently)."""
-    _check_real(x, name)
+    _checks.check_real_dtype(x, name)
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating) or jnp.finfo(x.dtype).bits < 32:
         x = x.astype(jnp.float32)
     return x
-
-
-def _check_real(x, name: str = "x") -> None:
-    """A TypeError unless ``x``'s dtype is real: float, int or bool (static: works on tracers)."""
-    dtype = getattr(x, "dtype", None)
-    if dtype is None:
-        try:
-            dtype = np.asarray(x).dtype
-        except Exception as exc:  # ragged nested lists and the like
-            raise TypeError(f"{name} must be a numeric array, got {type(x).__name__}") from exc
-    if jnp.issubdtype(dtype, jnp.complexfloating):
-        raise TypeError(f"{name} has complex dtype {dtype}; feature maps and descriptors must be real "
-                        "(take the real part or the magnitude first)")
-    if not (jnp.issubdtype(dtype, jnp.number) or jnp.issubdtype(dtype, jnp.bool_)):
-        raise TypeError(f"{name} must hold real numbers, got dtype {dtype}")
-
-
-def _check_finite(x, name: str, mask=None,
-                  fix: str = "clean or drop those descriptors first, NaN spreads into every result") -> None:
-    """A ValueError if a concrete ``x`` holds NaN or inf (where ``mask`` [B, H, W] is true,
-    for a map [B, H, W, C]: padded positions never contribute). Traced values (jit, vmap,
-    grad) cannot be read and pass unchecked."""
-    if _checks.is_traced(x) or (mask is not None and _checks.is_traced(mask)):
-        return
-    with jax.ensure_compile_time_eval():     # concrete values inside someone's jit: evaluate now
-        finite = jnp.isfinite(x)
-        if mask is not None:
-            finite = finite | ~mask[..., None]
-        if bool(jnp.all(finite)):
-            return
-    bad = np.argwhere(~np.asarray(finite))
-    raise ValueError(f"{name} has {len(bad)} NaN or inf value(s) (first at index {tuple(bad[0].tolist())}); "
-                     f"{fix}")
 
 
 def _check_positive_param(value, name: str, shapes=((),), what: str = "a scalar") -> None:
@@ -122,8 +89,8 @@ def _check_map(x, mask, name: str = "x"):
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
     if mask is not None:
         mask = _checks.check_mask(mask, x.shape[:3], f"[B, H, W] to match {name}")
-    _check_finite(x, name, mask, fix="pooling would spread them into the descriptor: check the backbone's "
-                  "input and output, or mask the invalid positions")
+    _checks.check_finite_values(x, name, mask, fix="pooling would spread them into the descriptor: check the "
+                                "backbone's input and output, or mask the invalid positions")
     return x, mask
 
 
@@ -154,7 +121,7 @@ def l2_normalize(x, axis: int = -1, eps: float = 1e-12) -> jax.Array:
     if not -max(x.ndim, 1) <= axis < max(x.ndim, 1):
         raise ValueError(f"axis = {axis} is out of range for an array of shape {tuple(x.shape)}")
     _check_positive_param(eps, "eps")
-    _check_finite(x, "x")
+    _checks.check_finite_values(x, "x")
     sq = jnp.sum(x * x, axis=axis, keepdims=True)
     return x * jax.lax.rsqrt(jnp.maximum(sq, jnp.asarray(eps, x.dtype) ** 2))
 
@@ -174,7 +141,7 @@ def combine_scales(descriptors: Sequence) -> jax.Array:
         raise ValueError(f"all scales must give descriptors of the same shape, got {sorted(shapes)}")
     floats = [_float(d, f"descriptors[{i}]") for i, d in enumerate(descriptors)]
     for i, d in enumerate(floats):
-        _check_finite(d, f"descriptors[{i}]")
+        _checks.check_finite_values(d, f"descriptors[{i}]")
     return l2_normalize(functools.reduce(jnp.add, floats))
 
 
@@ -317,7 +284,7 @@ def rmac_boxes(height: int, width: int, levels: int = 3) -> np.ndarray:
     return np.array(_rmac_boxes_cached(int(height), int(width), int(levels)), dtype=np.int64)
 
 
-def _check_whitening(whitening, c: int | None = None, what: str = "channels") -> tuple:
+def whitening_arrays(whitening, c: int | None = None, what: str = "channels") -> tuple:
     """(mean [d], projection [d, dim]) of a `Whitening` (or any object with ``mean`` and
     ``projection``) as real float arrays, d = ``c`` when given; concrete values must be
     finite. A TypeError for something else (e.g. the arguments of `apply_whitening` swapped)."""
@@ -330,8 +297,8 @@ def _check_whitening(whitening, c: int | None = None, what: str = "channels") ->
         need = "" if c is None else f" with d = C = {c} {what}"
         raise ValueError(f"whitening expects mean [d] and projection [d, dim]{need}, got mean "
                          f"{tuple(mean.shape)} and projection {tuple(proj.shape)}")
-    _check_finite(mean, "whitening.mean")
-    _check_finite(proj, "whitening.projection")
+    _checks.check_finite_values(mean, "whitening.mean")
+    _checks.check_finite_values(proj, "whitening.projection")
     return mean, proj
 
 
@@ -364,7 +331,7 @@ def rmac_regions(x, levels: int = 3, whitening=None, mask=None, eps: float = 1e-
     rmac_boxes(x.shape[1], x.shape[2], levels)  # validates levels
     _check_positive_param(eps, "eps")
     if whitening is not None:
-        whitening = _check_whitening(whitening, x.shape[-1])
+        whitening = whitening_arrays(whitening, x.shape[-1])
     return _rmac_regions(x, mask, whitening, levels=int(levels), eps=float(eps))
 
 

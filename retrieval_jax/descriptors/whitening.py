@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import _checks
-from .pooling import _check_finite, _check_real, _check_whitening, l2_normalize
+from .pooling import l2_normalize, whitening_arrays
 
 __all__ = ["Whitening", "learn_pca_whitening", "apply_whitening"]
 
@@ -124,18 +124,19 @@ def apply_whitening(w: Whitening, X, normalize: bool = True) -> jax.Array:
       ValueError: ``X``'s last axis is not the whitening's d, or a concrete ``X`` (or
         whitening) holds NaN / inf. Traced values are checked for shape and dtype only.
     """
+    normalize = _checks.check_bool(normalize, "normalize")
     if isinstance(X, Whitening) and not isinstance(w, Whitening):
         raise TypeError("apply_whitening(w, X) takes the Whitening first and the descriptors second; "
                         "the arguments look swapped")
-    mean, proj = _check_whitening(w, what="dimensions")
-    _check_real(X, "X")
+    mean, proj = whitening_arrays(w, what="dimensions")
+    _checks.check_real_dtype(X, "X")
     X = jnp.asarray(X)
     if not jnp.issubdtype(X.dtype, jnp.floating):
         X = X.astype(jnp.float32)
     if X.ndim < 1 or X.shape[-1] != proj.shape[0]:
         raise ValueError(f"whitening was learned on d = {proj.shape[0]} dimensional descriptors, "
                          f"got an array of shape {tuple(X.shape)}")
-    _check_finite(X, "X")
+    _checks.check_finite_values(X, "X")
     y = jnp.matmul(X - mean.astype(X.dtype), proj.astype(X.dtype),
                    precision=jax.lax.Precision.HIGHEST)
     return l2_normalize(y) if normalize else y

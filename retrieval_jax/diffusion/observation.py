@@ -61,14 +61,20 @@ class SparseObservation:
 def observe_neighbours(similarities, indices, n: int, *, gamma=3.0) -> SparseObservation:
     """The observation of queries given their k nearest database items.
 
-    weights = max(similarities, 0)^gamma (gamma may be traced). Concrete inputs are
-    checked: matching [nq, k] shapes, integer ids in [0, n), finite similarities.
+    weights = max(similarities, 0)^gamma (gamma may be traced). Checked: matching
+    [nq, k] shapes with k >= 1, real similarities, integer ids; concrete inputs also ids
+    in [0, n), finite similarities and finite weights (no overflow of the power).
     """
     gamma = _checks.check_gamma(gamma)
     n = _checks.check_positive_int(n, "n")
     sims, idx = jnp.asarray(similarities), jnp.asarray(indices)
     if sims.ndim != 2 or sims.shape != idx.shape:
         raise ValueError(f"similarities and indices must both be [n_queries, k], got {sims.shape} and {idx.shape}")
+    if sims.shape[1] == 0:
+        raise ValueError("each query needs at least one neighbour (k >= 1): with k = 0 its y and every "
+                         "diffusion score would be 0")
+    if not (jnp.issubdtype(sims.dtype, jnp.floating) or jnp.issubdtype(sims.dtype, jnp.integer)):
+        raise TypeError(f"similarities must be real numbers, got dtype {sims.dtype}")
     _checks.check_node_ids(idx, n, "indices")
     if not _checks.is_traced(sims):
         if not np.isfinite(np.asarray(sims)).all():
@@ -76,7 +82,12 @@ def observe_neighbours(similarities, indices, n: int, *, gamma=3.0) -> SparseObs
         warn_empty_observations(np.asarray(sims))
     if not jnp.issubdtype(sims.dtype, jnp.floating):
         sims = sims.astype(jnp.float32)
-    return SparseObservation(weights=similarity_power(sims, gamma), indices=idx.astype(jnp.int32), num_nodes=n)
+    weights = similarity_power(sims, gamma)
+    if not _checks.is_traced(weights) and not np.isfinite(np.asarray(weights)).all():
+        raise ValueError(f"max(similarity, 0)^gamma overflows {weights.dtype} (largest similarity "
+                         f"{float(jnp.max(sims)):.3g}, gamma = {gamma}): similarities of L2-normalised "
+                         "descriptors lie in [-1, 1]; normalise the descriptors")
+    return SparseObservation(weights=weights, indices=idx.astype(jnp.int32), num_nodes=n)
 
 
 def observe_items(ids, n: int) -> SparseObservation:

@@ -36,6 +36,8 @@ __all__ = ["gmp_weights", "pool_region_scores", "query_region_similarity", "quer
 
 
 def _check_regions(regions, mask):
+    """Real regions [N, R, d] (float), a bool mask [N, R]; concrete valid regions finite."""
+    _checks.check_real_dtype(regions, "regions")
     regions = jnp.asarray(regions)
     if not jnp.issubdtype(regions.dtype, jnp.floating):
         regions = regions.astype(jnp.float32)
@@ -45,11 +47,14 @@ def _check_regions(regions, mask):
         mask = jnp.ones(regions.shape[:2], dtype=bool)
     else:
         mask = _checks.check_mask(mask, regions.shape[:2], "[N, R]")
+    _checks.check_finite_values(regions, "regions", mask,
+                                fix="a NaN region makes its image's pooling weights NaN; drop or mask it")
     return regions, mask
 
 
 @jax.jit
 def _gmp_solve(regions, mask, lam):
+    regions = jnp.where(mask[..., None], regions, 0)   # padding never enters the Gram matrix, NaN or not
     m = mask.astype(regions.dtype)
     gram = jnp.einsum("nrd,nsd->nrs", regions, regions, precision=_HIGHEST)
     gram = gram * m[:, :, None] * m[:, None, :]  # padded rows/cols -> 0

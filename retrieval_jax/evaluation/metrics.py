@@ -535,6 +535,7 @@ def label_map(ranking, labels, exclude_self: bool = True, *, return_aps: bool = 
       mAP as a float in [0, 1] (and the per-query APs if ``return_aps``), or a
       `MapResult` when ``ks`` is given.
     """
+    exclude_self = _checks.check_bool(exclude_self, "exclude_self")
     if query_ids is None:
         r, n = _check_ranking(ranking, None if np.ndim(ranking) != 2 else np.shape(ranking)[0])
         codes_of = _check_labels(labels, r.shape[0])

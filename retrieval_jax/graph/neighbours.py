@@ -328,6 +328,7 @@ def knn_graph(X, k: int = 50, *, gamma: float = 3.0, mutual: bool = True, method
         the widest row.
     """
     route = search_route(method, X)
+    mutual = _checks.check_bool(mutual, "mutual")
     gamma = _checks.check_gamma(gamma)
     if max_degree is not None:
         max_degree = _checks.check_positive_int(max_degree, "max_degree")
@@ -511,6 +512,7 @@ def normalize(graph: Graph, *, locality: bool | None = None) -> NormalizedGraph:
     out = _normalize(graph)
     if locality is None:
         locality = graph.num_nodes >= LOCALITY_MIN_NODES
+    locality = _checks.check_bool(locality, "locality")
     return with_locality(out) if locality else out
 
 

@@ -285,13 +285,6 @@ def _fsr_sparse(emb, sims, idx, gamma):
     return scores(emb, similarity_power(sims, gamma), idx)
 
 
-def _check_real(x, name: str) -> None:
-    """Real numbers only: a complex array would lose its imaginary part in the float32 cast."""
-    if not (jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.integer)
-            or x.dtype == jnp.bool_):
-        raise TypeError(f"{name} must hold real numbers, got dtype {x.dtype}")
-
-
 def _check_embedding(embedding):
     if not isinstance(embedding, (SpectralEmbedding, ComponentSpectralEmbedding)):
         raise TypeError("expected a SpectralEmbedding or ComponentSpectralEmbedding (see spectral_embedding), "
@@ -313,7 +306,7 @@ def fast_spectral_ranking(embedding, y) -> jax.Array:
     n = embedding.num_nodes
     if y.ndim not in (1, 2) or y.shape[-1] != n:
         raise ValueError(f"y must have shape [{n}] or [nq, {n}] (one entry per database item), got {y.shape}")
-    _check_real(y, "y")
+    _checks.check_real_dtype(y, "y")
     if not jnp.issubdtype(y.dtype, jnp.floating):
         y = y.astype(jnp.float32)
     if not _checks.is_traced(y) and not np.isfinite(np.asarray(y)).all():
@@ -345,7 +338,7 @@ def fast_spectral_ranking_sparse(embedding, similarities, indices, *,
         raise ValueError(f"similarities and indices must both be [nq, k], got {sims.shape} and {idx.shape}")
     if not jnp.issubdtype(idx.dtype, jnp.integer):
         raise TypeError(f"indices must be integers, got {idx.dtype}")
-    _check_real(sims, "similarities")
+    _checks.check_real_dtype(sims, "similarities")
     n = embedding.num_nodes
     if not _checks.is_traced(sims) and not np.isfinite(np.asarray(sims)).all():
         raise ValueError("similarities contain NaN or inf; FSR scores would be NaN")

@@ -172,3 +172,45 @@ def test_the_affinity_from_knn_graph_is_refused_where_w_is_needed(data):
     assert type(w) is rj.NormalizedGraph
     np.testing.assert_allclose(np.asarray(rj.diffuse(w, y, alpha=0.9, max_iter=200)),
                                _dense_solution(w, y, 0.9), rtol=1e-4, atol=1e-5)
+
+
+def test_flags_must_be_booleans(data):
+    x, a, _ = data
+    from retrieval_jax.descriptors import apply_whitening, learn_pca_whitening
+    from retrieval_jax.evaluation import label_map
+    with pytest.raises(TypeError, match="mutual must be True or False"):
+        rj.knn_graph(x, k=5, mutual="no")
+    with pytest.raises(TypeError, match="locality must be True or False"):
+        normalize(a, locality="no")
+    ranking = np.argsort(-(x @ x.T), axis=1)
+    with pytest.raises(TypeError, match="exclude_self must be True or False"):
+        label_map(ranking, np.arange(N) % 4, exclude_self="no")
+    with pytest.raises(TypeError, match="normalize must be True or False"):
+        apply_whitening(learn_pca_whitening(x), x, normalize="no")
+    assert label_map(ranking, np.arange(N) % 4, exclude_self=np.bool_(True)) == label_map(ranking, np.arange(N) % 4)
+
+
+def test_observations_refuse_empty_complex_and_overflowing_similarities(data):
+    x, _, _ = data
+    sims, ids = rj.knn(x[:3], x, 5)
+    sims, ids = np.asarray(sims), np.asarray(ids)
+    with pytest.raises(ValueError, match="at least one neighbour"):
+        rj.query_vectors(sims[:, :0], ids[:, :0], N)
+    with pytest.raises(TypeError, match="real numbers"):
+        rj.query_vectors(sims.astype(np.complex64), ids, N)
+    with pytest.raises(ValueError, match="overflows"):
+        rj.query_vectors(sims * 1e20, ids, N)
+
+
+def test_gmp_weights_refuse_a_nan_region_unless_masked():
+    from retrieval_jax.diffusion import gmp_weights
+    r = np.random.default_rng(0).normal(size=(2, 3, 4)).astype(np.float32)
+    r[1, 2, 0] = np.nan
+    with pytest.raises(ValueError, match="regions has 1 NaN"):
+        gmp_weights(r)
+    mask = np.ones((2, 3), bool)
+    mask[1, 2] = False
+    b = np.asarray(gmp_weights(r, mask))
+    assert np.isfinite(b).all() and b[1, 2] == 0
+    with pytest.raises(TypeError, match="complex"):
+        gmp_weights(r.astype(np.complex64))
