@@ -177,8 +177,7 @@ def truncated_diffuse(graph: Graph, y, shortlist, *, alpha: float = 0.99, tol: f
     else:
         y_s = jnp.take_along_axis(y, shortlist, axis=1)
         res = cg_truncated_diffusion(graph, y_s, shortlist, operator.alpha, solver.tol, solver.max_iter, batch_size)
-    if not _checks.is_traced(res.residual):
-        raise_failed_rows(res.residual)
+    raise_failed_rows(res.residual)
     if return_info:
         return res.x, DiffusionInfo(res.iterations, res.residual)
     return res.x

@@ -90,6 +90,17 @@ def query_first(x: jax.Array, layout=None) -> jax.Array:
     return x.T if layout is None else layout.from_layout_transposed(x)
 
 
+def expect_state(state, cls, solver: str, n: int | None) -> None:
+    """Raise unless ``state`` is a ``cls`` (of ``n`` nodes when given): the offline state
+    ``solver``.init(operator) returns for this operator (each solver's ``check_state``)."""
+    if not isinstance(state, cls):
+        raise TypeError(f"{solver} needs the state {solver}(...).init(operator) returns (a {cls.__name__}), "
+                        f"got {type(state).__name__}")
+    if n is not None and state.num_nodes != n:
+        raise ValueError(f"the {solver} state is for {state.num_nodes} nodes, the operator has {n}: "
+                         "a state from another graph")
+
+
 def diffusion_operator(graph: Graph, alpha=0.99) -> DiffusionOperator:
     """M = I - alpha W, after the boundary checks of W (`check_normalized`) and alpha.
 

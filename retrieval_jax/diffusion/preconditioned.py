@@ -48,7 +48,7 @@ from .. import _checks
 from ..graph.aggregation import aggregate_nodes, standard_aggregation  # noqa: F401 (public here too)
 from ..graph.core import Graph
 from .cg import CGResult
-from .operator import DiffusionOperator, node_first, query_first
+from .operator import DiffusionOperator, expect_state, node_first, query_first
 
 MODES = ("deflation", "additive")
 
@@ -358,12 +358,7 @@ class PreconditionedCG:
     def check_state(self, operator: DiffusionOperator, state) -> None:
         """An `AggregationPreconditioner` of the operator's n nodes (another alpha is fine:
         the coarse operator is refactorised)."""
-        if not isinstance(state, AggregationPreconditioner):
-            raise TypeError("PreconditionedCG needs the state PreconditionedCG(...).init(operator) returns (an "
-                            f"AggregationPreconditioner), got {type(state).__name__}")
-        if state.num_nodes != operator.num_nodes:
-            raise ValueError(f"the PreconditionedCG state is for {state.num_nodes} nodes, the operator has "
-                             f"{operator.num_nodes}: a state from another graph")
+        expect_state(state, AggregationPreconditioner, "PreconditionedCG", operator.num_nodes)
 
     def run(self, operator: DiffusionOperator, state: AggregationPreconditioner, y):
         op, layout = operator.in_layout()

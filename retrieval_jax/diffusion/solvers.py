@@ -49,7 +49,7 @@ from ..spectral.fsr import FSR_MODES
 from .cg import CGResult, conjugate_gradient
 from .inverse import DiffusionInverse, diffusion_inverse, plan_inverse
 from .observation import SparseObservation
-from .operator import DiffusionOperator, node_first, query_first
+from .operator import DiffusionOperator, expect_state, node_first, query_first
 from .preconditioned import PreconditionedCG
 
 # Auto picks the exact inverse when every component has at most this many nodes (a
@@ -327,13 +327,12 @@ def route_of(solver, state) -> str:
 def check_observations(y, n: int):
     """y as the right-hand side of a diffusion on n nodes: a `SparseObservation` of n
     nodes, or a real array [nq, n] (floating; integers, float16 and bfloat16 become
-    float32), finite when
-    concrete. Complex y is refused (diffusion scores are real; a cast would drop the
-    imaginary part)."""
+    float32), finite when concrete. Complex y is refused (diffusion scores are real; a
+    cast would drop the imaginary part)."""
     if isinstance(y, SparseObservation):
         if y.num_nodes != n:
             raise ValueError(f"the observation has {y.num_nodes} nodes but the graph has {n}")
-        if jnp.issubdtype(y.weights.dtype, jnp.floating) and jnp.finfo(y.weights.dtype).bits < 32:
+        if _half_precision(y.weights.dtype):
             y = dataclasses.replace(y, weights=y.weights.astype(jnp.float32))
         return y
     y = jnp.asarray(y)
@@ -346,24 +345,17 @@ def check_observations(y, n: int):
     if y.ndim != 2 or y.shape[1] != n:
         raise ValueError(f"y must be [n_queries, n] with n = {n} graph nodes (or a SparseObservation), "
                          f"got shape {y.shape}")
-    if not jnp.issubdtype(y.dtype, jnp.floating) or jnp.finfo(y.dtype).bits < 32:
-        # integers, and half precision, whose 3 significant digits CG cannot iterate in
-        # (its recurrence breaks down): the solve runs in float32
+    if not jnp.issubdtype(y.dtype, jnp.floating) or _half_precision(y.dtype):
         y = y.astype(jnp.float32)
     if not _checks.is_traced(y) and not np.isfinite(np.asarray(y)).all():
         raise ValueError("y contains NaN or inf")
     return y
 
 
-def expect_state(state, cls, solver: str, n: int | None) -> None:
-    """Raise unless ``state`` is a ``cls`` (of ``n`` nodes when given): the offline state
-    ``solver``.init(operator) returns for this operator."""
-    if not isinstance(state, cls):
-        raise TypeError(f"{solver} needs the state {solver}(...).init(operator) returns (a {cls.__name__}), "
-                        f"got {type(state).__name__}")
-    if n is not None and state.num_nodes != n:
-        raise ValueError(f"the {solver} state is for {state.num_nodes} nodes, the operator has {n}: "
-                         "a state from another graph")
+def _half_precision(dtype) -> bool:
+    """float16 / bfloat16: 3 significant digits, in which CG's recurrence breaks down, so
+    the solve runs in float32."""
+    return jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32
 
 
 def solve(operator: DiffusionOperator, y, solver=None, state=None) -> Solution:
@@ -404,8 +396,7 @@ def solve(operator: DiffusionOperator, y, solver=None, state=None) -> Solution:
 def checked_solution(sol: Solution) -> Solution:
     """``sol``, after raising for the queries whose solve failed when it is concrete (the
     public entries' last check; under a trace the NaN residual and scores say it)."""
-    if not _checks.is_traced(sol.residual):
-        raise_failed_rows(sol.residual)
+    raise_failed_rows(sol.residual)
     return sol
 
 
@@ -420,7 +411,10 @@ def solve_unchecked(operator: DiffusionOperator, y, solver, state=None) -> Solut
 
 def raise_failed_rows(residual) -> None:
     """Raise for the queries whose solve failed (a NaN relative residual: the iterative
-    solvers' record of a breakdown, whose scores are NaN); concrete values only."""
+    solvers' record of a breakdown, whose scores are NaN). A traced residual cannot be
+    read and passes: under a trace the record itself says it."""
+    if _checks.is_traced(residual):
+        return
     bad = np.flatnonzero(np.isnan(np.asarray(residual)).reshape(-1))
     if bad.size:
         raise ValueError(f"the solve failed on {bad.size} query(ies) (first: row {bad[0]}): NaN or inf appeared "

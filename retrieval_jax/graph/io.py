@@ -6,6 +6,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
+from .. import _checks
 from .core import Graph, NormalizedGraph, check_normalized_rows
 from .order import LOCALITY_MIN_NODES, with_locality
 
@@ -31,7 +32,6 @@ def save_graph(path, graph: Graph, **meta) -> Path:
       ValueError: a metadata key is reserved (indices, weights, normalized), or the
         graph overflowed its capacity (rebuild it with a larger ``max_degree``).
     """
-    from .. import _checks
     from ..files import atomic_write
 
     if not isinstance(graph, Graph):

@@ -493,10 +493,11 @@ def normalize(graph: Graph, *, locality: bool | None = None) -> NormalizedGraph:
     diffusion score is then its own query mass. The spectrum of W lies in [-1, 1].
     The result's type, `NormalizedGraph`, records that W is normalised. Jittable and
     differentiable with respect to the weights; a concrete graph is checked first
-    (finite, non-negative weights, A = A^T: `check_symmetric`). A concrete graph of `LOCALITY_MIN_NODES` nodes or
-    more also gets its `LocalityLayout` (host, once: `with_locality`), in which the CG
-    solvers then run; under a trace nothing is added. ``locality``: True / False to
-    attach the layout to a concrete graph of any size / never (None: by the threshold).
+    (finite, non-negative weights, A = A^T: `check_symmetric`). A concrete graph of
+    `LOCALITY_MIN_NODES` nodes or more also gets its `LocalityLayout` (host, once:
+    `with_locality`), in which the CG solvers then run; under a trace nothing is added.
+    ``locality``: True / False to attach the layout to a concrete graph of any size /
+    never (None: by the threshold).
     """
     if not isinstance(graph, Graph):
         raise TypeError(f"normalize takes a retrieval_jax.graph.Graph (e.g. from knn_graph or "

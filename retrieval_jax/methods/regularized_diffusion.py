@@ -69,8 +69,7 @@ from ..diffusion.operator import node_first
 from ..diffusion.solvers import solve_spd, solve_unchecked
 from ..graph.affinity import similarity_power
 from ..graph.core import Graph, NormalizedGraph
-from ..graph.neighbours import normalize
-from ..spectral import check_symmetric_graph
+from ..graph.neighbours import check_symmetric, normalize
 from .base import GRAPH_OPTIONS, check_database_graph, checked_database, config_graph, make_method, with_graph_k
 from .base import similarities as _similarities
 from .options import finite_float, option, positive_int
@@ -251,7 +250,7 @@ def rdp_state_from_graph(database, graph: Graph, config: RdpConfig = RdpConfig()
     db = checked_database(database, config, RdpConfig, "rdp")
     db, graph = check_database_graph(db, graph)
     _check_sizes(config, db.shape[0])
-    check_symmetric_graph(graph)
+    check_symmetric(graph)
     return _state(db, graph, config)
 
 

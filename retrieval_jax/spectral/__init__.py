@@ -15,11 +15,11 @@ from .filters import (HeatKernelFilter, RegularizedLaplacianFilter, ResolventFil
                       regularized_laplacian_filter)
 from .fsr import (SpectralEmbedding, fast_spectral_ranking, fast_spectral_ranking_sparse, filter_embedding,
                   fsr_scores_dense, fsr_scores_sparse, sparsify_embedding, spectral_embedding)
-from .decomposition import Eigenpairs, check_symmetric_graph, graph_eigenpairs, lanczos
+from .decomposition import Eigenpairs, graph_eigenpairs, lanczos
 
 __all__ = [
     "ComponentEigenpairs", "ComponentSpectralEmbedding", "Eigenpairs", "HeatKernelFilter", "RegularizedLaplacianFilter",
-    "ResolventFilter", "SpectralEmbedding", "check_symmetric_graph", "component_eigenpairs",
+    "ResolventFilter", "SpectralEmbedding", "component_eigenpairs",
     "component_fsr_scores_dense", "component_fsr_scores_sparse", "fast_spectral_ranking",
     "fast_spectral_ranking_sparse", "filter_component_pairs", "filter_embedding", "fsr_scores_dense",
     "fsr_scores_sparse", "graph_eigenpairs", "heat_kernel_filter", "lanczos", "regularized_laplacian_filter",

@@ -38,7 +38,8 @@ from .._precision import HIGHEST as _HI
 from .. import _checks
 from ..graph.components import ComponentLayout, component_blocks, dense_blocks
 from ..graph.core import Graph
-from .decomposition import check_symmetric_graph, graph_eigenpairs
+from ..graph.neighbours import check_symmetric
+from .decomposition import graph_eigenpairs
 
 _BLOCK_BYTES = 2 ** 28  # at most 256 MB of dense blocks per batched eigh
 
@@ -160,7 +161,7 @@ def component_eigenpairs(graph: Graph, r: int, *, dense_size: int = 2048, dtype=
     if not _checks.is_int(r) or r < 1:
         raise ValueError(f"r (eigenpairs per component) must be an int >= 1, got {r!r}")
     _checks.check_positive_int(dense_size, "dense_size")
-    mat = check_symmetric_graph(graph).tocsr()
+    mat = check_symmetric(graph).tocsr()
     blocks = component_blocks(graph)
     layout = blocks.layout()
     position = layout.position

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..graph.core import Graph
-from ..graph.neighbours import check_symmetric as check_symmetric_graph, connected_components
+from ..graph.neighbours import check_symmetric as check_symmetric_matrix, connected_components
 from .._precision import HIGHEST as _HI
 from .. import _checks
 
@@ -577,7 +577,7 @@ def graph_eigenpairs(graph, r: int, *, method: str = "auto", num_iter: int | Non
     if method == "auto":
         method = "dense" if r == n else "lanczos"
     dtype = _resolve_dtype(dtype)
-    mat = check_symmetric_graph(graph) if check_symmetric else graph.to_scipy()
+    mat = check_symmetric_matrix(graph) if check_symmetric else graph.to_scipy()  # (the flag shadows the name)
     if method == "dense":
         g = type(graph)(indices=graph.indices, weights=graph.weights.astype(dtype))
         return _dense_eigenpairs(g, r=r)
