@@ -7,7 +7,7 @@ import pytest
 import scipy.sparse.linalg as sla
 
 from conftest import assert_valid_png, read_csv
-from experiments import bench_cg_step
+from experiments import bench_cg_step, step_floor
 from retrieval_jax.diffusion import diffusion_operator
 
 
@@ -50,3 +50,22 @@ def test_quick(tmp_path):
         assert float(r["solve_vs_scipy"]) == pytest.approx(float(r["scipy_ms"]) / float(r["solve_ms"]))
         assert float(r["max_rel_diff_vs_scipy"]) < 1e-3
     assert_valid_png(tmp_path / "cg_step.png")
+
+
+def test_width_row_with_the_hand_written_kernels(small, tmp_path):
+    kernels, why = step_floor.compile_kernels(tmp_path)
+    if kernels is None:
+        pytest.skip(f"the hand-written kernels need a C compiler: {why}")
+    w, y, _ = small
+    row, _ = bench_cg_step.width_row(diffusion_operator(w, bench_cg_step.ALPHA), y, 5, 4, 1, 1.0, kernels)
+    assert row["c_floor_ms"] == pytest.approx(row["c_product_ms"] + row["c_update_ms"])
+    assert row["floor_vs_scipy"] == pytest.approx(1.0 / row["c_floor_ms"])
+    assert row["c_cg_vs_scipy"] == pytest.approx(1.0 / row["c_cg_ms"])
+    assert row["max_rel_diff_c_cg"] < 1e-4   # the fused CG solves the library's system
+
+
+def test_width_row_without_kernels_leaves_their_columns_empty(small):
+    w, y, _ = small
+    row, _ = bench_cg_step.width_row(diffusion_operator(w, bench_cg_step.ALPHA), y, 3, 2, 1, 1.0)
+    assert all(np.isnan(row[c]) for c in bench_cg_step.C_COLUMNS)
+    assert list(bench_cg_step.C_COLUMNS) == list(bench_cg_step.COLUMNS[-len(bench_cg_step.C_COLUMNS):])
