@@ -20,6 +20,7 @@
 #include <omp.h>
 
 #define CH 64
+#define ROWS 256
 
 static inline void row_product(int K, int B, const int32_t *ii, const float *wi, float alpha,
                                const float *x, const float *xi, float *yi) {
@@ -81,13 +82,19 @@ int cg_fused(int n, int K, int B, const int32_t *idx, const float *w, float alph
     {
       int t = omp_get_thread_num();
       double *gt = part + (size_t)t * 2 * B, *dt = gt + B;
+      float *g32 = calloc(2 * (size_t)B, sizeof(float)), *d32 = g32 ? g32 + B : NULL;
 #pragma omp for schedule(static)
-      for (int i = 0; i < n; i++) {
+      for (int i = 0; i < n; i++) {   /* float sums over blocks of ROWS rows, double across them */
         const float *ri = r + (int64_t)i * B;
         float *qi = q + (int64_t)i * B;
         row_product(K, B, idx + (int64_t)i * K, w + (int64_t)i * K, alpha, r, ri, qi);
-        for (int c = 0; c < B; c++) { gt[c] += ri[c] * ri[c]; dt[c] += ri[c] * qi[c]; }
+        if (!g32) { for (int c = 0; c < B; c++) { gt[c] += ri[c] * ri[c]; dt[c] += ri[c] * qi[c]; } continue; }
+        for (int c = 0; c < B; c++) { g32[c] += ri[c] * ri[c]; d32[c] += ri[c] * qi[c]; }
+        if (i % ROWS == ROWS - 1)
+          for (int c = 0; c < B; c++) { gt[c] += g32[c]; dt[c] += d32[c]; g32[c] = 0.f; d32[c] = 0.f; }
       }
+      if (g32) for (int c = 0; c < B; c++) { gt[c] += g32[c]; dt[c] += d32[c]; }
+      free(g32);
     }
     for (int c = 0; c < B; c++) {
       double g = 0, d = 0;

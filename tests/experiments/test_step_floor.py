@@ -23,10 +23,11 @@ def kernels(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def graph():
-    """A normalised random symmetric graph on 150 nodes with padded slots (weight 0)."""
+    """A normalised random symmetric graph on 600 nodes (more than two blocks of the fused CG's
+    float sums) with padded slots (weight 0)."""
     rng = np.random.default_rng(0)
-    n = 150
-    a = rng.random((n, n)) * (rng.random((n, n)) < 0.05)
+    n = 600
+    a = rng.random((n, n)) * (rng.random((n, n)) < 0.01)
     a = np.triu(a, 1)
     a = a + a.T
     a[np.arange(n), (np.arange(n) + 1) % n] += 0.5   # a ring keeps every node connected
