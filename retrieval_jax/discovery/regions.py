@@ -22,9 +22,9 @@ nearest regions of other images.
 
 Memory: the graph holds n K neighbour slots and the search runs in blocks
 (`retrieval_jax.graph.knn`) or by NN-descent (`retrieval_jax.graph.nndescent_knn`);
-nothing [n, n] is formed. The exact search is O(n^2 d): 260 s at 100,754 regions on 2
-CPU cores, hours at a million; NN-descent builds the graph of a million regions in
-minutes (docs/benchmarks/discovery_scale.md), so "auto" switches to it from
+nothing [n, n] is formed. The exact search is O(n^2 d): minutes at 100,000 regions on a
+2-core CPU, hours at a million, where NN-descent takes minutes (the measured times:
+docs/benchmarks/discovery_scale.md), so "auto" switches to it from
 `NNDESCENT_MIN_REGIONS` regions on.
 """
 from __future__ import annotations
@@ -42,8 +42,8 @@ __all__ = ["GRAPH_METHODS", "NNDESCENT_MIN_REGIONS", "other_image_neighbours", "
 GRAPH_METHODS = ("auto", "exact", "faiss", "nndescent")
 
 # "auto" searches a self-search of this many regions or more by NN-descent (approximate):
-# the exact search, O(n^2 d), took 260 s at 100,754 regions on 2 CPU cores, so about 17
-# minutes at 200,000 and hours at a million
+# the exact search is O(n^2 d), a quarter of an hour or more from here on a 2-core CPU
+# (docs/benchmarks/discovery_scale.md)
 NNDESCENT_MIN_REGIONS = 200_000
 
 
