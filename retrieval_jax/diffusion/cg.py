@@ -36,8 +36,9 @@ class CGResult(NamedTuple):
       residual: float32[B]: final relative residual ||b - A x|| / ||b|| (0 for b = 0; NaN
         for a column that failed).
       status: int32[B] (scalar for 1-D b) `CGStatus` codes, as lineax's ``Solution.result``:
-        under ``jax.jit`` a failure cannot raise, so the record says it; None from
-        solvers that do not report one.
+        this low-level loop never raises, the record says it (the public entries raise
+        from it, under ``jax.jit`` too: their ``throw``); None from solvers that do not
+        report one.
     """
 
     x: jax.Array

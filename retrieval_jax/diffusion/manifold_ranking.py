@@ -69,7 +69,7 @@ def _checked_cg(tol, max_iter) -> CG:
 
 
 def diffuse(graph: Graph, y, *, alpha: float = 0.99, tol: float = 1e-6, max_iter: int = 20,
-            return_info: bool = False):
+            return_info: bool = False, throw: bool = True):
     """Diffusion scores x solving (I - alpha W) x = y for a batch of queries.
 
     Zhou et al. (NIPS 2003), solved by batched conjugate gradient as in Iscen et al.
@@ -95,6 +95,9 @@ def diffuse(graph: Graph, y, *, alpha: float = 0.99, tol: float = 1e-6, max_iter
       max_iter: largest number of CG steps (Iscen et al. use 20; at alpha = 0.99 the
         ranking keeps improving well past 20 steps: docs/benchmarks/bench_diffusion.md).
       return_info: also return `DiffusionInfo` (iterations, residual per query).
+      throw: raise when a query's CG broke down (NaN residual), under ``jax.jit`` too,
+        when the computation runs; False returns the NaN scores and residual instead
+        (`solve`'s ``throw``).
 
     Returns:
       scores [nq, n] in y's float dtype (and `DiffusionInfo` when ``return_info``).
@@ -102,31 +105,35 @@ def diffuse(graph: Graph, y, *, alpha: float = 0.99, tol: float = 1e-6, max_iter
     Raises:
       TypeError: graph is not a `Graph`; y is complex or not numeric.
       ValueError: y's shape, NaN/inf in y, a bad alpha / tol / max_iter, a concrete
-        plain `Graph` that is not a symmetric normalised W, or (concrete values) a query
-        whose CG broke down (under a trace: NaN scores and residual).
+        plain `Graph` that is not a symmetric normalised W, or (with ``throw``) a query
+        whose CG broke down: at once on concrete values, and under a trace when the
+        computation runs (a ``JaxRuntimeError`` carrying the message).
     """
+    throw = _checks.check_bool(throw, "throw")
     operator = diffusion_operator(graph, alpha)
     solver = _checked_cg(tol, max_iter)
     y = check_observations(y, operator.num_nodes)
-    sol = checked_solution(solve_unchecked(operator, y, solver))
+    sol = checked_solution(solve_unchecked(operator, y, solver), throw)
     if return_info:
         return sol.scores, DiffusionInfo(sol.iterations, sol.residual)
     return sol.scores
 
 
 def katz_centrality(graph: Graph, alpha: float = 0.99, *, tol: float = 1e-6, max_iter: int = 200,
-                    return_info: bool = False):
+                    return_info: bool = False, throw: bool = True):
     """Katz centrality g solving L_alpha g = 1, i.e. (I - alpha W) g = (1 - alpha) 1.
 
     Returns float32[n]; an isolated node gets g = 1 - alpha (its own mass only). With
     ``return_info=True`` also the `DiffusionInfo` of the solve (CG steps and relative
     residual, each of shape [1]), to see whether ``max_iter`` was enough at alpha near 1.
-    The same path as `diffuse` (`solve` with `CG`), inputs checked once.
+    The same path as `diffuse` (`solve` with `CG`), inputs checked once; ``throw`` as
+    in `diffuse`.
     """
+    throw = _checks.check_bool(throw, "throw")
     operator = diffusion_operator(graph, alpha)
     solver = _checked_cg(tol, max_iter)
     ones = jnp.ones((1, operator.num_nodes), jnp.float32) * (1.0 - operator.alpha.astype(jnp.float32))
-    sol = checked_solution(solve_unchecked(operator, ones, solver))
+    sol = checked_solution(solve_unchecked(operator, ones, solver), throw)
     if return_info:
         return sol.scores[0], DiffusionInfo(sol.iterations, sol.residual)
     return sol.scores[0]
@@ -134,7 +141,8 @@ def katz_centrality(graph: Graph, alpha: float = 0.99, *, tol: float = 1e-6, max
 
 # --------------------------------------------------------------------------- truncated
 def truncated_diffuse(graph: Graph, y, shortlist, *, alpha: float = 0.99, tol: float = 1e-6,
-                      max_iter: int = 20, batch_size: int | None = 64, return_info: bool = False):
+                      max_iter: int = 20, batch_size: int | None = 64, return_info: bool = False,
+                      throw: bool = True):
     """Diffusion restricted to each query's shortlist of T database items.
 
     Iscen et al. 2017, Sec. 4 ("truncation"): query q solves
@@ -148,10 +156,12 @@ def truncated_diffuse(graph: Graph, y, shortlist, *, alpha: float = 0.99, tol: f
       graph: normalised W on n nodes.
       y: real float[nq, n] observations; only entries on the shortlist are used.
       shortlist: int[nq, T] distinct database ids per query.
+      throw: raise when a query's CG broke down, as in `diffuse`.
 
     Returns:
       scores float32[nq, T] aligned with ``shortlist`` (and `DiffusionInfo`).
     """
+    throw = _checks.check_bool(throw, "throw")
     operator = diffusion_operator(graph, alpha)
     solver = _checked_cg(tol, max_iter)
     if batch_size is not None:
@@ -177,7 +187,8 @@ def truncated_diffuse(graph: Graph, y, shortlist, *, alpha: float = 0.99, tol: f
     else:
         y_s = jnp.take_along_axis(y, shortlist, axis=1)
         res = cg_truncated_diffusion(graph, y_s, shortlist, operator.alpha, solver.tol, solver.max_iter, batch_size)
-    raise_failed_rows(res.residual)
+    if throw:
+        raise_failed_rows(res.residual)
     if return_info:
         return res.x, DiffusionInfo(res.iterations, res.residual)
     return res.x

@@ -358,7 +358,7 @@ def _half_precision(dtype) -> bool:
     return jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32
 
 
-def solve(operator: DiffusionOperator, y, solver=None, state=None) -> Solution:
+def solve(operator: DiffusionOperator, y, solver=None, state=None, *, throw: bool = True) -> Solution:
     """x = (I - alpha W)^-1 y by ``solver`` (default `CG()`), with its solution record.
 
     The one path of every diffusion here: `diffuse`, `truncated_diffuse`,
@@ -372,6 +372,11 @@ def solve(operator: DiffusionOperator, y, solver=None, state=None) -> Solution:
         `Auto`) or its name in `SOLVERS`.
       state: ``solver.init(operator)`` when computed offline; computed here if None
         (on the host: not under ``jax.jit`` for the inverse, spectral and two-level routes).
+      throw: raise when a query's solve failed (`raise_failed_rows`): at once on
+        concrete values; under ``jax.jit``, ``vmap`` or ``grad`` when the compiled
+        computation runs (as lineax's ``throw``). False: no check, the record's NaN
+        residual and scores say it (for code that handles failures itself, or exports
+        the computation: the runtime check is a host callback).
 
     Returns:
       `Solution` (scores [nq, n], iterations, residual, route). Jittable and
@@ -379,8 +384,8 @@ def solve(operator: DiffusionOperator, y, solver=None, state=None) -> Solution:
 
     Raises:
       TypeError / ValueError: a bad operator, solver, y, or a ``state`` that is not the
-        solver's for this operator (another type, graph or alpha); on concrete values, a
-        query whose solve broke down (NaN residual and scores under a trace instead).
+        solver's for this operator (another type, graph or alpha); with ``throw``, a
+        query whose solve broke down (under a trace, when the computation runs).
     """
     if not isinstance(operator, DiffusionOperator):
         raise TypeError(f"operator must be a DiffusionOperator (diffusion_operator(W, alpha)), "
@@ -390,13 +395,14 @@ def solve(operator: DiffusionOperator, y, solver=None, state=None) -> Solution:
     y = check_observations(y, operator.num_nodes)
     if state is not None and hasattr(solver, "check_state"):
         solver.check_state(operator, state)
-    return checked_solution(solve_unchecked(operator, y, solver, state))
+    return checked_solution(solve_unchecked(operator, y, solver, state), _checks.check_bool(throw, "throw"))
 
 
-def checked_solution(sol: Solution) -> Solution:
-    """``sol``, after raising for the queries whose solve failed when it is concrete (the
-    public entries' last check; under a trace the NaN residual and scores say it)."""
-    raise_failed_rows(sol.residual)
+def checked_solution(sol: Solution, throw: bool = True) -> Solution:
+    """``sol``, with the public entries' last check: with ``throw``, `raise_failed_rows`
+    on its residual (at once when concrete, when the computation runs under a trace)."""
+    if throw:
+        raise_failed_rows(sol.residual)
     return sol
 
 
@@ -410,16 +416,31 @@ def solve_unchecked(operator: DiffusionOperator, y, solver, state=None) -> Solut
 
 
 def raise_failed_rows(residual) -> None:
-    """Raise for the queries whose solve failed (a NaN relative residual: the iterative
-    solvers' record of a breakdown, whose scores are NaN). A traced residual cannot be
-    read and passes: under a trace the record itself says it."""
-    if _checks.is_traced(residual):
-        return
+    """Raise for the queries whose solve failed: a NaN relative residual, the iterative
+    solvers' record of a breakdown (NaN or inf in y or W, or I - alpha W not positive
+    definite on a query's Krylov space), whose scores are NaN.
+
+    Concrete: a ValueError here. Traced (``jax.jit``, ``vmap``, ``grad``): the same check
+    is staged as a host callback (``jax.debug.callback``) that runs with the computation,
+    so the call fails when it runs (a ``JaxRuntimeError`` carrying the message) instead of
+    returning NaN scores silently. The callback moves the [nq] residual to the host, once
+    per solve. A concrete residual spanning several processes is left to its record."""
+    if isinstance(residual, jax.core.Tracer):
+        jax.debug.callback(_raise_failed_rows_now, residual)
+    elif not _checks.is_traced(residual):
+        _raise_failed_rows_now(residual)
+    # else: a concrete array spanning other processes' devices, which this process cannot
+    # read whole; its queries' records say it (raising on one process alone would leave the
+    # others waiting in their next collective)
+
+
+def _raise_failed_rows_now(residual) -> None:
     bad = np.flatnonzero(np.isnan(np.asarray(residual)).reshape(-1))
     if bad.size:
         raise ValueError(f"the solve failed on {bad.size} query(ies) (first: row {bad[0]}): NaN or inf appeared "
-                         "in a product with I - alpha W, or it is not positive definite on the query's Krylov "
-                         "space; pass the normalised, symmetric W (normalize(A)) and 0 < alpha < 1")
+                         "in y, in W or in a product with I - alpha W, or it is not positive definite on the "
+                         "query's Krylov space; pass finite y, the normalised, symmetric W (normalize(A)) and "
+                         "0 < alpha < 1")
 
 
 @jax.jit

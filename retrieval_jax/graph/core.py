@@ -72,7 +72,8 @@ def _id_range(indices) -> tuple[int, int]:
     """(min, max) of concrete neighbour ids: on the device for a JAX array, in blocks of
     rows for a numpy array (an ``np.memmap`` is read once, never copied whole)."""
     if isinstance(indices, jax.Array):
-        lo, hi = np.asarray(_device_id_range(indices))
+        with jax.ensure_compile_time_eval():   # concrete ids inside a jit (weights traced): still a value
+            lo, hi = np.asarray(_device_id_range(indices))
         return int(lo), int(hi)
     rows = max(1, 2 ** 22 // max(1, indices.shape[1]))
     lo, hi = None, None

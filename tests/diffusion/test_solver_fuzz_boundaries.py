@@ -1,6 +1,8 @@
 """Inputs an independent fuzz of the public API found silent (NaN, zeros or a plausible
 wrong ranking) or raw (an error from inside JAX): each gets the right result or a clear
 error now. Reference results are dense solves (numpy) of the same system."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -60,9 +62,66 @@ def test_a_breakdown_inside_solve_raises(data):
     op = DiffusionOperator(graph=w, alpha=jnp.float32(1.5))   # I - 1.5 W: indefinite (built past the checks)
     with pytest.raises(ValueError, match="solve failed on"):
         solve(op, rj.indicator_vectors(np.arange(2), N), CG(1e-6, 50))
-    # under a trace the record says it: NaN scores and a NaN residual, no exception
-    sol = jax.jit(lambda o, y: solve(o, y, CG(1e-6, 50)))(op, rj.indicator_vectors(np.arange(2), N))
+    # under a trace the check runs with the computation (throw=True, the default) ...
+    y = rj.indicator_vectors(np.arange(2), N)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="solve failed on 2 query"):
+        jax.block_until_ready(jax.jit(lambda o, y: solve(o, y, CG(1e-6, 50)))(op, y))
+    # ... and with throw=False the record says it: NaN scores and a NaN residual, no exception
+    sol = jax.jit(lambda o, y: solve(o, y, CG(1e-6, 50), throw=False))(op, y)
     assert np.isnan(np.asarray(sol.residual)).all() and np.isnan(np.asarray(sol.scores)).all()
+    sol = solve(op, y, CG(1e-6, 50), throw=False)
+    assert np.isnan(np.asarray(sol.residual)).all()
+
+
+def _nan_row(n=N):
+    y = np.zeros((2, n), np.float32)
+    y[0, 3] = 1.0
+    y[1, 5] = np.nan
+    return y
+
+
+def test_values_under_jit_vmap_and_grad_fail_when_the_computation_runs(data):
+    _, _, w = data
+    y = _nan_row()
+    bad = "solve failed on 1 query"
+    with pytest.raises(jax.errors.JaxRuntimeError, match=bad):   # NaN in y, which only the solve can see
+        jax.block_until_ready(jax.jit(lambda y: rj.diffuse(w, y, alpha=0.9))(y))
+    with pytest.raises(jax.errors.JaxRuntimeError, match=bad):
+        jax.block_until_ready(jax.jit(jax.vmap(lambda a: rj.diffuse(w, y, alpha=a)))(jnp.array([0.5, 0.9])))
+    with pytest.raises(jax.errors.JaxRuntimeError, match=bad):
+        jax.block_until_ready(jax.jit(jax.grad(lambda a, y: jnp.nansum(rj.diffuse(w, y, alpha=a))))(0.9, y))
+    nan_weights = w.weights.at[4, 0].set(jnp.nan)
+    with pytest.raises(jax.errors.JaxRuntimeError, match=bad):   # NaN in W's traced weights
+        jax.block_until_ready(jax.jit(lambda v: rj.katz_centrality(dataclasses.replace(w, weights=v), 0.9))(
+            nan_weights))
+    shortlist = np.stack([np.arange(10), np.arange(10)])
+    with pytest.raises(jax.errors.JaxRuntimeError, match=bad):
+        jax.block_until_ready(jax.jit(lambda y: truncated_diffuse(w, y, shortlist, alpha=0.9))(y))
+    # throw=False: the record and NaN scores, no exception; the good query is still right
+    x, info = jax.jit(lambda y: rj.diffuse(w, y, alpha=0.9, max_iter=200, return_info=True, throw=False))(y)
+    assert np.isnan(np.asarray(info.residual[1])) and np.isnan(np.asarray(x[1])).all()
+    np.testing.assert_allclose(np.asarray(x[0]), _dense_solution(w, y[:1], 0.9)[0], rtol=1e-4, atol=1e-5)
+    scores, info = truncated_diffuse(w, np.nan_to_num(y), shortlist, alpha=0.9, return_info=True, throw=False)
+    assert np.isfinite(np.asarray(scores)).all()
+
+
+def test_a_good_solve_under_jit_is_unchanged_by_the_runtime_check(data):
+    _, _, w = data
+    y = np.asarray(rj.indicator_vectors(np.arange(3), N))
+    got = jax.jit(lambda y: rj.diffuse(w, y, alpha=0.9, max_iter=200))(y)
+    np.testing.assert_allclose(np.asarray(got), _dense_solution(w, y, 0.9), rtol=1e-4, atol=1e-5)
+    k = jax.jit(lambda a: rj.katz_centrality(w, a, max_iter=300))(0.9)
+    np.testing.assert_allclose(np.asarray(k), 0.1 * _dense_solution(w, np.ones((1, N)), 0.9)[0], rtol=1e-4)
+
+
+@pytest.mark.parametrize("throw", ["yes", 1, None])
+def test_throw_is_a_flag(data, throw):
+    _, _, w = data
+    y = rj.indicator_vectors(np.arange(2), N)
+    with pytest.raises((TypeError, ValueError), match="throw"):
+        rj.diffuse(w, y, throw=throw)
+    with pytest.raises((TypeError, ValueError), match="throw"):
+        solve(diffusion_operator(w, 0.9), y, throw=throw)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])

@@ -256,3 +256,14 @@ def test_max_degree_accepts_numpy_ints_and_still_checks_the_widest_row():
     assert Graph.from_dense(a, max_degree=np.int64(5)).max_degree == 5
     with pytest.raises(ValueError, match="smaller than the largest row"):
         Graph.from_dense(a, max_degree=2)
+
+
+def test_a_graph_built_inside_jit_from_concrete_ids_and_traced_weights():
+    # the ids are closed over (concrete) while the weights are traced: the range check still
+    # reads them as values, and a bad id is still refused
+    idx = jnp.array([[1], [0]], jnp.int32)
+    out = jax.jit(lambda v: Graph(idx, v).matvec(jnp.array([1.0, 2.0])))(jnp.array([[0.5], [0.25]]))
+    np.testing.assert_allclose(np.asarray(out), [1.0, 0.25])
+    bad = jnp.array([[2], [0]], jnp.int32)
+    with pytest.raises(ValueError, match=r"outside \[0, 2\)"):
+        jax.jit(lambda v: Graph(bad, v).matvec(jnp.ones(2)))(jnp.array([[0.5], [0.25]]))
