@@ -1,10 +1,13 @@
 """Input validation shared by every public entry point.
 
 Checks run on the host, at the public boundary, before anything is traced: a
-jitted function never sees an array that would turn into a silent NaN.
+jitted function never sees an array that would turn into a silent NaN. Under a trace
+what is static (shapes, dtypes) is checked at trace time, and a few value checks are
+staged to run with the computation (`raise_rows_when_run`).
 """
 from __future__ import annotations
 
+import functools
 import weakref
 
 import jax
@@ -21,6 +24,23 @@ def is_traced(*values) -> bool:
     """
     return any(isinstance(v, jax.core.Tracer)
                or (isinstance(v, jax.Array) and not v.is_fully_addressable) for v in values)
+
+
+def raise_rows_when_run(ok, message) -> None:
+    """Stage a per-row check that runs with the traced computation (``jax.jit``, ``vmap``,
+    ``grad``): ``ok`` bool[...] flags the good rows (a tracer, computed on the device);
+    when the compiled call runs, a host callback receives the flags and raises
+    ``ValueError(message(count, first))`` for the bad ones, so the call fails with a
+    ``JaxRuntimeError`` carrying that message instead of returning NaN. Moves only the
+    flags to the host."""
+    jax.debug.callback(functools.partial(raise_bad_rows, message=message), ok)
+
+
+def raise_bad_rows(ok, message) -> None:
+    """``ValueError(message(count, first))`` if any of the concrete flags ``ok`` is False."""
+    bad = np.flatnonzero(~np.asarray(ok, bool).reshape(-1))
+    if bad.size:
+        raise ValueError(message(int(bad.size), int(bad[0])))
 
 
 def check_traced_scalar(value, name: str):

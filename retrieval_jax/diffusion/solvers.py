@@ -421,26 +421,20 @@ def raise_failed_rows(residual) -> None:
     definite on a query's Krylov space), whose scores are NaN.
 
     Concrete: a ValueError here. Traced (``jax.jit``, ``vmap``, ``grad``): the same check
-    is staged as a host callback (``jax.debug.callback``) that runs with the computation,
-    so the call fails when it runs (a ``JaxRuntimeError`` carrying the message) instead of
-    returning NaN scores silently. The callback moves the [nq] residual to the host, once
-    per solve. A concrete residual spanning several processes is left to its record."""
+    runs with the computation (`_checks.raise_rows_when_run`), so the call fails when it
+    runs (a ``JaxRuntimeError`` carrying the message) instead of returning NaN scores
+    silently. A concrete residual spanning several processes is left to its record:
+    raising on one process alone would leave the others waiting in their next collective."""
     if isinstance(residual, jax.core.Tracer):
-        jax.debug.callback(_raise_failed_rows_now, residual)
+        _checks.raise_rows_when_run(~jnp.isnan(residual), _failed_rows_message)
     elif not _checks.is_traced(residual):
-        _raise_failed_rows_now(residual)
-    # else: a concrete array spanning other processes' devices, which this process cannot
-    # read whole; its queries' records say it (raising on one process alone would leave the
-    # others waiting in their next collective)
+        _checks.raise_bad_rows(~np.isnan(np.asarray(residual)), _failed_rows_message)
 
 
-def _raise_failed_rows_now(residual) -> None:
-    bad = np.flatnonzero(np.isnan(np.asarray(residual)).reshape(-1))
-    if bad.size:
-        raise ValueError(f"the solve failed on {bad.size} query(ies) (first: row {bad[0]}): NaN or inf appeared "
-                         "in y, in W or in a product with I - alpha W, or it is not positive definite on the "
-                         "query's Krylov space; pass finite y, the normalised, symmetric W (normalize(A)) and "
-                         "0 < alpha < 1")
+def _failed_rows_message(count: int, first: int) -> str:
+    return (f"the solve failed on {count} query(ies) (first: row {first}): NaN or inf appeared in y, in W or "
+            "in a product with I - alpha W, or it is not positive definite on the query's Krylov space; pass "
+            "finite y, the normalised, symmetric W (normalize(A)) and 0 < alpha < 1")
 
 
 @jax.jit

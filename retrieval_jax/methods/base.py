@@ -73,23 +73,51 @@ def check_config(config, config_type: type, method: str):
     return config
 
 
+def _dimension_mismatch(d_queries: int, d_database: int) -> ValueError:
+    return ValueError(f"dimension mismatch: queries have d = {d_queries} but the database "
+                      f"has d = {d_database}; use the same descriptor pipeline")
+
+
 def check_queries(state, queries):
-    """Validated float32[nq, d] queries for a state holding ``database`` [n, d]."""
+    """Validated float32[nq, d] queries for a state holding ``database`` [n, d].
+
+    Under a trace the shape and dtype are checked at trace time and the values when the
+    computation runs (NaN or inf rows fail the call, `_checks.raise_rows_when_run`)."""
+    if isinstance(queries, jax.core.Tracer):
+        d = state.database.shape[1]
+        if queries.ndim != 2:
+            raise ValueError(f"queries must be a 2-D array [n_queries, d], got shape {tuple(queries.shape)}")
+        if queries.shape[1] != d:
+            raise _dimension_mismatch(queries.shape[1], d)
+        _checks.check_real_dtype(queries, "queries")
+        _checks.raise_rows_when_run(jnp.all(jnp.isfinite(queries), axis=1),
+                                    lambda count, first: f"queries contain NaN or inf in {count} row(s) "
+                                                         f"(first: row {first})")
+        return queries.astype(jnp.float32)   # as the concrete path's as_matrix
     if _checks.is_traced(queries):
         return queries
     q = _checks.as_matrix(queries, "queries")
     if q.shape[1] != state.database.shape[1]:
-        raise ValueError(f"dimension mismatch: queries have d = {q.shape[1]} but the database "
-                         f"has d = {state.database.shape[1]}; use the same descriptor pipeline")
+        raise _dimension_mismatch(q.shape[1], state.database.shape[1])
     return jnp.asarray(q)
 
 
 def check_items(state, ids):
-    """Validated int32[nq] database ids in [0, n) (integer dtype only: no silent cast)."""
+    """Validated int32[nq] database ids in [0, n) (integer dtype only: no silent cast).
+
+    Under a trace the shape and dtype are checked at trace time and the range when the
+    computation runs."""
+    n = state.database.shape[0]
+    if isinstance(ids, jax.core.Tracer):
+        if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
+            raise ValueError(f"ids must be a 1-D integer array of database ids, got {ids.dtype} {tuple(ids.shape)}")
+        _checks.raise_rows_when_run((ids >= 0) & (ids < n),
+                                    lambda count, first: f"ids must lie in [0, {n}): {count} do not "
+                                                         f"(first: position {first})")
+        return ids.astype(jnp.int32)
     if _checks.is_traced(ids):
         return ids
     ids = np.asarray(ids)
-    n = state.database.shape[0]
     if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"ids must be a 1-D integer array of database ids, got {ids.dtype} {ids.shape}")
     if ids.size and (ids.min() < 0 or ids.max() >= n):
