@@ -145,7 +145,7 @@ def width_row(op, y, b: int, steps: int, repeat: int, scipy_ms: float, kernels=N
     row.update(dict.fromkeys(C_COLUMNS, float("nan")))
     if kernels is not None:
         times, x_c = floor_times(kernels, inner.graph.indices, inner.graph.weights, ALPHA, rhs, steps, repeat, pause)
-        row.update({f"{key}_ms": per * med for key, (med, _, _) in times.items()})
+        row.update({f"{key}_ms": per * t["median"] for key, t in times.items()})
         row["c_floor_ms"] = row["c_product_ms"] + row["c_update_ms"]
         row["floor_vs_scipy"] = scipy_ms / row["c_floor_ms"]
         row["c_cg_vs_scipy"] = scipy_ms / row["c_cg_ms"]

@@ -23,10 +23,11 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+
+from experiments.common import spread, timed_calls
 
 SOURCE = Path(__file__).with_name("step_floor.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
@@ -71,20 +72,10 @@ def _contiguous(a, dtype) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(a), dtype=dtype)
 
 
-def _median_seconds(fn, repeat: int, pause) -> tuple[float, float, float]:
-    fn()   # warm: OpenMP starts its threads on the first parallel region
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    pause()
-    return float(np.median(times)), min(times), max(times)
-
-
 def floor_times(kernels, indices, weights, alpha: float, rhs, steps: int, repeat: int,
                 pause=lambda: None) -> tuple[dict, np.ndarray]:
-    """Seconds (median, min, max over ``repeat`` calls) of ``steps`` products, update passes and
+    """Seconds (`common.spread` of ``repeat`` calls after a warm one: OpenMP starts its threads
+    on the first parallel region) of ``steps`` products, update passes and
     fused CG steps on ``rhs`` [n, B] (node axis first) with M = I - alpha W, W given as padded
     neighbour lists (``indices`` int32 [n, K], ``weights`` float32 [n, K]); and the fused
     CG's x [n, B] after ``steps`` steps from x0 = 0."""
@@ -117,7 +108,8 @@ def floor_times(kernels, indices, weights, alpha: float, rhs, steps: int, repeat
         if kernels.cg_fused(n, k, cols, _ptr(idx), _ptr(w), alpha, _ptr(b), *(_ptr(s) for s in state), steps):
             raise MemoryError("cg_fused could not allocate its per-column scalars")
 
-    times = {"c_product": _median_seconds(products, repeat, pause),
-             "c_update": _median_seconds(updates, repeat, pause),
-             "c_cg": _median_seconds(fused, repeat, pause)}
+    times = {}
+    for key, fn in (("c_product", products), ("c_update", updates), ("c_cg", fused)):
+        times[key] = spread(timed_calls(fn, repeat)[1])
+        pause()
     return times, state[0].copy()

@@ -73,32 +73,29 @@ def check_config(config, config_type: type, method: str):
     return config
 
 
-def _dimension_mismatch(d_queries: int, d_database: int) -> ValueError:
-    return ValueError(f"dimension mismatch: queries have d = {d_queries} but the database "
-                      f"has d = {d_database}; use the same descriptor pipeline")
-
-
 def check_queries(state, queries):
     """Validated float32[nq, d] queries for a state holding ``database`` [n, d].
 
     Under a trace the shape and dtype are checked at trace time and the values when the
     computation runs (NaN or inf rows fail the call, `_checks.raise_rows_when_run`)."""
-    if isinstance(queries, jax.core.Tracer):
-        d = state.database.shape[1]
+    traced = isinstance(queries, jax.core.Tracer)
+    if _checks.is_traced(queries) and not traced:
+        return queries   # spans other processes' devices: checked by its single-process entry
+    if traced:
         if queries.ndim != 2:
             raise ValueError(f"queries must be a 2-D array [n_queries, d], got shape {tuple(queries.shape)}")
-        if queries.shape[1] != d:
-            raise _dimension_mismatch(queries.shape[1], d)
         _checks.check_real_dtype(queries, "queries")
-        _checks.raise_rows_when_run(jnp.all(jnp.isfinite(queries), axis=1),
+        q = queries
+    else:
+        q = _checks.as_matrix(queries, "queries")
+    if q.shape[1] != state.database.shape[1]:
+        raise ValueError(f"dimension mismatch: queries have d = {q.shape[1]} but the database "
+                         f"has d = {state.database.shape[1]}; use the same descriptor pipeline")
+    if traced:
+        _checks.raise_rows_when_run(jnp.all(jnp.isfinite(q), axis=1),
                                     lambda count, first: f"queries contain NaN or inf in {count} row(s) "
                                                          f"(first: row {first})")
-        return queries.astype(jnp.float32)   # as the concrete path's as_matrix
-    if _checks.is_traced(queries):
-        return queries
-    q = _checks.as_matrix(queries, "queries")
-    if q.shape[1] != state.database.shape[1]:
-        raise _dimension_mismatch(q.shape[1], state.database.shape[1])
+        return q.astype(jnp.float32)   # as the concrete path's as_matrix
     return jnp.asarray(q)
 
 
@@ -107,19 +104,19 @@ def check_items(state, ids):
 
     Under a trace the shape and dtype are checked at trace time and the range when the
     computation runs."""
+    traced = isinstance(ids, jax.core.Tracer)
+    if _checks.is_traced(ids) and not traced:
+        return ids
+    if not traced:
+        ids = np.asarray(ids)
     n = state.database.shape[0]
-    if isinstance(ids, jax.core.Tracer):
-        if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
-            raise ValueError(f"ids must be a 1-D integer array of database ids, got {ids.dtype} {tuple(ids.shape)}")
+    if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError(f"ids must be a 1-D integer array of database ids, got {ids.dtype} {tuple(ids.shape)}")
+    if traced:
         _checks.raise_rows_when_run((ids >= 0) & (ids < n),
                                     lambda count, first: f"ids must lie in [0, {n}): {count} do not "
                                                          f"(first: position {first})")
         return ids.astype(jnp.int32)
-    if _checks.is_traced(ids):
-        return ids
-    ids = np.asarray(ids)
-    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"ids must be a 1-D integer array of database ids, got {ids.dtype} {ids.shape}")
     if ids.size and (ids.min() < 0 or ids.max() >= n):
         raise ValueError(f"ids must lie in [0, {n}), got range [{ids.min()}, {ids.max()}]")
     return jnp.asarray(ids, jnp.int32)

@@ -67,8 +67,8 @@ def test_fused_cg_equals_scipy_after_the_same_steps(kernels, graph, cols, steps)
     rhs[:, 0] = 0.0   # a zero column stays zero (no 0 / 0)
     times, x = step_floor.floor_times(kernels, idx, wt, ALPHA, rhs, steps, repeat=1)
     assert set(times) == {"c_product", "c_update", "c_cg"}
-    for med, lo, hi in times.values():
-        assert 0 < lo <= med <= hi
+    for t in times.values():
+        assert 0 < t["min"] <= t["median"] <= t["max"]
     ref = np.stack([sla.cg(m, rhs[:, c].astype(np.float64), rtol=1e-14, maxiter=steps)[0]
                     for c in range(cols)], axis=1)
     np.testing.assert_allclose(x, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
